@@ -1,0 +1,247 @@
+"""The `hpo` command: run, validate, studies, ui. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hpo.config import Spec, SpecError, load_spec
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Hyperparameter studies of PyTorch MLPs, from a YAML spec, tracked in MLflow.",
+)
+
+SpecArg = Annotated[Path, typer.Argument(help="The study's YAML spec, e.g. search_spaces/digits.yaml.")]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="Optuna storage URL [default: sqlite:///optuna.db].")
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
+    ),
+]
+
+
+def _err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _fail_spec(e: SpecError, source: Path | str | None) -> None:
+    for problem in e.problems:
+        prefix = "" if not source or problem.startswith(str(source)) else f"{source}: "
+        _err(f"error: {prefix}{problem}")
+    raise typer.Exit(code=2)
+
+
+def _load(path: Path) -> Spec:
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        _fail_spec(e, path)
+        raise  # unreachable: _fail_spec exits
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@app.command()
+def validate(spec: SpecArg) -> None:
+    """Check a spec and report every problem; run nothing."""
+    loaded = _load(spec)
+    from hpo.study import check_spec  # Optuna only once the YAML itself is sound
+
+    try:
+        check_spec(loaded)
+    except SpecError as e:
+        _fail_spec(e, spec)
+    n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
+    typer.echo(
+        f"{spec}: ok - study {loaded.name!r} on {loaded.dataset.name}, {n} searched "
+        f"hyperparameters, {loaded.study.n_trials} trials, sampler {loaded.study.sampler.name}, "
+        f"pruner {loaded.study.pruner.name}, metric {loaded.study.metric}"
+    )
+
+
+@app.command()
+def run(
+    spec: SpecArg,
+    n_trials: Annotated[int | None, typer.Option(min=1, help="Total trials (overrides study.n_trials).")] = None,
+    timeout: Annotated[float | None, typer.Option(min=1, help="Seconds for this invocation.")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name (overrides name:).")] = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the sampler and the trials.")] = None,
+) -> None:
+    """Run a study (or continue it: same name, same storage) and print a summary."""
+    loaded = _load(spec)
+    updates: dict[str, Any] = {}
+    if n_trials is not None or timeout is not None:
+        study = loaded.study.model_copy(update={
+            k: v for k, v in (("n_trials", n_trials), ("timeout", timeout)) if v is not None
+        })
+        updates["study"] = study
+    if device is not None:
+        updates["training"] = loaded.training.model_copy(update={"device": device})
+    if updates:
+        from hpo.config import parse_spec
+
+        raw = loaded.model_dump(exclude_none=False)
+        for k, v in updates.items():
+            raw[k] = v.model_dump()
+        try:
+            loaded = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
+        except SpecError as e:
+            _fail_spec(e, "command line")
+    for key, given, cli in (("study.storage", loaded.study.storage, storage),
+                            ("tracking.uri", loaded.tracking.uri, tracking_uri)):
+        if given and cli and given != cli:
+            _err(f"warning: {key} in the spec ({given}) takes precedence over the command line ({cli})")
+
+    import optuna
+
+    from hpo.study import Progress, run_study
+
+    # Our own line per trial replaces Optuna's log (which prints a traceback per failed trial).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    def progress(p: Progress) -> None:
+        t = p.trial
+        value = f"{p.trial.value:.4f}" if t.value is not None else "-"
+        epochs = t.user_attrs.get("epochs_run", "?")
+        note = t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL" else ""
+        if t.user_attrs.get("interrupted"):
+            return
+        best = f"best {p.best_value:.4f} (#{p.best_number})" if p.best_value is not None else "best -"
+        width = len(str(p.total))
+        typer.echo(
+            f"[{p.done:>{width}}/{p.total}] trial {t.number:<3} {t.state.name:<8} "
+            f"{loaded.study.metric} {value:<7} {epochs:>3} epochs "
+            f"{_fmt_time(t.duration.total_seconds() if t.duration else None):>5} | {best} | "
+            f"elapsed {_fmt_time(p.elapsed)}, ETA {_fmt_time(p.eta)}"
+            + (f" | {note[:120]}" if note else "")
+        )
+
+    def started(info: dict[str, Any]) -> None:
+        d = info["data"]
+        typer.echo(
+            f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
+            f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
+            f"device {info['device']}"
+        )
+        typer.echo(
+            f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "
+            f"{info['done']} of {info['total']} trials already done"
+        )
+
+    try:
+        result = run_study(
+            loaded, study_name=study_name, storage=storage, tracking_uri=tracking_uri,
+            seed=seed, on_trial_end=progress, on_start=started,
+        )
+    except SpecError as e:
+        _fail_spec(e, spec)
+    except KeyboardInterrupt:
+        _err("interrupted before the study finished; run the same command again to continue")
+        raise typer.Exit(code=130) from None
+
+    _summary(result)
+    if result.interrupted:
+        _err(
+            f"interrupted: {sum(v for k, v in result.counts.items() if k != 'INTERRUPTED')} of "
+            f"{loaded.study.n_trials} trials finished; run the same command again to continue"
+        )
+        raise typer.Exit(code=130)
+
+
+def _summary(r: Any) -> None:
+    c = r.counts
+    typer.echo("")
+    typer.echo(
+        f"study {r.study_name!r}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
+        f"{c['FAIL']} failed ({r.new_trials} run now in {_fmt_time(r.wall_time)}, device {r.device})"
+    )
+    if r.best_number is None:
+        typer.echo("no trial completed, so there is no best model and no test evaluation")
+    else:
+        typer.echo(f"best trial #{r.best_number}: {r.metric} = {r.best_value:.4f}")
+        shown = {k: v for k, v in r.best_params.items() if k != "width" or r.best_params.get("n_layers") == 0}
+        typer.echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        if r.test_metrics:
+            test = ", ".join(f"{k} = {v:.4f}" for k, v in r.test_metrics.items())
+            typer.echo(f"test split (used once, by trial #{r.best_number}): {test}")
+    typer.echo(f"browse the runs: hpo ui   (or: mlflow ui --backend-store-uri {r.tracking_uri})")
+
+
+@app.command()
+def studies(storage: StorageOpt = None) -> None:
+    """List the studies in a storage: trials by state, best value, test metric."""
+    from hpo.study import DEFAULT_STORAGE, list_studies
+
+    url = storage or DEFAULT_STORAGE
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        typer.echo(f"no studies in {url} (no such file)")
+        return
+    rows = list_studies(url)
+    if not rows:
+        typer.echo(f"no studies in {url}")
+        return
+    header = ["study", "complete", "pruned", "failed", "metric", "best", "test"]
+    table = [header] + [
+        [r["name"], str(r["COMPLETE"]), str(r["PRUNED"]), str(r["FAIL"]), r["metric"],
+         _fmt(r["best"]) if r["best"] is not None else "-", r["test"] or "-"]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Open the MLflow UI on the same tracking store, bound to 127.0.0.1."""
+    import subprocess
+
+    from hpo.tracking import resolve_uri
+
+    uri = resolve_uri(None, tracking_uri)
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(port)]
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code=code)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes for git otherwise
+    app()

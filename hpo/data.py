@@ -1,0 +1,372 @@
+"""Datasets: a registry of loaders, seeded splits, scaling fitted on train only, tensors on device.
+
+The test split is held back: `Data.take_test()` hands it out once, for the final evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpo.config import OFFICIAL_TEST_SETS, Spec, SpecError, infer_task
+
+
+@dataclass
+class RawData:
+    """A dataset as loaded: features, targets, and an official test set when it has one."""
+
+    X: np.ndarray
+    y: np.ndarray
+    X_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    classes: list[str] | None = None  # label names for classification, index = class id
+    task: str = "classification"
+
+
+@dataclass
+class Data:
+    """Train and validation tensors on the training device; the test split held back."""
+
+    task: str
+    n_features: int
+    n_outputs: int
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    info: dict[str, Any]
+    y_scale: float = 1.0  # regression targets are standardised; RMSE is reported in the original unit
+    _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def take_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test split, handed out once: the final evaluation of the best model."""
+        if self._test is None:
+            raise RuntimeError("the test split was already used once")
+        test, self._test = self._test, None
+        return test
+
+
+LOADERS: dict[str, Callable[[Spec], RawData]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[Spec], RawData]], Callable[[Spec], RawData]]:
+    """Add a dataset loader under the name a spec's `dataset.name` uses."""
+
+    def deco(fn: Callable[[Spec], RawData]) -> Callable[[Spec], RawData]:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto = cuda, then mps, then cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError([f"training.device: {device!r} asked for, but no CUDA GPU is available"])
+    return torch.device(device)
+
+
+def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
+    """Load, split, scale and move a spec's dataset to the device."""
+    raw = LOADERS[spec.dataset.name](spec)
+    task = spec.task if spec.task != "auto" else raw.task
+    sp = spec.dataset.split
+    stratify = sp.stratify and task == "classification"
+    n = len(raw.y)
+    if raw.X_test is not None:
+        pool = np.arange(n)
+        test_idx = None
+    else:
+        pool, test_idx = _split(np.arange(n), raw.y, sp.test, sp.seed, stratify)
+    if spec.dataset.max_samples is not None and spec.dataset.max_samples < len(pool):
+        pool, _ = _split(pool, raw.y, 1 - spec.dataset.max_samples / len(pool), sp.seed, stratify)
+    train_idx, val_idx = _split(pool, raw.y, sp.val, sp.seed + 1, stratify)
+
+    X_tr, X_va = raw.X[train_idx], raw.X[val_idx]
+    if test_idx is None:
+        X_te, y_te = raw.X_test, raw.y_test
+    else:
+        X_te, y_te = raw.X[test_idx], raw.y[test_idx]
+    shift, scale = _fit_scaler(X_tr, spec.dataset.scale)
+    y_tr, y_va = raw.y[train_idx], raw.y[val_idx]
+
+    y_mean, y_std = 0.0, 1.0
+    if task == "regression":
+        y_mean, y_std = float(np.mean(y_tr)), float(np.std(y_tr)) or 1.0
+        n_outputs = 1
+    else:
+        n_outputs = int(max(raw.y.max(), y_te.max() if len(y_te) else 0)) + 1
+
+    dev = torch.device(device)
+
+    def to_tensors(X: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        X = np.nan_to_num((X.astype(np.float32) - shift) / scale)
+        xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(dev)
+        if task == "regression":
+            yt = torch.from_numpy(((y - y_mean) / y_std).astype(np.float32)).to(dev)
+        else:
+            yt = torch.from_numpy(y.astype(np.int64)).to(dev)
+        return xt, yt
+
+    h = hashlib.sha256()
+    for idx in (train_idx, val_idx, test_idx if test_idx is not None else np.array([], int)):
+        h.update(np.asarray(idx, dtype=np.int64).tobytes())
+    info = {
+        "dataset": spec.dataset.name,
+        "task": task,
+        "n_features": int(raw.X.shape[1]),
+        "n_classes": n_outputs if task == "classification" else None,
+        "n_train": len(train_idx),
+        "n_val": len(val_idx),
+        "n_test": len(y_te),
+        "test_source": "official" if test_idx is None else f"split.test={sp.test}",
+        "split_hash": h.hexdigest()[:16],
+        "classes": raw.classes,
+    }
+    return Data(
+        task=task,
+        n_features=int(raw.X.shape[1]),
+        n_outputs=n_outputs,
+        train=to_tensors(X_tr, y_tr),
+        val=to_tensors(X_va, y_va),
+        info=info,
+        y_scale=y_std,
+        _test=to_tensors(X_te, y_te),
+    )
+
+
+def _split(
+    idx: np.ndarray, y: np.ndarray, frac: float, seed: int, stratify: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    strat = y[idx] if stratify else None
+    if strat is not None and np.min(np.unique(strat, return_counts=True)[1]) < 2:
+        strat = None  # a class with a single sample cannot be stratified
+    a, b = train_test_split(idx, test_size=frac, random_state=seed, stratify=strat)
+    return np.sort(a), np.sort(b)
+
+
+def _fit_scaler(X: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """Shift and scale from the training split only; constant features are left unscaled."""
+    X = X.astype(np.float64)
+    if how == "standard":
+        shift, scale = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
+    elif how == "minmax":
+        shift = np.nanmin(X, axis=0)
+        scale = np.nanmax(X, axis=0) - shift
+    else:
+        shift, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
+    scale = np.where((scale > 1e-12) & np.isfinite(scale), scale, 1.0)
+    shift = np.nan_to_num(shift)
+    return shift.astype(np.float32), scale.astype(np.float32)
+
+
+# ---------------------------------------------------------------- built-in datasets
+
+
+@register("digits")
+def _load_digits(spec: Spec) -> RawData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return RawData(X=d.data.astype(np.float32), y=d.target.astype(np.int64),
+                   classes=[str(c) for c in d.target_names])
+
+
+# Standard IDX files; md5 of the uncompressed bytes (MNIST) or of the .gz files as served.
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+MIRRORS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+CHECKSUMS = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": {"6bbc9ace898e44ae57da46a324031adb", "f68b3c2dcbeaaa9fbdd348bbdeb94873"},
+        "train-labels-idx1-ubyte.gz": {"a25bea736e30d166cdddb491f175f624", "d53e105ee54ea40749a09fcbcd1e9432"},
+        "t10k-images-idx3-ubyte.gz": {"2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"},
+        "t10k-labels-idx1-ubyte.gz": {"27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c"},
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": {"8d4fb7e6c68d591d4c3dfef9ec88bf0d"},
+        "train-labels-idx1-ubyte.gz": {"25c81989df183df01b3e8a0aad5dffbe"},
+        "t10k-images-idx3-ubyte.gz": {"bef4ecab320f06d8554ea6380940ec79"},
+        "t10k-labels-idx1-ubyte.gz": {"bb300cfdad3c16e7a12a480ee83cd310"},
+    },
+}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+
+def cache_dir() -> Path:
+    """Where downloaded datasets are kept: $XDG_CACHE_HOME/hpo, else ~/.cache/hpo."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hpo"
+
+
+def find_idx_dir(name: str) -> Path:
+    """The folder holding a dataset's four IDX files: $HPO_DATA_DIR/<name>/, then the cache,
+    downloading into the cache when a network is there."""
+    candidates = []
+    if os.environ.get("HPO_DATA_DIR"):
+        candidates.append(Path(os.environ["HPO_DATA_DIR"]) / name)
+    cached = cache_dir() / name
+    candidates.append(cached)
+    for folder in candidates:
+        if all((folder / f).is_file() for f in IDX_FILES.values()):
+            return folder
+    mirror = os.environ.get(f"HPO_{name.upper()}_MIRROR", MIRRORS[name])
+    try:
+        _download(name, mirror, cached)
+    except OSError as e:
+        where = " or ".join(str(c) for c in candidates)
+        raise SpecError([
+            f"dataset.name: {name} files not found in {where}, and the download from {mirror} "
+            f"failed ({e}); put the four IDX .gz files ({', '.join(IDX_FILES.values())}) in "
+            f"$HPO_DATA_DIR/{name}/ or {cached}/"
+        ]) from None
+    return cached
+
+
+def _download(name: str, mirror: str, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for fname in IDX_FILES.values():
+        target = dest / fname
+        if target.is_file():
+            continue
+        with urllib.request.urlopen(mirror + fname, timeout=30) as r:
+            blob = r.read()
+        if not _checksum_ok(name, fname, blob):
+            raise OSError(f"checksum mismatch for {fname}")
+        tmp = target.with_suffix(".part")
+        tmp.write_bytes(blob)
+        tmp.replace(target)  # never leave a half-written file under the real name
+
+
+def _checksum_ok(name: str, fname: str, gz_blob: bytes) -> bool:
+    known = CHECKSUMS[name][fname]
+    if hashlib.md5(gz_blob).hexdigest() in known:
+        return True
+    try:
+        return hashlib.md5(gzip.decompress(gz_blob)).hexdigest() in known
+    except OSError:
+        return False
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one gzip-compressed IDX file (unsigned bytes) into an array of its shape."""
+    with gzip.open(path, "rb") as f:
+        blob = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", blob[:4])
+    if zero != 0 or dtype != 0x08:
+        raise SpecError([f"dataset: {path} is not an unsigned-byte IDX file"])
+    shape = struct.unpack(f">{ndim}I", blob[4 : 4 + 4 * ndim])
+    data = np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise SpecError([f"dataset: {path} is truncated ({data.size} of {np.prod(shape)} values)"])
+    return data.reshape(shape)
+
+
+def _load_idx_dataset(name: str, classes: list[str]) -> RawData:
+    folder = find_idx_dir(name)
+    arr = {k: read_idx(folder / f) for k, f in IDX_FILES.items()}
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
+    return RawData(
+        X=flat(arr["train_images"]), y=arr["train_labels"].astype(np.int64),
+        X_test=flat(arr["test_images"]), y_test=arr["test_labels"].astype(np.int64),
+        classes=classes,
+    )
+
+
+@register("mnist")
+def _load_mnist(spec: Spec) -> RawData:
+    return _load_idx_dataset("mnist", [str(i) for i in range(10)])
+
+
+@register("fashion_mnist")
+def _load_fashion(spec: Spec) -> RawData:
+    return _load_idx_dataset("fashion_mnist", FASHION_CLASSES)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _read_table(spec: Spec, key: str):  # -> pd.DataFrame
+    import pandas as pd
+
+    path = spec.data_path(key)  # type: ignore[arg-type]
+    return pd.read_csv(path) if spec.dataset.name == "csv" else pd.read_parquet(path)
+
+
+def _from_frame(frame, target: str, task: str, test=None) -> RawData:  # frames: pd.DataFrame
+    import pandas as pd
+
+    frames = [frame] + ([test] if test is not None else [])
+    frames = [f[f[target].notna()] for f in frames]
+    y_all = pd.concat([f[target] for f in frames], ignore_index=True)
+    if task == "auto":
+        task = infer_task(frames[0][target])
+    # One-hot columns are derived from all rows so that train and test agree on them.
+    feats = pd.get_dummies(
+        pd.concat([f.drop(columns=[target]) for f in frames], ignore_index=True), dtype=np.float32
+    )
+    X_all = feats.to_numpy(dtype=np.float32)
+    classes = None
+    if task == "classification":
+        classes_arr, y_codes = np.unique(y_all.astype(str).to_numpy(), return_inverse=True)
+        y_all_arr = y_codes.astype(np.int64)
+        classes = [str(c) for c in classes_arr]
+    else:
+        y_all_arr = y_all.to_numpy(dtype=np.float64)
+    n = len(frames[0])
+    raw = RawData(X=X_all[:n], y=y_all_arr[:n], classes=classes, task=task)
+    if test is not None:
+        raw.X_test, raw.y_test = X_all[n:], y_all_arr[n:]
+    return raw
+
+
+@register("csv")
+@register("parquet")
+def _load_table(spec: Spec) -> RawData:
+    frame = _read_table(spec, "path")
+    test = _read_table(spec, "test_path") if spec.dataset.test_path else None
+    return _from_frame(frame, spec.dataset.target, spec.task, test)
+
+
+@register("openml")
+def _load_openml(spec: Spec) -> RawData:
+    from sklearn.datasets import fetch_openml
+
+    ds = spec.dataset
+    key = {"data_id": int(ds.openml)} if str(ds.openml).isdigit() else {"name": ds.openml}
+    try:
+        bunch = fetch_openml(
+            **key, as_frame=True, data_home=str(cache_dir() / "openml"), parser="auto"
+        )
+    except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
+        raise SpecError([f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "
+                         "it is downloaded once into the cache, so a network is needed the first time"]) from None
+    frame = bunch.frame
+    target = ds.target or bunch.target_names[0]
+    if target not in frame.columns:
+        raise SpecError([f"dataset.target: no column {target!r} in openml {ds.openml!r}"])
+    return _from_frame(frame, target, spec.task)

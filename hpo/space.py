@@ -1,0 +1,103 @@
+"""Turning a spec's `search_space` into Optuna `suggest_*` calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optuna
+
+from hpo.config import PARAMS, Distribution
+
+GRID_FLOAT_POINTS = 4  # points per float range the grid sampler gets when no step is given
+
+
+def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
+    """Sample one configuration: every known hyperparameter, with `widths` listed per layer."""
+    params: dict[str, Any] = {name: rule["default"] for name, rule in PARAMS.items()}
+    for name, entry in _ordered(space):
+        if isinstance(entry, Distribution) and not _active(entry, params):
+            continue
+        if isinstance(entry, Distribution) and entry.per_layer:
+            params[name] = [
+                _suggest(trial, f"{name}_{i}", entry) for i in range(int(params["n_layers"]))
+            ]
+        elif isinstance(entry, Distribution):
+            params[name] = _suggest(trial, name, entry)
+        else:
+            params[name] = entry
+    width = params["width"]
+    n = int(params["n_layers"])
+    params["widths"] = list(width) if isinstance(width, list) else [int(width)] * n
+    return params
+
+
+def _ordered(space: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Unconditional entries first, then per-layer ones (they need n_layers), then conditionals
+    in an order where each condition is already decided."""
+    plain = [(k, v) for k, v in space.items() if not _is_dist(v) or (not v.when and not v.per_layer)]
+    layered = [(k, v) for k, v in space.items() if _is_dist(v) and v.per_layer and not v.when]
+    pending = [(k, v) for k, v in space.items() if _is_dist(v) and v.when]
+    done = {k for k, _ in plain + layered}
+    ordered = plain + layered
+    while pending:
+        ready = [(k, v) for k, v in pending if all(c in done for c in v.when)]
+        if not ready:  # a cycle of conditions: take them as written
+            ready = pending
+        ordered += ready
+        done |= {k for k, _ in ready}
+        pending = [p for p in pending if p not in ready]
+    return ordered
+
+
+def _is_dist(v: Any) -> bool:
+    return isinstance(v, Distribution)
+
+
+def _active(entry: Distribution, params: dict[str, Any]) -> bool:
+    for cond, allowed in (entry.when or {}).items():
+        values = allowed if isinstance(allowed, list) else [allowed]
+        if params.get(cond) not in values:
+            return False
+    return True
+
+
+def _suggest(trial: optuna.Trial, name: str, d: Distribution) -> Any:
+    if d.type == "categorical":
+        return trial.suggest_categorical(name, d.choices)
+    if d.type == "int":
+        return trial.suggest_int(
+            name, int(d.low), int(d.high), step=int(d.step or 1), log=d.log
+        )
+    return trial.suggest_float(name, float(d.low), float(d.high), step=d.step, log=d.log)
+
+
+def grid_space(space: dict[str, Any], max_layers: int | None = None) -> dict[str, list[Any]]:
+    """The grid the grid sampler walks: choices, integer ranges, and a few points per float range."""
+    grid: dict[str, list[Any]] = {}
+    n_layers = space.get("n_layers", PARAMS["n_layers"]["default"])
+    if max_layers is None:
+        max_layers = int(n_layers.high) if _is_dist(n_layers) else int(n_layers)
+    for name, entry in space.items():
+        if not _is_dist(entry):
+            continue
+        values = _grid_values(entry)
+        names = [f"{name}_{i}" for i in range(max_layers)] if entry.per_layer else [name]
+        for n in names:
+            grid[n] = values
+    return grid
+
+
+def _grid_values(d: Distribution) -> list[Any]:
+    if d.type == "categorical":
+        return list(d.choices or [])
+    low, high = float(d.low), float(d.high)
+    if d.type == "int":
+        if d.log:
+            pts = np.unique(np.round(np.geomspace(low, high, GRID_FLOAT_POINTS)).astype(int))
+            return [int(v) for v in pts]
+        return list(range(int(low), int(high) + 1, int(d.step or 1)))
+    if d.step:
+        return [float(v) for v in np.arange(low, high + d.step / 2, d.step)]
+    pts = np.geomspace(low, high, GRID_FLOAT_POINTS) if d.log else np.linspace(low, high, GRID_FLOAT_POINTS)
+    return [float(v) for v in pts]

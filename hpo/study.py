@@ -1,0 +1,428 @@
+"""Samplers, pruners, storage, the objective, resume, and the final test evaluation."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo import __version__
+from hpo.config import Spec, SpecError, metric_direction
+from hpo.data import Data, load_data, resolve_device
+from hpo.model import build_mlp, count_parameters
+from hpo.space import grid_space, suggest_params
+from hpo.tracking import Tracker, resolve_uri
+from hpo.train import TrainConfig, evaluate, train
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# ---------------------------------------------------------------- registries
+
+def _tpe(seed, **o):
+    return optuna.samplers.TPESampler(seed=seed, **o)
+
+
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "random": lambda seed, **o: optuna.samplers.RandomSampler(seed=seed, **o),
+    "qmc": lambda seed, **o: optuna.samplers.QMCSampler(seed=seed, **o),
+    "cmaes": lambda seed, **o: optuna.samplers.CmaEsSampler(seed=seed, **o),
+    "gp": lambda seed, **o: optuna.samplers.GPSampler(seed=seed, **o),
+    "nsga2": lambda seed, **o: optuna.samplers.NSGAIISampler(seed=seed, **o),
+}
+_SAMPLER_CLASSES = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "grid": optuna.samplers.GridSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "median": lambda spec, **o: optuna.pruners.MedianPruner(**o),
+    "percentile": lambda spec, percentile=25.0, **o: optuna.pruners.PercentilePruner(percentile, **o),
+    "successive_halving": lambda spec, **o: optuna.pruners.SuccessiveHalvingPruner(**o),
+    "hyperband": lambda spec, **o: optuna.pruners.HyperbandPruner(
+        **{"min_resource": 1, "max_resource": spec.training.max_epochs, **o}
+    ),
+    "patient": lambda spec, patience=2, min_delta=0.0, wrapped="median", **o: (
+        optuna.pruners.PatientPruner(make_pruner(spec, wrapped, o), patience, min_delta)
+    ),
+    "none": lambda spec, **o: optuna.pruners.NopPruner(),
+}
+
+
+def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler a spec names, with its options; bad options raise `SpecError`."""
+    s = spec.study.sampler
+    seed = s.seed if seed is None else seed
+    opts = s.options
+    cls = _SAMPLER_CLASSES[s.name]
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("seed", "search_space")]
+    unknown = [k for k in opts if k not in allowed]
+    if unknown:
+        raise SpecError([
+            f"study.sampler.{k}: not an option of the {s.name} sampler; allowed: "
+            f"{', '.join(allowed) or 'none'}" for k in unknown
+        ])
+    try:
+        if s.name == "grid":
+            return optuna.samplers.GridSampler(grid_space(spec.space), seed=seed)
+        return SAMPLERS[s.name](seed, **opts)
+    except (TypeError, ValueError) as e:
+        raise SpecError([f"study.sampler: {e}"]) from None
+
+
+def make_pruner(spec: Spec, name: str | None = None, options: dict | None = None):
+    """The pruner a spec names; bad options raise `SpecError`."""
+    name = name or spec.study.pruner.name
+    opts = spec.study.pruner.options if options is None else options
+    if name not in PRUNERS or name == "patient" and options is not None:
+        allowed = [p for p in PRUNERS if p != "patient"]
+        raise SpecError([f"study.pruner.wrapped: must be one of {', '.join(allowed)} (got {name!r})"])
+    try:
+        return PRUNERS[name](spec, **opts)
+    except (TypeError, ValueError) as e:
+        raise SpecError([f"study.pruner: {e}"]) from None
+
+
+def check_spec(spec: Spec) -> None:
+    """The checks that need Optuna: sampler and pruner options."""
+    problems: list[str] = []
+    for build in (lambda: make_sampler(spec), lambda: make_pruner(spec)):
+        try:
+            build()
+        except SpecError as e:
+            problems += e.problems
+    if problems:
+        raise SpecError(problems)
+
+
+def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
+    """study.storage, else --storage, else sqlite:///optuna.db in the working folder."""
+    return spec.study.storage or cli_storage or DEFAULT_STORAGE
+
+
+# ---------------------------------------------------------------- running a study
+
+
+@dataclass
+class Progress:
+    """What the CLI shows after each finished trial."""
+
+    done: int
+    total: int
+    trial: FrozenTrial
+    best_value: float | None
+    best_number: int | None
+    elapsed: float
+    eta: float | None
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    storage: str
+    tracking_uri: str
+    metric: str
+    counts: dict[str, int]
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    test_metrics: dict[str, float]
+    parent_run_id: str | None
+    device: str
+    interrupted: bool = False
+    new_trials: int = 0
+    wall_time: float = 0.0
+    data_info: dict[str, Any] = field(default_factory=dict)
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Finished trials toward n_trials: complete, pruned and failed, not those cut by Ctrl-C."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    return sum(1 for t in trials if not t.user_attrs.get("interrupted"))
+
+
+def run_study(
+    spec: Spec,
+    *,
+    study_name: str | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    seed: int | None = None,
+    on_trial_end: Callable[[Progress], None] | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+) -> StudyResult:
+    """Run (or resume) the study a spec describes; evaluate the best model once on the test split.
+
+    Ctrl-C stops it cleanly: the interrupted trial does not count, the test evaluation still
+    runs, every MLflow run is closed, and `StudyResult.interrupted` is set.
+    """
+    name = study_name or spec.name
+    storage_url = resolve_storage(spec, storage)
+    uri = resolve_uri(spec.tracking.uri, tracking_uri)
+    base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
+    sampler = make_sampler(spec, seed=base_seed if seed is not None else None)
+    pruner = make_pruner(spec)
+    device = resolve_device(spec.training.device)
+    data = load_data(spec, device)
+
+    fingerprint = spec.fingerprint()
+    direction = metric_direction(spec.study.metric)
+    _refuse_changed_spec(storage_url, name, fingerprint)
+    study = optuna.create_study(
+        study_name=name, storage=storage_url, sampler=sampler, pruner=pruner,
+        direction=direction, load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    if "spec_hash" not in attrs:
+        for k, v in {
+            "spec_hash": fingerprint, "hpo_version": __version__, "metric": spec.study.metric,
+            "data": data.info, "spec_yaml": spec.raw_text,
+        }.items():
+            study.set_user_attr(k, v)
+
+    tracker = Tracker(uri, spec.tracking.experiment or name)
+    parent_id = tracker.open_parent(
+        attrs.get("mlflow_parent_run_id"),
+        name,
+        params={
+            "dataset": spec.dataset.name, "task": data.task, "metric": spec.study.metric,
+            "sampler": spec.study.sampler.name, "pruner": spec.study.pruner.name,
+            "n_trials": spec.study.n_trials, "max_epochs": spec.training.max_epochs,
+            **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
+            "split.hash": data.info["split_hash"],
+        },
+        tags={"hpo.study": name, "hpo.storage": storage_url, "hpo.spec_hash": fingerprint},
+    )
+    if attrs.get("mlflow_parent_run_id") != parent_id:
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
+        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+        study.set_user_attr("tracking_uri", uri)
+    if spec.raw_text:
+        tracker.log_text(spec.raw_text, "spec.yaml")
+
+    objective = _Objective(spec, data, tracker, base_seed, device)
+    total = spec.study.n_trials
+    remaining = max(total - count_finished(study), 0)
+    if on_start is not None:
+        on_start({
+            "name": name, "data": data.info, "device": str(device), "storage": storage_url,
+            "tracking_uri": uri, "done": total - remaining, "total": total,
+        })
+    started = time.perf_counter()
+    durations: list[float] = []
+    interrupted = False
+    status = "FAILED"
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        done = count_finished(study)
+        if trial.duration is not None:
+            durations.append(trial.duration.total_seconds())
+        if done >= total:
+            study.stop()  # other processes on the same study count toward the same total
+        if on_trial_end is not None:
+            best = _best(study)
+            mean = sum(durations) / len(durations) if durations else None
+            on_trial_end(Progress(
+                done=done, total=total, trial=trial,
+                best_value=best.value if best else None,
+                best_number=best.number if best else None,
+                elapsed=time.perf_counter() - started,
+                eta=mean * max(total - done, 0) if mean is not None else None,
+            ))
+
+    try:
+        if remaining > 0:
+            try:
+                study.optimize(
+                    objective, n_trials=remaining, timeout=spec.study.timeout,
+                    catch=(Exception,), callbacks=[after_trial], gc_after_trial=False,
+                )
+            except KeyboardInterrupt:
+                interrupted = True
+        test_metrics = _evaluate_best_once(study, spec, data, tracker, objective)
+        status = "KILLED" if interrupted else "FINISHED"
+    finally:
+        tracker.close_parent(status)
+
+    best = _best(study)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(1 for t in trials if t.state == s) for s in FINISHED}
+    counts["INTERRUPTED"] = sum(1 for t in trials if t.user_attrs.get("interrupted"))
+    counts["FAIL"] -= counts["INTERRUPTED"]
+    return StudyResult(
+        study_name=name, storage=storage_url, tracking_uri=uri, metric=spec.study.metric,
+        counts=counts,
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=best.user_attrs.get("config", best.params) if best else {},
+        test_metrics=test_metrics, parent_run_id=parent_id, device=str(device),
+        interrupted=interrupted, new_trials=len(durations),
+        wall_time=time.perf_counter() - started, data_info=data.info,
+    )
+
+
+def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str) -> None:
+    try:
+        existing = optuna.load_study(study_name=name, storage=storage_url)
+    except KeyError:
+        return
+    old = existing.user_attrs.get("spec_hash")
+    if old is not None and old != fingerprint:
+        raise SpecError([
+            f"name: study {name!r} in {storage_url} was run with a different spec (data, search "
+            f"space, training or metric changed; hash {old} vs {fingerprint}); to start a new "
+            f"study, change `name:` in the spec or pass --study-name NEW_NAME"
+        ])
+
+
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+
+
+class _Objective:
+    """One trial: sample, build, train with pruning, log to MLflow, keep the best weights."""
+
+    def __init__(self, spec: Spec, data: Data, tracker: Tracker, seed: int, device: torch.device):
+        self.spec, self.data, self.tracker = spec, data, tracker
+        self.seed, self.device = seed, device
+        self.metric = spec.study.metric
+        self.best_model: tuple[int, torch.nn.Module] | None = None
+
+    def build(self, config: dict[str, Any]) -> torch.nn.Module:
+        return build_mlp(
+            self.data.n_features, self.data.n_outputs, config["widths"], config["activation"],
+            config["dropout"], config["batchnorm"], config["init"],
+        ).to(self.device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        spec, es = self.spec, self.spec.training.early_stopping
+        config = suggest_params(trial, spec.space)
+        trial_seed = self.seed * 100_003 + trial.number
+        torch.manual_seed(trial_seed)
+        model = self.build(config)
+        cfg = TrainConfig.from_params(
+            config, task=self.data.task, max_epochs=spec.training.max_epochs,
+            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
+            restore_best=es.restore_best, seed=trial_seed, y_scale=self.data.y_scale,
+        )
+        trial.set_user_attr("config", config)
+        trial.set_user_attr("n_params", count_parameters(model))
+        run_id = self.tracker.start_trial(trial.number)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        history: list[dict[str, float]] = []
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            history.append(metrics)
+            trial.report(metrics[self.metric], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        state, final, tags = "FAIL", {}, {}
+        try:
+            result = train(model, self.data.train, self.data.val, cfg, on_epoch_end=report)
+            history = result.history
+            if result.failure:
+                raise FloatingPointError(result.failure)
+            final = {f"best_{k}": v for k, v in result.best.items() if k.startswith(("train", "val"))}
+            final["best_epoch"] = result.best_epoch
+            for k, v in (("best_epoch", result.best_epoch), ("epochs_run", len(history)),
+                         ("stopped_early", result.stopped_early), ("metrics", result.best)):
+                trial.set_user_attr(k, v)
+            value = result.best[self.metric]
+            self._keep_if_best(trial, value, model, config, run_id)
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            trial.set_user_attr("epochs_run", len(history))
+            raise
+        except KeyboardInterrupt:
+            state = "KILLED"
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("fail_reason", reason)
+            tags["hpo.fail_reason"] = reason[:5000]
+            raise
+        finally:
+            params = {k: v for k, v in config.items() if k != "width" or "widths" not in config}
+            self.tracker.end_trial(run_id, state, params, history, final, tags)
+
+    def _keep_if_best(self, trial, value, model, config, run_id) -> None:
+        best = _best(trial.study)
+        better = best is None or (
+            value > best.value if trial.study.direction.name == "MAXIMIZE" else value < best.value
+        )
+        if better or self.spec.tracking.log_model == "all":
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            self.tracker.save_checkpoint(run_id, state, config)
+            trial.set_user_attr("checkpoint", True)
+        if better:
+            self.best_model = (trial.number, model)
+
+
+def _evaluate_best_once(
+    study: optuna.Study, spec: Spec, data: Data, tracker: Tracker, objective: _Objective
+) -> dict[str, float]:
+    """Evaluate the best trial's kept weights on the test split, once per best trial."""
+    best = _best(study)
+    if best is None:
+        return {}
+    attrs = study.user_attrs
+    if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
+        return attrs["test_metrics"]  # this model already had its one look at the test split
+    if objective.best_model and objective.best_model[0] == best.number:
+        model = objective.best_model[1]
+    else:
+        model = objective.build(best.user_attrs["config"])
+        state = tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
+        model.load_state_dict(state)
+    cfg = TrainConfig(task=data.task, y_scale=data.y_scale)
+    X_test, y_test = data.take_test()
+    test = {f"test_{k}": v for k, v in evaluate(model, (X_test, y_test), cfg).items()}
+    study.set_user_attr("test_metrics", test)
+    study.set_user_attr("test_trial", best.number)
+    tracker.log_summary(
+        {**test, f"best_{spec.study.metric}": best.value},
+        {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
+    )
+    if spec.tracking.log_model != "none":
+        example = X_test[:5].detach().cpu().numpy()
+        tracker.log_model(model.cpu().eval(), example)
+    return test
+
+
+def list_studies(storage_url: str) -> list[dict[str, Any]]:
+    """One row per study in a storage: trials by state, best value, test metric."""
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage_url, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage_url)
+        trials = study.get_trials(deepcopy=False)
+        row: dict[str, Any] = {s.name: sum(1 for t in trials if t.state == s) for s in FINISHED}
+        row["FAIL"] -= sum(1 for t in trials if t.user_attrs.get("interrupted"))
+        best = _best(study)
+        test = study.user_attrs.get("test_metrics") or {}
+        row.update(
+            name=summary.study_name,
+            metric=study.user_attrs.get("metric", "?"),
+            best=best.value if best else None,
+            test=", ".join(f"{k}={v:.4f}" for k, v in test.items()),
+        )
+        rows.append(row)
+    return rows

@@ -1,0 +1,198 @@
+"""The training loop: index-sliced mini-batches on the device, per-epoch metrics, early stopping.
+
+Knows nothing of Optuna or MLflow: pruning and logging reach it through `on_epoch_end`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory stays flat
+
+
+@dataclass
+class TrainConfig:
+    task: str = "classification"  # classification | regression
+    optimizer: str = "adam"  # sgd | adam | adamw | rmsprop | adagrad
+    lr: float = 1e-3
+    momentum: float = 0.0  # sgd and rmsprop
+    nesterov: bool = False  # sgd, only with momentum > 0
+    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    l1: float = 0.0  # L1 penalty on weights, added to the loss
+    batch_size: int = 128
+    lr_schedule: str = "none"  # none | cosine | plateau
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    max_epochs: int = 30
+    monitor: str = "val_loss"
+    patience: int = 5  # epochs without improvement before stopping
+    min_delta: float = 0.0
+    restore_best: bool = True
+    seed: int = 0
+    y_scale: float = 1.0  # regression: RMSE is reported in the target's unit
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **kw: Any) -> TrainConfig:
+        """Take the training hyperparameters out of a sampled configuration."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in params.items() if k in names}, **kw)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    best_epoch: int = 0
+    stopped_early: bool = False
+    failure: str | None = None  # why the trial failed (e.g. a non-finite loss)
+
+    @property
+    def best(self) -> dict[str, float]:
+        """Metrics of the epoch whose weights the model holds at the end."""
+        return self.history[self.best_epoch - 1] if self.best_epoch else {}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Accuracies go up; losses and errors go down."""
+    return not metric.endswith("accuracy")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named in the config, with its L2 weight decay."""
+    p, lr, wd = model.parameters(), cfg.lr, cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        return torch.optim.SGD(p, lr=lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=wd)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(p, lr=lr, weight_decay=wd)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(p, lr=lr, weight_decay=wd)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(p, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(p, lr=lr, weight_decay=wd)
+    raise ValueError(f"optimizer must be sgd, adam, adamw, rmsprop or adagrad, got {cfg.optimizer!r}")
+
+
+def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, float]:
+    """Loss and accuracy (or RMSE) over a whole split, in large batches, without gradients."""
+    X, y = data
+    model.eval()
+    loss_sum = torch.zeros((), device=X.device)
+    correct = torch.zeros((), device=X.device)
+    with torch.inference_mode():
+        for start in range(0, len(X), EVAL_BATCH):
+            out = model(X[start : start + EVAL_BATCH])
+            yb = y[start : start + EVAL_BATCH]
+            if cfg.task == "classification":
+                loss_sum += F.cross_entropy(out, yb, reduction="sum")
+                correct += (out.argmax(1) == yb).sum()
+            else:
+                loss_sum += F.mse_loss(out.squeeze(1), yb, reduction="sum")
+    loss, hits = torch.stack([loss_sum, correct]).tolist()  # one host sync per split
+    return _metrics(loss / max(len(X), 1), hits / max(len(X), 1), cfg)
+
+
+def _metrics(loss: float, accuracy: float, cfg: TrainConfig) -> dict[str, float]:
+    if cfg.task == "classification":
+        return {"loss": loss, "accuracy": accuracy}
+    return {"loss": loss, "rmse": math.sqrt(max(loss, 0.0)) * cfg.y_scale}
+
+
+def train(
+    model: nn.Module,
+    train_data: Tensors,
+    val_data: Tensors,
+    cfg: TrainConfig,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `model` in place; it ends holding the best epoch's weights when restore_best is set.
+
+    `on_epoch_end(epoch, metrics)` runs after each epoch; an exception raised there (a pruning
+    decision, say) stops training and propagates.
+    """
+    X, y = train_data
+    n = len(X)
+    gen = torch.Generator(device=X.device).manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    sched: Any = None
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
+    elif cfg.lr_schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    classify = cfg.task == "classification"
+    weights = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1 skips biases
+    lower = lower_is_better(cfg.monitor)
+    best_value = math.inf if lower else -math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    result = TrainResult()
+    # A last batch of one row would break batch norm; it is skipped (the permutation changes
+    # every epoch, so no row is left out for good).
+    n_used = n - 1 if n % cfg.batch_size == 1 and n > 1 else n
+
+    for epoch in range(1, cfg.max_epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, device=X.device, generator=gen)
+        loss_sum = torch.zeros((), device=X.device)
+        correct = torch.zeros((), device=X.device)
+        for start in range(0, n_used, cfg.batch_size):
+            idx = perm[start : min(start + cfg.batch_size, n_used)]
+            xb, yb = X[idx], y[idx]
+            out = model(xb)
+            loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
+            total = loss + cfg.l1 * sum(w.abs().sum() for w in weights) if cfg.l1 else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            # Running sums stay on the device: no host sync inside the step loop.
+            loss_sum += loss.detach() * len(idx)
+            if classify:
+                correct += (out.detach().argmax(1) == yb).sum()
+        train_loss, train_hits = torch.stack([loss_sum, correct]).tolist()
+        tr = _metrics(train_loss / n_used, train_hits / n_used, cfg)
+        va = evaluate(model, val_data, cfg)
+        metrics = {f"train_{k}": v for k, v in tr.items()} | {f"val_{k}": v for k, v in va.items()}
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        result.history.append(metrics)
+
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+        if bad:
+            result.failure = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}"
+            break
+        value = metrics[cfg.monitor]
+        improved = (
+            value < best_value - cfg.min_delta if lower else value > best_value + cfg.min_delta
+        )
+        if improved or best_state is None:
+            best_value, result.best_epoch, bad_epochs = value, epoch, 0
+            if cfg.restore_best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                best_state = {}
+        else:
+            bad_epochs += 1
+        if sched is not None:
+            sched.step(metrics["val_loss"]) if cfg.lr_schedule == "plateau" else sched.step()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+        if bad_epochs >= cfg.patience:
+            result.stopped_early = epoch < cfg.max_epochs
+            break
+
+    if cfg.restore_best and best_state:
+        model.load_state_dict(best_state)
+    elif result.history and not result.failure:
+        result.best_epoch = len(result.history)  # the weights are the last epoch's
+    return result

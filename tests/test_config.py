@@ -1,0 +1,182 @@
+"""Every bad-input rule of the spec page, and the valid specs shipped in search_spaces/."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO, small_spec, write_spec
+
+from hpo.config import SpecError, load_spec, parse_spec
+
+
+def problems_of(spec: dict, tmp_path=None) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec, source_dir=tmp_path or ".")
+    return info.value.problems
+
+
+def one_problem(spec: dict, tmp_path=None) -> str:
+    problems = problems_of(spec, tmp_path)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_are_valid(path):
+    spec = load_spec(path)
+    assert spec.name and spec.search_space
+
+
+def test_valid_small_spec_parses_with_defaults():
+    spec = parse_spec(small_spec())
+    assert spec.study.n_trials == 3
+    assert spec.training.early_stopping.monitor == "val_loss"
+    assert spec.space["batch_size"] == 64
+    assert spec.space["lr"].log is True
+
+
+def test_unknown_top_level_key_suggests_nearest():
+    msg = one_problem(small_spec(trainig={"max_epochs": 3}))
+    assert msg.startswith("trainig: unknown key; did you mean 'training'?")
+
+
+def test_unknown_nested_key_suggests_nearest():
+    msg = one_problem(small_spec(training={"early_stopping": {"patiense": 3}}))
+    assert msg.startswith("training.early_stopping.patiense: unknown key; did you mean 'patience'?")
+
+
+def test_unknown_hyperparameter_suggests_nearest():
+    spec = small_spec()
+    spec["search_space"]["lrr"] = 0.1
+    msg = one_problem(spec)
+    assert msg.startswith("search_space.lrr: unknown hyperparameter; did you mean 'lr'?")
+
+
+def test_unknown_distribution_key_suggests_nearest():
+    spec = small_spec()
+    spec["search_space"]["lr"]["hihg"] = 0.1
+    assert "search_space.lr.hihg: unknown key; did you mean 'high'?" in problems_of(spec)[0]
+
+
+def test_wrong_type_names_path_and_value():
+    msg = one_problem(small_spec(training={"max_epochs": "many"}))
+    assert msg.startswith("training.max_epochs:") and "'many'" in msg
+
+
+def test_low_greater_than_high():
+    spec = small_spec()
+    spec["search_space"]["width"] = {"type": "int", "low": 64, "high": 16}
+    assert one_problem(spec) == "search_space.width: low must be <= high (got low=64.0, high=16.0)"
+
+
+def test_log_with_non_positive_low():
+    spec = small_spec()
+    spec["search_space"]["lr"] = {"type": "float", "low": 0.0, "high": 0.1, "log": True}
+    assert one_problem(spec) == "search_space.lr.low: must be > 0 when log: true (got 0.0)"
+
+
+def test_step_with_log():
+    spec = small_spec()
+    spec["search_space"]["lr"] = {"type": "float", "low": 1e-3, "high": 0.1, "log": True, "step": 0.01}
+    assert one_problem(spec) == "search_space.lr.step: cannot be combined with log: true"
+
+
+def test_empty_choices():
+    spec = small_spec()
+    spec["search_space"]["activation"] = {"type": "categorical", "choices": []}
+    assert one_problem(spec) == "search_space.activation.choices: must not be empty"
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "expected"),
+    [
+        ({"dataset": {"name": "mnsit"}}, "dataset.name", "did you mean 'mnist'?"),
+        ({"study": {"sampler": {"name": "tpee"}}}, "study.sampler.name", "did you mean 'tpe'?"),
+        ({"study": {"pruner": {"name": "medain"}}}, "study.pruner.name", "did you mean 'median'?"),
+    ],
+)
+def test_unknown_registry_names(override, path, expected):
+    msgs = problems_of(small_spec(**override))
+    assert any(m.startswith(path) and expected in m for m in msgs), msgs
+
+
+def test_unknown_activation_and_optimizer_are_both_reported():
+    spec = small_spec()
+    spec["search_space"]["activation"] = {"type": "categorical", "choices": ["relu", "relux"]}
+    spec["search_space"]["optimizer"] = "adan"
+    msgs = problems_of(spec)
+    assert len(msgs) == 2
+    assert msgs[0].startswith("search_space.activation.choices[1]: unknown activation 'relux'")
+    assert "did you mean 'relu'?" in msgs[0]
+    assert msgs[1].startswith("search_space.optimizer: unknown optimizer 'adan'")
+    assert "did you mean 'adam'?" in msgs[1]
+
+
+def test_all_problems_reported_at_once():
+    spec = small_spec(trainig=1, study={"n_trials": 0, "metric": "val_rmse"})
+    spec["search_space"]["lr"] = {"type": "float", "low": 0.0, "high": 0.1, "log": True}
+    msgs = problems_of(spec)
+    assert len(msgs) == 4, msgs
+    assert {m.split(":")[0] for m in msgs} == {
+        "trainig", "search_space.lr.low", "study.metric", "study.n_trials"
+    }
+
+
+def test_metric_that_does_not_fit_the_task():
+    msg = one_problem(small_spec(study={"metric": "val_rmse"}))
+    assert msg.startswith("study.metric: 'val_rmse' does not fit a classification task")
+
+
+def test_missing_data_file(tmp_path):
+    spec = small_spec(dataset={"name": "csv", "path": "nope.csv", "target": "y"})
+    msg = one_problem(spec, tmp_path)
+    assert msg.startswith("dataset.path: file not found:") and "nope.csv" in msg
+
+
+def test_missing_target_column(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,label\n1,2,x\n3,4,y\n")
+    msg = one_problem(small_spec(dataset={"name": "csv", "path": "d.csv", "target": "lable"}), tmp_path)
+    assert msg.startswith("dataset.target: no column 'lable' in d.csv; did you mean 'label'?")
+
+
+def test_constant_target_column(tmp_path):
+    (tmp_path / "d.csv").write_text("a,label\n1,x\n3,x\n")
+    msg = one_problem(small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"}), tmp_path)
+    assert msg.startswith("dataset.target: column 'label' in d.csv is constant")
+
+
+def test_csv_task_inferred_from_target_for_metric_check(tmp_path):
+    (tmp_path / "r.csv").write_text("a,y\n" + "".join(f"{i},{i * 0.37}\n" for i in range(40)))
+    spec = small_spec(dataset={"name": "csv", "path": "r.csv", "target": "y"}, task="auto")
+    msg = one_problem(spec, tmp_path)
+    assert msg.startswith("study.metric: 'val_accuracy' does not fit a regression task")
+
+
+def test_conditional_must_name_another_entry():
+    spec = small_spec()
+    spec["search_space"]["momentum"] = {"type": "float", "low": 0.0, "high": 0.9,
+                                        "when": {"optimiser": ["sgd"]}}
+    assert one_problem(spec).startswith("search_space.momentum.when.optimiser: must name another")
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndataset: [unclosed\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "invalid YAML at line" in info.value.problems[0]
+
+
+def test_fingerprint_ignores_budget_but_not_search_space():
+    a = parse_spec(small_spec())
+    b = parse_spec(small_spec(study={"n_trials": 50}))
+    spec = small_spec()
+    spec["search_space"]["batch_size"] = 32
+    c = parse_spec(spec)
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_relative_data_path_resolves_against_spec_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.csv").write_text("a,label\n1,x\n3,y\n")
+    path = write_spec(tmp_path / "sub", small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"}))
+    assert load_spec(path).data_path("path") == tmp_path / "sub" / "d.csv"

@@ -1,0 +1,76 @@
+"""Search space -> Optuna suggestions: fixed values, conditionals, per-layer widths, grids."""
+
+from __future__ import annotations
+
+import optuna
+from conftest import small_spec
+
+from hpo.config import PARAMS, parse_spec
+from hpo.space import grid_space, suggest_params
+
+
+def sample(space: dict, n: int = 20, seed: int = 0) -> list[dict]:
+    spec = parse_spec(small_spec(search_space=space))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(suggest_params(trial, spec.space))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_fixed_values_and_defaults_fill_every_known_hyperparameter():
+    (params,) = sample({"lr": 0.05, "n_layers": 3, "width": 32}, n=1)
+    assert set(PARAMS) <= set(params)
+    assert params["lr"] == 0.05 and params["widths"] == [32, 32, 32]
+    assert params["optimizer"] == PARAMS["optimizer"]["default"]
+
+
+def test_distributions_stay_in_range_and_log_int_is_int():
+    rows = sample({"width": {"type": "int", "low": 16, "high": 256, "log": True},
+                   "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}})
+    assert all(16 <= r["width"] <= 256 and isinstance(r["width"], int) for r in rows)
+    assert all(1e-4 <= r["lr"] <= 1e-1 for r in rows)
+
+
+def test_conditional_is_sampled_only_when_its_condition_holds():
+    space = {
+        "momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"optimizer": ["sgd"]}},
+        "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+    }
+    spec = parse_spec(small_spec(search_space=space))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        p = suggest_params(trial, spec.space)
+        seen.add(p["optimizer"])
+        assert ("momentum" in trial.params) == (p["optimizer"] == "sgd")
+        assert (p["momentum"] >= 0.5) == (p["optimizer"] == "sgd")
+        study.tell(trial, 0.0)
+    assert seen == {"sgd", "adam"}
+
+
+def test_per_layer_widths_follow_n_layers():
+    rows = sample({"n_layers": {"type": "int", "low": 0, "high": 3},
+                   "width": {"type": "int", "low": 8, "high": 64, "per_layer": True}}, n=30)
+    assert {len(r["widths"]) for r in rows} == {0, 1, 2, 3}
+    assert all(len(r["widths"]) == r["n_layers"] for r in rows)
+    assert all(8 <= w <= 64 for r in rows for w in r["widths"])
+
+
+def test_grid_space_values():
+    spec = parse_spec(small_spec(search_space={
+        "n_layers": {"type": "int", "low": 1, "high": 2},
+        "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.4, "step": 0.2},
+        "activation": {"type": "categorical", "choices": ["relu", "tanh"]},
+        "width": {"type": "int", "low": 8, "high": 16, "step": 8, "per_layer": True},
+    }))
+    grid = grid_space(spec.space)
+    assert grid["n_layers"] == [1, 2]
+    assert [round(v, 6) for v in grid["lr"]] == [0.001, 0.004642, 0.021544, 0.1]
+    assert [round(v, 6) for v in grid["dropout"]] == [0.0, 0.2, 0.4]
+    assert grid["activation"] == ["relu", "tanh"]
+    assert grid["width_0"] == grid["width_1"] == [8, 16]

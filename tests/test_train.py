@@ -1,0 +1,109 @@
+"""The training loop on a few random tensors: no Optuna, no MLflow, no CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpo.model import build_mlp
+from hpo.train import TrainConfig, evaluate, train
+
+
+def fit(blobs, **kw):
+    torch.manual_seed(0)
+    model = build_mlp(8, 3, widths=[16])
+    cfg = TrainConfig(**{"max_epochs": 10, "batch_size": 32, "lr": 1e-2, **kw})
+    return model, train(model, blobs[0], blobs[1], cfg), cfg
+
+
+def test_learns_separable_blobs(blobs):
+    model, result, cfg = fit(blobs)
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"] / 2
+    assert result.best["val_accuracy"] > 0.95
+    assert set(first) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"}
+
+
+def test_kept_weights_are_the_best_epochs(blobs):
+    model, result, cfg = fit(blobs, max_epochs=15, patience=3, lr=0.3, optimizer="sgd")
+    losses = [h["val_loss"] for h in result.history]
+    assert result.best_epoch == losses.index(min(losses)) + 1
+    again = evaluate(model, blobs[1], cfg)
+    assert again["loss"] == pytest.approx(result.best["val_loss"], rel=1e-5)
+
+
+def test_early_stopping_stops_after_patience(blobs):
+    # min_delta larger than any possible gain: no epoch after the first counts as better
+    _, result, _ = fit(blobs, patience=2, min_delta=100.0)
+    assert len(result.history) == 3 and result.best_epoch == 1 and result.stopped_early
+
+
+def test_monitor_accuracy_is_maximised(blobs):
+    _, result, _ = fit(blobs, monitor="val_accuracy", patience=20)
+    accs = [h["val_accuracy"] for h in result.history]
+    assert result.best["val_accuracy"] == max(accs)
+
+
+def test_non_finite_loss_fails_with_reason(blobs):
+    _, result, _ = fit(blobs, optimizer="sgd", lr=1e12)
+    assert result.failure is not None and "became" in result.failure and "epoch" in result.failure
+
+
+def test_hook_sees_each_epoch_and_can_stop_training(blobs):
+    seen = []
+
+    def hook(epoch, metrics):
+        seen.append((epoch, metrics["val_loss"]))
+        if epoch == 2:
+            raise RuntimeError("stop here")
+
+    model = build_mlp(8, 3, widths=[16])
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(model, blobs[0], blobs[1], TrainConfig(max_epochs=5), on_epoch_end=hook)
+    assert [e for e, _ in seen] == [1, 2]
+
+
+def test_same_seed_same_history(blobs):
+    _, a, _ = fit(blobs, seed=3)
+    _, b, _ = fit(blobs, seed=3)
+    _, c, _ = fit(blobs, seed=4)
+    strip = lambda r: [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in r.history]  # noqa: E731
+    assert strip(a) == strip(b) != strip(c)
+
+
+def test_l1_shrinks_weights(blobs):
+    plain, _, _ = fit(blobs)
+    sparse, _, _ = fit(blobs, l1=1e-2)
+    assert sparse[0].weight.abs().sum() < 0.7 * plain[0].weight.abs().sum()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("schedule", ["none", "cosine", "plateau"])
+def test_every_optimizer_and_schedule_learns(blobs, optimizer, schedule):
+    lr = {"sgd": 0.1, "adagrad": 0.1}.get(optimizer, 1e-2)
+    _, result, _ = fit(blobs, optimizer=optimizer, lr=lr, lr_schedule=schedule, momentum=0.9,
+                       nesterov=True, grad_clip=1.0, weight_decay=1e-4)
+    assert result.failure is None and result.best["val_accuracy"] > 0.9
+    if schedule == "cosine":
+        assert result.history[-1]["lr"] < lr
+
+
+def test_regression_reports_rmse_in_target_units():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 4, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5, 0.0])
+    model = build_mlp(4, 1, widths=[16])
+    cfg = TrainConfig(task="regression", max_epochs=30, lr=1e-2, y_scale=10.0, batch_size=32)
+    result = train(model, (X[:300], y[:300]), (X[300:], y[300:]), cfg)
+    best = result.best
+    assert best["val_rmse"] == pytest.approx(math.sqrt(best["val_loss"]) * 10.0)
+    assert best["val_loss"] < 0.1
+
+
+def test_batchnorm_with_a_last_batch_of_one_row(blobs):
+    (X, y), val = blobs
+    model = build_mlp(8, 3, widths=[16], batchnorm=True)
+    result = train(model, (X[:65], y[:65]), val, TrainConfig(max_epochs=2, batch_size=32))
+    assert result.failure is None and len(result.history) == 2
