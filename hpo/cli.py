@@ -18,9 +18,12 @@ app = typer.Typer(
     help="Hyperparameter studies of PyTorch MLPs, from a YAML spec, tracked in MLflow.",
 )
 
-SpecArg = Annotated[Path, typer.Argument(help="The study's YAML spec, e.g. search_spaces/digits.yaml.")]
+SpecArg = Annotated[
+    Path, typer.Argument(help="The study's YAML spec, e.g. search_spaces/digits.yaml.")
+]
 StorageOpt = Annotated[
-    str | None, typer.Option("--storage", help="Optuna storage URL [default: sqlite:///optuna.db].")
+    str | None,
+    typer.Option("--storage", help="Optuna storage URL [default: sqlite:///optuna.db]."),
 ]
 TrackingOpt = Annotated[
     str | None,
@@ -88,8 +91,12 @@ def validate(spec: SpecArg) -> None:
 @app.command()
 def run(
     spec: SpecArg,
-    n_trials: Annotated[int | None, typer.Option(min=1, help="Total trials (overrides study.n_trials).")] = None,
-    timeout: Annotated[float | None, typer.Option(min=1, help="Seconds for this invocation.")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(min=1, help="Total trials (overrides study.n_trials).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=1, help="Seconds for this invocation.")
+    ] = None,
     study_name: Annotated[str | None, typer.Option(help="Study name (overrides name:).")] = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -100,9 +107,11 @@ def run(
     loaded = _load(spec)
     updates: dict[str, Any] = {}
     if n_trials is not None or timeout is not None:
-        study = loaded.study.model_copy(update={
-            k: v for k, v in (("n_trials", n_trials), ("timeout", timeout)) if v is not None
-        })
+        study = loaded.study.model_copy(
+            update={
+                k: v for k, v in (("n_trials", n_trials), ("timeout", timeout)) if v is not None
+            }
+        )
         updates["study"] = study
     if device is not None:
         updates["training"] = loaded.training.model_copy(update={"device": device})
@@ -116,10 +125,15 @@ def run(
             loaded = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
         except SpecError as e:
             _fail_spec(e, "command line")
-    for key, given, cli in (("study.storage", loaded.study.storage, storage),
-                            ("tracking.uri", loaded.tracking.uri, tracking_uri)):
+    for key, given, cli in (
+        ("study.storage", loaded.study.storage, storage),
+        ("tracking.uri", loaded.tracking.uri, tracking_uri),
+    ):
         if given and cli and given != cli:
-            _err(f"warning: {key} in the spec ({given}) takes precedence over the command line ({cli})")
+            _err(
+                f"warning: {key} in the spec ({given}) takes precedence over "
+                f"the command line ({cli})"
+            )
 
     import optuna
 
@@ -135,7 +149,9 @@ def run(
         note = t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL" else ""
         if t.user_attrs.get("interrupted"):
             return
-        best = f"best {p.best_value:.4f} (#{p.best_number})" if p.best_value is not None else "best -"
+        best = (
+            f"best {p.best_value:.4f} (#{p.best_number})" if p.best_value is not None else "best -"
+        )
         width = len(str(p.total))
         typer.echo(
             f"[{p.done:>{width}}/{p.total}] trial {t.number:<3} {t.state.name:<8} "
@@ -159,8 +175,13 @@ def run(
 
     try:
         result = run_study(
-            loaded, study_name=study_name, storage=storage, tracking_uri=tracking_uri,
-            seed=seed, on_trial_end=progress, on_start=started,
+            loaded,
+            study_name=study_name,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            seed=seed,
+            on_trial_end=progress,
+            on_start=started,
         )
     except SpecError as e:
         _fail_spec(e, spec)
@@ -182,13 +203,18 @@ def _summary(r: Any) -> None:
     typer.echo("")
     typer.echo(
         f"study {r.study_name!r}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
-        f"{c['FAIL']} failed ({r.new_trials} run now in {_fmt_time(r.wall_time)}, device {r.device})"
+        f"{c['FAIL']} failed ({r.new_trials} run now in {_fmt_time(r.wall_time)}, "
+        f"device {r.device})"
     )
     if r.best_number is None:
         typer.echo("no trial completed, so there is no best model and no test evaluation")
     else:
         typer.echo(f"best trial #{r.best_number}: {r.metric} = {r.best_value:.4f}")
-        shown = {k: v for k, v in r.best_params.items() if k != "width" or r.best_params.get("n_layers") == 0}
+        shown = {
+            k: v
+            for k, v in r.best_params.items()
+            if k != "width" or r.best_params.get("n_layers") == 0
+        }
         typer.echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
         if r.test_metrics:
             test = ", ".join(f"{k} = {v:.4f}" for k, v in r.test_metrics.items())
@@ -202,7 +228,7 @@ def studies(storage: StorageOpt = None) -> None:
     from hpo.study import DEFAULT_STORAGE, list_studies
 
     url = storage or DEFAULT_STORAGE
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         typer.echo(f"no studies in {url} (no such file)")
         return
     rows = list_studies(url)
@@ -211,13 +237,20 @@ def studies(storage: StorageOpt = None) -> None:
         return
     header = ["study", "complete", "pruned", "failed", "metric", "best", "test"]
     table = [header] + [
-        [r["name"], str(r["COMPLETE"]), str(r["PRUNED"]), str(r["FAIL"]), r["metric"],
-         _fmt(r["best"]) if r["best"] is not None else "-", r["test"] or "-"]
+        [
+            r["name"],
+            str(r["COMPLETE"]),
+            str(r["PRUNED"]),
+            str(r["FAIL"]),
+            r["metric"],
+            _fmt(r["best"]) if r["best"] is not None else "-",
+            r["test"] or "-",
+        ]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
 
 
 @app.command()
@@ -232,8 +265,18 @@ def ui(
 
     uri = resolve_uri(None, tracking_uri)
     typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     try:
         code = subprocess.call(cmd)
     except KeyboardInterrupt:

@@ -124,9 +124,9 @@ class SamplerSpec(BaseModel):
 
 class PrunerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: Literal[
-        "median", "percentile", "successive_halving", "hyperband", "patient", "none"
-    ] = "median"
+    name: Literal["median", "percentile", "successive_halving", "hyperband", "patient", "none"] = (
+        "median"
+    )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -172,6 +172,12 @@ class Spec(_Strict):
             return None
         p = Path(value).expanduser()
         return p if p.is_absolute() else Path(self.source_dir) / p
+
+    def to_yaml(self) -> str:
+        """The spec as written, or its validated form when it did not come from a file."""
+        if self.raw_text:
+            return self.raw_text
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self) -> str:
         """Hash of what makes trials comparable: data, task, search space and training."""
@@ -326,7 +332,8 @@ def _check_value(path: str, name: str, value: Any) -> list[str]:
     if kind == _CHOICE:
         if value not in rule["allowed"]:
             return [
-                f"{path}: unknown {name} {_show(value)}; {_did_you_mean(str(value), rule['allowed'])}"
+                f"{path}: unknown {name} {_show(value)}; "
+                f"{_did_you_mean(str(value), rule['allowed'])}"
             ]
         return []
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -509,7 +516,9 @@ def _check_semantics(spec: Spec) -> list[str]:
             f"training.early_stopping.min_delta: must be >= 0 (got {t.early_stopping.min_delta})"
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
-        problems.append(f"training.device: must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})")
+        problems.append(
+            f"training.device: must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})"
+        )
 
     st = spec.study
     if st.n_trials < 1:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpo.config import OFFICIAL_TEST_SETS, Spec, SpecError, infer_task
+from hpo.config import Spec, SpecError, infer_task
 
 
 @dataclass
@@ -43,7 +43,9 @@ class Data:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     info: dict[str, Any]
-    y_scale: float = 1.0  # regression targets are standardised; RMSE is reported in the original unit
+    y_scale: float = (
+        1.0  # regression targets are standardised; RMSE is reported in the original unit
+    )
     _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def take_test(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +186,11 @@ def _load_digits(spec: Spec) -> RawData:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return RawData(X=d.data.astype(np.float32), y=d.target.astype(np.int64),
-                   classes=[str(c) for c in d.target_names])
+    return RawData(
+        X=d.data.astype(np.float32),
+        y=d.target.astype(np.int64),
+        classes=[str(c) for c in d.target_names],
+    )
 
 
 # Standard IDX files; md5 of the uncompressed bytes (MNIST) or of the .gz files as served.
@@ -201,10 +206,22 @@ MIRRORS = {
 }
 CHECKSUMS = {
     "mnist": {
-        "train-images-idx3-ubyte.gz": {"6bbc9ace898e44ae57da46a324031adb", "f68b3c2dcbeaaa9fbdd348bbdeb94873"},
-        "train-labels-idx1-ubyte.gz": {"a25bea736e30d166cdddb491f175f624", "d53e105ee54ea40749a09fcbcd1e9432"},
-        "t10k-images-idx3-ubyte.gz": {"2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"},
-        "t10k-labels-idx1-ubyte.gz": {"27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c"},
+        "train-images-idx3-ubyte.gz": {
+            "6bbc9ace898e44ae57da46a324031adb",
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        },
+        "train-labels-idx1-ubyte.gz": {
+            "a25bea736e30d166cdddb491f175f624",
+            "d53e105ee54ea40749a09fcbcd1e9432",
+        },
+        "t10k-images-idx3-ubyte.gz": {
+            "2646ac647ad5339dbf082846283269ea",
+            "9fb629c4189551a2d022fa330f9573f3",
+        },
+        "t10k-labels-idx1-ubyte.gz": {
+            "27ae3e4e09519cfbb04c329615203637",
+            "ec29112dd5afa0611ce80d1b7f02629c",
+        },
     },
     "fashion_mnist": {
         "train-images-idx3-ubyte.gz": {"8d4fb7e6c68d591d4c3dfef9ec88bf0d"},
@@ -213,8 +230,18 @@ CHECKSUMS = {
         "t10k-labels-idx1-ubyte.gz": {"bb300cfdad3c16e7a12a480ee83cd310"},
     },
 }
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def cache_dir() -> Path:
@@ -239,11 +266,13 @@ def find_idx_dir(name: str) -> Path:
         _download(name, mirror, cached)
     except OSError as e:
         where = " or ".join(str(c) for c in candidates)
-        raise SpecError([
-            f"dataset.name: {name} files not found in {where}, and the download from {mirror} "
-            f"failed ({e}); put the four IDX .gz files ({', '.join(IDX_FILES.values())}) in "
-            f"$HPO_DATA_DIR/{name}/ or {cached}/"
-        ]) from None
+        raise SpecError(
+            [
+                f"dataset.name: {name} files not found in {where}, and the download from {mirror} "
+                f"failed ({e}); put the four IDX .gz files ({', '.join(IDX_FILES.values())}) in "
+                f"$HPO_DATA_DIR/{name}/ or {cached}/"
+            ]
+        ) from None
     return cached
 
 
@@ -291,8 +320,10 @@ def _load_idx_dataset(name: str, classes: list[str]) -> RawData:
     arr = {k: read_idx(folder / f) for k, f in IDX_FILES.items()}
     flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
     return RawData(
-        X=flat(arr["train_images"]), y=arr["train_labels"].astype(np.int64),
-        X_test=flat(arr["test_images"]), y_test=arr["test_labels"].astype(np.int64),
+        X=flat(arr["train_images"]),
+        y=arr["train_labels"].astype(np.int64),
+        X_test=flat(arr["test_images"]),
+        y_test=arr["test_labels"].astype(np.int64),
         classes=classes,
     )
 
@@ -363,8 +394,12 @@ def _load_openml(spec: Spec) -> RawData:
             **key, as_frame=True, data_home=str(cache_dir() / "openml"), parser="auto"
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
-        raise SpecError([f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "
-                         "it is downloaded once into the cache, so a network is needed the first time"]) from None
+        raise SpecError(
+            [
+                f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "
+                "it is downloaded once into the cache, so a network is needed the first time"
+            ]
+        ) from None
     frame = bunch.frame
     target = ds.target or bunch.target_names[0]
     if target not in frame.columns:

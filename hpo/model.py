@@ -45,7 +45,9 @@ def build_mlp(
             layers.append(nn.BatchNorm1d(int(width)))
         layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
-            layers.append(nn.AlphaDropout(dropout) if activation == "selu" else nn.Dropout(dropout))
+            layers.append(
+                nn.AlphaDropout(dropout) if activation == "selu" else nn.Dropout(dropout)
+            )
         fan_in = int(width)
     layers.append(nn.Linear(fan_in, n_outputs))
     model = nn.Sequential(*layers)
@@ -63,8 +65,12 @@ def _initialise(model: nn.Sequential, activation: str, init: str) -> None:
             nonlin = "leaky_relu" if activation in ("leaky_relu", "prelu") else "relu"
             nn.init.kaiming_normal_(lin.weight, nonlinearity=nonlin if hidden else "linear")
         elif init == "xavier":
-            gain_for = activation if activation in ("tanh", "sigmoid", "relu", "selu") else "linear"
-            nn.init.xavier_uniform_(lin.weight, gain=nn.init.calculate_gain(gain_for) if hidden else 1.0)
+            gain_for = (
+                activation if activation in ("tanh", "sigmoid", "relu", "selu") else "linear"
+            )
+            nn.init.xavier_uniform_(
+                lin.weight, gain=nn.init.calculate_gain(gain_for) if hidden else 1.0
+            )
         else:
             raise ValueError(f"init must be default, he or xavier, got {init!r}")
         nn.init.zeros_(lin.bias)

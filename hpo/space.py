@@ -35,7 +35,9 @@ def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]
 def _ordered(space: dict[str, Any]) -> list[tuple[str, Any]]:
     """Unconditional entries first, then per-layer ones (they need n_layers), then conditionals
     in an order where each condition is already decided."""
-    plain = [(k, v) for k, v in space.items() if not _is_dist(v) or (not v.when and not v.per_layer)]
+    plain = [
+        (k, v) for k, v in space.items() if not _is_dist(v) or (not v.when and not v.per_layer)
+    ]
     layered = [(k, v) for k, v in space.items() if _is_dist(v) and v.per_layer and not v.when]
     pending = [(k, v) for k, v in space.items() if _is_dist(v) and v.when]
     done = {k for k, _ in plain + layered}
@@ -66,14 +68,12 @@ def _suggest(trial: optuna.Trial, name: str, d: Distribution) -> Any:
     if d.type == "categorical":
         return trial.suggest_categorical(name, d.choices)
     if d.type == "int":
-        return trial.suggest_int(
-            name, int(d.low), int(d.high), step=int(d.step or 1), log=d.log
-        )
+        return trial.suggest_int(name, int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
     return trial.suggest_float(name, float(d.low), float(d.high), step=d.step, log=d.log)
 
 
 def grid_space(space: dict[str, Any], max_layers: int | None = None) -> dict[str, list[Any]]:
-    """The grid the grid sampler walks: choices, integer ranges, and a few points per float range."""
+    """The grid the grid sampler walks: choices, integer ranges, a few points per float range."""
     grid: dict[str, list[Any]] = {}
     n_layers = space.get("n_layers", PARAMS["n_layers"]["default"])
     if max_layers is None:
@@ -99,5 +99,9 @@ def _grid_values(d: Distribution) -> list[Any]:
         return list(range(int(low), int(high) + 1, int(d.step or 1)))
     if d.step:
         return [float(v) for v in np.arange(low, high + d.step / 2, d.step)]
-    pts = np.geomspace(low, high, GRID_FLOAT_POINTS) if d.log else np.linspace(low, high, GRID_FLOAT_POINTS)
+    pts = (
+        np.geomspace(low, high, GRID_FLOAT_POINTS)
+        if d.log
+        else np.linspace(low, high, GRID_FLOAT_POINTS)
+    )
     return [float(v) for v in pts]

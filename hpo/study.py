@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 # ---------------------------------------------------------------- registries
 
+
 def _tpe(seed, **o):
     return optuna.samplers.TPESampler(seed=seed, **o)
 
@@ -49,7 +51,9 @@ _SAMPLER_CLASSES = {
 }
 PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
     "median": lambda spec, **o: optuna.pruners.MedianPruner(**o),
-    "percentile": lambda spec, percentile=25.0, **o: optuna.pruners.PercentilePruner(percentile, **o),
+    "percentile": lambda spec, percentile=25.0, **o: optuna.pruners.PercentilePruner(
+        percentile, **o
+    ),
     "successive_halving": lambda spec, **o: optuna.pruners.SuccessiveHalvingPruner(**o),
     "hyperband": lambda spec, **o: optuna.pruners.HyperbandPruner(
         **{"min_resource": 1, "max_resource": spec.training.max_epochs, **o}
@@ -70,10 +74,13 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     allowed = [p for p in inspect.signature(cls).parameters if p not in ("seed", "search_space")]
     unknown = [k for k in opts if k not in allowed]
     if unknown:
-        raise SpecError([
-            f"study.sampler.{k}: not an option of the {s.name} sampler; allowed: "
-            f"{', '.join(allowed) or 'none'}" for k in unknown
-        ])
+        raise SpecError(
+            [
+                f"study.sampler.{k}: not an option of the {s.name} sampler; allowed: "
+                f"{', '.join(allowed) or 'none'}"
+                for k in unknown
+            ]
+        )
     try:
         if s.name == "grid":
             return optuna.samplers.GridSampler(grid_space(spec.space), seed=seed)
@@ -88,7 +95,9 @@ def make_pruner(spec: Spec, name: str | None = None, options: dict | None = None
     opts = spec.study.pruner.options if options is None else options
     if name not in PRUNERS or name == "patient" and options is not None:
         allowed = [p for p in PRUNERS if p != "patient"]
-        raise SpecError([f"study.pruner.wrapped: must be one of {', '.join(allowed)} (got {name!r})"])
+        raise SpecError(
+            [f"study.pruner.wrapped: must be one of {', '.join(allowed)} (got {name!r})"]
+        )
     try:
         return PRUNERS[name](spec, **opts)
     except (TypeError, ValueError) as e:
@@ -181,14 +190,21 @@ def run_study(
     direction = metric_direction(spec.study.metric)
     _refuse_changed_spec(storage_url, name, fingerprint)
     study = optuna.create_study(
-        study_name=name, storage=storage_url, sampler=sampler, pruner=pruner,
-        direction=direction, load_if_exists=True,
+        study_name=name,
+        storage=storage_url,
+        sampler=sampler,
+        pruner=pruner,
+        direction=direction,
+        load_if_exists=True,
     )
     attrs = study.user_attrs
     if "spec_hash" not in attrs:
         for k, v in {
-            "spec_hash": fingerprint, "hpo_version": __version__, "metric": spec.study.metric,
-            "data": data.info, "spec_yaml": spec.raw_text,
+            "spec_hash": fingerprint,
+            "hpo_version": __version__,
+            "metric": spec.study.metric,
+            "data": data.info,
+            "spec_yaml": spec.to_yaml(),
         }.items():
             study.set_user_attr(k, v)
 
@@ -197,9 +213,13 @@ def run_study(
         attrs.get("mlflow_parent_run_id"),
         name,
         params={
-            "dataset": spec.dataset.name, "task": data.task, "metric": spec.study.metric,
-            "sampler": spec.study.sampler.name, "pruner": spec.study.pruner.name,
-            "n_trials": spec.study.n_trials, "max_epochs": spec.training.max_epochs,
+            "dataset": spec.dataset.name,
+            "task": data.task,
+            "metric": spec.study.metric,
+            "sampler": spec.study.sampler.name,
+            "pruner": spec.study.pruner.name,
+            "n_trials": spec.study.n_trials,
+            "max_epochs": spec.training.max_epochs,
             **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
             "split.hash": data.info["split_hash"],
         },
@@ -209,17 +229,23 @@ def run_study(
         study.set_user_attr("mlflow_parent_run_id", parent_id)
         study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
         study.set_user_attr("tracking_uri", uri)
-    if spec.raw_text:
-        tracker.log_text(spec.raw_text, "spec.yaml")
+    tracker.log_text(spec.to_yaml(), "spec.yaml")
 
     objective = _Objective(spec, data, tracker, base_seed, device)
     total = spec.study.n_trials
     remaining = max(total - count_finished(study), 0)
     if on_start is not None:
-        on_start({
-            "name": name, "data": data.info, "device": str(device), "storage": storage_url,
-            "tracking_uri": uri, "done": total - remaining, "total": total,
-        })
+        on_start(
+            {
+                "name": name,
+                "data": data.info,
+                "device": str(device),
+                "storage": storage_url,
+                "tracking_uri": uri,
+                "done": total - remaining,
+                "total": total,
+            }
+        )
     started = time.perf_counter()
     durations: list[float] = []
     interrupted = False
@@ -234,20 +260,28 @@ def run_study(
         if on_trial_end is not None:
             best = _best(study)
             mean = sum(durations) / len(durations) if durations else None
-            on_trial_end(Progress(
-                done=done, total=total, trial=trial,
-                best_value=best.value if best else None,
-                best_number=best.number if best else None,
-                elapsed=time.perf_counter() - started,
-                eta=mean * max(total - done, 0) if mean is not None else None,
-            ))
+            on_trial_end(
+                Progress(
+                    done=done,
+                    total=total,
+                    trial=trial,
+                    best_value=best.value if best else None,
+                    best_number=best.number if best else None,
+                    elapsed=time.perf_counter() - started,
+                    eta=mean * max(total - done, 0) if mean is not None else None,
+                )
+            )
 
     try:
         if remaining > 0:
             try:
                 study.optimize(
-                    objective, n_trials=remaining, timeout=spec.study.timeout,
-                    catch=(Exception,), callbacks=[after_trial], gc_after_trial=False,
+                    objective,
+                    n_trials=remaining,
+                    timeout=spec.study.timeout,
+                    catch=(Exception,),
+                    callbacks=[after_trial],
+                    gc_after_trial=False,
                 )
             except KeyboardInterrupt:
                 interrupted = True
@@ -262,14 +296,21 @@ def run_study(
     counts["INTERRUPTED"] = sum(1 for t in trials if t.user_attrs.get("interrupted"))
     counts["FAIL"] -= counts["INTERRUPTED"]
     return StudyResult(
-        study_name=name, storage=storage_url, tracking_uri=uri, metric=spec.study.metric,
+        study_name=name,
+        storage=storage_url,
+        tracking_uri=uri,
+        metric=spec.study.metric,
         counts=counts,
         best_number=best.number if best else None,
         best_value=best.value if best else None,
         best_params=best.user_attrs.get("config", best.params) if best else {},
-        test_metrics=test_metrics, parent_run_id=parent_id, device=str(device),
-        interrupted=interrupted, new_trials=len(durations),
-        wall_time=time.perf_counter() - started, data_info=data.info,
+        test_metrics=test_metrics,
+        parent_run_id=parent_id,
+        device=str(device),
+        interrupted=interrupted,
+        new_trials=len(durations),
+        wall_time=time.perf_counter() - started,
+        data_info=data.info,
     )
 
 
@@ -280,11 +321,13 @@ def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str) -> None:
         return
     old = existing.user_attrs.get("spec_hash")
     if old is not None and old != fingerprint:
-        raise SpecError([
-            f"name: study {name!r} in {storage_url} was run with a different spec (data, search "
-            f"space, training or metric changed; hash {old} vs {fingerprint}); to start a new "
-            f"study, change `name:` in the spec or pass --study-name NEW_NAME"
-        ])
+        raise SpecError(
+            [
+                f"name: study {name!r} in {storage_url} was run with a different spec "
+                f"(data, search space, training or metric changed; hash {old} vs {fingerprint}); "
+                f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
+            ]
+        )
 
 
 def _best(study: optuna.Study) -> FrozenTrial | None:
@@ -305,8 +348,13 @@ class _Objective:
 
     def build(self, config: dict[str, Any]) -> torch.nn.Module:
         return build_mlp(
-            self.data.n_features, self.data.n_outputs, config["widths"], config["activation"],
-            config["dropout"], config["batchnorm"], config["init"],
+            self.data.n_features,
+            self.data.n_outputs,
+            config["widths"],
+            config["activation"],
+            config["dropout"],
+            config["batchnorm"],
+            config["init"],
         ).to(self.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -316,9 +364,15 @@ class _Objective:
         torch.manual_seed(trial_seed)
         model = self.build(config)
         cfg = TrainConfig.from_params(
-            config, task=self.data.task, max_epochs=spec.training.max_epochs,
-            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
-            restore_best=es.restore_best, seed=trial_seed, y_scale=self.data.y_scale,
+            config,
+            task=self.data.task,
+            max_epochs=spec.training.max_epochs,
+            monitor=es.monitor,
+            patience=es.patience,
+            min_delta=es.min_delta,
+            restore_best=es.restore_best,
+            seed=trial_seed,
+            y_scale=self.data.y_scale,
         )
         trial.set_user_attr("config", config)
         trial.set_user_attr("n_params", count_parameters(model))
@@ -338,10 +392,16 @@ class _Objective:
             history = result.history
             if result.failure:
                 raise FloatingPointError(result.failure)
-            final = {f"best_{k}": v for k, v in result.best.items() if k.startswith(("train", "val"))}
+            final = {
+                f"best_{k}": v for k, v in result.best.items() if k.startswith(("train", "val"))
+            }
             final["best_epoch"] = result.best_epoch
-            for k, v in (("best_epoch", result.best_epoch), ("epochs_run", len(history)),
-                         ("stopped_early", result.stopped_early), ("metrics", result.best)):
+            for k, v in (
+                ("best_epoch", result.best_epoch),
+                ("epochs_run", len(history)),
+                ("stopped_early", result.stopped_early),
+                ("metrics", result.best),
+            ):
                 trial.set_user_attr(k, v)
             value = result.best[self.metric]
             self._keep_if_best(trial, value, model, config, run_id)
@@ -369,10 +429,14 @@ class _Objective:
         better = best is None or (
             value > best.value if trial.study.direction.name == "MAXIMIZE" else value < best.value
         )
-        if better or self.spec.tracking.log_model == "all":
+        log_all = self.spec.tracking.log_model == "all"
+        if better or log_all:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             self.tracker.save_checkpoint(run_id, state, config)
             trial.set_user_attr("checkpoint", True)
+        if log_all:
+            example = self.data.val[0][:5].detach().cpu().numpy()
+            self.tracker.log_model(copy.deepcopy(model).cpu().eval(), example, run_id=run_id)
         if better:
             self.best_model = (trial.number, model)
 

@@ -11,14 +11,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
 
 
 def resolve_uri(spec_uri: str | None, cli_uri: str | None) -> str:
-    """tracking.uri, else --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
-    return spec_uri or cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """tracking.uri, else --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+
+    The default is made absolute: MLflow caches one store per URI string in a process, so a
+    relative one would keep pointing at the first working folder it was used in.
+    """
+    uri = spec_uri or cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def _quiet() -> None:
@@ -64,9 +68,7 @@ class Tracker:
         else:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
             run_id = run.info.run_id
-            self.client.log_batch(
-                run_id, params=[Param(k, _param(v)) for k, v in params.items()]
-            )
+            self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
         self.parent_id = run_id
         return run_id
 
@@ -80,7 +82,9 @@ class Tracker:
     def _close_stale_children(self, parent_id: str) -> None:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+            ),
         )
         for run in runs:
             self.client.set_terminated(run.info.run_id, "KILLED")
@@ -166,7 +170,9 @@ class Tracker:
             if _finite(v)
         ]
         metrics += [Metric(k, float(v), now, 0) for k, v in final.items() if _finite(v)]
-        all_tags = [RunTag("hpo.state", state)] + [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        all_tags = [RunTag("hpo.state", state)] + [
+            RunTag(k, str(v)) for k, v in (tags or {}).items()
+        ]
         p = [Param(k, _param(v)) for k, v in params.items()]
         self.client.log_batch(run_id, metrics=metrics[:_BATCH], params=p, tags=all_tags)
         for i in range(_BATCH, len(metrics), _BATCH):

@@ -78,7 +78,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.RMSprop(p, lr=lr, momentum=cfg.momentum, weight_decay=wd)
     if cfg.optimizer == "adagrad":
         return torch.optim.Adagrad(p, lr=lr, weight_decay=wd)
-    raise ValueError(f"optimizer must be sgd, adam, adamw, rmsprop or adagrad, got {cfg.optimizer!r}")
+    raise ValueError(
+        f"optimizer must be sgd, adam, adamw, rmsprop or adagrad, got {cfg.optimizer!r}"
+    )
 
 
 def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, float]:

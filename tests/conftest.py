@@ -64,8 +64,12 @@ def small_spec(**overrides) -> dict:
             "batch_size": 64,
         },
         "training": {"max_epochs": 3, "early_stopping": {"patience": 2}, "device": "cpu"},
-        "study": {"n_trials": 3, "metric": "val_accuracy", "sampler": {"name": "random", "seed": 0},
-                  "pruner": {"name": "none"}},
+        "study": {
+            "n_trials": 3,
+            "metric": "val_accuracy",
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "none"},
+        },
         "tracking": {"log_model": "none"},
     }
     return _merge(spec, overrides)
@@ -83,3 +87,10 @@ def write_spec(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """One MLflow store for the session: creating a store runs its migrations (seconds)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{folder / 'mlflow.db'}"

@@ -20,7 +20,9 @@ def one_problem(spec: dict, tmp_path=None) -> str:
     return problems[0]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_specs_are_valid(path):
     spec = load_spec(path)
     assert spec.name and spec.search_space
@@ -41,7 +43,9 @@ def test_unknown_top_level_key_suggests_nearest():
 
 def test_unknown_nested_key_suggests_nearest():
     msg = one_problem(small_spec(training={"early_stopping": {"patiense": 3}}))
-    assert msg.startswith("training.early_stopping.patiense: unknown key; did you mean 'patience'?")
+    assert msg.startswith(
+        "training.early_stopping.patiense: unknown key; did you mean 'patience'?"
+    )
 
 
 def test_unknown_hyperparameter_suggests_nearest():
@@ -76,7 +80,13 @@ def test_log_with_non_positive_low():
 
 def test_step_with_log():
     spec = small_spec()
-    spec["search_space"]["lr"] = {"type": "float", "low": 1e-3, "high": 0.1, "log": True, "step": 0.01}
+    spec["search_space"]["lr"] = {
+        "type": "float",
+        "low": 1e-3,
+        "high": 0.1,
+        "log": True,
+        "step": 0.01,
+    }
     assert one_problem(spec) == "search_space.lr.step: cannot be combined with log: true"
 
 
@@ -117,7 +127,10 @@ def test_all_problems_reported_at_once():
     msgs = problems_of(spec)
     assert len(msgs) == 4, msgs
     assert {m.split(":")[0] for m in msgs} == {
-        "trainig", "search_space.lr.low", "study.metric", "study.n_trials"
+        "trainig",
+        "search_space.lr.low",
+        "study.metric",
+        "study.n_trials",
     }
 
 
@@ -134,13 +147,17 @@ def test_missing_data_file(tmp_path):
 
 def test_missing_target_column(tmp_path):
     (tmp_path / "d.csv").write_text("a,b,label\n1,2,x\n3,4,y\n")
-    msg = one_problem(small_spec(dataset={"name": "csv", "path": "d.csv", "target": "lable"}), tmp_path)
+    msg = one_problem(
+        small_spec(dataset={"name": "csv", "path": "d.csv", "target": "lable"}), tmp_path
+    )
     assert msg.startswith("dataset.target: no column 'lable' in d.csv; did you mean 'label'?")
 
 
 def test_constant_target_column(tmp_path):
     (tmp_path / "d.csv").write_text("a,label\n1,x\n3,x\n")
-    msg = one_problem(small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"}), tmp_path)
+    msg = one_problem(
+        small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"}), tmp_path
+    )
     assert msg.startswith("dataset.target: column 'label' in d.csv is constant")
 
 
@@ -153,8 +170,12 @@ def test_csv_task_inferred_from_target_for_metric_check(tmp_path):
 
 def test_conditional_must_name_another_entry():
     spec = small_spec()
-    spec["search_space"]["momentum"] = {"type": "float", "low": 0.0, "high": 0.9,
-                                        "when": {"optimiser": ["sgd"]}}
+    spec["search_space"]["momentum"] = {
+        "type": "float",
+        "low": 0.0,
+        "high": 0.9,
+        "when": {"optimiser": ["sgd"]},
+    }
     assert one_problem(spec).startswith("search_space.momentum.when.optimiser: must name another")
 
 
@@ -178,5 +199,7 @@ def test_fingerprint_ignores_budget_but_not_search_space():
 def test_relative_data_path_resolves_against_spec_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.csv").write_text("a,label\n1,x\n3,y\n")
-    path = write_spec(tmp_path / "sub", small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"}))
+    path = write_spec(
+        tmp_path / "sub", small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"})
+    )
     assert load_spec(path).data_path("path") == tmp_path / "sub" / "d.csv"

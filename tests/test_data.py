@@ -35,7 +35,9 @@ def test_scaler_is_fitted_on_train_only():
     X_tr, X_va = data.train[0], data.val[0]
     varying = X_tr.std(0) > 0
     assert torch.allclose(X_tr.mean(0), torch.zeros(64), atol=1e-4)
-    assert torch.allclose(X_tr.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())), atol=1e-3)
+    assert torch.allclose(
+        X_tr.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())), atol=1e-3
+    )
     assert not torch.allclose(X_va.mean(0), torch.zeros(64), atol=1e-3)
 
 
@@ -58,18 +60,30 @@ def test_max_samples_caps_the_training_pool():
 
 
 def test_csv_with_string_labels_and_test_file(tmp_path):
-    rows = "".join(f"{i},{i % 7},{'cat' if i % 2 else 'dog'},{'yes' if i % 3 else 'no'}\n" for i in range(60))
+    rows = "".join(
+        f"{i},{i % 7},{'cat' if i % 2 else 'dog'},{'yes' if i % 3 else 'no'}\n" for i in range(60)
+    )
     (tmp_path / "train.csv").write_text("a,b,kind,label\n" + rows)
     (tmp_path / "test.csv").write_text("a,b,kind,label\n" + rows[:200])
     spec = parse_spec(
-        small_spec(dataset={"name": "csv", "path": "train.csv", "test_path": "test.csv", "target": "label"}, task="auto"),
+        small_spec(
+            dataset={
+                "name": "csv",
+                "path": "train.csv",
+                "test_path": "test.csv",
+                "target": "label",
+            },
+            task="auto",
+        ),
         source_dir=tmp_path,
     )
     data = load_data(spec)
     assert data.task == "classification" and data.n_outputs == 2
     assert data.info["classes"] == ["no", "yes"]
     assert data.n_features == 4  # a, b, and kind one-hot encoded
-    assert data.info["test_source"] == "official" and data.info["n_train"] + data.info["n_val"] == 60
+    assert (
+        data.info["test_source"] == "official" and data.info["n_train"] + data.info["n_val"] == 60
+    )
 
 
 def test_shipped_wine_csv_loads():
@@ -85,14 +99,20 @@ def test_parquet_regression_standardises_targets(tmp_path):
     frame["price"] = 50 + 10 * frame.x1 + rng.normal(size=100) * 0.1
     frame.to_parquet(tmp_path / "d.parquet")
     spec = parse_spec(
-        small_spec(dataset={"name": "parquet", "path": "d.parquet", "target": "price"}, task="auto",
-                   study={"metric": "val_rmse"}, training={"early_stopping": {"monitor": "val_rmse"}}),
+        small_spec(
+            dataset={"name": "parquet", "path": "d.parquet", "target": "price"},
+            task="auto",
+            study={"metric": "val_rmse"},
+            training={"early_stopping": {"monitor": "val_rmse"}},
+        ),
         source_dir=tmp_path,
     )
     data = load_data(spec)
     assert data.task == "regression" and data.n_outputs == 1
     assert abs(data.train[1].mean().item()) < 1e-5
-    assert data.y_scale == pytest.approx(float(np.std(frame.price.iloc[: len(data.train[1])])), rel=0.3)
+    assert data.y_scale == pytest.approx(
+        float(np.std(frame.price.iloc[: len(data.train[1])])), rel=0.3
+    )
 
 
 def _fake_idx(folder, n=20):
@@ -101,7 +121,9 @@ def _fake_idx(folder, n=20):
     labels = (np.arange(n) % 10).astype(np.uint8)
     for key, fname in IDX_FILES.items():
         arr = images if "images" in key else labels
-        header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        header = bytes([0, 0, 8, arr.ndim]) + b"".join(
+            int(d).to_bytes(4, "big") for d in arr.shape
+        )
         with gzip.open(folder / fname, "wb") as f:
             f.write(header + arr.tobytes())
     return images, labels
@@ -151,7 +173,9 @@ def test_download_verifies_checksums_into_cache(tmp_path, monkeypatch):
         bad = tmp_path / "bad"
         shutil.copytree(SHARED_DATA / "mnist", bad)
         (bad / IDX_FILES["train_labels"]).write_bytes(gzip.compress(b"\0" * 100))
-        server.RequestHandlerClass = partial(http.server.SimpleHTTPRequestHandler, directory=str(bad))
+        server.RequestHandlerClass = partial(
+            http.server.SimpleHTTPRequestHandler, directory=str(bad)
+        )
         with pytest.raises(SpecError, match="checksum mismatch"):
             find_idx_dir("mnist")
         assert not (folder / IDX_FILES["train_labels"]).exists()
@@ -166,4 +190,15 @@ def test_mnist_keeps_official_test_set():
     assert data.info["n_train"] + data.info["n_val"] == 60_000
     assert data.n_features == 784 and data.n_outputs == 10
     y_test = data.take_test()[1]
-    assert torch.bincount(y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(y_test).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]

@@ -28,8 +28,12 @@ def test_fixed_values_and_defaults_fill_every_known_hyperparameter():
 
 
 def test_distributions_stay_in_range_and_log_int_is_int():
-    rows = sample({"width": {"type": "int", "low": 16, "high": 256, "log": True},
-                   "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}})
+    rows = sample(
+        {
+            "width": {"type": "int", "low": 16, "high": 256, "log": True},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        }
+    )
     assert all(16 <= r["width"] <= 256 and isinstance(r["width"], int) for r in rows)
     assert all(1e-4 <= r["lr"] <= 1e-1 for r in rows)
 
@@ -53,21 +57,30 @@ def test_conditional_is_sampled_only_when_its_condition_holds():
 
 
 def test_per_layer_widths_follow_n_layers():
-    rows = sample({"n_layers": {"type": "int", "low": 0, "high": 3},
-                   "width": {"type": "int", "low": 8, "high": 64, "per_layer": True}}, n=30)
+    rows = sample(
+        {
+            "n_layers": {"type": "int", "low": 0, "high": 3},
+            "width": {"type": "int", "low": 8, "high": 64, "per_layer": True},
+        },
+        n=30,
+    )
     assert {len(r["widths"]) for r in rows} == {0, 1, 2, 3}
     assert all(len(r["widths"]) == r["n_layers"] for r in rows)
     assert all(8 <= w <= 64 for r in rows for w in r["widths"])
 
 
 def test_grid_space_values():
-    spec = parse_spec(small_spec(search_space={
-        "n_layers": {"type": "int", "low": 1, "high": 2},
-        "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
-        "dropout": {"type": "float", "low": 0.0, "high": 0.4, "step": 0.2},
-        "activation": {"type": "categorical", "choices": ["relu", "tanh"]},
-        "width": {"type": "int", "low": 8, "high": 16, "step": 8, "per_layer": True},
-    }))
+    spec = parse_spec(
+        small_spec(
+            search_space={
+                "n_layers": {"type": "int", "low": 1, "high": 2},
+                "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+                "dropout": {"type": "float", "low": 0.0, "high": 0.4, "step": 0.2},
+                "activation": {"type": "categorical", "choices": ["relu", "tanh"]},
+                "width": {"type": "int", "low": 8, "high": 16, "step": 8, "per_layer": True},
+            }
+        )
+    )
     grid = grid_space(spec.space)
     assert grid["n_layers"] == [1, 2]
     assert [round(v, 6) for v in grid["lr"]] == [0.001, 0.004642, 0.021544, 0.1]

@@ -83,8 +83,16 @@ def test_l1_shrinks_weights(blobs):
 @pytest.mark.parametrize("schedule", ["none", "cosine", "plateau"])
 def test_every_optimizer_and_schedule_learns(blobs, optimizer, schedule):
     lr = {"sgd": 0.1, "adagrad": 0.1}.get(optimizer, 1e-2)
-    _, result, _ = fit(blobs, optimizer=optimizer, lr=lr, lr_schedule=schedule, momentum=0.9,
-                       nesterov=True, grad_clip=1.0, weight_decay=1e-4)
+    _, result, _ = fit(
+        blobs,
+        optimizer=optimizer,
+        lr=lr,
+        lr_schedule=schedule,
+        momentum=0.9,
+        nesterov=True,
+        grad_clip=1.0,
+        weight_decay=1e-4,
+    )
     assert result.failure is None and result.best["val_accuracy"] > 0.9
     if schedule == "cosine":
         assert result.history[-1]["lr"] < lr

@@ -1,0 +1,153 @@
+"""The `hpo` command driven with Typer's CliRunner in temporary folders, and Ctrl-C for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, mnist_available, small_spec, write_spec
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from hpo.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_validate_ok(workdir):
+    code, out = invoke("validate", REPO / "search_spaces" / "digits.yaml")
+    assert code == 0 and "ok - study 'digits-mlp' on digits" in out
+
+
+def test_validate_reports_each_problem_on_its_own_line_with_exit_2(workdir):
+    spec = small_spec(study={"sampler": {"name": "tpe", "n_startup": 3}})
+    spec["search_space"]["lr"] = {"type": "float", "low": 0.0, "high": 0.1, "log": True}
+    spec["search_space"]["activation"] = "relux"
+    code, out = invoke("validate", write_spec(workdir, spec))
+    lines = out.strip().splitlines()
+    assert code == 2 and "Traceback" not in out
+    assert len(lines) == 2, out
+    assert (
+        lines[0].startswith("error: ")
+        and "search_space.lr.low: must be > 0 when log: true (got 0.0)" in out
+    )
+    assert "search_space.activation: unknown activation 'relux'; did you mean 'relu'?" in out
+    spec = small_spec(study={"sampler": {"name": "tpe", "n_startup": 3}})
+    code, out = invoke("validate", write_spec(workdir, spec))
+    assert code == 2 and "study.sampler.n_startup: not an option of the tpe sampler" in out
+
+
+def test_run_with_bad_spec_creates_nothing(workdir):
+    spec = small_spec(study={"metric": "val_rmse"})
+    code, out = invoke("run", write_spec(workdir, spec))
+    assert code == 2 and "study.metric" in out and "Traceback" not in out
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
+
+
+def test_run_with_missing_spec_file_and_bad_device(workdir):
+    code, out = invoke("run", workdir / "nope.yaml")
+    assert code == 2 and "no such spec file" in out
+    code, out = invoke("run", write_spec(workdir, small_spec()), "--device", "tpu")
+    assert (
+        code == 2 and "training.device: must be auto, cpu, cuda, cuda:N or mps (got 'tpu')" in out
+    )
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
+    path = write_spec(workdir, small_spec(tracking={"log_model": "best"}))
+    code, out = invoke("run", path, "--n-trials", 2, "--study-name", "cli-study", "--seed", 3)
+    assert code == 0, out
+    assert "[1/2] trial 0" in out and "[2/2] trial 1" in out and "ETA" in out
+    assert "study 'cli-study': " in out and "best trial #" in out
+    assert "test split (used once, by trial #" in out and "hpo ui" in out
+    assert (workdir / "optuna.db").is_file() and (workdir / "mlflow.db").is_file()
+    code, out = invoke("studies")
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0].split()[:4] == ["study", "complete", "pruned", "failed"]
+    row = lines[1].split()
+    assert (
+        row[0] == "cli-study" and int(row[1]) + int(row[2]) == 2 and "test_accuracy=" in lines[1]
+    )
+
+
+def test_studies_on_missing_storage_creates_nothing(workdir):
+    code, out = invoke("studies")
+    assert code == 0 and "no studies" in out and not (workdir / "optuna.db").exists()
+
+
+def test_python_dash_m_hpo_help():
+    out = subprocess.run([sys.executable, "-m", "hpo", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("run", "validate", "studies", "ui"):
+        assert command in out.stdout
+
+
+def _hpo(args, cwd, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def test_ctrl_c_stops_cleanly_and_rerun_continues(workdir):
+    path = write_spec(workdir, small_spec(study={"n_trials": 200}, training={"max_epochs": 20}))
+    proc = _hpo(["run", path], workdir)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("[") and "/200] trial 1 " in line:  # two trials done
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "run the same command again to continue" in out
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert runs and "RUNNING" not in {r.info.status for r in runs}
+    finished = sum(
+        1 for r in runs if r.data.tags.get("hpo.state") in ("COMPLETE", "PRUNED", "FAIL")
+    )
+    assert finished >= 2
+
+    proc = _hpo(["run", path, "--n-trials", finished + 1], workdir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"{finished} of {finished + 1} trials already done" in out
+    assert f"[{finished + 1}/{finished + 1}]" in out
+
+
+@pytest.mark.skipif(not mnist_available(), reason="MNIST not in $HPO_DATA_DIR")
+def test_mnist_run_reads_shared_idx_files(workdir):
+    spec = small_spec(
+        name="mnist-quick",
+        dataset={"name": "mnist", "max_samples": 4000},
+        search_space={"n_layers": 1, "width": 64, "lr": 3e-3, "batch_size": 128},
+        study={"n_trials": 1},
+        training={"max_epochs": 3},
+    )
+    code, out = invoke("run", write_spec(workdir, spec))
+    assert code == 0, out
+    assert "mnist (classification), 3200 train / 800 val / 10000 test, 784 features" in out
+    acc = float(out.split("test_accuracy = ")[1].split()[0])
+    assert acc > 0.85

@@ -1,0 +1,190 @@
+"""Studies against a real Optuna storage and a real MLflow store, on digits with tiny budgets."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import small_spec
+from mlflow import MlflowClient
+
+from hpo.config import PRUNERS, SAMPLERS, SpecError, parse_spec
+from hpo.study import make_pruner, make_sampler, run_study
+
+
+def run(workdir, mlflow_uri, name, **over):
+    spec = parse_spec(
+        small_spec(name=name, tracking={"uri": mlflow_uri, **over.pop("tracking", {})}, **over)
+    )
+    return run_study(spec)
+
+
+def child_runs(uri, result):
+    client = MlflowClient(uri)
+    exp = client.get_run(result.parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    return client, sorted(runs, key=lambda r: int(r.data.tags["hpo.trial_number"]))
+
+
+def test_study_tracks_every_trial_and_evaluates_best_once(workdir, mlflow_uri):
+    result = run(workdir, mlflow_uri, "tracked", tracking={"log_model": "best"})
+    assert result.counts["COMPLETE"] == 3 and result.new_trials == 3
+    assert (workdir / "optuna.db").is_file()
+    study = optuna.load_study(study_name="tracked", storage="sqlite:///optuna.db")
+    attrs = study.user_attrs
+    assert attrs["test_trial"] == study.best_trial.number == result.best_number
+    assert 0.5 < attrs["test_metrics"]["test_accuracy"] <= 1.0
+    assert attrs["data"]["n_test"] == 360 and len(attrs["data"]["split_hash"]) == 16
+
+    client, runs = child_runs(mlflow_uri, result)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_accuracy"] == attrs["test_metrics"]["test_accuracy"]
+    assert parent.data.tags["hpo.study"] == "tracked"
+    assert "spec.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    models = client.search_logged_models(experiment_ids=[parent.info.experiment_id])
+    assert any(m.source_run_id == parent.info.run_id for m in models)
+
+    assert [r.data.tags["hpo.trial_number"] for r in runs] == ["0", "1", "2"]
+    assert {r.data.tags["hpo.state"] for r in runs} == {"COMPLETE"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    trial = study.trials[0]
+    curve = client.get_metric_history(runs[0].info.run_id, "val_accuracy")
+    assert [m.step for m in curve] == list(range(1, trial.user_attrs["epochs_run"] + 1))
+    assert runs[0].data.params["activation"] == trial.params["activation"]
+    best_run = runs[result.best_number]
+    assert best_run.data.metrics["best_val_accuracy"] == pytest.approx(result.best_value)
+
+
+def test_rerun_resumes_to_the_total_under_the_same_parent(workdir, mlflow_uri):
+    first = run(workdir, mlflow_uri, "resumed", study={"n_trials": 2})
+    again = run(workdir, mlflow_uri, "resumed", study={"n_trials": 2})
+    assert again.new_trials == 0 and again.test_metrics == first.test_metrics
+    more = run(workdir, mlflow_uri, "resumed", study={"n_trials": 4})
+    assert (
+        more.new_trials == 2 and sum(more.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 4
+    )
+    assert first.parent_run_id == again.parent_run_id == more.parent_run_id
+    _, runs = child_runs(mlflow_uri, more)
+    assert [r.data.tags["hpo.trial_number"] for r in runs] == ["0", "1", "2", "3"]
+
+
+def test_changed_search_space_is_refused_with_a_way_out(workdir, mlflow_uri):
+    run(workdir, mlflow_uri, "frozen", study={"n_trials": 1})
+    spec = small_spec(name="frozen", tracking={"uri": mlflow_uri})
+    spec["search_space"]["batch_size"] = 32
+    with pytest.raises(SpecError) as info:
+        run_study(parse_spec(spec))
+    assert "different spec" in info.value.problems[0] and "--study-name" in info.value.problems[0]
+    assert len(optuna.load_study(study_name="frozen", storage="sqlite:///optuna.db").trials) == 1
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, mlflow_uri):
+    result = run(
+        workdir,
+        mlflow_uri,
+        "unstable",
+        search_space={
+            "optimizer": "sgd",
+            "lr": {"type": "categorical", "choices": [0.05, 1.0e12]},
+            "n_layers": 1,
+            "width": 16,
+        },
+        study={"n_trials": 2, "sampler": {"name": "grid", "seed": 0}},
+    )
+    assert result.counts["COMPLETE"] == 1 and result.counts["FAIL"] == 1
+    study = optuna.load_study(study_name="unstable", storage="sqlite:///optuna.db")
+    failed = [t for t in study.trials if t.state.name == "FAIL"][0]
+    assert failed.params["lr"] == 1.0e12 and "became" in failed.user_attrs["fail_reason"]
+    _, runs = child_runs(mlflow_uri, result)
+    bad = runs[failed.number]
+    assert bad.info.status == "FAILED" and bad.data.tags["hpo.state"] == "FAIL"
+    assert "became" in bad.data.tags["hpo.fail_reason"]
+
+
+def test_median_pruner_prunes_hopeless_trials(workdir, mlflow_uri):
+    result = run(
+        workdir,
+        mlflow_uri,
+        "pruned",
+        search_space={
+            "lr": {"type": "categorical", "choices": [3e-2, 1e-7]},
+            "n_layers": 1,
+            "width": 32,
+        },
+        study={
+            "n_trials": 6,
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        },
+    )
+    study = optuna.load_study(study_name="pruned", storage="sqlite:///optuna.db")
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    first_good = min(t.number for t in study.trials if t.state.name == "COMPLETE")
+    hopeless = [t for t in study.trials if t.params["lr"] == 1e-7 and t.number > first_good]
+    assert hopeless and all(t.state.name == "PRUNED" for t in hopeless)
+    assert all(len(t.intermediate_values) < 3 for t in pruned)  # stopped before max_epochs
+    _, runs = child_runs(mlflow_uri, result)
+    assert {runs[t.number].data.tags["hpo.state"] for t in pruned} == {"PRUNED"}
+
+
+def test_same_seed_gives_the_same_trials(workdir, mlflow_uri):
+    a = run(workdir, mlflow_uri, "seed-a", study={"sampler": {"name": "tpe", "seed": 7}})
+    b = run(workdir, mlflow_uri, "seed-b", study={"sampler": {"name": "tpe", "seed": 7}})
+
+    def values(name):
+        return [
+            t.value
+            for t in optuna.load_study(study_name=name, storage="sqlite:///optuna.db").trials
+        ]  # noqa: E731
+
+    assert values("seed-a") == values("seed-b")
+    assert a.best_params == b.best_params
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs_a_study(workdir, mlflow_uri, sampler):
+    result = run(
+        workdir,
+        mlflow_uri,
+        f"sampler-{sampler}",
+        search_space={
+            "n_layers": {"type": "int", "low": 1, "high": 2},
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+            "activation": {"type": "categorical", "choices": ["relu", "tanh"]},
+        },
+        study={"n_trials": 2, "sampler": {"name": sampler, "seed": 0}},
+        training={"max_epochs": 2},
+    )
+    assert result.counts["COMPLETE"] == 2 and result.test_metrics["test_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("pruner", PRUNERS)
+def test_every_pruner_builds(pruner):
+    spec = parse_spec(small_spec(study={"pruner": {"name": pruner}}))
+    assert isinstance(make_pruner(spec), optuna.pruners.BasePruner)
+
+
+def test_pruner_and_sampler_options_pass_through_and_are_checked():
+    spec = parse_spec(
+        small_spec(
+            study={
+                "pruner": {"name": "percentile", "percentile": 40.0},
+                "sampler": {"name": "tpe", "n_startup_trials": 3},
+            }
+        )
+    )
+    assert make_pruner(spec)._percentile == 40.0
+    assert make_sampler(spec)._n_startup_trials == 3
+    patient = parse_spec(
+        small_spec(study={"pruner": {"name": "patient", "patience": 3, "wrapped": "hyperband"}})
+    )
+    assert isinstance(make_pruner(patient)._wrapped_pruner, optuna.pruners.HyperbandPruner)
+    bad = parse_spec(small_spec(study={"sampler": {"name": "random", "n_startup_trials": 3}}))
+    with pytest.raises(
+        SpecError, match="study.sampler.n_startup_trials: not an option of the random sampler"
+    ):
+        make_sampler(bad)
+    bad = parse_spec(small_spec(study={"pruner": {"name": "percentile", "percentile": 140.0}}))
+    with pytest.raises(SpecError, match="study.pruner: "):
+        make_pruner(bad)
