@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -173,6 +174,7 @@ def run(
             f"{info['done']} of {info['total']} trials already done"
         )
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
     try:
         result = run_study(
             loaded,
@@ -196,6 +198,10 @@ def run(
             f"{loaded.study.n_trials} trials finished; run the same command again to continue"
         )
         raise typer.Exit(code=130)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _summary(r: Any) -> None:

@@ -391,7 +391,12 @@ def _load_openml(spec: Spec) -> RawData:
     key = {"data_id": int(ds.openml)} if str(ds.openml).isdigit() else {"name": ds.openml}
     try:
         bunch = fetch_openml(
-            **key, as_frame=True, data_home=str(cache_dir() / "openml"), parser="auto"
+            **key,
+            as_frame=True,
+            data_home=str(cache_dir() / "openml"),
+            parser="auto",
+            n_retries=2,
+            delay=0.5,
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
         raise SpecError(

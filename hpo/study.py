@@ -27,20 +27,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 # ---------------------------------------------------------------- registries
 
-
-def _tpe(seed, **o):
-    return optuna.samplers.TPESampler(seed=seed, **o)
-
-
-SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    "tpe": _tpe,
-    "random": lambda seed, **o: optuna.samplers.RandomSampler(seed=seed, **o),
-    "qmc": lambda seed, **o: optuna.samplers.QMCSampler(seed=seed, **o),
-    "cmaes": lambda seed, **o: optuna.samplers.CmaEsSampler(seed=seed, **o),
-    "gp": lambda seed, **o: optuna.samplers.GPSampler(seed=seed, **o),
-    "nsga2": lambda seed, **o: optuna.samplers.NSGAIISampler(seed=seed, **o),
-}
-_SAMPLER_CLASSES = {
+SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
     "random": optuna.samplers.RandomSampler,
     "grid": optuna.samplers.GridSampler,
@@ -49,59 +36,68 @@ _SAMPLER_CLASSES = {
     "gp": optuna.samplers.GPSampler,
     "nsga2": optuna.samplers.NSGAIISampler,
 }
-PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
-    "median": lambda spec, **o: optuna.pruners.MedianPruner(**o),
-    "percentile": lambda spec, percentile=25.0, **o: optuna.pruners.PercentilePruner(
-        percentile, **o
-    ),
-    "successive_halving": lambda spec, **o: optuna.pruners.SuccessiveHalvingPruner(**o),
-    "hyperband": lambda spec, **o: optuna.pruners.HyperbandPruner(
-        **{"min_resource": 1, "max_resource": spec.training.max_epochs, **o}
-    ),
-    "patient": lambda spec, patience=2, min_delta=0.0, wrapped="median", **o: (
-        optuna.pruners.PatientPruner(make_pruner(spec, wrapped, o), patience, min_delta)
-    ),
-    "none": lambda spec, **o: optuna.pruners.NopPruner(),
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "patient": optuna.pruners.PatientPruner,
+    "none": optuna.pruners.NopPruner,
 }
+
+
+def _check_options(where: str, what: str, cls: type, opts: dict, skip: tuple = ()) -> None:
+    allowed = [p for p in inspect.signature(cls).parameters if p not in skip] or ["no options"]
+    unknown = [k for k in opts if k not in allowed]
+    if unknown:
+        raise SpecError(
+            [
+                f"{where}.{k}: not an option of the {what}; allowed: {', '.join(allowed)}"
+                for k in unknown
+            ]
+        )
 
 
 def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The sampler a spec names, with its options; bad options raise `SpecError`."""
     s = spec.study.sampler
     seed = s.seed if seed is None else seed
-    opts = s.options
-    cls = _SAMPLER_CLASSES[s.name]
-    allowed = [p for p in inspect.signature(cls).parameters if p not in ("seed", "search_space")]
-    unknown = [k for k in opts if k not in allowed]
-    if unknown:
-        raise SpecError(
-            [
-                f"study.sampler.{k}: not an option of the {s.name} sampler; allowed: "
-                f"{', '.join(allowed) or 'none'}"
-                for k in unknown
-            ]
-        )
+    cls = SAMPLERS[s.name]
+    _check_options("study.sampler", f"{s.name} sampler", cls, s.options, ("seed", "search_space"))
     try:
         if s.name == "grid":
-            return optuna.samplers.GridSampler(grid_space(spec.space), seed=seed)
-        return SAMPLERS[s.name](seed, **opts)
+            return cls(grid_space(spec.space), seed=seed)
+        return cls(seed=seed, **s.options)
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.sampler: {e}"]) from None
 
 
-def make_pruner(spec: Spec, name: str | None = None, options: dict | None = None):
-    """The pruner a spec names; bad options raise `SpecError`."""
-    name = name or spec.study.pruner.name
-    opts = spec.study.pruner.options if options is None else options
-    if name not in PRUNERS or name == "patient" and options is not None:
-        allowed = [p for p in PRUNERS if p != "patient"]
-        raise SpecError(
-            [f"study.pruner.wrapped: must be one of {', '.join(allowed)} (got {name!r})"]
-        )
+def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
+    """The pruner a spec names, fed by per-epoch values; bad options raise `SpecError`."""
+    name, opts = spec.study.pruner.name, spec.study.pruner.options
     try:
-        return PRUNERS[name](spec, **opts)
+        if name != "patient":
+            return _pruner(spec, name, opts)
+        # patient: {patience: 2, min_delta: 0.0, wrapped: median, ...options of the wrapped one}
+        own = {k: opts.pop(k) for k in ("patience", "min_delta") if k in opts}
+        wrapped = opts.pop("wrapped", "median")
+        if wrapped not in PRUNERS or wrapped == "patient":
+            allowed = ", ".join(p for p in PRUNERS if p != "patient")
+            raise SpecError([f"study.pruner.wrapped: must be one of {allowed} (got {wrapped!r})"])
+        inner = _pruner(spec, wrapped, opts)
+        return optuna.pruners.PatientPruner(inner, **{"patience": 2, **own})
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.pruner: {e}"]) from None
+
+
+def _pruner(spec: Spec, name: str, opts: dict[str, Any]) -> optuna.pruners.BasePruner:
+    cls = PRUNERS[name]
+    _check_options("study.pruner", f"{name} pruner", cls, opts)
+    defaults: dict[str, Any] = {
+        "percentile": {"percentile": 25.0},
+        "hyperband": {"min_resource": 1, "max_resource": spec.training.max_epochs},
+    }.get(name, {})
+    return cls(**{**defaults, **opts})
 
 
 def check_spec(spec: Spec) -> None:
@@ -181,14 +177,16 @@ def run_study(
     storage_url = resolve_storage(spec, storage)
     uri = resolve_uri(spec.tracking.uri, tracking_uri)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
-    sampler = make_sampler(spec, seed=base_seed if seed is not None else None)
+    sampler = make_sampler(spec, seed=seed)
     pruner = make_pruner(spec)
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
 
+    # Everything that can refuse the run does so before the study or any run is written.
     fingerprint = spec.fingerprint()
     direction = metric_direction(spec.study.metric)
-    _refuse_changed_spec(storage_url, name, fingerprint)
+    _refuse_changed_spec(storage_url, name, fingerprint, data.info["split_hash"])
+    tracker = Tracker(uri, spec.tracking.experiment or name)
     study = optuna.create_study(
         study_name=name,
         storage=storage_url,
@@ -208,7 +206,6 @@ def run_study(
         }.items():
             study.set_user_attr(k, v)
 
-    tracker = Tracker(uri, spec.tracking.experiment or name)
     parent_id = tracker.open_parent(
         attrs.get("mlflow_parent_run_id"),
         name,
@@ -249,7 +246,7 @@ def run_study(
     started = time.perf_counter()
     durations: list[float] = []
     interrupted = False
-    status = "FAILED"
+    status = "FAILED"  # an unexpected error; Ctrl-C gives KILLED
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         done = count_finished(study)
@@ -285,6 +282,7 @@ def run_study(
                 )
             except KeyboardInterrupt:
                 interrupted = True
+        status = "KILLED"  # until the test evaluation is through: a second Ctrl-C lands here
         test_metrics = _evaluate_best_once(study, spec, data, tracker, objective)
         status = "KILLED" if interrupted else "FINISHED"
     finally:
@@ -314,11 +312,22 @@ def run_study(
     )
 
 
-def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str) -> None:
+def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str, split_hash: str) -> None:
     try:
         existing = optuna.load_study(study_name=name, storage=storage_url)
     except KeyError:
         return
+    except Exception as e:  # noqa: BLE001 - a malformed URL or an unreachable database
+        raise SpecError([f"study.storage: cannot open {storage_url!r}: {e}"]) from None
+    old_split = existing.user_attrs.get("data", {}).get("split_hash")
+    if old_split is not None and old_split != split_hash:
+        raise SpecError(
+            [
+                f"dataset: the data of study {name!r} changed since it started (split hash "
+                f"{old_split} vs {split_hash}); to start a new study, change `name:` in the spec "
+                f"or pass --study-name NEW_NAME"
+            ]
+        )
     old = existing.user_attrs.get("spec_hash")
     if old is not None and old != fingerprint:
         raise SpecError(

@@ -41,10 +41,16 @@ class Tracker:
 
         _quiet()  # after the import: mlflow sets its logger's level when imported
 
+        from hpo.config import SpecError
+
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+        except Exception as e:  # noqa: BLE001 - a malformed URI or an unreachable server
+            msg = str(e).splitlines()[0][:300]
+            raise SpecError([f"tracking.uri: cannot open MLflow store {uri!r}: {msg}"]) from None
         if exp is None:
             self.experiment_id = self.client.create_experiment(experiment)
         else:

@@ -151,3 +151,32 @@ def test_mnist_run_reads_shared_idx_files(workdir):
     assert "mnist (classification), 3200 train / 800 val / 10000 test, 784 features" in out
     acc = float(out.split("test_accuracy = ")[1].split()[0])
     assert acc > 0.85
+
+
+def test_ui_serves_the_mlflow_store_on_localhost(workdir):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _hpo(["ui", "--port", port], workdir, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 90, ""
+        while time.monotonic() < deadline and not body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body.strip() == "OK"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert (workdir / "mlflow.db").exists()
+
+
+def test_unusable_storage_url_is_a_clear_error(workdir):
+    code, out = invoke("run", write_spec(workdir, small_spec()), "--storage", "nosuch://db")
+    assert code == 2 and "study.storage: cannot open 'nosuch://db'" in out
+    assert "Traceback" not in out

@@ -202,3 +202,16 @@ def test_mnist_keeps_official_test_set():
         974,
         1009,
     ]
+
+
+def test_openml_is_fetched_into_the_cache_or_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    spec = parse_spec(small_spec(dataset={"name": "openml", "openml": 61}, task="auto"))
+    try:
+        data = load_data(spec)
+    except SpecError as e:  # no network here: the message says what is needed
+        assert e.problems[0].startswith("dataset.openml: cannot fetch 61")
+        assert "network is needed the first time" in e.problems[0]
+    else:  # online: iris, 150 rows, 4 features, 3 classes
+        assert data.n_features == 4 and data.n_outputs == 3
+        assert (tmp_path / "cache" / "hpo" / "openml").is_dir()

@@ -188,3 +188,22 @@ def test_pruner_and_sampler_options_pass_through_and_are_checked():
     bad = parse_spec(small_spec(study={"pruner": {"name": "percentile", "percentile": 140.0}}))
     with pytest.raises(SpecError, match="study.pruner: "):
         make_pruner(bad)
+    bad = parse_spec(small_spec(study={"pruner": {"name": "median", "warmup": 3}}))
+    with pytest.raises(SpecError, match="study.pruner.warmup: not an option of the median pruner"):
+        make_pruner(bad)
+
+
+def test_changed_data_behind_the_same_spec_is_refused(workdir, mlflow_uri):
+    rows = "".join(f"{i},{(i * 7) % 11},{'a' if i % 3 else 'b'}\n" for i in range(60))
+    (workdir / "d.csv").write_text("x1,x2,label\n" + rows)
+    spec = small_spec(
+        name="csv-data",
+        dataset={"name": "csv", "path": "d.csv", "target": "label"},
+        study={"n_trials": 1},
+        tracking={"uri": mlflow_uri},
+    )
+    run_study(parse_spec(spec, source_dir=workdir))
+    with open(workdir / "d.csv", "a") as f:
+        f.write("".join(f"{i},{i % 5},b\n" for i in range(60, 80)))
+    with pytest.raises(SpecError, match="the data of study 'csv-data' changed"):
+        run_study(parse_spec(spec, source_dir=workdir))
