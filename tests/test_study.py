@@ -207,3 +207,28 @@ def test_changed_data_behind_the_same_spec_is_refused(workdir, mlflow_uri):
         f.write("".join(f"{i},{i % 5},b\n" for i in range(60, 80)))
     with pytest.raises(SpecError, match="the data of study 'csv-data' changed"):
         run_study(parse_spec(spec, source_dir=workdir))
+
+
+def test_regression_study_minimises_rmse_and_reports_test_rmse(workdir, mlflow_uri):
+    lines = "".join(
+        f"{i % 10},{(i * 3) % 7},{2.5 * (i % 10) - (i * 3) % 7 + 0.1}\n" for i in range(150)
+    )
+    (workdir / "r.csv").write_text("x1,x2,y\n" + lines)
+    spec = small_spec(
+        name="regression",
+        dataset={"name": "csv", "path": "r.csv", "target": "y"},
+        task="auto",
+        search_space={
+            "n_layers": 1,
+            "width": 32,
+            "lr": {"type": "float", "low": 1e-3, "high": 3e-2},
+        },
+        training={"max_epochs": 20, "early_stopping": {"monitor": "val_rmse"}},
+        study={"n_trials": 2, "metric": "val_rmse"},
+        tracking={"uri": mlflow_uri},
+    )
+    result = run_study(parse_spec(spec, source_dir=workdir))
+    study = optuna.load_study(study_name="regression", storage="sqlite:///optuna.db")
+    assert study.direction.name == "MINIMIZE"
+    assert result.best_value == min(t.value for t in study.trials)
+    assert 0 < result.test_metrics["test_rmse"] < 5  # target std is about 7.5

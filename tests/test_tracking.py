@@ -1,0 +1,57 @@
+"""Tracker against a real MLflow store: parent and child runs, batching, checkpoints, stale runs."""
+
+from __future__ import annotations
+
+import torch
+from mlflow import MlflowClient
+
+from hpo.tracking import Tracker, resolve_uri
+
+
+def test_uri_precedence(workdir, monkeypatch):
+    assert resolve_uri("sqlite:///a.db", "sqlite:///b.db") == "sqlite:///a.db"
+    assert resolve_uri(None, "sqlite:///b.db") == "sqlite:///b.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_uri(None, None) == "sqlite:///env.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_uri(None, None) == f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def test_trial_run_nests_with_all_epochs_in_batches(mlflow_uri):
+    tracker = Tracker(mlflow_uri, "tracking-batches")
+    parent = tracker.open_parent(None, "study", {"dataset": "digits"}, {"hpo.study": "s"})
+    run_id = tracker.start_trial(7)
+    history = [{"train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1} for e in range(1, 401)]
+    tracker.end_trial(run_id, "PRUNED", {"lr": 0.1, "widths": [8, 4]}, history, {"best_epoch": 3})
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["hpo.trial_number"] == "7" and run.data.tags["hpo.state"] == "PRUNED"
+    assert run.info.status == "FINISHED" and run.data.params["widths"] == "[8, 4]"
+    curve = client.get_metric_history(run_id, "val_loss")
+    assert len(curve) == 400 and curve[-1].step == 400 and curve[-1].value == 2.0 / 400
+    assert run.data.metrics["best_epoch"] == 3
+
+
+def test_reopening_parent_closes_runs_a_killed_process_left_open(mlflow_uri):
+    tracker = Tracker(mlflow_uri, "tracking-stale")
+    parent = tracker.open_parent(None, "study", {}, {})
+    stale = tracker.start_trial(0)  # its process "died": never ended
+    tracker.close_parent("KILLED")
+    again = Tracker(mlflow_uri, "tracking-stale")
+    assert again.open_parent(parent, "study", {}, {}) == parent
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(stale).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "RUNNING"
+    again.close_parent("FINISHED")
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_checkpoint_roundtrip(mlflow_uri):
+    tracker = Tracker(mlflow_uri, "tracking-ckpt")
+    tracker.open_parent(None, "study", {}, {})
+    run_id = tracker.start_trial(0)
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    tracker.save_checkpoint(run_id, state, {"widths": [3]})
+    loaded = tracker.load_checkpoint(run_id)
+    assert torch.equal(loaded["w"], state["w"])
