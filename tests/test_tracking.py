@@ -1,4 +1,4 @@
-"""Tracker against a real MLflow store: parent and child runs, batching, checkpoints, stale runs."""
+"""Tracker against a real MLflow store: nested runs, batching, checkpoints, stale runs."""
 
 from __future__ import annotations
 
