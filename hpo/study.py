@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import __version__
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
+from hpo.diagnose import chance_loss, diagnose_fit
 from hpo.model import build_mlp, count_parameters
 from hpo.space import grid_space, suggest_params
 from hpo.tracking import Tracker, resolve_uri
@@ -413,12 +414,15 @@ class _Objective:
             ):
                 trial.set_user_attr(k, v)
             value = result.best[self.metric]
+            stopped_by = "early_stopping" if result.stopped_early else "max_epochs"
+            self._diagnose(trial, history, result.best_epoch, stopped_by, tags)
             self._keep_if_best(trial, value, model, config, run_id)
             state = "COMPLETE"
             return value
         except optuna.TrialPruned:
             state = "PRUNED"
             trial.set_user_attr("epochs_run", len(history))
+            self._diagnose(trial, history, None, "pruned", tags)
             raise
         except KeyboardInterrupt:
             state = "KILLED"
@@ -430,8 +434,18 @@ class _Objective:
             tags["hpo.fail_reason"] = reason[:5000]
             raise
         finally:
-            params = {k: v for k, v in config.items() if k != "width" or "widths" not in config}
+            params = {k: v for k, v in config.items() if k != "width"}  # widths lists them
             self.tracker.end_trial(run_id, state, params, history, final, tags)
+
+    def _diagnose(self, trial, history, kept_epoch, stopped_by, tags) -> None:
+        """Store the fit label and its evidence on the trial and, through tags, in MLflow."""
+        done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        peers = [t.user_attrs["metrics"]["train_loss"] for t in done if "metrics" in t.user_attrs]
+        chance = chance_loss(self.data.task, self.data.n_outputs)
+        fit = diagnose_fit(history, kept_epoch, chance, peers, stopped_by)
+        trial.set_user_attr("fit", fit.label)
+        trial.set_user_attr("fit_evidence", fit.evidence)
+        tags["hpo.fit"], tags["hpo.fit_evidence"] = fit.label, fit.evidence
 
     def _keep_if_best(self, trial, value, model, config, run_id) -> None:
         best = _best(trial.study)

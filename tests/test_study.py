@@ -49,6 +49,12 @@ def test_study_tracks_every_trial_and_evaluates_best_once(workdir, mlflow_uri):
     assert [r.data.tags["hpo.trial_number"] for r in runs] == ["0", "1", "2"]
     assert {r.data.tags["hpo.state"] for r in runs} == {"COMPLETE"}
     assert {r.info.status for r in runs} == {"FINISHED"}
+    for t, r in zip(study.trials, runs, strict=True):
+        assert (
+            t.user_attrs["fit"] in ("overfit", "underfit", "good") and t.user_attrs["fit_evidence"]
+        )
+        assert r.data.tags["hpo.fit"] == t.user_attrs["fit"]
+        assert r.data.tags["hpo.fit_evidence"] == t.user_attrs["fit_evidence"]
     trial = study.trials[0]
     curve = client.get_metric_history(runs[0].info.run_id, "val_accuracy")
     assert [m.step for m in curve] == list(range(1, trial.user_attrs["epochs_run"] + 1))
