@@ -212,6 +212,9 @@ def _summary(r: Any) -> None:
         f"{c['FAIL']} failed ({r.new_trials} run now in {_fmt_time(r.wall_time)}, "
         f"device {r.device})"
     )
+    if any(r.fit_counts.values()):
+        fits = ", ".join(f"{n} {label}" for label, n in r.fit_counts.items())
+        typer.echo(f"fit diagnosis: {fits} (trial user attribute 'fit', MLflow tag hpo.fit)")
     if r.best_number is None:
         typer.echo("no trial completed, so there is no best model and no test evaluation")
     else:

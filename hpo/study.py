@@ -148,6 +148,7 @@ class StudyResult:
     parent_run_id: str | None
     device: str
     interrupted: bool = False
+    fit_counts: dict[str, int] = field(default_factory=dict)
     new_trials: int = 0
     wall_time: float = 0.0
     data_info: dict[str, Any] = field(default_factory=dict)
@@ -294,6 +295,8 @@ def run_study(
     counts = {s.name: sum(1 for t in trials if t.state == s) for s in FINISHED}
     counts["INTERRUPTED"] = sum(1 for t in trials if t.user_attrs.get("interrupted"))
     counts["FAIL"] -= counts["INTERRUPTED"]
+    fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
+    fit_counts = {label: fits.count(label) for label in ("good", "overfit", "underfit")}
     return StudyResult(
         study_name=name,
         storage=storage_url,
@@ -307,6 +310,7 @@ def run_study(
         parent_run_id=parent_id,
         device=str(device),
         interrupted=interrupted,
+        fit_counts=fit_counts,
         new_trials=len(durations),
         wall_time=time.perf_counter() - started,
         data_info=data.info,

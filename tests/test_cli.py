@@ -69,6 +69,8 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert code == 0, out
     assert "[1/2] trial 0" in out and "[2/2] trial 1" in out and "ETA" in out
     assert "study 'cli-study': " in out and "best trial #" in out
+    fits = out.split("fit diagnosis: ")[1].split(" (")[0]
+    assert sum(int(part.split()[0]) for part in fits.split(", ")) == 2
     assert "test split (used once, by trial #" in out and "hpo ui" in out
     assert (workdir / "optuna.db").is_file() and (workdir / "mlflow.db").is_file()
     code, out = invoke("studies")
