@@ -263,6 +263,29 @@ def studies(storage: StorageOpt = None) -> None:
 
 
 @app.command()
+def report(
+    study: Annotated[str, typer.Argument(help="The study's name.")],
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Folder [default: reports/STUDY].")] = None,
+) -> None:
+    """Write a study report: index.html (opens offline), report.md with PNG figures."""
+    import optuna
+
+    from hpo.report import write_report
+    from hpo.study import DEFAULT_STORAGE
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = storage or DEFAULT_STORAGE
+    try:
+        folder = write_report(study, url, out, tracking_uri)
+    except KeyError:
+        _err(f"error: no study {study!r} in {url}; `hpo studies --storage {url}` lists them")
+        raise typer.Exit(code=2) from None
+    typer.echo(f"report for {study!r}: {folder / 'index.html'} and {folder / 'report.md'}")
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     tracking_uri: TrackingOpt = None,

@@ -203,6 +203,14 @@ class Tracker:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:
+    """Files of a folder as artifacts of an existing run (a report on the study's parent run)."""
+    from mlflow import MlflowClient
+
+    _quiet()
+    MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(folder), artifact_path)
+
+
 def _now() -> int:
     return int(time.time() * 1000)
 

@@ -80,6 +80,11 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert (
         row[0] == "cli-study" and int(row[1]) + int(row[2]) == 2 and "test_accuracy=" in lines[1]
     )
+    code, out = invoke("report", "cli-study")
+    assert code == 0 and "reports/cli-study/index.html" in out, out
+    assert (workdir / "reports" / "cli-study" / "report.md").is_file()
+    code, out = invoke("report", "no-such-study")
+    assert code == 2 and "no study 'no-such-study'" in out and "Traceback" not in out
 
 
 def test_studies_on_missing_storage_creates_nothing(workdir):

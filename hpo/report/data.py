@@ -1,0 +1,260 @@
+"""Report data: plain values computed from a study (and its MLflow runs), nothing drawn yet."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo.config import Distribution, SpecError, parse_spec
+
+EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) counts as its edge
+CROWD = 0.5  # flag a range when half or more of the top trials sit in one edge
+TOP = 0.2  # the top 20% of complete trials (at least 3) are "the best values"
+FLAT = 0.05  # importance below 5%: the parameter barely matters here
+
+
+class Overview(NamedTuple):
+    study: str
+    dataset: str
+    task: str
+    split: dict[str, Any]  # n_train, n_val, n_test, split_hash, test_source
+    metric: str
+    budget: int | None
+    states: dict[str, int]
+    wall_time_s: float  # first trial's start to last trial's end, across resumed runs
+    trial_time_s: float  # time spent inside trials
+    best_number: int | None
+    best_value: float | None
+    best_config: dict[str, Any]
+    test_metrics: dict[str, float]
+    test_trial: int | None
+
+
+class FitRow(NamedTuple):
+    number: int
+    state: str
+    value: float | None
+    label: str
+    evidence: str
+
+
+class Advice(NamedTuple):
+    param: str
+    edge: str  # "low" or "high"
+    share: float  # of the top trials in that edge
+    current: tuple[float, float]
+    proposed: tuple[float, float]
+    snippet: str  # ready-to-paste YAML
+
+
+class ReportData(NamedTuple):
+    overview: Overview
+    fit_rows: list[FitRow]
+    fit_counts: dict[str, int]
+    importances: dict[str, float]
+    advice: list[Advice]
+    flat: list[str]  # parameters that barely matter
+    curves: dict[int, dict[str, list[float]]]  # trial number -> metric -> per-epoch values
+    curve_roles: dict[int, str]  # trial number -> why it is shown (best, overfit, underfit)
+
+
+def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportData:
+    """Everything a study report shows, as plain data."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    attrs = study.user_attrs
+    spec = _spec_of(study)
+    overview = _overview(study, trials, spec)
+    fit_rows = [
+        FitRow(t.number, t.state.name, t.value, t.user_attrs["fit"], t.user_attrs["fit_evidence"])
+        for t in trials
+        if "fit" in t.user_attrs
+    ]
+    fit_counts = {k: sum(r.label == k for r in fit_rows) for k in ("good", "overfit", "underfit")}
+    importances = param_importances(study)
+    roles = _curve_roles(study, complete, fit_rows)
+    uri = tracking_uri or attrs.get("tracking_uri")
+    curves = _curves(trials, roles, uri) if uri else {}
+    searched = spec.space if spec else {}
+    advice = search_space_advice(study, searched)
+    flat = [p for p, v in importances.items() if v < FLAT and p != "n_params"]
+    return ReportData(overview, fit_rows, fit_counts, importances, advice, flat, curves, roles)
+
+
+def _spec_of(study: optuna.Study):
+    text = study.user_attrs.get("spec_yaml")
+    if not text:
+        return None
+    import yaml
+
+    try:
+        return parse_spec(yaml.safe_load(text))
+    except SpecError:  # a spec whose data file has moved still has a usable search space
+        return None
+
+
+def _overview(study, trials, spec) -> Overview:
+    attrs = study.user_attrs
+    data = attrs.get("data", {})
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    states = {k: v for k, v in states.items() if v}
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    return Overview(
+        study=study.study_name,
+        dataset=data.get("dataset", "?"),
+        task=data.get("task", "?"),
+        split={
+            k: data.get(k) for k in ("n_train", "n_val", "n_test", "split_hash", "test_source")
+        },
+        metric=attrs.get("metric", "value"),
+        budget=spec.study.n_trials if spec else None,
+        states=states,
+        wall_time_s=span,
+        trial_time_s=sum(t.duration.total_seconds() for t in trials if t.duration),
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_config=best.user_attrs.get("config", best.params) if best else {},
+        test_metrics=attrs.get("test_metrics", {}),
+        test_trial=attrs.get("test_trial"),
+    )
+
+
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's fANOVA importances over `importance_study(study)`."""
+    derived = importance_study(study)
+    if derived is None:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(
+            derived, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
+    except (ValueError, RuntimeError):  # e.g. every parameter fixed
+        return {}
+
+
+def importance_study(study: optuna.Study) -> optuna.Study | None:
+    """An in-memory copy of the complete trials, restricted to the parameters every one of them
+    has, plus the parameter count as a derived parameter (per-layer widths and n_layers alone
+    say little about model size)."""
+    complete = list(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if len(complete) < 3:
+        return None
+    derived = optuna.create_study(direction=study.direction)
+    common = set.intersection(*(set(t.distributions) for t in complete))
+    for t in complete:
+        params = {k: t.params[k] for k in common}
+        dists = {k: t.distributions[k] for k in common}
+        if "n_params" in t.user_attrs:
+            params["n_params"] = float(t.user_attrs["n_params"])
+            dists["n_params"] = optuna.distributions.FloatDistribution(1.0, 1e12, log=True)
+        derived.add_trial(
+            optuna.trial.create_trial(params=params, distributions=dists, value=t.value)
+        )
+    return derived
+
+
+def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advice]:
+    """Numeric ranges whose best values crowd against an edge, with a wider range to paste."""
+    complete = sorted(
+        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+        key=lambda t: t.value,
+        reverse=study.direction.name == "MAXIMIZE",
+    )
+    if len(complete) < 5:
+        return []
+    top = complete[: max(3, round(TOP * len(complete)))]
+    out = []
+    for name, d in space.items():
+        if not isinstance(d, Distribution) or d.type == "categorical" or d.per_layer:
+            continue
+        values = [t.params[name] for t in top if name in t.params]
+        if len(values) < 3:
+            continue
+        low, high = float(d.low), float(d.high)
+        scale = (lambda v: math.log(v)) if d.log else (lambda v: v)
+        span = scale(high) - scale(low)
+        if span <= 0:
+            continue
+        pos = [(scale(v) - scale(low)) / span for v in values]
+        for edge, share in (
+            ("low", sum(p <= EDGE for p in pos) / len(pos)),
+            ("high", sum(p >= 1 - EDGE for p in pos) / len(pos)),
+        ):
+            if share >= CROWD:
+                new = _widen(name, d, edge)
+                if new != (low, high):
+                    out.append(Advice(name, edge, share, (low, high), new, _snippet(name, d, new)))
+    return out
+
+
+def _widen(name: str, d: Distribution, edge: str) -> tuple[float, float]:
+    from hpo.config import PARAMS
+
+    low, high = float(d.low), float(d.high)
+    rule = PARAMS[name]
+    if d.log:
+        low, high = (low / 10, high) if edge == "low" else (low, high * 10)
+    else:
+        half = (high - low) / 2
+        low, high = (low - half, high) if edge == "low" else (low, high + half)
+    if "min" in rule:
+        low = max(low, rule["min"])
+    if "min_open" in rule and low <= rule["min_open"]:
+        low = float(d.low) / 10 if d.log else float(d.low) / 2
+    if "max_open" in rule:
+        high = min(high, rule["max_open"] * 0.99)
+    if d.type == "int":
+        low, high = float(math.floor(low)), float(math.ceil(high))
+    return (low, high)
+
+
+def _snippet(name: str, d: Distribution, new: tuple[float, float]) -> str:
+    fmt = (lambda v: str(int(v))) if d.type == "int" else (lambda v: f"{v:.3g}")
+    extra = ", log: true" if d.log else ""
+    return f"{name}: {{type: {d.type}, low: {fmt(new[0])}, high: {fmt(new[1])}{extra}}}"
+
+
+def _curve_roles(study, complete, fit_rows) -> dict[int, str]:
+    best_first = sorted(
+        complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE"
+    )
+    roles = {t.number: "best" if i == 0 else f"top {i + 1}" for i, t in enumerate(best_first[:3])}
+    values = {t.number: t.value for t in complete}
+    for label in ("overfit", "underfit"):
+        rows = [r for r in fit_rows if r.label == label and r.number not in roles]
+        if rows:
+            # typical: the median one by value among those with this label
+            rows.sort(key=lambda r: values.get(r.number, r.value or 0.0) or 0.0)
+            roles[rows[len(rows) // 2].number] = f"typical {label}"
+    return roles
+
+
+def _curves(trials, roles, uri) -> dict[int, dict[str, list[float]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    by_number = {t.number: t for t in trials}
+    out = {}
+    for number in roles:
+        run_id = by_number[number].user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        curves = {}
+        for key in ("train_loss", "val_loss"):
+            try:
+                history = client.get_metric_history(run_id, key)
+            except Exception:  # noqa: BLE001 - the store moved or the run is gone
+                history = []
+            curves[key] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        if curves["val_loss"]:
+            out[number] = curves
+    return out
