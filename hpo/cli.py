@@ -231,13 +231,18 @@ def _summary(r: Any) -> None:
     typer.echo(f"browse the runs: hpo ui   (or: mlflow ui --backend-store-uri {r.tracking_uri})")
 
 
+def _missing_sqlite(url: str) -> bool:
+    """A SQLite URL whose file does not exist (opening it would create an empty one)."""
+    return url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists()
+
+
 @app.command()
 def studies(storage: StorageOpt = None) -> None:
     """List the studies in a storage: trials by state, best value, test metric."""
     from hpo.study import DEFAULT_STORAGE, list_studies
 
     url = storage or DEFAULT_STORAGE
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+    if _missing_sqlite(url):
         typer.echo(f"no studies in {url} (no such file)")
         return
     rows = list_studies(url)
@@ -278,6 +283,8 @@ def report(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     url = storage or DEFAULT_STORAGE
     try:
+        if _missing_sqlite(url):
+            raise KeyError(study)
         folder = write_report(study, url, out, tracking_uri)
     except KeyError:
         _err(f"error: no study {study!r} in {url}; `hpo studies --storage {url}` lists them")

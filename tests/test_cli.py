@@ -87,9 +87,11 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert code == 2 and "no study 'no-such-study'" in out and "Traceback" not in out
 
 
-def test_studies_on_missing_storage_creates_nothing(workdir):
+def test_studies_and_report_on_missing_storage_create_nothing(workdir):
     code, out = invoke("studies")
     assert code == 0 and "no studies" in out and not (workdir / "optuna.db").exists()
+    code, out = invoke("report", "absent")
+    assert code == 2 and "no study 'absent'" in out and not (workdir / "optuna.db").exists()
 
 
 def test_python_dash_m_hpo_help():
