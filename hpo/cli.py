@@ -293,6 +293,47 @@ def report(
 
 
 @app.command()
+def compare(
+    studies: Annotated[list[str], typer.Argument(help="Two or more study names.")],
+    storage: StorageOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder [default: reports/compare-A-B].")
+    ] = None,
+    reseed: Annotated[
+        int, typer.Option(min=0, help="Retrain each best configuration K times with new seeds.")
+    ] = 0,
+) -> None:
+    """Compare studies side by side; with --reseed K, weigh the difference against seed noise."""
+    import optuna
+
+    from hpo.report.compare import write_compare
+    from hpo.study import DEFAULT_STORAGE
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = storage or DEFAULT_STORAGE
+    if len(studies) < 2:
+        _err("error: compare needs at least two study names")
+        raise typer.Exit(code=2)
+    loaded = []
+    for name in studies:
+        try:
+            if _missing_sqlite(url):
+                raise KeyError(name)
+            loaded.append(optuna.load_study(study_name=name, storage=url))
+        except KeyError:
+            _err(f"error: no study {name!r} in {url}; `hpo studies --storage {url}` lists them")
+    if len(loaded) < len(studies):
+        raise typer.Exit(code=2)
+    folder = out or Path("reports") / ("compare-" + "-".join(studies))
+    try:
+        write_compare(loaded, folder, reseed)
+    except SpecError as e:
+        _fail_spec(e, None)
+    typer.echo(f"comparison: {folder / 'index.html'} and {folder / 'report.md'}")
+    typer.echo((folder / "report.md").read_text().strip().splitlines()[-1])
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     tracking_uri: TrackingOpt = None,

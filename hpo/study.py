@@ -7,6 +7,7 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -205,6 +206,7 @@ def run_study(
             "metric": spec.study.metric,
             "data": data.info,
             "spec_yaml": spec.to_yaml(),
+            "spec_dir": str(Path(spec.source_dir).resolve()),
         }.items():
             study.set_user_attr(k, v)
 
@@ -351,6 +353,72 @@ def _best(study: optuna.Study) -> FrozenTrial | None:
         return None
 
 
+def _build(config: dict[str, Any], data: Data, device: torch.device) -> torch.nn.Module:
+    return build_mlp(
+        data.n_features,
+        data.n_outputs,
+        config["widths"],
+        config["activation"],
+        config["dropout"],
+        config["batchnorm"],
+        config["init"],
+    ).to(device)
+
+
+def _train_config(spec: Spec, data: Data, config: dict[str, Any], seed: int) -> TrainConfig:
+    es = spec.training.early_stopping
+    return TrainConfig.from_params(
+        config,
+        task=data.task,
+        max_epochs=spec.training.max_epochs,
+        monitor=es.monitor,
+        patience=es.patience,
+        min_delta=es.min_delta,
+        restore_best=es.restore_best,
+        seed=seed,
+        y_scale=data.y_scale,
+    )
+
+
+def spec_of(study: optuna.Study) -> Spec:
+    """The spec a study was run from, as stored with it."""
+    import yaml
+
+    from hpo.config import parse_spec
+
+    text = study.user_attrs.get("spec_yaml")
+    if not text:
+        raise SpecError([f"study {study.study_name!r} has no stored spec (not run by hpo?)"])
+    return parse_spec(yaml.safe_load(text), source_dir=study.user_attrs.get("spec_dir", "."))
+
+
+def retrain_best(
+    study: optuna.Study, seeds: list[int], device: str | None = None
+) -> list[dict[str, float]]:
+    """Retrain a study's best configuration once per seed: validation and test metrics of each.
+
+    For judging seed noise after the search (`hpo compare --reseed`); the study is not changed.
+    """
+    spec = spec_of(study)
+    dev = resolve_device(device or spec.training.device)
+    data = load_data(spec, dev)
+    test = data.take_test()
+    config = study.best_trial.user_attrs["config"]
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = _build(config, data, dev)
+        cfg = _train_config(spec, data, config, seed)
+        result = train(model, data.train, data.val, cfg)
+        if result.failure:
+            rows.append({"seed": seed, "failure": result.failure})
+            continue
+        val = {k: v for k, v in result.best.items() if k.startswith("val_")}
+        tested = {f"test_{k}": v for k, v in evaluate(model, test, cfg).items()}
+        rows.append({"seed": seed, **val, **tested, "epochs": len(result.history)})
+    return rows
+
+
 class _Objective:
     """One trial: sample, build, train with pruning, log to MLflow, keep the best weights."""
 
@@ -361,33 +429,15 @@ class _Objective:
         self.best_model: tuple[int, torch.nn.Module] | None = None
 
     def build(self, config: dict[str, Any]) -> torch.nn.Module:
-        return build_mlp(
-            self.data.n_features,
-            self.data.n_outputs,
-            config["widths"],
-            config["activation"],
-            config["dropout"],
-            config["batchnorm"],
-            config["init"],
-        ).to(self.device)
+        return _build(config, self.data, self.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        spec, es = self.spec, self.spec.training.early_stopping
+        spec = self.spec
         config = suggest_params(trial, spec.space)
         trial_seed = self.seed * 100_003 + trial.number
         torch.manual_seed(trial_seed)
         model = self.build(config)
-        cfg = TrainConfig.from_params(
-            config,
-            task=self.data.task,
-            max_epochs=spec.training.max_epochs,
-            monitor=es.monitor,
-            patience=es.patience,
-            min_delta=es.min_delta,
-            restore_best=es.restore_best,
-            seed=trial_seed,
-            y_scale=self.data.y_scale,
-        )
+        cfg = _train_config(spec, self.data, config, trial_seed)
         trial.set_user_attr("config", config)
         trial.set_user_attr("n_params", count_parameters(model))
         run_id = self.tracker.start_trial(trial.number)

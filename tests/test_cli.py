@@ -83,6 +83,13 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     code, out = invoke("report", "cli-study")
     assert code == 0 and "reports/cli-study/index.html" in out, out
     assert (workdir / "reports" / "cli-study" / "report.md").is_file()
+    code, out = invoke("run", path, "--n-trials", 2, "--study-name", "cli-other")
+    assert code == 0, out
+    code, out = invoke("compare", "cli-study", "cli-other")
+    assert code == 0 and "reports/compare-cli-study-cli-other/index.html" in out, out
+    assert "--reseed" in out  # the verdict line says how to weigh seed noise
+    code, out = invoke("compare", "cli-study", "nope")
+    assert code == 2 and "no study 'nope'" in out
     code, out = invoke("report", "no-such-study")
     assert code == 2 and "no study 'no-such-study'" in out and "Traceback" not in out
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import TrialState
 
-from hpo.config import Distribution, SpecError, parse_spec
+from hpo.config import Distribution, SpecError
 
 EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) counts as its edge
 CROWD = 0.5  # flag a range when half or more of the top trials sit in one edge
@@ -85,14 +85,11 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
 
 
 def _spec_of(study: optuna.Study):
-    text = study.user_attrs.get("spec_yaml")
-    if not text:
-        return None
-    import yaml
+    from hpo.study import spec_of
 
     try:
-        return parse_spec(yaml.safe_load(text))
-    except SpecError:  # a spec whose data file has moved still has a usable search space
+        return spec_of(study)
+    except SpecError:  # no stored spec, or one whose data file has moved since
         return None
 
 

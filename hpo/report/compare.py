@@ -1,0 +1,286 @@
+"""Comparing studies: the data (best values, cost to reach them, fit labels, seed noise), then
+an HTML page and Markdown with a PNG."""
+
+from __future__ import annotations
+
+import html
+import math
+import statistics
+from pathlib import Path
+from typing import NamedTuple
+
+import optuna
+from optuna.trial import TrialState
+
+
+class StudySummary(NamedTuple):
+    name: str
+    metric: str
+    maximize: bool
+    best_value: float | None
+    best_number: int | None
+    test_metrics: dict[str, float]
+    states: dict[str, int]
+    fit_counts: dict[str, int]
+    trials_to_best: int | None  # finished trials up to and including the best one
+    time_to_best_s: float | None
+    wall_time_s: float
+    best_so_far: list[tuple[int, float, float]]  # (finished trial index, elapsed s, best value)
+
+
+class SeedStats(NamedTuple):
+    name: str
+    key: str  # the metric summarised, e.g. test_accuracy
+    values: list[float]
+    mean: float
+    half_width: float  # of the 95% interval (Student's t)
+
+
+class CompareData(NamedTuple):
+    studies: list[StudySummary]
+    reseed: list[SeedStats]  # empty unless --reseed
+    verdict: str
+
+
+def summarise(study: optuna.Study) -> StudySummary:
+    """One study's side of the comparison."""
+    maximize = study.direction.name == "MAXIMIZE"
+    finished = sorted(
+        (
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and t.datetime_complete
+        ),
+        key=lambda t: t.datetime_complete,
+    )
+    start = min((t.datetime_start for t in finished if t.datetime_start), default=None)
+    best_so_far: list[tuple[int, float, float]] = []
+    best_value, best_at = None, None
+    for i, t in enumerate(finished, start=1):
+        if t.state == TrialState.COMPLETE and (
+            best_value is None or (t.value > best_value if maximize else t.value < best_value)
+        ):
+            best_value, best_at = t.value, (i, (t.datetime_complete - start).total_seconds())
+        if best_value is not None:
+            best_so_far.append((i, (t.datetime_complete - start).total_seconds(), best_value))
+    fits = [t.user_attrs.get("fit") for t in finished]
+    try:
+        best_number = study.best_trial.number
+    except ValueError:
+        best_number = None
+    return StudySummary(
+        name=study.study_name,
+        metric=study.user_attrs.get("metric", "value"),
+        maximize=maximize,
+        best_value=best_value,
+        best_number=best_number,
+        test_metrics=study.user_attrs.get("test_metrics", {}),
+        states={
+            s: sum(t.state.name == s for t in finished) for s in ("COMPLETE", "PRUNED", "FAIL")
+        },
+        fit_counts={k: fits.count(k) for k in ("good", "overfit", "underfit")},
+        trials_to_best=best_at[0] if best_at else None,
+        time_to_best_s=best_at[1] if best_at else None,
+        wall_time_s=best_so_far[-1][1] if best_so_far else 0.0,
+        best_so_far=best_so_far,
+    )
+
+
+def seed_stats(name: str, key: str, rows: list[dict[str, float]]) -> SeedStats:
+    """Mean and 95% interval of one metric over reseeded retrainings."""
+    from scipy import stats
+
+    values = [r[key] for r in rows if key in r]
+    mean = statistics.fmean(values) if values else math.nan
+    if len(values) > 1:
+        sem = statistics.stdev(values) / math.sqrt(len(values))
+        half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
+    else:
+        half = math.nan
+    return SeedStats(name, key, values, mean, half)
+
+
+def verdict(reseed: list[SeedStats]) -> str:
+    """Whether the difference between the first two studies is larger than the seed noise."""
+    if len(reseed) < 2:
+        return "Run with --reseed K (K >= 2) to weigh the difference against seed noise."
+    from scipy import stats
+
+    a, b = reseed[0], reseed[1]
+    if len(a.values) < 2 or len(b.values) < 2:
+        return "Too few successful retrainings to estimate the seed noise."
+    diff = a.mean - b.mean
+    t = stats.ttest_ind(a.values, b.values, equal_var=False)
+    p = float(t.pvalue) if not math.isnan(t.pvalue) else 1.0
+    if p < 0.05:
+        return (
+            f"{a.key}: {a.name} {a.mean:.4f} vs {b.name} {b.mean:.4f} (difference {diff:+.4f}) "
+            f"is larger than the seed noise (Welch's t-test p = {p:.3g}, {len(a.values)} and "
+            f"{len(b.values)} seeds)."
+        )
+    return (
+        f"{a.key}: {a.name} {a.mean:.4f} vs {b.name} {b.mean:.4f} (difference {diff:+.4f}) is "
+        f"within the seed noise (Welch's t-test p = {p:.3g}, {len(a.values)} and {len(b.values)} "
+        f"seeds): the retrained best configurations cannot be told apart."
+    )
+
+
+def compare_data(studies: list[optuna.Study], reseed: int = 0) -> CompareData:
+    """Everything `hpo compare` shows, retraining each best configuration `reseed` times."""
+    from hpo.study import retrain_best
+
+    summaries = [summarise(s) for s in studies]
+    stats_rows: list[SeedStats] = []
+    if reseed > 0:
+        for study, summary in zip(studies, summaries, strict=True):
+            if summary.best_number is None:
+                continue
+            rows = retrain_best(study, seeds=[10_000 + i for i in range(reseed)])
+            key = "test_accuracy" if any("test_accuracy" in r for r in rows) else "test_rmse"
+            stats_rows.append(seed_stats(study.study_name, key, rows))
+            val_key = "val_" + key[len("test_") :]
+            stats_rows.append(seed_stats(study.study_name, val_key, rows))
+    tests = [s for s in stats_rows if s.key.startswith("test_")]
+    return CompareData(summaries, stats_rows, verdict(tests))
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "study",
+        "best value",
+        "test",
+        "trials to best",
+        "time to best",
+        "wall time",
+        "complete / pruned / failed",
+        "good / overfit / underfit",
+    ]
+    rows = []
+    for s in d.studies:
+        test = ", ".join(f"{k} {v:.4f}" for k, v in s.test_metrics.items() if "loss" not in k)
+        rows.append(
+            [
+                s.name,
+                f"{s.metric} {s.best_value:.4f}" if s.best_value is not None else "-",
+                test or "-",
+                str(s.trials_to_best or "-"),
+                f"{s.time_to_best_s:.0f}s" if s.time_to_best_s is not None else "-",
+                f"{s.wall_time_s:.0f}s",
+                " / ".join(str(s.states[k]) for k in ("COMPLETE", "PRUNED", "FAIL")),
+                " / ".join(str(s.fit_counts[k]) for k in ("good", "overfit", "underfit")),
+            ]
+        )
+    return header, rows
+
+
+def _seed_rows(d: CompareData) -> list[list[str]]:
+    return [
+        [
+            s.name,
+            s.key,
+            f"{s.mean:.4f} ± {s.half_width:.4f}",
+            str(len(s.values)),
+            ", ".join(f"{v:.4f}" for v in s.values),
+        ]
+        for s in d.reseed
+    ]
+
+
+def render_compare_html(d: CompareData) -> str:
+    """A self-contained page: the table, best-so-far curves by trial and by time, seed noise."""
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
+    from plotly.subplots import make_subplots
+
+    from hpo.report.render import _ERROR_HOOK, _STYLE
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("by finished trial", "by wall time (s)"))
+    for s in d.studies:
+        xs = [p[0] for p in s.best_so_far]
+        ts = [p[1] for p in s.best_so_far]
+        ys = [p[2] for p in s.best_so_far]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=s.name, legendgroup=s.name), 1, 1)
+        fig.add_trace(
+            go.Scatter(
+                x=ts, y=ys, mode="lines", name=s.name, legendgroup=s.name, showlegend=False
+            ),
+            1,
+            2,
+        )
+    fig.update_layout(title="Best value so far")
+    e = html.escape
+    header, rows = _table(d)
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>hpo compare</title>",
+        _ERROR_HOOK,
+        _STYLE,
+        f"<script>{get_plotlyjs()}</script></head><body>",
+        f"<h1>Comparing {e(', '.join(s.name for s in d.studies))}</h1>",
+        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
+        *["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows],
+        "</table>",
+        fig.to_html(full_html=False, include_plotlyjs=False, div_id="chart-best-so-far"),
+        "<h2>Seed noise</h2>",
+    ]
+    if d.reseed:
+        parts += [
+            "<table><tr><th>study</th><th>metric</th><th>mean ± 95% interval</th>"
+            "<th>seeds</th><th>values</th></tr>"
+        ]
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in _seed_rows(d)]
+        parts.append("</table>")
+    parts += [f"<p>{e(d.verdict)}</p>", "</body></html>"]
+    return "\n".join(parts)
+
+
+def render_compare_markdown(d: CompareData, image: str | None) -> str:
+    """The comparison as Markdown."""
+    header, rows = _table(d)
+    lines = [
+        f"# Comparing {', '.join(s.name for s in d.studies)}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if image:
+        lines += ["", f"![Best value so far]({image})"]
+    lines += ["", "## Seed noise", ""]
+    if d.reseed:
+        lines += [
+            "| study | metric | mean ± 95% interval | seeds | values |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in _seed_rows(d)]
+        lines.append("")
+    lines.append(d.verdict)
+    return "\n".join(lines) + "\n"
+
+
+def write_compare(studies: list[optuna.Study], out: Path, reseed: int = 0) -> Path:
+    """Write index.html, report.md and best_so_far.png comparing the studies; return the folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = compare_data(studies, reseed)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for s in d.studies:
+        a1.plot([p[0] for p in s.best_so_far], [p[2] for p in s.best_so_far], label=s.name)
+        a2.plot([p[1] for p in s.best_so_far], [p[2] for p in s.best_so_far], label=s.name)
+    a1.set(xlabel="finished trial", ylabel="best value so far")
+    a2.set(xlabel="wall time (s)")
+    a1.legend()
+    fig.tight_layout()
+    fig.savefig(out / "best_so_far.png", dpi=80)
+    plt.close("all")
+    (out / "report.md").write_text(render_compare_markdown(d, "best_so_far.png"))
+    tmp = out / "index.html.part"
+    tmp.write_text(render_compare_html(d))
+    tmp.replace(out / "index.html")
+    return out
