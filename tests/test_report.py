@@ -106,12 +106,9 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
-def test_report_renders_in_headless_chromium_without_script_errors(
-    finished_study, workdir, mlflow_uri
-):
-    out = write_report("reported", "sqlite:///optuna.db", workdir / "rep", mlflow_uri)
-    dom = subprocess.run(
+def _rendered_dom(page, profile):
+    """The page's DOM after headless Chromium ran its scripts (offline: no network flags)."""
+    return subprocess.run(
         [
             _chromium(),
             "--headless",
@@ -122,15 +119,35 @@ def test_report_renders_in_headless_chromium_without_script_errors(
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
-            f"--user-data-dir={workdir / 'chrome'}",
+            f"--user-data-dir={profile}",
             "--virtual-time-budget=15000",
             "--dump-dom",
-            (out / "index.html").as_uri(),
+            page.as_uri(),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     ).stdout
+
+
+@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+def test_report_and_comparison_render_in_headless_chromium_without_script_errors(
+    finished_study, workdir, mlflow_uri
+):
+    """Studies in a storage other than the default, reported from another working folder."""
+    other = workdir / "elsewhere"
+    other.mkdir()
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    out = write_report("reported", storage, other / "rep", mlflow_uri)
+    dom = _rendered_dom(out / "index.html", workdir / "chrome")
     html_tag = re.search(r"<html[^>]*>", dom).group(0)
     assert "data-script-errors" not in html_tag, html_tag  # the page's error hook saw nothing
     assert dom.count('class="main-svg"') >= 5  # every chart drew its SVG
+
+    from hpo.report.compare import write_compare
+
+    again = optuna.load_study(study_name="reported", storage=storage)
+    cmp = write_compare([finished_study, again], other / "cmp")
+    dom = _rendered_dom(cmp / "index.html", workdir / "chrome")
+    assert "data-script-errors" not in re.search(r"<html[^>]*>", dom).group(0)
+    assert dom.count('class="main-svg"') >= 1
