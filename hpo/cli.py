@@ -106,22 +106,18 @@ def run(
 ) -> None:
     """Run a study (or continue it: same name, same storage) and print a summary."""
     loaded = _load(spec)
-    updates: dict[str, Any] = {}
-    if n_trials is not None or timeout is not None:
-        study = loaded.study.model_copy(
-            update={
-                k: v for k, v in (("n_trials", n_trials), ("timeout", timeout)) if v is not None
-            }
-        )
-        updates["study"] = study
-    if device is not None:
-        updates["training"] = loaded.training.model_copy(update={"device": device})
-    if updates:
+    overrides = (
+        ("study", "n_trials", n_trials),
+        ("study", "timeout", timeout),
+        ("training", "device", device),
+    )
+    if any(value is not None for _, _, value in overrides):
         from hpo.config import parse_spec
 
-        raw = loaded.model_dump(exclude_none=False)
-        for k, v in updates.items():
-            raw[k] = v.model_dump()
+        raw = loaded.model_dump()
+        for section, key, value in overrides:
+            if value is not None:
+                raw[section][key] = value
         try:
             loaded = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
         except SpecError as e:
