@@ -232,16 +232,51 @@ def _missing_sqlite(url: str) -> bool:
     return url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists()
 
 
+def _open_storage(url: str) -> Any:
+    """The Optuna storage at `url` (None for a SQLite file that does not exist), or exit 2."""
+    if _missing_sqlite(url):
+        return None
+    from hpo.study import open_storage
+
+    try:
+        return open_storage(url)
+    except SpecError as e:
+        _fail_spec(e, None)
+
+
+def _load_studies(names: list[str], storage: str | None) -> list[Any]:
+    """The named studies, or exit 2 naming each one that is not there."""
+    import optuna
+
+    from hpo.study import DEFAULT_STORAGE
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = storage or DEFAULT_STORAGE
+    opened = _open_storage(url)
+    loaded = []
+    for name in names:
+        try:
+            if opened is None:
+                raise KeyError(name)
+            loaded.append(optuna.load_study(study_name=name, storage=opened))
+        except KeyError:
+            _err(f"error: no study {name!r} in {url}; `hpo studies --storage {url}` lists them")
+    if len(loaded) < len(names):
+        raise typer.Exit(code=2)
+    return loaded
+
+
 @app.command()
 def studies(storage: StorageOpt = None) -> None:
     """List the studies in a storage: trials by state, best value, test metric."""
     from hpo.study import DEFAULT_STORAGE, list_studies
 
     url = storage or DEFAULT_STORAGE
-    if _missing_sqlite(url):
+    opened = _open_storage(url)
+    if opened is None:
         typer.echo(f"no studies in {url} (no such file)")
         return
-    rows = list_studies(url)
+    rows = list_studies(opened)
     if not rows:
         typer.echo(f"no studies in {url}")
         return
@@ -260,7 +295,7 @@ def studies(storage: StorageOpt = None) -> None:
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @app.command()
@@ -271,20 +306,10 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Folder [default: reports/STUDY].")] = None,
 ) -> None:
     """Write a study report: index.html (opens offline), report.md with PNG figures."""
-    import optuna
-
     from hpo.report import write_report
-    from hpo.study import DEFAULT_STORAGE
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url = storage or DEFAULT_STORAGE
-    try:
-        if _missing_sqlite(url):
-            raise KeyError(study)
-        folder = write_report(study, url, out, tracking_uri)
-    except KeyError:
-        _err(f"error: no study {study!r} in {url}; `hpo studies --storage {url}` lists them")
-        raise typer.Exit(code=2) from None
+    (loaded,) = _load_studies([study], storage)
+    folder = write_report(loaded, out, tracking_uri)
     typer.echo(f"report for {study!r}: {folder / 'index.html'} and {folder / 'report.md'}")
 
 
@@ -300,26 +325,12 @@ def compare(
     ] = 0,
 ) -> None:
     """Compare studies side by side; with --reseed K, weigh the difference against seed noise."""
-    import optuna
-
     from hpo.report.compare import write_compare
-    from hpo.study import DEFAULT_STORAGE
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url = storage or DEFAULT_STORAGE
     if len(studies) < 2:
         _err("error: compare needs at least two study names")
         raise typer.Exit(code=2)
-    loaded = []
-    for name in studies:
-        try:
-            if _missing_sqlite(url):
-                raise KeyError(name)
-            loaded.append(optuna.load_study(study_name=name, storage=url))
-        except KeyError:
-            _err(f"error: no study {name!r} in {url}; `hpo studies --storage {url}` lists them")
-    if len(loaded) < len(studies):
-        raise typer.Exit(code=2)
+    loaded = _load_studies(studies, storage)
     folder = out or Path("reports") / ("compare-" + "-".join(studies))
     try:
         write_compare(loaded, folder, reseed)

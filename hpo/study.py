@@ -320,12 +320,11 @@ def run_study(
 
 
 def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str, split_hash: str) -> None:
+    storage = open_storage(storage_url)
     try:
-        existing = optuna.load_study(study_name=name, storage=storage_url)
+        existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return
-    except Exception as e:  # noqa: BLE001 - a malformed URL or an unreachable database
-        raise SpecError([f"study.storage: cannot open {storage_url!r}: {e}"]) from None
     old_split = existing.user_attrs.get("data", {}).get("split_hash")
     if old_split is not None and old_split != split_hash:
         raise SpecError(
@@ -549,11 +548,19 @@ def _evaluate_best_once(
     return test
 
 
-def list_studies(storage_url: str) -> list[dict[str, Any]]:
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage behind a URL; one that cannot be opened raises `SpecError`."""
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # noqa: BLE001 - a malformed URL, a missing driver, no server
+        raise SpecError([f"storage: cannot open {url!r}: {e}"]) from None
+
+
+def list_studies(storage: str | optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     """One row per study in a storage: trials by state, best value, test metric."""
     rows = []
-    for summary in optuna.get_all_study_summaries(storage_url, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage_url)
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         row: dict[str, Any] = {s.name: sum(1 for t in trials if t.state == s) for s in FINISHED}
         row["FAIL"] -= sum(1 for t in trials if t.user_attrs.get("interrupted"))

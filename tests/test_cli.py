@@ -194,5 +194,9 @@ def test_ui_serves_the_mlflow_store_on_localhost(workdir):
 
 def test_unusable_storage_url_is_a_clear_error(workdir):
     code, out = invoke("run", write_spec(workdir, small_spec()), "--storage", "nosuch://db")
-    assert code == 2 and "study.storage: cannot open 'nosuch://db'" in out
+    assert code == 2 and "storage: cannot open 'nosuch://db'" in out
     assert "Traceback" not in out
+    for args in (["studies"], ["report", "x"], ["compare", "x", "y"]):
+        code, out = invoke(*args, "--storage", "nosuch://db")
+        assert code == 2 and "storage: cannot open 'nosuch://db'" in out, args
+        assert "Traceback" not in out

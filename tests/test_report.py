@@ -87,7 +87,7 @@ def test_report_data_of_a_real_study(finished_study, mlflow_uri):
 
 
 def test_report_files_are_self_contained_and_logged_to_mlflow(finished_study, workdir, mlflow_uri):
-    out = write_report("reported", "sqlite:///optuna.db", workdir / "rep", mlflow_uri)
+    out = write_report(finished_study, workdir / "rep", mlflow_uri)
     page = (out / "index.html").read_text()
     assert not re.search(r"<(script|link)[^>]+(src|href)=", page)  # nothing loaded from anywhere
     assert page.count("Plotly.newPlot") == 5  # history, importances, parallel, slice, curves
@@ -138,7 +138,8 @@ def test_report_and_comparison_render_in_headless_chromium_without_script_errors
     other = workdir / "elsewhere"
     other.mkdir()
     storage = f"sqlite:///{workdir / 'optuna.db'}"
-    out = write_report("reported", storage, other / "rep", mlflow_uri)
+    again = optuna.load_study(study_name="reported", storage=storage)
+    out = write_report(again, other / "rep", mlflow_uri)
     dom = _rendered_dom(out / "index.html", workdir / "chrome")
     html_tag = re.search(r"<html[^>]*>", dom).group(0)
     assert "data-script-errors" not in html_tag, html_tag  # the page's error hook saw nothing
@@ -146,7 +147,6 @@ def test_report_and_comparison_render_in_headless_chromium_without_script_errors
 
     from hpo.report.compare import write_compare
 
-    again = optuna.load_study(study_name="reported", storage=storage)
     cmp = write_compare([finished_study, again], other / "cmp")
     dom = _rendered_dom(cmp / "index.html", workdir / "chrome")
     assert "data-script-errors" not in re.search(r"<html[^>]*>", dom).group(0)

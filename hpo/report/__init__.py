@@ -13,15 +13,11 @@ __all__ = ["ReportData", "report_data", "write_report"]
 
 
 def write_report(
-    study_name: str,
-    storage: str,
-    out_dir: str | Path | None = None,
-    tracking_uri: str | None = None,
+    study: optuna.Study, out_dir: str | Path | None = None, tracking_uri: str | None = None
 ) -> Path:
     """Write index.html, report.md, its PNG figures and report.json; log them to the study's
     MLflow parent run. Returns the folder."""
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    out = Path(out_dir or Path("reports") / study_name)
+    out = Path(out_dir or Path("reports") / study.study_name)
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or study.user_attrs.get("tracking_uri")
     data = report_data(study, uri)
