@@ -62,6 +62,14 @@ def diagnose_fit(
             f"val_loss bottomed at epoch {m} ({vl[m - 1]:.3g}) and rose {rise:.0%} by epoch {k} "
             f"while train_loss fell to {tl[k - 1]:.3g}; final gap {vl[k - 1] - tl[k - 1]:.3g}",
         )
+    # Underfitting: the model does not fit even its training data.
+    if tl[k - 1] > HIGH_TRAIN_LOSS * chance:
+        return Diagnosis(
+            "underfit",
+            f"train_loss stayed high: {tl[k - 1]:.3g} at epoch {k}, "
+            f"{tl[k - 1] / chance:.0%} of the chance level {chance:.3g}" + after,
+        )
+    # A growing gap only means overfitting once the model fits its training data.
     gap, early_gap = vl[k - 1] - tl[k - 1], vl[0] - tl[0]
     if k >= 3 and gap > GAP * chance and gap > 2 * max(early_gap, 0.0) + 0.02 * chance:
         return Diagnosis(
@@ -69,14 +77,7 @@ def diagnose_fit(
             f"train/validation gap grew from {early_gap:.3g} at epoch 1 to {gap:.3g} at epoch {k} "
             f"(train_loss {tl[k - 1]:.3g}, val_loss {vl[k - 1]:.3g})",
         )
-
-    # Underfitting: the model does not fit even its training data, or was cut off still learning.
-    if tl[k - 1] > HIGH_TRAIN_LOSS * chance:
-        return Diagnosis(
-            "underfit",
-            f"train_loss stayed high: {tl[k - 1]:.3g} at epoch {k}, "
-            f"{tl[k - 1] / chance:.0%} of the chance level {chance:.3g}" + after,
-        )
+    # ... or fits it far worse than the other trials, or was cut off still learning.
     peers = [p for p in peer_train_losses if math.isfinite(p)]
     if peers:
         median = statistics.median(peers)

@@ -54,6 +54,13 @@ def test_train_loss_stuck_near_chance_is_underfit():
     assert "91% of the chance level" in fit.evidence
 
 
+def test_a_diverged_trial_is_underfit_not_overfit_whatever_its_gap():
+    # seen on MNIST: a first epoch far worse on train than on validation, then stuck at chance
+    history = curves([15.0, 3.40, 3.38], [6.5, 3.50, 3.62])
+    fit = diagnose_fit(history, chance=CHANCE, stopped_by="pruned")
+    assert fit.label == "underfit" and fit.evidence.startswith("train_loss stayed high: 3.38")
+
+
 def test_train_loss_far_above_the_other_trials_is_underfit():
     history = curves([0.9, 0.6, 0.5, 0.5], [0.9, 0.6, 0.5, 0.5])
     fit = diagnose_fit(
