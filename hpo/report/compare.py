@@ -198,18 +198,16 @@ def render_compare_html(d: CompareData) -> str:
     from hpo.report.render import _ERROR_HOOK, _STYLE
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("by finished trial", "by wall time (s)"))
-    for s in d.studies:
+    from plotly.colors import DEFAULT_PLOTLY_COLORS as COLORS
+
+    for i, s in enumerate(d.studies):
+        line = {"color": COLORS[i % len(COLORS)]}  # one colour per study in both panels
         xs = [p[0] for p in s.best_so_far]
         ts = [p[1] for p in s.best_so_far]
         ys = [p[2] for p in s.best_so_far]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=s.name, legendgroup=s.name), 1, 1)
-        fig.add_trace(
-            go.Scatter(
-                x=ts, y=ys, mode="lines", name=s.name, legendgroup=s.name, showlegend=False
-            ),
-            1,
-            2,
-        )
+        common = {"mode": "lines", "name": s.name, "legendgroup": s.name, "line": line}
+        fig.add_trace(go.Scatter(x=xs, y=ys, **common), 1, 1)
+        fig.add_trace(go.Scatter(x=ts, y=ys, showlegend=False, **common), 1, 2)
     fig.update_layout(title="Best value so far")
     e = html.escape
     header, rows = _table(d)
