@@ -190,7 +190,7 @@ def run(
     _summary(result)
     if result.interrupted:
         _err(
-            f"interrupted: {sum(v for k, v in result.counts.items() if k != 'INTERRUPTED')} of "
+            f"interrupted: {sum(result.counts[k] for k in ('COMPLETE', 'PRUNED', 'FAIL'))} of "
             f"{loaded.study.n_trials} trials finished; run the same command again to continue"
         )
         raise typer.Exit(code=130)

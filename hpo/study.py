@@ -155,6 +155,14 @@ class StudyResult:
     data_info: dict[str, Any] = field(default_factory=dict)
 
 
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials by state, with those cut short by Ctrl-C (marked `interrupted`) apart from FAIL."""
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    counts["INTERRUPTED"] = sum(bool(t.user_attrs.get("interrupted")) for t in trials)
+    counts["FAIL"] -= counts["INTERRUPTED"]
+    return counts
+
+
 def count_finished(study: optuna.Study) -> int:
     """Finished trials toward n_trials: complete, pruned and failed, not those cut by Ctrl-C."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)
@@ -294,9 +302,7 @@ def run_study(
 
     best = _best(study)
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(1 for t in trials if t.state == s) for s in FINISHED}
-    counts["INTERRUPTED"] = sum(1 for t in trials if t.user_attrs.get("interrupted"))
-    counts["FAIL"] -= counts["INTERRUPTED"]
+    counts = state_counts(trials)
     fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
     fit_counts = {label: fits.count(label) for label in ("good", "overfit", "underfit")}
     return StudyResult(
@@ -562,8 +568,7 @@ def list_studies(storage: str | optuna.storages.BaseStorage) -> list[dict[str, A
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
-        row: dict[str, Any] = {s.name: sum(1 for t in trials if t.state == s) for s in FINISHED}
-        row["FAIL"] -= sum(1 for t in trials if t.user_attrs.get("interrupted"))
+        row: dict[str, Any] = state_counts(trials)
         best = _best(study)
         test = study.user_attrs.get("test_metrics") or {}
         row.update(

@@ -96,10 +96,9 @@ def _spec_of(study: optuna.Study):
 def _overview(study, trials, spec) -> Overview:
     attrs = study.user_attrs
     data = attrs.get("data", {})
-    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    states["INTERRUPTED"] = sum(bool(t.user_attrs.get("interrupted")) for t in trials)
-    states["FAIL"] -= states["INTERRUPTED"]  # Ctrl-C, not a failure of the configuration
-    states = {k: v for k, v in states.items() if v}
+    from hpo.study import state_counts
+
+    states = {k: v for k, v in state_counts(trials).items() if v}
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
