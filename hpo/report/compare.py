@@ -44,6 +44,8 @@ class CompareData(NamedTuple):
 
 def summarise(study: optuna.Study) -> StudySummary:
     """One study's side of the comparison."""
+    from hpo.study import state_counts
+
     maximize = study.direction.name == "MAXIMIZE"
     finished = sorted(
         (
@@ -75,9 +77,7 @@ def summarise(study: optuna.Study) -> StudySummary:
         best_value=best_value,
         best_number=best_number,
         test_metrics=study.user_attrs.get("test_metrics", {}),
-        states={
-            s: sum(t.state.name == s for t in finished) for s in ("COMPLETE", "PRUNED", "FAIL")
-        },
+        states=state_counts(finished),  # a Ctrl-C'd trial is not a failure
         fit_counts={k: fits.count(k) for k in ("good", "overfit", "underfit")},
         trials_to_best=best_at[0] if best_at else None,
         time_to_best_s=best_at[1] if best_at else None,
