@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ from hpo.train import TrainConfig, evaluate, train
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# A running trial writes a heartbeat to the storage; one silent for GRACE_S seconds belonged to
+# a process that died (killed, out of memory, machine lost) and is failed by the next trial start.
+HEARTBEAT_S = 20
+GRACE_S = 120
 
 
 # ---------------------------------------------------------------- registries
@@ -155,18 +160,26 @@ class StudyResult:
     data_info: dict[str, Any] = field(default_factory=dict)
 
 
+def was_interrupted(trial: FrozenTrial) -> bool:
+    """Cut short by Ctrl-C (marked `interrupted`), or failed without a reason of its own: its
+    process died and the heartbeat check failed it. Such a trial does not count toward n_trials."""
+    if trial.state != TrialState.FAIL:
+        return False
+    return bool(trial.user_attrs.get("interrupted")) or "fail_reason" not in trial.user_attrs
+
+
 def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trials by state, with those cut short by Ctrl-C (marked `interrupted`) apart from FAIL."""
+    """Trials by state, with the interrupted ones (see `was_interrupted`) apart from FAIL."""
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    counts["INTERRUPTED"] = sum(bool(t.user_attrs.get("interrupted")) for t in trials)
+    counts["INTERRUPTED"] = sum(was_interrupted(t) for t in trials)
     counts["FAIL"] -= counts["INTERRUPTED"]
     return counts
 
 
 def count_finished(study: optuna.Study) -> int:
-    """Finished trials toward n_trials: complete, pruned and failed, not those cut by Ctrl-C."""
+    """Finished trials toward n_trials: complete, pruned and failed, not the interrupted ones."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(1 for t in trials if not t.user_attrs.get("interrupted"))
+    return sum(1 for t in trials if not was_interrupted(t))
 
 
 def run_study(
@@ -187,8 +200,7 @@ def run_study(
     name = study_name or spec.name
     storage_url = resolve_storage(spec, storage)
     uri = resolve_uri(spec.tracking.uri, tracking_uri)
-    base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
-    sampler = make_sampler(spec, seed=seed)
+    make_sampler(spec, seed=seed)  # bad sampler or pruner options: refused before the data loads
     pruner = make_pruner(spec)
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
@@ -196,16 +208,30 @@ def run_study(
     # Everything that can refuse the run does so before the study or any run is written.
     fingerprint = spec.fingerprint()
     direction = metric_direction(spec.study.metric)
-    _refuse_changed_spec(storage_url, name, fingerprint, data.info["split_hash"])
+    split_hash = data.info["split_hash"]
+    stored, n_before = _refuse_changed_spec(storage_url, name, fingerprint, split_hash)
+    if seed is None:
+        seed = stored.get("seed")  # a resumed study keeps the --seed it started with
+    base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
+    sampler_seed = seed if seed is not None else spec.study.sampler.seed
+    if sampler_seed is not None:
+        # A resumed sampler starting from the same seed would replay the first run's random
+        # draws (random search would repeat its first configurations): move it on by the number
+        # of trials already there, which keeps it deterministic for the same interruptions.
+        sampler_seed += n_before
+    sampler = make_sampler(spec, seed=sampler_seed)
     tracker = Tracker(uri, spec.tracking.experiment or name)
     study = optuna.create_study(
         study_name=name,
-        storage=storage_url,
+        storage=open_storage(storage_url, heartbeat=True),
         sampler=sampler,
         pruner=pruner,
         direction=direction,
         load_if_exists=True,
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of a process that died
     attrs = study.user_attrs
     if "spec_hash" not in attrs:
         for k, v in {
@@ -215,6 +241,7 @@ def run_study(
             "data": data.info,
             "spec_yaml": spec.to_yaml(),
             "spec_dir": str(Path(spec.source_dir).resolve()),
+            "seed": seed,  # the --seed override, if any
         }.items():
             study.set_user_attr(k, v)
 
@@ -325,12 +352,15 @@ def run_study(
     )
 
 
-def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str, split_hash: str) -> None:
+def _refuse_changed_spec(
+    storage_url: str, name: str, fingerprint: str, split_hash: str
+) -> tuple[dict[str, Any], int]:
+    """Refuse to resume a study whose spec or data changed; else its attributes and trial count."""
     storage = open_storage(storage_url)
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return
+        return {}, 0
     old_split = existing.user_attrs.get("data", {}).get("split_hash")
     if old_split is not None and old_split != split_hash:
         raise SpecError(
@@ -349,6 +379,7 @@ def _refuse_changed_spec(storage_url: str, name: str, fingerprint: str, split_ha
                 f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
             ]
         )
+    return existing.user_attrs, len(existing.get_trials(deepcopy=False))
 
 
 def _best(study: optuna.Study) -> FrozenTrial | None:
@@ -437,6 +468,16 @@ class _Objective:
         return _build(config, self.data, self.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except Exception as e:
+            # A failure before training started (sampling, building) still gets its reason: a
+            # failed trial without one is taken for a trial whose process died.
+            if "fail_reason" not in trial.user_attrs and not isinstance(e, optuna.TrialPruned):
+                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         spec = self.spec
         config = suggest_params(trial, spec.space)
         trial_seed = self.seed * 100_003 + trial.number
@@ -444,6 +485,7 @@ class _Objective:
         model = self.build(config)
         cfg = _train_config(spec, self.data, config, trial_seed)
         trial.set_user_attr("config", config)
+        trial.set_user_attr("seed", trial_seed)  # torch seed: retraining with it repeats the trial
         trial.set_user_attr("n_params", count_parameters(model))
         run_id = self.tracker.start_trial(trial.number)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -554,10 +596,19 @@ def _evaluate_best_once(
     return test
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage behind a URL; one that cannot be opened raises `SpecError`."""
+def open_storage(url: str, heartbeat: bool = False) -> optuna.storages.BaseStorage:
+    """The Optuna storage behind a URL; one that cannot be opened raises `SpecError`.
+
+    With `heartbeat`, running trials record a heartbeat, and trials of a process that died are
+    failed once they have been silent for `GRACE_S` seconds (see `was_interrupted`).
+    """
+    kw: dict[str, Any] = {}
+    if heartbeat:
+        kw = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
     try:
-        return optuna.storages.get_storage(url)
+        with warnings.catch_warnings():  # the heartbeat is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.get_storage(optuna.storages.RDBStorage(url, **kw))
     except Exception as e:  # noqa: BLE001 - a malformed URL, a missing driver, no server
         raise SpecError([f"storage: cannot open {url!r}: {e}"]) from None
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 from conftest import REPO, mnist_available, small_spec, write_spec
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
+from hpo.study import GRACE_S, count_finished, state_counts, was_interrupted
 
 runner = CliRunner()
 
@@ -151,6 +155,55 @@ def test_ctrl_c_stops_cleanly_and_rerun_continues(workdir):
     assert proc.returncode == 0, out
     assert f"{finished} of {finished + 1} trials already done" in out
     assert f"[{finished + 1}/{finished + 1}]" in out
+
+
+def _running_with_heartbeat(db) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute(
+            "SELECT count(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id"
+            " WHERE t.state = 'RUNNING'"
+        ).fetchone()[0]
+
+
+def test_a_killed_process_loses_only_its_running_trial(workdir):
+    """SIGKILL (no chance to clean up): once the trial's heartbeat is older than the grace
+    period, the next run fails it as interrupted, does not count it, and reaches the total."""
+    path = write_spec(workdir, small_spec(study={"n_trials": 200}, training={"max_epochs": 20}))
+    proc = _hpo(["run", path], workdir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("[") and "/200] trial 1 " in line:  # two trials done
+            break
+    db = workdir / "optuna.db"
+    while time.monotonic() < deadline and not _running_with_heartbeat(db):
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    with sqlite3.connect(db) as con:  # let the grace period pass
+        age = f"-{GRACE_S + 60} seconds"
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?)", (age,))
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    killed = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    finished = count_finished(study)
+    assert finished >= 2
+
+    proc = _hpo(["run", path, "--n-trials", finished + 1], workdir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    lost = study.trials[killed[0]]
+    assert lost.state == TrialState.FAIL and was_interrupted(lost)
+    assert count_finished(study) == finished + 1
+    counts = state_counts(study.trials)
+    assert counts["INTERRUPTED"] == 1 and counts["RUNNING"] == 0
+    assert counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"] == finished + 1
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
 
 
 @pytest.mark.skipif(not mnist_available(), reason="MNIST not in $HPO_DATA_DIR")

@@ -76,6 +76,25 @@ def test_rerun_resumes_to_the_total_under_the_same_parent(workdir, mlflow_uri):
     assert [r.data.tags["hpo.trial_number"] for r in runs] == ["0", "1", "2", "3"]
 
 
+def test_resumed_random_search_does_not_replay_its_first_draws(workdir, mlflow_uri):
+    run(workdir, mlflow_uri, "replay", study={"n_trials": 2})
+    run(workdir, mlflow_uri, "replay", study={"n_trials": 4})
+    study = optuna.load_study(study_name="replay", storage="sqlite:///optuna.db")
+    lrs = [t.params["lr"] for t in study.trials]
+    assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
+
+
+def test_a_resumed_study_keeps_its_seed_override(workdir, mlflow_uri):
+    tracking = {"uri": mlflow_uri}
+    run_study(parse_spec(small_spec(name="seeded", tracking=tracking)), seed=11)
+    more = small_spec(name="seeded", tracking=tracking, study={"n_trials": 4})
+    run_study(parse_spec(more))  # no --seed: the study's own
+    study = optuna.load_study(study_name="seeded", storage="sqlite:///optuna.db")
+    assert study.user_attrs["seed"] == 11
+    # trial seeds come from the override: trial k trains with 11 * 100003 + k
+    assert [t.user_attrs.get("seed") for t in study.trials] == [11 * 100_003 + k for k in range(4)]
+
+
 def test_changed_search_space_is_refused_with_a_way_out(workdir, mlflow_uri):
     run(workdir, mlflow_uri, "frozen", study={"n_trials": 1})
     spec = small_spec(name="frozen", tracking={"uri": mlflow_uri})
