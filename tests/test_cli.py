@@ -168,7 +168,8 @@ def _running_with_heartbeat(db) -> int:
 def test_a_killed_process_loses_only_its_running_trial(workdir):
     """SIGKILL (no chance to clean up): once the trial's heartbeat is older than the grace
     period, the next run fails it as interrupted, does not count it, and reaches the total."""
-    path = write_spec(workdir, small_spec(study={"n_trials": 200}, training={"max_epochs": 20}))
+    long_trials = {"max_epochs": 200, "early_stopping": {"patience": 200}}  # seconds, not ms
+    path = write_spec(workdir, small_spec(study={"n_trials": 200}, training=long_trials))
     proc = _hpo(["run", path], workdir)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
