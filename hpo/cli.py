@@ -200,13 +200,18 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted(counts: dict[str, int]) -> str:
+    n = counts.get("INTERRUPTED", 0)
+    return f", {n} interrupted (not counted)" if n else ""
+
+
 def _summary(r: Any) -> None:
     c = r.counts
     typer.echo("")
     typer.echo(
         f"study {r.study_name!r}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
-        f"{c['FAIL']} failed ({r.new_trials} run now in {_fmt_time(r.wall_time)}, "
-        f"device {r.device})"
+        f"{c['FAIL']} failed{_interrupted(c)} ({r.new_trials} run now in "
+        f"{_fmt_time(r.wall_time)}, device {r.device})"
     )
     if any(r.fit_counts.values()):
         fits = ", ".join(f"{n} {label}" for label, n in r.fit_counts.items())
@@ -280,13 +285,14 @@ def studies(storage: StorageOpt = None) -> None:
     if not rows:
         typer.echo(f"no studies in {url}")
         return
-    header = ["study", "complete", "pruned", "failed", "metric", "best", "test"]
+    header = ["study", "complete", "pruned", "failed", "interrupted", "metric", "best", "test"]
     table = [header] + [
         [
             r["name"],
             str(r["COMPLETE"]),
             str(r["PRUNED"]),
             str(r["FAIL"]),
+            str(r["INTERRUPTED"]),
             r["metric"],
             _fmt(r["best"]) if r["best"] is not None else "-",
             r["test"] or "-",

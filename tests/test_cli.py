@@ -201,6 +201,10 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     counts = state_counts(study.trials)
     assert counts["INTERRUPTED"] == 1 and counts["RUNNING"] == 0
     assert counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"] == finished + 1
+    assert "1 interrupted (not counted)" in out
+    code, table = invoke("studies")
+    header, row = table.splitlines()[:2]
+    assert code == 0 and row.split()[header.split().index("interrupted")] == "1"
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
