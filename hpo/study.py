@@ -200,7 +200,6 @@ def run_study(
     name = study_name or spec.name
     storage_url = resolve_storage(spec, storage)
     uri = resolve_uri(spec.tracking.uri, tracking_uri)
-    make_sampler(spec, seed=seed)  # bad sampler or pruner options: refused before the data loads
     pruner = make_pruner(spec)
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
@@ -208,8 +207,10 @@ def run_study(
     # Everything that can refuse the run does so before the study or any run is written.
     fingerprint = spec.fingerprint()
     direction = metric_direction(spec.study.metric)
-    split_hash = data.info["split_hash"]
-    stored, n_before = _refuse_changed_spec(storage_url, name, fingerprint, split_hash)
+    opened = open_storage(storage_url, heartbeat=True)
+    stored, n_before = _refuse_changed_spec(
+        opened, storage_url, name, fingerprint, data.info["split_hash"]
+    )
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
@@ -223,7 +224,7 @@ def run_study(
     tracker = Tracker(uri, spec.tracking.experiment or name)
     study = optuna.create_study(
         study_name=name,
-        storage=open_storage(storage_url, heartbeat=True),
+        storage=opened,
         sampler=sampler,
         pruner=pruner,
         direction=direction,
@@ -294,7 +295,7 @@ def run_study(
         if done >= total:
             study.stop()  # other processes on the same study count toward the same total
         if on_trial_end is not None:
-            best = _best(study)
+            best = best_or_none(study)
             mean = sum(durations) / len(durations) if durations else None
             on_trial_end(
                 Progress(
@@ -327,7 +328,7 @@ def run_study(
     finally:
         tracker.close_parent(status)
 
-    best = _best(study)
+    best = best_or_none(study)
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
     fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
@@ -353,10 +354,13 @@ def run_study(
 
 
 def _refuse_changed_spec(
-    storage_url: str, name: str, fingerprint: str, split_hash: str
+    storage: optuna.storages.BaseStorage,
+    storage_url: str,
+    name: str,
+    fingerprint: str,
+    split_hash: str,
 ) -> tuple[dict[str, Any], int]:
     """Refuse to resume a study whose spec or data changed; else its attributes and trial count."""
-    storage = open_storage(storage_url)
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -382,7 +386,8 @@ def _refuse_changed_spec(
     return existing.user_attrs, len(existing.get_trials(deepcopy=False))
 
 
-def _best(study: optuna.Study) -> FrozenTrial | None:
+def best_or_none(study: optuna.Study) -> FrozenTrial | None:
+    """The study's best trial, or None while no trial has completed."""
     try:
         return study.best_trial
     except ValueError:  # no complete trial yet
@@ -549,7 +554,7 @@ class _Objective:
         tags["hpo.fit"], tags["hpo.fit_evidence"] = fit.label, fit.evidence
 
     def _keep_if_best(self, trial, value, model, config, run_id) -> None:
-        best = _best(trial.study)
+        best = best_or_none(trial.study)
         better = best is None or (
             value > best.value if trial.study.direction.name == "MAXIMIZE" else value < best.value
         )
@@ -569,7 +574,7 @@ def _evaluate_best_once(
     study: optuna.Study, spec: Spec, data: Data, tracker: Tracker, objective: _Objective
 ) -> dict[str, float]:
     """Evaluate the best trial's kept weights on the test split, once per best trial."""
-    best = _best(study)
+    best = best_or_none(study)
     if best is None:
         return {}
     attrs = study.user_attrs
@@ -620,7 +625,7 @@ def list_studies(storage: str | optuna.storages.BaseStorage) -> list[dict[str, A
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         row: dict[str, Any] = state_counts(trials)
-        best = _best(study)
+        best = best_or_none(study)
         test = study.user_attrs.get("test_metrics") or {}
         row.update(
             name=summary.study_name,
