@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
+from hpo.report.compare import summarise
 from hpo.study import GRACE_S, count_finished, state_counts, was_interrupted
 
 runner = CliRunner()
@@ -202,6 +203,7 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     assert counts["INTERRUPTED"] == 1 and counts["RUNNING"] == 0
     assert counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"] == finished + 1
     assert "1 interrupted (not counted)" in out
+    assert summarise(study).best_so_far[-1][0] == finished + 1  # compare skips it too
     code, table = invoke("studies")
     header, row = table.splitlines()[:2]
     assert code == 0 and row.split()[header.split().index("interrupted")] == "1"

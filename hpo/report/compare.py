@@ -44,15 +44,15 @@ class CompareData(NamedTuple):
 
 def summarise(study: optuna.Study) -> StudySummary:
     """One study's side of the comparison."""
-    from hpo.study import state_counts
+    from hpo.study import best_or_none, state_counts, was_interrupted
 
     maximize = study.direction.name == "MAXIMIZE"
     finished = sorted(
         (
             t
             for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished() and t.datetime_complete
-        ),
+            if t.state.is_finished() and t.datetime_complete and not was_interrupted(t)
+        ),  # the trials that count toward n_trials, in the order they finished
         key=lambda t: t.datetime_complete,
     )
     start = min((t.datetime_start for t in finished if t.datetime_start), default=None)
@@ -66,18 +66,15 @@ def summarise(study: optuna.Study) -> StudySummary:
         if best_value is not None:
             best_so_far.append((i, (t.datetime_complete - start).total_seconds(), best_value))
     fits = [t.user_attrs.get("fit") for t in finished]
-    try:
-        best_number = study.best_trial.number
-    except ValueError:
-        best_number = None
+    best = best_or_none(study)
     return StudySummary(
         name=study.study_name,
         metric=study.user_attrs.get("metric", "value"),
         maximize=maximize,
         best_value=best_value,
-        best_number=best_number,
+        best_number=best.number if best else None,
         test_metrics=study.user_attrs.get("test_metrics", {}),
-        states=state_counts(finished),  # a Ctrl-C'd trial is not a failure
+        states=state_counts(finished),
         fit_counts={k: fits.count(k) for k in ("good", "overfit", "underfit")},
         trials_to_best=best_at[0] if best_at else None,
         time_to_best_s=best_at[1] if best_at else None,

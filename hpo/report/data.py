@@ -96,16 +96,13 @@ def _spec_of(study: optuna.Study):
 def _overview(study, trials, spec) -> Overview:
     attrs = study.user_attrs
     data = attrs.get("data", {})
-    from hpo.study import state_counts
+    from hpo.study import best_or_none, state_counts
 
     states = {k: v for k, v in state_counts(trials).items() if v}
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
-    try:
-        best = study.best_trial
-    except ValueError:
-        best = None
+    best = best_or_none(study)
     return Overview(
         study=study.study_name,
         dataset=data.get("dataset", "?"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +90,41 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
     return rows
 
 
+class _Known(optuna.importance.BaseImportanceEvaluator):
+    """Hands Optuna's importance charts the importances `report_data` already computed."""
+
+    def __init__(self, values: dict[str, float]):
+        self.values = values
+
+    def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
+        return dict(self.values)
+
+
+def optuna_charts(study: optuna.Study, d: ReportData, vis: Any) -> dict[str, Callable[[], Any]]:
+    """Optuna's charts for the study, each a call that draws it with `vis`: the plotly module
+    `optuna.visualization` or its `matplotlib` twin (same functions, same arguments)."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    target = d.overview.metric
+    charts: dict[str, Callable[[], Any]] = {}
+    if not complete:
+        return charts
+    charts["history"] = lambda: vis.plot_optimization_history(study, target_name=target)
+    derived = importance_study(study) if d.importances else None
+    if derived is not None:
+        known = _Known(d.importances)
+        charts["importances"] = lambda: vis.plot_param_importances(derived, evaluator=known)
+    if len(complete) >= 2:
+        charts["parallel"] = lambda: vis.plot_parallel_coordinate(study, target_name=target)
+        charts["slice"] = lambda: vis.plot_slice(study, target_name=target)
+    return charts
+
+
 def plotly_figures(study: optuna.Study, d: ReportData) -> dict[str, Any]:
     """Optuna's own plotly charts, plus the learning curves."""
     import plotly.graph_objects as go
     from optuna import visualization as vis
 
-    figs: dict[str, Any] = {}
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if complete:
-        figs["history"] = vis.plot_optimization_history(study, target_name=d.overview.metric)
-        derived = importance_study(study)
-        if derived is not None and d.importances:
-            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-            figs["importances"] = vis.plot_param_importances(derived, evaluator=evaluator)
-        if len(complete) >= 2:
-            figs["parallel"] = vis.plot_parallel_coordinate(study, target_name=d.overview.metric)
-            figs["slice"] = vis.plot_slice(study, target_name=d.overview.metric)
+    figs: dict[str, Any] = {key: draw() for key, draw in optuna_charts(study, d, vis).items()}
     if d.curves:
         fig = go.Figure()
         for number, curves in d.curves.items():
@@ -252,22 +272,7 @@ def write_pngs(study: optuna.Study, d: ReportData, out: Path) -> dict[str, str]:
 
     made: dict[str, str] = {}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    draws = {}
-    if complete:
-        draws["history"] = lambda: mvis.plot_optimization_history(
-            study, target_name=d.overview.metric
-        )
-        derived = importance_study(study)
-        if derived is not None and d.importances:
-            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-            draws["importances"] = lambda: mvis.plot_param_importances(
-                derived, evaluator=evaluator
-            )
-        if len(complete) >= 2:
-            draws["parallel"] = lambda: mvis.plot_parallel_coordinate(
-                study, target_name=d.overview.metric
-            )
-            draws["slice"] = lambda: mvis.plot_slice(study, target_name=d.overview.metric)
+    draws = optuna_charts(study, d, mvis)
     n_params = len({k for t in complete for k in t.params})
     for key, draw in draws.items():
         with warnings.catch_warnings():
