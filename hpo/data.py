@@ -43,9 +43,8 @@ class Data:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     info: dict[str, Any]
-    y_scale: float = (
-        1.0  # regression targets are standardised; RMSE is reported in the original unit
-    )
+    # Regression targets are standardised; RMSE is reported in the original unit.
+    y_scale: float = 1.0
     _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def take_test(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,10 +158,8 @@ def test_same_seed_gives_the_same_trials(workdir, mlflow_uri):
     b = run(workdir, mlflow_uri, "seed-b", study={"sampler": {"name": "tpe", "seed": 7}})
 
     def values(name):
-        return [
-            t.value
-            for t in optuna.load_study(study_name=name, storage="sqlite:///optuna.db").trials
-        ]  # noqa: E731
+        study = optuna.load_study(study_name=name, storage="sqlite:///optuna.db")
+        return [t.value for t in study.trials]
 
     assert values("seed-a") == values("seed-b")
     assert a.best_params == b.best_params
