@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from hpo.config import Spec, SpecError, load_spec
+from hpo.redact import redact
 
 app = typer.Typer(
     add_completion=False,
@@ -40,7 +41,7 @@ def _err(line: str) -> None:
 
 
 def _fail_spec(e: SpecError, source: Path | str | None) -> None:
-    for problem in e.problems:
+    for problem in map(redact, e.problems):
         prefix = "" if not source or problem.startswith(str(source)) else f"{source}: "
         _err(f"error: {prefix}{problem}")
     raise typer.Exit(code=2)
@@ -103,8 +104,32 @@ def run(
     tracking_uri: TrackingOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the sampler and the trials.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Trials at once on this machine (worker processes; CPU cores are split "
+            "between them). Default: 1, or one per GPU times --workers-per-gpu."
+        ),
+    ] = None,
+    workers_per_gpu: Annotated[
+        int | None, typer.Option(help="Workers sharing each GPU (small trials).")
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the workers as Ray tasks: 'auto' (a running cluster, else a local one) "
+            "or a cluster address. Needs: pip install 'hpo[ray]'."
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="With --ray: GPUs per worker, fractions allowed.")
+    ] = None,
 ) -> None:
-    """Run a study (or continue it: same name, same storage) and print a summary."""
+    """Run a study (or continue or join it: same name, same storage) and print a summary.
+
+    Several `hpo run` processes, on one machine or many, can share one study: give them the
+    same --storage (PostgreSQL across machines) and --tracking-uri (an MLflow server).
+    """
     loaded = _load(spec)
     overrides = (
         ("study", "n_trials", n_trials),
@@ -134,24 +159,38 @@ def run(
 
     import optuna
 
+    from hpo.executors.local import local_executor
     from hpo.study import Progress, run_study
+    from hpo.tracking import tracker_for
 
     # Our own line per trial replaces Optuna's log (which prints a traceback per failed trial).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        if ray is not None:
+            from hpo.executors.ray import ray_executor
+
+            executor = ray_executor(loaded, ray, workers, gpus_per_worker)
+        else:
+            if gpus_per_worker is not None:
+                raise SpecError(["--gpus-per-worker: only used with --ray"])
+            executor = local_executor(loaded, workers, workers_per_gpu)
+    except SpecError as e:
+        _fail_spec(e, "command line")
+    tracker = tracker_for(loaded, tracking_uri, study_name)
 
     def progress(p: Progress) -> None:
         t = p.trial
         value = f"{p.trial.value:.4f}" if t.value is not None else "-"
         epochs = t.user_attrs.get("epochs_run", "?")
         note = t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL" else ""
-        if t.user_attrs.get("interrupted"):
-            return
+        note = p.note or note
+        state = "INTERRUPTED" if t.user_attrs.get("interrupted") else t.state.name
         best = (
             f"best {p.best_value:.4f} (#{p.best_number})" if p.best_value is not None else "best -"
         )
         width = len(str(p.total))
         typer.echo(
-            f"[{p.done:>{width}}/{p.total}] trial {t.number:<3} {t.state.name:<8} "
+            f"[{p.done:>{width}}/{p.total}] trial {t.number:<3} {state:<8} "
             f"{loaded.study.metric} {value:<7} {epochs:>3} epochs "
             f"{_fmt_time(t.duration.total_seconds() if t.duration else None):>5} | {best} | "
             f"elapsed {_fmt_time(p.elapsed)}, ETA {_fmt_time(p.eta)}"
@@ -163,7 +202,7 @@ def run(
         typer.echo(
             f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
             f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
-            f"device {info['device']}"
+            f"{info['workers']}"
         )
         typer.echo(
             f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "
@@ -174,15 +213,19 @@ def run(
     try:
         result = run_study(
             loaded,
+            tracker,
+            executor,
             study_name=study_name,
             storage=storage,
-            tracking_uri=tracking_uri,
             seed=seed,
             on_trial_end=progress,
             on_start=started,
         )
     except SpecError as e:
         _fail_spec(e, spec)
+    except RuntimeError as e:  # a worker that cannot start, a storage gone mid-study
+        _err(f"error: {redact(str(e))}")
+        raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         _err("interrupted before the study finished; run the same command again to continue")
         raise typer.Exit(code=130) from None
@@ -229,7 +272,14 @@ def _summary(r: Any) -> None:
         if r.test_metrics:
             test = ", ".join(f"{k} = {v:.4f}" for k, v in r.test_metrics.items())
             typer.echo(f"test split (used once, by trial #{r.best_number}): {test}")
-    typer.echo(f"browse the runs: hpo ui   (or: mlflow ui --backend-store-uri {r.tracking_uri})")
+        elif r.test_note:
+            typer.echo(f"test split: not yet used ({r.test_note})")
+    if r.tracking_uri.startswith(("http://", "https://")):
+        typer.echo(f"browse the runs: {r.tracking_uri}")
+    else:
+        typer.echo(
+            f"browse the runs: hpo ui   (or: mlflow ui --backend-store-uri {r.tracking_uri})"
+        )
 
 
 def _missing_sqlite(url: str) -> bool:
@@ -241,7 +291,7 @@ def _open_storage(url: str) -> Any:
     """The Optuna storage at `url` (None for a SQLite file that does not exist), or exit 2."""
     if _missing_sqlite(url):
         return None
-    from hpo.study import open_storage
+    from hpo.storage import open_storage
 
     try:
         return open_storage(url)
@@ -253,7 +303,7 @@ def _load_studies(names: list[str], storage: str | None) -> list[Any]:
     """The named studies, or exit 2 naming each one that is not there."""
     import optuna
 
-    from hpo.study import DEFAULT_STORAGE
+    from hpo.storage import DEFAULT_STORAGE
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     url = storage or DEFAULT_STORAGE
@@ -265,7 +315,8 @@ def _load_studies(names: list[str], storage: str | None) -> list[Any]:
                 raise KeyError(name)
             loaded.append(optuna.load_study(study_name=name, storage=opened))
         except KeyError:
-            _err(f"error: no study {name!r} in {url}; `hpo studies --storage {url}` lists them")
+            shown = redact(url)
+            _err(f"error: no study {name!r} in {shown}; `hpo studies --storage {shown}` lists it")
     if len(loaded) < len(names):
         raise typer.Exit(code=2)
     return loaded
@@ -274,16 +325,17 @@ def _load_studies(names: list[str], storage: str | None) -> list[Any]:
 @app.command()
 def studies(storage: StorageOpt = None) -> None:
     """List the studies in a storage: trials by state, best value, test metric."""
-    from hpo.study import DEFAULT_STORAGE, list_studies
+    from hpo.storage import DEFAULT_STORAGE
+    from hpo.study import list_studies
 
     url = storage or DEFAULT_STORAGE
     opened = _open_storage(url)
     if opened is None:
-        typer.echo(f"no studies in {url} (no such file)")
+        typer.echo(f"no studies in {redact(url)} (no such file)")
         return
     rows = list_studies(opened)
     if not rows:
-        typer.echo(f"no studies in {url}")
+        typer.echo(f"no studies in {redact(url)}")
         return
     header = ["study", "complete", "pruned", "failed", "interrupted", "metric", "best", "test"]
     table = [header] + [

@@ -1,9 +1,15 @@
-"""Samplers, pruners, storage, the objective, resume, and the final test evaluation."""
+"""The driver: samplers and pruners, ask -> run -> tell over an executor, resume, the test.
+
+`run_study` asks Optuna for trials, hands them to an executor (`hpo.executors`), answers each
+epoch with a pruning decision, tells Optuna the outcome, stores the trial's record once and
+hands it to the tracker it was given. Several drivers (processes, machines) can share a study:
+what must happen once happens under the storage's lock (`hpo.storage`).
+"""
 
 from __future__ import annotations
 
-import copy
 import inspect
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -18,18 +24,24 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import __version__
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
-from hpo.diagnose import chance_loss, diagnose_fit
-from hpo.model import build_mlp, count_parameters
+from hpo.executors import Done, Epoch, Executor, Lost
+from hpo.redact import redact
 from hpo.space import grid_space, suggest_params
-from hpo.tracking import Tracker, resolve_uri
+from hpo.storage import (
+    DEFAULT_STORAGE,
+    GRACE_S,
+    HEARTBEAT_S,
+    fail_stale_trials,
+    open_storage,
+    storage_lock,
+)
+from hpo.tracking import Tracker
 from hpo.train import TrainConfig, evaluate, train
+from hpo.trial import TrialJob, TrialRecord, build_model, train_config
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
+__all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# A running trial writes a heartbeat to the storage; one silent for GRACE_S seconds belonged to
-# a process that died (killed, out of memory, machine lost) and is failed by the next trial start.
-HEARTBEAT_S = 20
-GRACE_S = 120
+POLL_S = 1.0  # how often an idle driver looks at the storage again
 
 
 # ---------------------------------------------------------------- registries
@@ -138,6 +150,7 @@ class Progress:
     best_number: int | None
     elapsed: float
     eta: float | None
+    note: str = ""  # e.g. why an interrupted trial stopped and that it will run again
 
 
 @dataclass
@@ -158,14 +171,19 @@ class StudyResult:
     new_trials: int = 0
     wall_time: float = 0.0
     data_info: dict[str, Any] = field(default_factory=dict)
+    test_note: str = ""  # why there is no test evaluation from this process, if there is none
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
-    """Cut short by Ctrl-C (marked `interrupted`), or failed without a reason of its own: its
-    process died and the heartbeat check failed it. Such a trial does not count toward n_trials."""
+    """Cut short (Ctrl-C, --timeout, its worker killed: marked `interrupted`), or failed without
+    a reason of its own: its process died and the heartbeat failed it. Such a trial does not
+    count toward n_trials and its configuration runs again, once for a death (`kills`)."""
     if trial.state != TrialState.FAIL:
         return False
-    return bool(trial.user_attrs.get("interrupted")) or "fail_reason" not in trial.user_attrs
+    attrs = trial.user_attrs
+    if attrs.get("interrupted"):
+        return True
+    return "fail_reason" not in attrs and attrs.get("kills", 0) < 1
 
 
 def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
@@ -182,175 +200,490 @@ def count_finished(study: optuna.Study) -> int:
     return sum(1 for t in trials if not was_interrupted(t))
 
 
+def _budget_used(trials: list[FrozenTrial]) -> int:
+    """Trials that hold a place in n_trials: running ones and finished ones not interrupted."""
+    return sum(
+        1
+        for t in trials
+        if t.state == TrialState.RUNNING or (t.state in FINISHED and not was_interrupted(t))
+    )
+
+
 def run_study(
     spec: Spec,
+    tracker: Tracker,
+    executor: Executor | None = None,
     *,
     study_name: str | None = None,
     storage: str | None = None,
-    tracking_uri: str | None = None,
     seed: int | None = None,
     on_trial_end: Callable[[Progress], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> StudyResult:
-    """Run (or resume) the study a spec describes; evaluate the best model once on the test split.
+    """Run (or join, or resume) the study a spec describes on `executor`'s workers; the last
+    process out evaluates the best model once on the test split.
 
-    Ctrl-C stops it cleanly: the interrupted trial does not count, the test evaluation still
-    runs, every MLflow run is closed, and `StudyResult.interrupted` is set.
+    Ctrl-C stops it cleanly: running trials are interrupted (they do not count and their
+    configurations run again), the test evaluation still runs when no other process is
+    training, every MLflow run is closed, and `StudyResult.interrupted` is set.
     """
+    from hpo.executors.local import ThreadExecutor
+
     name = study_name or spec.name
-    storage_url = resolve_storage(spec, storage)
-    uri = resolve_uri(spec.tracking.uri, tracking_uri)
+    url = resolve_storage(spec, storage)
     pruner = make_pruner(spec)
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
+    executor = executor or ThreadExecutor(spec, str(device))
 
     # Everything that can refuse the run does so before the study or any run is written.
     fingerprint = spec.fingerprint()
-    direction = metric_direction(spec.study.metric)
-    opened = open_storage(storage_url, heartbeat=True)
-    stored, n_before = _refuse_changed_spec(
-        opened, storage_url, name, fingerprint, data.info["split_hash"]
-    )
+    tracker.check()
+    driver = _Driver(spec, name, url, tracker, data, executor)
+    opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale)
+    stored = _refuse_changed_spec(opened, url, name, fingerprint, data.info["split_hash"])
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
-    base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
-    sampler_seed = seed if seed is not None else spec.study.sampler.seed
-    if sampler_seed is not None:
-        # A resumed sampler starting from the same seed would replay the first run's random
-        # draws (random search would repeat its first configurations): move it on by the number
-        # of trials already there, which keeps it deterministic for the same interruptions.
-        sampler_seed += n_before
-    sampler = make_sampler(spec, seed=sampler_seed)
-    tracker = Tracker(uri, spec.tracking.experiment or name)
-    study = optuna.create_study(
-        study_name=name,
-        storage=opened,
-        sampler=sampler,
-        pruner=pruner,
-        direction=direction,
-        load_if_exists=True,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of a process that died
-    attrs = study.user_attrs
-    if "spec_hash" not in attrs:
-        for k, v in {
-            "spec_hash": fingerprint,
-            "hpo_version": __version__,
-            "metric": spec.study.metric,
-            "data": data.info,
-            "spec_yaml": spec.to_yaml(),
-            "spec_dir": str(Path(spec.source_dir).resolve()),
-            "seed": seed,  # the --seed override, if any
-        }.items():
-            study.set_user_attr(k, v)
-
-    parent_id = tracker.open_parent(
-        attrs.get("mlflow_parent_run_id"),
-        name,
-        params={
-            "dataset": spec.dataset.name,
-            "task": data.task,
-            "metric": spec.study.metric,
-            "sampler": spec.study.sampler.name,
-            "pruner": spec.study.pruner.name,
-            "n_trials": spec.study.n_trials,
-            "max_epochs": spec.training.max_epochs,
-            **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
-            "split.hash": data.info["split_hash"],
-        },
-        tags={"hpo.study": name, "hpo.storage": storage_url, "hpo.spec_hash": fingerprint},
-    )
-    if attrs.get("mlflow_parent_run_id") != parent_id:
-        study.set_user_attr("mlflow_parent_run_id", parent_id)
-        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-        study.set_user_attr("tracking_uri", uri)
-    tracker.log_text(spec.to_yaml(), "spec.yaml")
-
-    objective = _Objective(spec, data, tracker, base_seed, device)
-    total = spec.study.n_trials
-    remaining = max(total - count_finished(study), 0)
-    if on_start is not None:
-        on_start(
-            {
-                "name": name,
-                "data": data.info,
-                "device": str(device),
-                "storage": storage_url,
-                "tracking_uri": uri,
-                "done": total - remaining,
-                "total": total,
-            }
+    tracker.open()
+    with storage_lock(url, driver.lock_key):
+        study = optuna.create_study(
+            study_name=name,
+            storage=opened,
+            pruner=pruner,
+            direction=metric_direction(spec.study.metric),
+            load_if_exists=True,
         )
-    started = time.perf_counter()
-    durations: list[float] = []
-    interrupted = False
-    status = "FAILED"  # an unexpected error; Ctrl-C gives KILLED
+        attrs = study.user_attrs
+        if "spec_hash" not in attrs:
+            for k, v in {
+                "spec_hash": fingerprint,
+                "hpo_version": __version__,
+                "metric": spec.study.metric,
+                "data": data.info,
+                "spec_yaml": spec.to_yaml(),
+                "spec_dir": str(Path(spec.source_dir).resolve()),
+                "seed": seed,  # the --seed override, if any
+            }.items():
+                study.set_user_attr(k, v)
+        # Each process that drives the study gets its own sampler stream: two processes with
+        # one seed would propose the same configurations, and a resumed one would replay them.
+        starts = int(attrs.get("driver_starts", 0))
+        study.set_user_attr("driver_starts", starts + 1)
+        sampler_seed = seed if seed is not None else spec.study.sampler.seed
+        if sampler_seed is not None:
+            sampler_seed += 1_000_003 * starts
+        study.sampler = make_sampler(spec, seed=sampler_seed)
+        parent_id = tracker.open_parent(
+            attrs.get("mlflow_parent_run_id"),
+            name,
+            params={
+                "dataset": spec.dataset.name,
+                "task": data.task,
+                "metric": spec.study.metric,
+                "sampler": spec.study.sampler.name,
+                "pruner": spec.study.pruner.name,
+                "n_trials": spec.study.n_trials,
+                "max_epochs": spec.training.max_epochs,
+                **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
+                "split.hash": data.info["split_hash"],
+            },
+            tags={"hpo.study": name, "hpo.storage": redact(url), "hpo.spec_hash": fingerprint},
+        )
+        if attrs.get("mlflow_parent_run_id") != parent_id:
+            study.set_user_attr("mlflow_parent_run_id", parent_id)
+            study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+            study.set_user_attr("tracking_uri", redact(tracker.uri))
+            tracker.log_text(spec.to_yaml(), "spec.yaml")
+    base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
+    return driver.run(study, base_seed, on_start, on_trial_end)
 
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        done = count_finished(study)
-        if trial.duration is not None:
-            durations.append(trial.duration.total_seconds())
-        if done >= total:
-            study.stop()  # other processes on the same study count toward the same total
-        if on_trial_end is not None:
-            best = best_or_none(study)
-            mean = sum(durations) / len(durations) if durations else None
-            on_trial_end(
-                Progress(
-                    done=done,
-                    total=total,
-                    trial=trial,
-                    best_value=best.value if best else None,
-                    best_number=best.number if best else None,
-                    elapsed=time.perf_counter() - started,
-                    eta=mean * max(total - done, 0) if mean is not None else None,
-                )
+
+@dataclass
+class _Running:
+    """A trial this process is training: its Optuna handle, MLflow run and curve so far."""
+
+    trial: optuna.Trial
+    run_id: str
+    config: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _Driver:
+    """Ask -> run -> tell for one process, over its executor's workers."""
+
+    def __init__(
+        self, spec: Spec, name: str, url: str, tracker: Tracker, data: Data, executor: Executor
+    ):
+        self.spec, self.name, self.url = spec, name, url
+        self.tracker, self.data, self.executor = tracker, data, executor
+        self.metric = spec.study.metric
+        self.total = spec.study.n_trials
+        self.lock_key = f"hpo:study:{name}"
+        self.study: optuna.Study = None  # type: ignore[assignment]  # set by run
+        self.base_seed = 0
+        self.running: dict[int, _Running] = {}
+        self.stopping: str | None = None  # "timeout" once --timeout has passed
+        self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
+        self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.durations: list[float] = []
+        self.on_trial_end: Callable[[Progress], None] | None = None
+        self.started = time.perf_counter()
+        self._beat_stop = threading.Event()
+
+    # ------------------------------------------------------------ the loop
+
+    def run(
+        self,
+        study: optuna.Study,
+        base_seed: int,
+        on_start: Callable[[dict[str, Any]], None] | None,
+        on_trial_end: Callable[[Progress], None] | None,
+    ) -> StudyResult:
+        self.study, self.base_seed, self.on_trial_end = study, base_seed, on_trial_end
+        if on_start is not None:
+            on_start(
+                {
+                    "name": self.name,
+                    "data": self.data.info,
+                    "device": str(self.data.train[0].device),
+                    "workers": self.executor.description,
+                    "storage": redact(self.url),
+                    "tracking_uri": redact(self.tracker.uri),
+                    "done": count_finished(study),
+                    "total": self.total,
+                }
             )
-
-    try:
-        if remaining > 0:
+        self.started = time.perf_counter()
+        beat = threading.Thread(target=self._beat, name="hpo-heartbeat", daemon=True)
+        beat.start()
+        interrupted, status, test, note = False, "FAILED", {}, ""
+        try:
+            self.executor.start(self.data)
             try:
-                study.optimize(
-                    objective,
-                    n_trials=remaining,
-                    timeout=spec.study.timeout,
-                    catch=(Exception,),
-                    callbacks=[after_trial],
-                    gc_after_trial=False,
-                )
+                self._loop()
             except KeyboardInterrupt:
                 interrupted = True
-        status = "KILLED"  # until the test evaluation is through: a second Ctrl-C lands here
-        test_metrics = _evaluate_best_once(study, spec, data, tracker, objective)
-        status = "KILLED" if interrupted else "FINISHED"
-    finally:
-        tracker.close_parent(status)
+                self.executor.close(interrupt=True)
+                self._interrupt_all("interrupted (Ctrl-C)")
+            self.executor.close()
+            status = "KILLED"  # until the test evaluation is through: a second Ctrl-C lands here
+            test, note = self._final_evaluation()
+            status = "KILLED" if interrupted else "FINISHED"
+        finally:
+            self._beat_stop.set()
+            self.executor.close(interrupt=True)
+            self._close_parent(status)
+        return self._result(interrupted, test, note)
 
-    best = best_or_none(study)
-    trials = study.get_trials(deepcopy=False)
-    counts = state_counts(trials)
-    fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
-    fit_counts = {label: fits.count(label) for label in ("good", "overfit", "underfit")}
-    return StudyResult(
-        study_name=name,
-        storage=storage_url,
-        tracking_uri=uri,
-        metric=spec.study.metric,
-        counts=counts,
-        best_number=best.number if best else None,
-        best_value=best.value if best else None,
-        best_params=best.user_attrs.get("config", best.params) if best else {},
-        test_metrics=test_metrics,
-        parent_run_id=parent_id,
-        device=str(device),
-        interrupted=interrupted,
-        fit_counts=fit_counts,
-        new_trials=len(durations),
-        wall_time=time.perf_counter() - started,
-        data_info=data.info,
-    )
+    def _loop(self) -> None:
+        timeout = self.spec.study.timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        stale_checked = 0.0
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not self.stopping:
+                self.stopping = "timeout"
+            if now - stale_checked >= HEARTBEAT_S / 2:
+                fail_stale_trials(self.study)  # trials of dead processes: on_stale
+                stale_checked = now
+            while (
+                not (self.stopping or self.exhausted) and len(self.running) < self.executor.slots
+            ):
+                job = self._reserve()
+                if job is None:
+                    break
+                self.executor.submit(job)
+            if not self.running:
+                if self.stopping or self.exhausted or count_finished(self.study) >= self.total:
+                    return
+                # The budget is held by other processes' trials: wait, in case one of them
+                # dies and its configuration has to run again.
+                time.sleep(POLL_S)
+                stale_checked = 0.0
+                continue
+            for event in self.executor.wait(POLL_S):
+                if isinstance(event, Epoch):
+                    self._on_epoch(event)
+                elif isinstance(event, Done):
+                    self._on_done(event.number, event.record)
+                elif isinstance(event, Lost):
+                    self._on_lost(event.number, event.reason)
+
+    def _beat(self) -> None:
+        storage = self.study._storage
+        while not self._beat_stop.wait(HEARTBEAT_S):
+            for r in list(self.running.values()):
+                try:
+                    storage.record_heartbeat(r.trial._trial_id)
+                except Exception:  # noqa: BLE001 - the storage is away; the loop will notice
+                    pass
+
+    # ------------------------------------------------------------ one trial's life
+
+    def _reserve(self) -> TrialJob | None:
+        """Ask for a trial while the budget has room, counting every process's trials."""
+        with storage_lock(self.url, self.lock_key):
+            if _budget_used(self.study.get_trials(deepcopy=False)) >= self.total:
+                return None
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()  # an enqueued retry first, if there is one
+            self.study._storage.record_heartbeat(trial._trial_id)
+        seed = self.base_seed * 100_003 + trial.number
+        trial.set_user_attr("seed", seed)  # torch seed: retraining with it repeats the trial
+        retry_of = trial.user_attrs.get("retry_of")
+        run_id = self.tracker.start_trial(
+            trial.number, {"hpo.retry_of": str(retry_of)} if retry_of is not None else None
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.running[trial.number] = running = _Running(trial, run_id, {})
+        try:
+            running.config = suggest_params(trial, self.spec.space)
+        except Exception as e:  # noqa: BLE001 - a sampler's error fails this trial only
+            self._on_done(trial.number, TrialRecord(trial.number, {}, seed, failure=str(e)))
+            return None
+        trial.set_user_attr("config", running.config)
+        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        peers = [t.user_attrs["metrics"]["train_loss"] for t in done if "metrics" in t.user_attrs]
+        return TrialJob(trial.number, running.config, seed, peers)
+
+    def _on_epoch(self, e: Epoch) -> None:
+        r = self.running.get(e.number)
+        if r is None:  # already given up on (its process was failed as stale)
+            self.executor.decide(e.number, "interrupted")
+            return
+        r.history.append(e.metrics)
+        decision = "interrupted" if self.stopping else None
+        if decision is None:
+            r.trial.report(e.metrics[self.metric], e.epoch)
+            if r.trial.should_prune():
+                decision = "pruned"
+        self.executor.decide(e.number, decision)  # first, so the worker goes on at once
+        self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
+
+    def _on_done(self, number: int, record: TrialRecord) -> None:
+        r = self.running.pop(number)
+        trial, outcome = r.trial, record.outcome
+        value = record.value(self.metric) if outcome == "COMPLETE" else None
+        if outcome == "COMPLETE" and value is None:
+            outcome, record.failure = "FAIL", f"{self.metric} is not finite at the kept epoch"
+        attrs: dict[str, Any] = {
+            "n_params": record.n_params,
+            "epochs_run": len(record.history),
+            "stopped_by": record.stopped_by,
+        }
+        tags: dict[str, str] = {}
+        final: dict[str, float] = {}
+        if record.fit is not None:
+            attrs["fit"], attrs["fit_evidence"] = record.fit, record.fit_evidence
+            tags["hpo.fit"], tags["hpo.fit_evidence"] = record.fit, str(record.fit_evidence)
+        if outcome == "COMPLETE":
+            attrs["best_epoch"] = record.kept_epoch
+            attrs["stopped_early"] = record.stopped_by == "early_stopping"
+            attrs["metrics"] = record.kept
+            kept = record.kept.items()
+            final = {f"best_{k}": v for k, v in kept if k.startswith(("train", "val"))}
+            final["best_epoch"] = float(record.kept_epoch or 0)
+        elif outcome == "FAIL":
+            attrs["fail_reason"] = tags["hpo.fail_reason"] = record.failure or "unknown error"
+        elif outcome == "INTERRUPTED":
+            attrs["interrupted"] = True
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if outcome == "COMPLETE":
+            assert value is not None
+            self._keep_if_best(trial, value, record, r.run_id)
+        state = {
+            "COMPLETE": TrialState.COMPLETE,
+            "PRUNED": TrialState.PRUNED,
+        }.get(outcome, TrialState.FAIL)
+        frozen = self._tell(trial, state, value)
+        if outcome == "INTERRUPTED":
+            self._retry(trial.params, number, trial.user_attrs.get("kills", 0))
+        mlflow_state = "KILLED" if outcome == "INTERRUPTED" else outcome
+        params = {k: v for k, v in r.config.items() if k != "width"}  # widths lists them
+        self.tracker.end_trial(r.run_id, mlflow_state, params, final, tags)
+        if frozen is not None:
+            self._progress(frozen, "interrupted: runs again" if outcome == "INTERRUPTED" else "")
+
+    def _on_lost(self, number: int, reason: str) -> None:
+        """Its worker died: failed, and run again once (a configuration that kills its
+        worker twice, say by running out of memory, is failed for good)."""
+        r = self.running.pop(number)
+        kills = r.trial.user_attrs.get("kills", 0)
+        if kills >= 1:
+            r.trial.set_user_attr("fail_reason", f"{reason}, a second time: not run again")
+        else:
+            r.trial.set_user_attr("interrupted", True)
+            r.trial.set_user_attr("lost", reason)
+        frozen = self._tell(r.trial, TrialState.FAIL, None)
+        if kills < 1:
+            self._retry(r.trial.params, number, kills + 1)
+        params = {k: v for k, v in r.config.items() if k != "width"}
+        self.tracker.end_trial(
+            r.run_id, "KILLED" if kills < 1 else "FAIL", params, {}, {"hpo.fail_reason": reason}
+        )
+        if frozen is not None:
+            self._progress(frozen, f"{reason}; " + ("runs again" if kills < 1 else "failed"))
+
+    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None) -> Any:
+        try:
+            return self.study.tell(trial, value, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return None  # another process failed it as stale meanwhile; its result is dropped
+        except RuntimeError as e:
+            if "Study.stop" not in str(e):
+                raise
+            # The grid sampler calls study.stop() once its grid is walked (the trial is stored
+            # by then): ask for no more trials.
+            self.exhausted = True
+            return self.study._storage.get_trial(trial._trial_id)
+
+    def _retry(self, params: dict[str, Any], number: int, kills: int) -> None:
+        self.study.enqueue_trial(params, user_attrs={"retry_of": number, "kills": kills})
+
+    def on_stale(self, study: optuna.Study, frozen: FrozenTrial) -> None:
+        """A trial of a dead process, just failed by the heartbeat check in this process."""
+        kills = frozen.user_attrs.get("kills", 0)
+        if kills < 1:
+            study.enqueue_trial(
+                frozen.params, user_attrs={"retry_of": frozen.number, "kills": kills + 1}
+            )
+        run_id = frozen.user_attrs.get("mlflow_run_id")
+        if run_id:
+            self.tracker.close_run(run_id, "KILLED", "KILLED" if kills < 1 else "FAIL")
+
+    def _interrupt_all(self, why: str) -> None:
+        for number in list(self.running):
+            r = self.running[number]
+            record = TrialRecord(number, r.config, 0, history=r.history, stopped_by="interrupted")
+            record.failure = why
+            self._on_done(number, record)
+
+    def _keep_if_best(
+        self, trial: optuna.Trial, value: float, record: TrialRecord, run_id: str
+    ) -> None:
+        best = best_or_none(self.study)
+        better = best is None or (
+            value > best.value if self.study.direction.name == "MAXIMIZE" else value < best.value
+        )
+        log_all = self.spec.tracking.log_model == "all"
+        if (better or log_all) and record.weights is not None:
+            self.tracker.save_checkpoint(run_id, record.weights, record.config)
+            trial.set_user_attr("checkpoint", True)
+            if log_all:
+                model = self._model(record.config, record.weights).cpu().eval()
+                self.tracker.log_model(model, self._example(), run_id=run_id)
+            if better:
+                self.best_weights = (trial.number, record.weights)
+
+    def _progress(self, trial: FrozenTrial, note: str = "") -> None:
+        if trial.duration is not None:
+            self.durations.append(trial.duration.total_seconds())
+        if self.on_trial_end is None:
+            return
+        done = count_finished(self.study)
+        best = best_or_none(self.study)
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        slots = max(self.executor.slots, 1)
+        self.on_trial_end(
+            Progress(
+                done=done,
+                total=self.total,
+                trial=trial,
+                best_value=best.value if best else None,
+                best_number=best.number if best else None,
+                elapsed=time.perf_counter() - self.started,
+                eta=mean * max(self.total - done, 0) / slots if mean is not None else None,
+                note=note,
+            )
+        )
+
+    # ------------------------------------------------------------ the end
+
+    def _model(self, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = build_model(config, self.data, self.data.train[0].device)
+        model.load_state_dict(weights)
+        return model
+
+    def _example(self) -> Any:
+        return self.data.val[0][:5].detach().cpu().numpy()  # never the test split
+
+    def _final_evaluation(self) -> tuple[dict[str, float], str]:
+        """The best trial's kept weights on the test split, once per best trial, by the last
+        process out; then the best model logged (again, if an earlier upload was cut short)."""
+        with storage_lock(self.url, self.lock_key):
+            attrs = self.study.user_attrs
+            if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                note = "other processes are still training; the last one evaluates the best model"
+                return attrs.get("test_metrics") or {}, note
+            best = best_or_none(self.study)
+            if best is None:
+                return {}, ""
+            model = None
+            if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
+                test = attrs["test_metrics"]  # this model already had its one look at the test
+            else:
+                model = self._best_model(best)
+                cfg = TrainConfig(task=self.data.task, y_scale=self.data.y_scale)
+                tested = evaluate(model, self.data.take_test(), cfg)
+                test = {f"test_{k}": v for k, v in tested.items()}
+                self.study.set_user_attr("test_metrics", test)
+                self.study.set_user_attr("test_trial", best.number)
+                self.tracker.log_summary(
+                    {**test, f"best_{self.metric}": best.value},
+                    {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
+                )
+            wanted = self.spec.tracking.log_model != "none"
+            if wanted and self.study.user_attrs.get("model_trial") != best.number:
+                self.tracker.fail_pending_models()  # an upload a Ctrl-C cut short
+                model = model or self._best_model(best)
+                uri = self.tracker.log_model(model.cpu().eval(), self._example())
+                self.study.set_user_attr("model_uri", uri)
+                self.study.set_user_attr("model_trial", best.number)
+        return test, ""
+
+    def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
+        if self.best_weights is not None and self.best_weights[0] == best.number:
+            return self._model(best.user_attrs["config"], self.best_weights[1])
+        weights = self.tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
+        return self._model(best.user_attrs["config"], weights)
+
+    def _close_parent(self, status: str) -> None:
+        """The parent run ends with the study: left RUNNING while other processes train."""
+        try:
+            if self.study is not None:
+                if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    return
+                if count_finished(self.study) >= self.total and status != "FAILED":
+                    status = "FINISHED"
+        finally:
+            self.tracker.close_parent(status)
+
+    def _result(self, interrupted: bool, test: dict[str, float], note: str) -> StudyResult:
+        study = self.study
+        best = best_or_none(study)
+        trials = study.get_trials(deepcopy=False)
+        fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
+        return StudyResult(
+            study_name=self.name,
+            storage=redact(self.url),
+            tracking_uri=redact(self.tracker.uri),
+            metric=self.metric,
+            counts=state_counts(trials),
+            best_number=best.number if best else None,
+            best_value=best.value if best else None,
+            best_params=best.user_attrs.get("config", best.params) if best else {},
+            test_metrics=test,
+            parent_run_id=self.tracker.parent_id,
+            device=str(self.data.train[0].device),
+            interrupted=interrupted,
+            fit_counts={label: fits.count(label) for label in ("good", "overfit", "underfit")},
+            new_trials=len(self.durations),
+            wall_time=time.perf_counter() - self.started,
+            data_info=self.data.info,
+            test_note=note,
+        )
 
 
 def _refuse_changed_spec(
@@ -359,12 +692,12 @@ def _refuse_changed_spec(
     name: str,
     fingerprint: str,
     split_hash: str,
-) -> tuple[dict[str, Any], int]:
-    """Refuse to resume a study whose spec or data changed; else its attributes and trial count."""
+) -> dict[str, Any]:
+    """Refuse to resume a study whose spec or data changed; else its attributes."""
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return {}, 0
+        return {}
     old_split = existing.user_attrs.get("data", {}).get("split_hash")
     if old_split is not None and old_split != split_hash:
         raise SpecError(
@@ -378,12 +711,12 @@ def _refuse_changed_spec(
     if old is not None and old != fingerprint:
         raise SpecError(
             [
-                f"name: study {name!r} in {storage_url} was run with a different spec "
+                f"name: study {name!r} in {redact(storage_url)} was run with a different spec "
                 f"(data, search space, training or metric changed; hash {old} vs {fingerprint}); "
                 f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
             ]
         )
-    return existing.user_attrs, len(existing.get_trials(deepcopy=False))
+    return existing.user_attrs
 
 
 def best_or_none(study: optuna.Study) -> FrozenTrial | None:
@@ -392,33 +725,6 @@ def best_or_none(study: optuna.Study) -> FrozenTrial | None:
         return study.best_trial
     except ValueError:  # no complete trial yet
         return None
-
-
-def _build(config: dict[str, Any], data: Data, device: torch.device) -> torch.nn.Module:
-    return build_mlp(
-        data.n_features,
-        data.n_outputs,
-        config["widths"],
-        config["activation"],
-        config["dropout"],
-        config["batchnorm"],
-        config["init"],
-    ).to(device)
-
-
-def _train_config(spec: Spec, data: Data, config: dict[str, Any], seed: int) -> TrainConfig:
-    es = spec.training.early_stopping
-    return TrainConfig.from_params(
-        config,
-        task=data.task,
-        max_epochs=spec.training.max_epochs,
-        monitor=es.monitor,
-        patience=es.patience,
-        min_delta=es.min_delta,
-        restore_best=es.restore_best,
-        seed=seed,
-        y_scale=data.y_scale,
-    )
 
 
 def spec_of(study: optuna.Study) -> Spec:
@@ -448,8 +754,8 @@ def retrain_best(
     rows = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = _build(config, data, dev)
-        cfg = _train_config(spec, data, config, seed)
+        model = build_model(config, data, dev)
+        cfg = train_config(spec, data, config, seed)
         result = train(model, data.train, data.val, cfg)
         if result.failure:
             rows.append({"seed": seed, "failure": result.failure})
@@ -458,164 +764,6 @@ def retrain_best(
         tested = {f"test_{k}": v for k, v in evaluate(model, test, cfg).items()}
         rows.append({"seed": seed, **val, **tested, "epochs": len(result.history)})
     return rows
-
-
-class _Objective:
-    """One trial: sample, build, train with pruning, log to MLflow, keep the best weights."""
-
-    def __init__(self, spec: Spec, data: Data, tracker: Tracker, seed: int, device: torch.device):
-        self.spec, self.data, self.tracker = spec, data, tracker
-        self.seed, self.device = seed, device
-        self.metric = spec.study.metric
-        self.best_model: tuple[int, torch.nn.Module] | None = None
-
-    def build(self, config: dict[str, Any]) -> torch.nn.Module:
-        return _build(config, self.data, self.device)
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        try:
-            return self._run(trial)
-        except Exception as e:
-            # A failure before training started (sampling, building) still gets its reason: a
-            # failed trial without one is taken for a trial whose process died.
-            if "fail_reason" not in trial.user_attrs and not isinstance(e, optuna.TrialPruned):
-                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
-            raise
-
-    def _run(self, trial: optuna.Trial) -> float:
-        spec = self.spec
-        config = suggest_params(trial, spec.space)
-        trial_seed = self.seed * 100_003 + trial.number
-        torch.manual_seed(trial_seed)
-        model = self.build(config)
-        cfg = _train_config(spec, self.data, config, trial_seed)
-        trial.set_user_attr("config", config)
-        trial.set_user_attr("seed", trial_seed)  # torch seed: retraining with it repeats the trial
-        trial.set_user_attr("n_params", count_parameters(model))
-        run_id = self.tracker.start_trial(trial.number)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        history: list[dict[str, float]] = []
-
-        def report(epoch: int, metrics: dict[str, float]) -> None:
-            history.append(metrics)
-            trial.report(metrics[self.metric], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-        state, final, tags = "FAIL", {}, {}
-        try:
-            result = train(model, self.data.train, self.data.val, cfg, on_epoch_end=report)
-            history = result.history
-            if result.failure:
-                raise FloatingPointError(result.failure)
-            final = {
-                f"best_{k}": v for k, v in result.best.items() if k.startswith(("train", "val"))
-            }
-            final["best_epoch"] = result.best_epoch
-            for k, v in (
-                ("best_epoch", result.best_epoch),
-                ("epochs_run", len(history)),
-                ("stopped_early", result.stopped_early),
-                ("metrics", result.best),
-            ):
-                trial.set_user_attr(k, v)
-            value = result.best[self.metric]
-            stopped_by = "early_stopping" if result.stopped_early else "max_epochs"
-            self._diagnose(trial, history, result.best_epoch, stopped_by, tags)
-            self._keep_if_best(trial, value, model, config, run_id)
-            state = "COMPLETE"
-            return value
-        except optuna.TrialPruned:
-            state = "PRUNED"
-            trial.set_user_attr("epochs_run", len(history))
-            self._diagnose(trial, history, None, "pruned", tags)
-            raise
-        except KeyboardInterrupt:
-            state = "KILLED"
-            trial.set_user_attr("interrupted", True)
-            raise
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
-            trial.set_user_attr("fail_reason", reason)
-            tags["hpo.fail_reason"] = reason[:5000]
-            raise
-        finally:
-            params = {k: v for k, v in config.items() if k != "width"}  # widths lists them
-            self.tracker.end_trial(run_id, state, params, history, final, tags)
-
-    def _diagnose(self, trial, history, kept_epoch, stopped_by, tags) -> None:
-        """Store the fit label and its evidence on the trial and, through tags, in MLflow."""
-        done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        peers = [t.user_attrs["metrics"]["train_loss"] for t in done if "metrics" in t.user_attrs]
-        chance = chance_loss(self.data.task, self.data.n_outputs)
-        fit = diagnose_fit(history, kept_epoch, chance, peers, stopped_by)
-        trial.set_user_attr("fit", fit.label)
-        trial.set_user_attr("fit_evidence", fit.evidence)
-        tags["hpo.fit"], tags["hpo.fit_evidence"] = fit.label, fit.evidence
-
-    def _keep_if_best(self, trial, value, model, config, run_id) -> None:
-        best = best_or_none(trial.study)
-        better = best is None or (
-            value > best.value if trial.study.direction.name == "MAXIMIZE" else value < best.value
-        )
-        log_all = self.spec.tracking.log_model == "all"
-        if better or log_all:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            self.tracker.save_checkpoint(run_id, state, config)
-            trial.set_user_attr("checkpoint", True)
-        if log_all:
-            example = self.data.val[0][:5].detach().cpu().numpy()
-            self.tracker.log_model(copy.deepcopy(model).cpu().eval(), example, run_id=run_id)
-        if better:
-            self.best_model = (trial.number, model)
-
-
-def _evaluate_best_once(
-    study: optuna.Study, spec: Spec, data: Data, tracker: Tracker, objective: _Objective
-) -> dict[str, float]:
-    """Evaluate the best trial's kept weights on the test split, once per best trial."""
-    best = best_or_none(study)
-    if best is None:
-        return {}
-    attrs = study.user_attrs
-    if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
-        return attrs["test_metrics"]  # this model already had its one look at the test split
-    if objective.best_model and objective.best_model[0] == best.number:
-        model = objective.best_model[1]
-    else:
-        model = objective.build(best.user_attrs["config"])
-        state = tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
-        model.load_state_dict(state)
-    cfg = TrainConfig(task=data.task, y_scale=data.y_scale)
-    X_test, y_test = data.take_test()
-    test = {f"test_{k}": v for k, v in evaluate(model, (X_test, y_test), cfg).items()}
-    study.set_user_attr("test_metrics", test)
-    study.set_user_attr("test_trial", best.number)
-    tracker.log_summary(
-        {**test, f"best_{spec.study.metric}": best.value},
-        {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
-    )
-    if spec.tracking.log_model != "none":
-        example = X_test[:5].detach().cpu().numpy()
-        tracker.log_model(model.cpu().eval(), example)
-    return test
-
-
-def open_storage(url: str, heartbeat: bool = False) -> optuna.storages.BaseStorage:
-    """The Optuna storage behind a URL; one that cannot be opened raises `SpecError`.
-
-    With `heartbeat`, running trials record a heartbeat, and trials of a process that died are
-    failed once they have been silent for `GRACE_S` seconds (see `was_interrupted`).
-    """
-    kw: dict[str, Any] = {}
-    if heartbeat:
-        kw = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
-    try:
-        with warnings.catch_warnings():  # the heartbeat is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.get_storage(optuna.storages.RDBStorage(url, **kw))
-    except Exception as e:  # noqa: BLE001 - a malformed URL, a missing driver, no server
-        raise SpecError([f"storage: cannot open {url!r}: {e}"]) from None
 
 
 def list_studies(storage: str | optuna.storages.BaseStorage) -> list[dict[str, Any]]:

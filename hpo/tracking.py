@@ -11,7 +11,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hpo.redact import redact
+
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+LIVE_EVERY_S = 2.0  # per-epoch metrics reach MLflow at most this long after their epoch
+_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
 
 
@@ -33,44 +37,95 @@ def _quiet() -> None:
 
 
 class Tracker:
-    """Writes a study and its trials to one MLflow tracking store."""
+    """Writes a study and its trials to one MLflow tracking store.
+
+    Built by the CLI and handed to the driver, which calls `check` before anything is written
+    and `open` once the run is sure to go ahead. Several processes may track one study: each
+    has its own Tracker, and they share the study's one parent run.
+    """
 
     def __init__(self, uri: str, experiment: str):
-        import mlflow
-        from mlflow import MlflowClient
+        self.uri = uri
+        self.experiment = experiment
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self._client: Any = None
+        self._pending: dict[str, list[Any]] = {}  # run id -> epoch metrics not yet sent
+        self._sent_at: dict[str, float] = {}
 
-        _quiet()  # after the import: mlflow sets its logger's level when imported
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
 
+            _quiet()  # after the import: mlflow sets its logger's level when imported
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def check(self) -> None:
+        """Refuse, with `SpecError`, a URI of an unknown kind or a server that does not answer."""
         from hpo.config import SpecError
 
-        self.uri = uri
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        try:
-            exp = self.client.get_experiment_by_name(experiment)
-        except Exception as e:  # noqa: BLE001 - a malformed URI or an unreachable server
-            msg = str(e).splitlines()[0][:300]
-            raise SpecError([f"tracking.uri: cannot open MLflow store {uri!r}: {msg}"]) from None
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment)
+        scheme = self.uri.split("://", 1)[0].lower() if "://" in self.uri else "file"
+        if scheme in ("http", "https"):
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=10):
+                    pass
+            except Exception as e:  # noqa: BLE001 - refused, timed out, not an MLflow server
+                raise SpecError(
+                    [
+                        f"tracking.uri: no MLflow server answers at {redact(self.uri)}: "
+                        f"{redact(str(e))[:200]}"
+                    ]
+                ) from None
+        elif scheme.split("+")[0] not in _SCHEMES:
+            raise SpecError(
+                [
+                    f"tracking.uri: unknown kind of MLflow store {redact(self.uri)!r}; "
+                    f"allowed: http(s)://HOST:PORT, sqlite:///FILE, postgresql://..., file:///DIR"
+                ]
+            )
         else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
-        self.parent_id: str | None = None
+            from hpo.storage import check_driver
+
+            check_driver(self.uri, "tracking.uri")
+
+    def open(self) -> None:
+        """Connect and create the experiment (once, whoever comes first)."""
+        from hpo.config import SpecError
+        from hpo.storage import storage_lock
+
+        try:
+            with storage_lock(self.uri, "hpo:mlflow"):  # store migrations run once
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    self.experiment_id = self.client.create_experiment(self.experiment)
+                else:
+                    if exp.lifecycle_stage == "deleted":
+                        self.client.restore_experiment(exp.experiment_id)
+                    self.experiment_id = exp.experiment_id
+        except Exception as e:  # noqa: BLE001 - a malformed URI or an unreachable server
+            msg = redact(str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+            raise SpecError(
+                [f"tracking.uri: cannot open MLflow store {redact(self.uri)!r}: {msg}"]
+            ) from None
 
     # ------------------------------------------------------------ the study's parent run
 
     def open_parent(
         self, run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]
     ) -> str:
-        """Reopen the study's parent run, or create it; runs a killed process left open are
-        marked KILLED."""
+        """Reopen the study's parent run, or create it. Call it under the study's lock: every
+        process of a study shares the one parent run it names."""
         from mlflow.entities import Param
 
+        if self.experiment_id is None:
+            self.open()
         if run_id is not None and self._exists(run_id):
-            self.client.update_run(run_id, status="RUNNING")
-            self._close_stale_children(run_id)
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
             run_id = run.info.run_id
@@ -85,15 +140,27 @@ class Tracker:
             return False
         return True
 
-    def _close_stale_children(self, parent_id: str) -> None:
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
-            ),
-        )
-        for run in runs:
-            self.client.set_terminated(run.info.run_id, "KILLED")
+    def close_run(self, run_id: str, status: str = "KILLED", state: str = "KILLED") -> None:
+        """Close the run of a trial whose process died (its heartbeat went silent)."""
+        from mlflow.entities import RunTag
+
+        if run_id and self._exists(run_id):
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.log_batch(run_id, tags=[RunTag("hpo.state", state)])
+                self.client.set_terminated(run_id, status)
+
+    def fail_pending_models(self) -> int:
+        """Mark FAILED the models of the parent run left PENDING by an interrupted upload."""
+        from mlflow.entities import LoggedModelStatus
+
+        pending = [
+            m
+            for m in self.client.search_logged_models(experiment_ids=[self.experiment_id])
+            if m.source_run_id == self.parent_id and m.status == LoggedModelStatus.PENDING
+        ]
+        for m in pending:
+            self.client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED)
+        return len(pending)
 
     def log_text(self, text: str, name: str) -> None:
         """A text file as an artifact of the parent run."""
@@ -115,6 +182,7 @@ class Tracker:
         import mlflow
         import mlflow.pytorch
 
+        mlflow.set_tracking_uri(self.uri)
         run_id = run_id or self.parent_id
         active = mlflow.active_run()
         if active is not None and active.info.run_id != run_id:
@@ -156,33 +224,43 @@ class Tracker:
         )
         return run.info.run_id
 
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+        """One epoch's metrics at step = epoch; sent in batches at most LIVE_EVERY_S late."""
+        from mlflow.entities import Metric
+
+        now = _now()
+        self._pending.setdefault(run_id, []).extend(
+            Metric(k, float(v), now, epoch) for k, v in metrics.items() if _finite(v)
+        )
+        if time.monotonic() - self._sent_at.get(run_id, 0.0) >= LIVE_EVERY_S:
+            self._flush(run_id)
+
+    def _flush(self, run_id: str) -> None:
+        metrics = self._pending.pop(run_id, [])
+        for i in range(0, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+        self._sent_at[run_id] = time.monotonic()
+
     def end_trial(
         self,
         run_id: str,
         state: str,
         params: dict[str, Any],
-        history: list[dict[str, float]],
         final: dict[str, float],
         tags: dict[str, str] | None = None,
     ) -> None:
-        """Params, per-epoch metrics at step = epoch, final metrics and tags, in batches."""
+        """The epochs not yet sent, params, final metrics and tags; then close the run."""
         from mlflow.entities import Metric, Param, RunTag
 
+        self._flush(run_id)
+        self._sent_at.pop(run_id, None)
         now = _now()
-        metrics = [
-            Metric(k, float(v), now, epoch)
-            for epoch, row in enumerate(history, start=1)
-            for k, v in row.items()
-            if _finite(v)
-        ]
-        metrics += [Metric(k, float(v), now, 0) for k, v in final.items() if _finite(v)]
+        metrics = [Metric(k, float(v), now, 0) for k, v in final.items() if _finite(v)]
         all_tags = [RunTag("hpo.state", state)] + [
-            RunTag(k, str(v)) for k, v in (tags or {}).items()
+            RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()
         ]
         p = [Param(k, _param(v)) for k, v in params.items()]
-        self.client.log_batch(run_id, metrics=metrics[:_BATCH], params=p, tags=all_tags)
-        for i in range(_BATCH, len(metrics), _BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+        self.client.log_batch(run_id, metrics=metrics, params=p, tags=all_tags)
         self.client.set_terminated(run_id, STATUS.get(state, "FINISHED"))
 
     def save_checkpoint(self, run_id: str, state_dict: dict[str, Any], config: dict) -> None:
@@ -231,3 +309,11 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__.split("+")[0]
+
+
+def tracker_for(
+    spec: Any, tracking_uri: str | None = None, study_name: str | None = None
+) -> Tracker:
+    """The tracker a spec asks for: its store (see `resolve_uri`) and its experiment."""
+    uri = resolve_uri(spec.tracking.uri, tracking_uri)
+    return Tracker(uri, spec.tracking.experiment or study_name or spec.name)

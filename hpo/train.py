@@ -1,6 +1,7 @@
 """The training loop: index-sliced mini-batches on the device, per-epoch metrics, early stopping.
 
-Knows nothing of Optuna or MLflow: pruning and logging reach it through `on_epoch_end`.
+Knows nothing of Optuna or MLflow: pruning, deadlines and logging reach it through
+`on_epoch_end`, which can ask it to stop. It always returns its history and why it stopped.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -46,12 +47,26 @@ class TrainConfig:
         return cls(**{k: v for k, v in params.items() if k in names}, **kw)
 
 
+# Why training stopped. Pruning and interruption come from `on_epoch_end` or `interrupt`.
+STOP_REASONS = ("max_epochs", "early_stopping", "pruned", "diverged", "interrupted")
+
+
+class Flag(Protocol):
+    """Anything with `is_set()`: a threading.Event set to interrupt training at the next step."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
     best_epoch: int = 0
-    stopped_early: bool = False
+    stopped_by: str = "max_epochs"  # one of STOP_REASONS
     failure: str | None = None  # why the trial failed (e.g. a non-finite loss)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_by == "early_stopping"
 
     @property
     def best(self) -> dict[str, float]:
@@ -113,12 +128,13 @@ def train(
     train_data: Tensors,
     val_data: Tensors,
     cfg: TrainConfig,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], str | None] | None = None,
+    interrupt: Flag | None = None,
 ) -> TrainResult:
     """Train `model` in place; it ends holding the best epoch's weights when restore_best is set.
 
-    `on_epoch_end(epoch, metrics)` runs after each epoch; an exception raised there (a pruning
-    decision, say) stops training and propagates.
+    `on_epoch_end(epoch, metrics)` runs after each epoch and may return a reason to stop
+    ("pruned" or "interrupted"); `interrupt`, once set, stops training at the next step.
     """
     X, y = train_data
     n = len(X)
@@ -150,6 +166,8 @@ def train(
         loss_sum = torch.zeros((), device=X.device)
         correct = torch.zeros((), device=X.device)
         for start in range(0, n_used, cfg.batch_size):
+            if interrupt is not None and interrupt.is_set():  # a host flag: no device sync
+                break
             idx = perm[start : min(start + cfg.batch_size, n_used)]
             xb, yb = X[idx], y[idx]
             out = model(xb)
@@ -164,6 +182,9 @@ def train(
             loss_sum += loss.detach() * len(idx)
             if classify:
                 correct += (out.detach().argmax(1) == yb).sum()
+        if interrupt is not None and interrupt.is_set():
+            result.stopped_by = "interrupted"  # this epoch is incomplete: not recorded
+            break
         train_loss, train_hits = torch.stack([loss_sum, correct]).tolist()
         tr = _metrics(train_loss / n_used, train_hits / n_used, cfg)
         va = evaluate(model, val_data, cfg)
@@ -175,6 +196,7 @@ def train(
         bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
         if bad:
             result.failure = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}"
+            result.stopped_by = "diverged"
             break
         value = metrics[cfg.monitor]
         improved = (
@@ -190,10 +212,14 @@ def train(
             bad_epochs += 1
         if sched is not None:
             sched.step(metrics["val_loss"]) if cfg.lr_schedule == "plateau" else sched.step()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+        stop = on_epoch_end(epoch, metrics) if on_epoch_end is not None else None
+        if stop is not None:
+            if stop not in STOP_REASONS:
+                raise ValueError(f"on_epoch_end must return None or a stop reason, got {stop!r}")
+            result.stopped_by = stop
+            break
         if bad_epochs >= cfg.patience:
-            result.stopped_early = epoch < cfg.max_epochs
+            result.stopped_by = "early_stopping" if epoch < cfg.max_epochs else "max_epochs"
             break
 
     if cfg.restore_best and best_state:

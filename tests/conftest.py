@@ -89,6 +89,14 @@ def write_spec(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:
     return path
 
 
+def study_run(spec, **kw):
+    """run_study with the tracker the spec asks for, in this process (one worker)."""
+    from hpo.study import run_study
+    from hpo.tracking import tracker_for
+
+    return run_study(spec, tracker_for(spec, study_name=kw.get("study_name")), **kw)
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory):
     """One MLflow store for the session: creating a store runs its migrations (seconds)."""

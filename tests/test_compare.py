@@ -6,11 +6,11 @@ import math
 
 import optuna
 import pytest
-from conftest import small_spec
+from conftest import small_spec, study_run
 
 from hpo.config import parse_spec
 from hpo.report.compare import SeedStats, seed_stats, summarise, verdict, write_compare
-from hpo.study import retrain_best, run_study
+from hpo.study import retrain_best
 
 
 def test_seed_stats_mean_and_t_interval():
@@ -42,7 +42,7 @@ def two_studies(workdir, mlflow_uri):
             study={"n_trials": 4, "sampler": {"name": sampler, "seed": 1}},
             tracking={"uri": mlflow_uri},
         )
-        run_study(parse_spec(spec))
+        study_run(parse_spec(spec))
     return [
         optuna.load_study(study_name=n, storage="sqlite:///optuna.db")
         for n in ("cmp-random", "cmp-tpe")

@@ -8,13 +8,12 @@ import subprocess
 
 import optuna
 import pytest
-from conftest import small_spec
+from conftest import small_spec, study_run
 from mlflow import MlflowClient
 
 from hpo.config import parse_spec
 from hpo.report import write_report
 from hpo.report.data import param_importances, report_data, search_space_advice
-from hpo.study import run_study
 
 
 def in_memory_study(lrs_and_values, direction="maximize"):
@@ -70,7 +69,7 @@ def test_importances_include_the_parameter_count():
 @pytest.fixture
 def finished_study(workdir, mlflow_uri):
     spec = small_spec(name="reported", study={"n_trials": 6}, tracking={"uri": mlflow_uri})
-    run_study(parse_spec(spec))
+    study_run(parse_spec(spec))
     return optuna.load_study(study_name="reported", storage="sqlite:///optuna.db")
 
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from conftest import small_spec
+from conftest import small_spec, study_run
 from mlflow import MlflowClient
 
 from hpo.config import PRUNERS, SAMPLERS, SpecError, parse_spec
-from hpo.study import make_pruner, make_sampler, run_study
+from hpo.study import make_pruner, make_sampler
 
 
 def run(workdir, mlflow_uri, name, **over):
     spec = parse_spec(
         small_spec(name=name, tracking={"uri": mlflow_uri, **over.pop("tracking", {})}, **over)
     )
-    return run_study(spec)
+    return study_run(spec)
 
 
 def child_runs(uri, result):
@@ -86,9 +86,9 @@ def test_resumed_random_search_does_not_replay_its_first_draws(workdir, mlflow_u
 
 def test_a_resumed_study_keeps_its_seed_override(workdir, mlflow_uri):
     tracking = {"uri": mlflow_uri}
-    run_study(parse_spec(small_spec(name="seeded", tracking=tracking)), seed=11)
+    study_run(parse_spec(small_spec(name="seeded", tracking=tracking)), seed=11)
     more = small_spec(name="seeded", tracking=tracking, study={"n_trials": 4})
-    run_study(parse_spec(more))  # no --seed: the study's own
+    study_run(parse_spec(more))  # no --seed: the study's own
     study = optuna.load_study(study_name="seeded", storage="sqlite:///optuna.db")
     assert study.user_attrs["seed"] == 11
     # trial seeds come from the override: trial k trains with 11 * 100003 + k
@@ -100,7 +100,7 @@ def test_changed_search_space_is_refused_with_a_way_out(workdir, mlflow_uri):
     spec = small_spec(name="frozen", tracking={"uri": mlflow_uri})
     spec["search_space"]["batch_size"] = 32
     with pytest.raises(SpecError) as info:
-        run_study(parse_spec(spec))
+        study_run(parse_spec(spec))
     assert "different spec" in info.value.problems[0] and "--study-name" in info.value.problems[0]
     assert len(optuna.load_study(study_name="frozen", storage="sqlite:///optuna.db").trials) == 1
 
@@ -225,11 +225,11 @@ def test_changed_data_behind_the_same_spec_is_refused(workdir, mlflow_uri):
         study={"n_trials": 1},
         tracking={"uri": mlflow_uri},
     )
-    run_study(parse_spec(spec, source_dir=workdir))
+    study_run(parse_spec(spec, source_dir=workdir))
     with open(workdir / "d.csv", "a") as f:
         f.write("".join(f"{i},{i % 5},b\n" for i in range(60, 80)))
     with pytest.raises(SpecError, match="the data of study 'csv-data' changed"):
-        run_study(parse_spec(spec, source_dir=workdir))
+        study_run(parse_spec(spec, source_dir=workdir))
 
 
 def test_regression_study_minimises_rmse_and_reports_test_rmse(workdir, mlflow_uri):
@@ -250,7 +250,7 @@ def test_regression_study_minimises_rmse_and_reports_test_rmse(workdir, mlflow_u
         study={"n_trials": 2, "metric": "val_rmse"},
         tracking={"uri": mlflow_uri},
     )
-    result = run_study(parse_spec(spec, source_dir=workdir))
+    result = study_run(parse_spec(spec, source_dir=workdir))
     study = optuna.load_study(study_name="regression", storage="sqlite:///optuna.db")
     assert study.direction.name == "MINIMIZE"
     assert result.best_value == min(t.value for t in study.trials)

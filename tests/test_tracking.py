@@ -21,9 +21,13 @@ def test_trial_run_nests_with_all_epochs_in_batches(mlflow_uri):
     tracker = Tracker(mlflow_uri, "tracking-batches")
     parent = tracker.open_parent(None, "study", {"dataset": "digits"}, {"hpo.study": "s"})
     run_id = tracker.start_trial(7)
-    history = [{"train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1} for e in range(1, 401)]
-    tracker.end_trial(run_id, "PRUNED", {"lr": 0.1, "widths": [8, 4]}, history, {"best_epoch": 3})
     client = MlflowClient(mlflow_uri)
+    tracker.log_epoch(run_id, 1, {"train_loss": 1.0, "val_loss": 2.0, "lr": 0.1})
+    live = client.get_metric_history(run_id, "val_loss")  # the first epoch is sent at once
+    assert [(m.step, m.value) for m in live] == [(1, 2.0)]
+    for e in range(2, 401):
+        tracker.log_epoch(run_id, e, {"train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1})
+    tracker.end_trial(run_id, "PRUNED", {"lr": 0.1, "widths": [8, 4]}, {"best_epoch": 3})
     run = client.get_run(run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["hpo.trial_number"] == "7" and run.data.tags["hpo.state"] == "PRUNED"
@@ -33,16 +37,21 @@ def test_trial_run_nests_with_all_epochs_in_batches(mlflow_uri):
     assert run.data.metrics["best_epoch"] == 3
 
 
-def test_reopening_parent_closes_runs_a_killed_process_left_open(mlflow_uri):
+def test_joining_a_parent_leaves_live_trials_alone_and_closes_only_dead_ones(mlflow_uri):
     tracker = Tracker(mlflow_uri, "tracking-stale")
     parent = tracker.open_parent(None, "study", {}, {})
-    stale = tracker.start_trial(0)  # its process "died": never ended
+    live = tracker.start_trial(0)  # another process is still training it
+    dead = tracker.start_trial(1)  # its process died: the heartbeat check says so
     tracker.close_parent("KILLED")
     again = Tracker(mlflow_uri, "tracking-stale")
     assert again.open_parent(parent, "study", {}, {}) == parent
     client = MlflowClient(mlflow_uri)
-    assert client.get_run(stale).info.status == "KILLED"
+    assert client.get_run(live).info.status == "RUNNING"
     assert client.get_run(parent).info.status == "RUNNING"
+    again.close_run(dead)
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(dead).data.tags["hpo.state"] == "KILLED"
+    assert client.get_run(live).info.status == "RUNNING"
     again.close_parent("FINISHED")
     assert client.get_run(parent).info.status == "FINISHED"
 

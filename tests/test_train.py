@@ -51,18 +51,41 @@ def test_non_finite_loss_fails_with_reason(blobs):
     assert result.failure is not None and "became" in result.failure and "epoch" in result.failure
 
 
-def test_hook_sees_each_epoch_and_can_stop_training(blobs):
+def test_hook_sees_each_epoch_and_can_stop_training_keeping_its_history(blobs):
     seen = []
 
     def hook(epoch, metrics):
         seen.append((epoch, metrics["val_loss"]))
-        if epoch == 2:
-            raise RuntimeError("stop here")
+        return "pruned" if epoch == 2 else None
 
     model = build_mlp(8, 3, widths=[16])
-    with pytest.raises(RuntimeError, match="stop here"):
-        train(model, blobs[0], blobs[1], TrainConfig(max_epochs=5), on_epoch_end=hook)
+    result = train(model, blobs[0], blobs[1], TrainConfig(max_epochs=5), on_epoch_end=hook)
     assert [e for e, _ in seen] == [1, 2]
+    assert result.stopped_by == "pruned" and len(result.history) == 2
+    assert [h["val_loss"] for h in result.history] == [v for _, v in seen]
+
+
+def test_interrupt_flag_stops_at_the_next_step_and_drops_the_partial_epoch(blobs):
+    import threading
+
+    flag = threading.Event()
+
+    def hook(epoch, metrics):
+        if epoch == 2:
+            flag.set()  # as a Ctrl-C handler in another thread would
+
+    model = build_mlp(8, 3, widths=[16])
+    cfg = TrainConfig(max_epochs=10)
+    result = train(model, blobs[0], blobs[1], cfg, on_epoch_end=hook, interrupt=flag)
+    assert result.stopped_by == "interrupted" and len(result.history) == 2
+
+
+def test_stop_reasons_say_why_training_ended(blobs):
+    _, ran_out, _ = fit(blobs, max_epochs=2, patience=50)
+    _, early, _ = fit(blobs, patience=1, min_delta=100.0)
+    _, diverged, _ = fit(blobs, optimizer="sgd", lr=1e12)
+    assert ran_out.stopped_by == "max_epochs" and early.stopped_by == "early_stopping"
+    assert diverged.stopped_by == "diverged" and diverged.failure
 
 
 def test_same_seed_same_history(blobs):

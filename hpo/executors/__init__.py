@@ -1,0 +1,64 @@
+"""How trials get run: in this process, in local worker processes, or as Ray tasks.
+
+An executor has `slots` places for trials. The driver (`study.py`) submits `TrialJob`s, reads
+`Epoch`, `Done` and `Lost` events, and answers each `Epoch` with a decision (None to go on,
+"pruned" or "interrupted" to stop there). Every executor runs the same worker loop
+(`worker.serve`) over its own kind of channel, so a trial runs the same code wherever it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hpo.trial import TrialJob, TrialRecord
+
+
+@dataclass
+class Epoch:
+    """A trial finished an epoch and waits for the driver's decision."""
+
+    number: int
+    epoch: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class Done:
+    """A trial ended (complete, pruned, failed, stopped): its record."""
+
+    number: int
+    record: TrialRecord
+
+
+@dataclass
+class Lost:
+    """The worker running a trial died (killed, out of memory): the trial has no record."""
+
+    number: int
+    reason: str
+
+
+Event = Epoch | Done | Lost
+
+
+class Executor(Protocol):
+    """Runs trials on `slots` workers; see the module docstring."""
+
+    slots: int
+    description: str  # for the start-up line: "2 worker processes on cpu, 1 thread each"
+
+    def start(self, data: Any) -> None:
+        """Start the workers (the driver's own data is shared where the device matches)."""
+
+    def submit(self, job: TrialJob) -> None:
+        """Run a trial on a free worker."""
+
+    def wait(self, timeout: float) -> list[Event]:
+        """Events that arrived within `timeout` seconds (maybe none)."""
+
+    def decide(self, number: int, decision: str | None) -> None:
+        """Answer a trial's `Epoch`: None goes on, "pruned" or "interrupted" stops it."""
+
+    def close(self, interrupt: bool = False) -> None:
+        """Stop the workers; with `interrupt`, running trials are cut short or killed."""

@@ -1,0 +1,310 @@
+"""Trials on this machine: one in a thread of this process, or N in worker processes."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from hpo.config import Spec
+from hpo.data import Data
+from hpo.executors import Done, Epoch, Event, Lost
+from hpo.executors.worker import serve
+from hpo.trial import TrialJob
+
+
+def _event(message: tuple) -> Event | None:
+    if message[0] == "epoch":
+        return Epoch(message[1], message[2], message[3])
+    if message[0] == "done":
+        return Done(message[1], message[2])
+    return None
+
+
+class _QueuePair:
+    """The worker's end of two queues, as a channel."""
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue):
+        self.inbox, self.outbox = inbox, outbox
+
+    def send(self, message: Any) -> None:
+        self.outbox.put(message)
+
+    def recv(self) -> Any:
+        return self.inbox.get()
+
+
+class ThreadExecutor:
+    """One trial at a time in a thread of this process, on the driver's own data."""
+
+    slots = 1
+
+    def __init__(self, spec: Spec, device: str):
+        self.spec, self.device = spec, device
+        self.description = f"1 worker (this process) on {device}"
+        self._inbox: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
+        self._interrupt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, data: Data) -> None:
+        channel = _QueuePair(self._inbox, self._outbox)
+        self._thread = threading.Thread(
+            target=serve,
+            args=(channel, self.spec, self.device, None, data, self._interrupt),
+            name="hpo-trial",
+            daemon=True,
+        )
+        self._thread.start()
+        _expect_ready(self._outbox.get())
+
+    def submit(self, job: TrialJob) -> None:
+        self._inbox.put(("run", job))
+
+    def wait(self, timeout: float) -> list[Event]:
+        try:
+            first = self._outbox.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        messages = [first]
+        while not self._outbox.empty():
+            messages.append(self._outbox.get_nowait())
+        return [e for e in map(_event, messages) if e is not None]
+
+    def decide(self, number: int, decision: str | None) -> None:
+        self._inbox.put(("decision", decision))
+
+    def close(self, interrupt: bool = False) -> None:
+        if self._thread is None:
+            return
+        if interrupt:
+            self._interrupt.set()  # the trial stops at its next step
+        # One "exit" may be taken as the answer to an epoch; the second ends the loop.
+        self._inbox.put(("exit",))
+        self._inbox.put(("exit",))
+        self._thread.join()
+        self._thread = None
+
+
+def _expect_ready(message: tuple) -> None:
+    if message[0] != "ready":
+        raise RuntimeError(f"a worker could not start: {message[1]}")
+
+
+def _process_main(conn: Connection, spec: Spec, device: str, threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the driver decides what happens to trials.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):  # die with the driver, even when it is SIGKILLed
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    try:
+        serve(conn, spec, device, threads)
+    except (EOFError, BrokenPipeError, OSError):
+        pass  # the driver went away
+
+
+class ProcessExecutor:
+    """N worker processes (spawned: safe with CUDA and threads), each with its own data copy.
+
+    CPU workers split the cores between them (torch threads); GPU workers are spread over
+    `devices` round robin. A worker that dies is reported as `Lost` and replaced.
+    """
+
+    def __init__(self, spec: Spec, devices: list[str], threads: int):
+        self.spec, self.devices, self.threads = spec, devices, threads
+        self.slots = len(devices)
+        where = sorted(set(devices))
+        self.description = f"{self.slots} worker processes on {', '.join(where)}" + (
+            f", {threads} torch threads each" if all(d == "cpu" for d in devices) else ""
+        )
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[Any] = [None] * self.slots
+        self._conns: list[Connection | None] = [None] * self.slots
+        self._ready = [False] * self.slots
+        self._job: list[int | None] = [None] * self.slots  # trial number per worker
+        self._pending: list[TrialJob] = []  # submitted while no worker was ready
+
+    def start(self, data: Data | None = None) -> None:
+        for i in range(self.slots):
+            self._spawn(i)
+        for i in range(self.slots):
+            self._await_ready(i)
+
+    def _spawn(self, i: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_process_main,
+            args=(child, self.spec, self.devices[i], self.threads),
+            name=f"hpo-worker-{i}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._procs[i], self._conns[i], self._ready[i] = proc, parent, False
+
+    def _await_ready(self, i: int) -> None:
+        conn = self._conns[i]
+        assert conn is not None
+        try:
+            _expect_ready(conn.recv())
+        except EOFError:
+            code = self._procs[i].exitcode if self._procs[i] else None
+            raise RuntimeError(f"worker {i} died while starting (exit code {code})") from None
+        self._ready[i] = True
+
+    def _free(self) -> list[int]:
+        return [i for i in range(self.slots) if self._ready[i] and self._job[i] is None]
+
+    def submit(self, job: TrialJob) -> None:
+        free = self._free()
+        if not free:
+            self._pending.append(job)
+            return
+        i = free[0]
+        self._job[i] = job.number
+        self._conns[i].send(("run", job))  # type: ignore[union-attr]
+
+    def wait(self, timeout: float) -> list[Event]:
+        conns = {c: i for i, c in enumerate(self._conns) if c is not None}
+        sentinels = {p.sentinel: i for i, p in enumerate(self._procs) if p is not None}
+        ready = wait(list(conns) + list(sentinels), timeout)
+        events: list[Event] = []
+        dead: set[int] = set()
+        for obj in ready:
+            if obj in conns:
+                i = conns[obj]
+                try:
+                    while obj.poll():
+                        message = obj.recv()
+                        if message[0] == "ready":
+                            self._ready[i] = True
+                            continue
+                        event = _event(message)
+                        if isinstance(event, Done):
+                            self._job[i] = None
+                        if event is not None:
+                            events.append(event)
+                except (EOFError, OSError):
+                    dead.add(i)
+            else:
+                dead.add(sentinels[obj])
+        for i in dead:
+            events += self._replace(i)
+        while self._pending and self._free():
+            self.submit(self._pending.pop(0))
+        return events
+
+    def _replace(self, i: int) -> list[Event]:
+        proc = self._procs[i]
+        proc.join(timeout=5)
+        code = proc.exitcode
+        lost: list[Event] = []
+        if self._job[i] is not None:
+            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            lost.append(Lost(self._job[i], f"worker process {proc.pid} died ({why})"))
+            self._job[i] = None
+        self._conns[i].close()  # type: ignore[union-attr]
+        self._spawn(i)  # ready again once its data is loaded (a "ready" message)
+        return lost
+
+    def decide(self, number: int, decision: str | None) -> None:
+        i = self._job.index(number)
+        try:
+            self._conns[i].send(("decision", decision))  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError):
+            pass  # it died: its sentinel reports it
+
+    def close(self, interrupt: bool = False) -> None:
+        for i, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            if interrupt:
+                proc.kill()
+            else:
+                try:
+                    self._conns[i].send(("exit",))  # type: ignore[union-attr]
+                except (BrokenPipeError, OSError):
+                    pass
+        for i, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            self._conns[i].close()  # type: ignore[union-attr]
+            self._procs[i] = None
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def plan_workers(
+    device: str, workers: int | None, workers_per_gpu: int | None
+) -> tuple[list[str], int]:
+    """One device per worker and torch threads per worker; bad combinations raise SpecError.
+
+    CPU: `workers` (default 1) share the cores. GPU: workers are spread over the GPUs round
+    robin, `workers_per_gpu` (default 1) at most on each.
+    """
+    import math
+
+    import torch
+
+    from hpo.config import SpecError
+    from hpo.data import resolve_device
+
+    problems = []
+    if workers is not None and workers < 1:
+        problems.append(f"--workers: must be >= 1 (got {workers})")
+    if workers_per_gpu is not None and workers_per_gpu < 1:
+        problems.append(f"--workers-per-gpu: must be >= 1 (got {workers_per_gpu})")
+    if problems:
+        raise SpecError(problems)
+    resolved = resolve_device(device)
+    if resolved.type != "cuda":
+        if workers_per_gpu is not None:
+            raise SpecError(
+                [f"--workers-per-gpu: needs a CUDA GPU, but trials run on {resolved.type}"]
+            )
+        n = workers or 1
+        return [str(resolved)] * n, max(1, cpu_count() // n)
+    gpus = (
+        [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if resolved.index is None
+        else [str(resolved)]
+    )
+    per_gpu = workers_per_gpu or (math.ceil(workers / len(gpus)) if workers else 1)
+    n = workers or per_gpu * len(gpus)
+    if n > per_gpu * len(gpus):
+        raise SpecError(
+            [
+                f"--workers: {n} workers at {per_gpu} per GPU need {math.ceil(n / per_gpu)} "
+                f"GPUs; {len(gpus)} available ({', '.join(gpus)})"
+            ]
+        )
+    return [gpus[i % len(gpus)] for i in range(n)], max(1, cpu_count() // n)
+
+
+def local_executor(
+    spec: Spec, workers: int | None = None, workers_per_gpu: int | None = None
+) -> ThreadExecutor | ProcessExecutor:
+    """In this process for one worker, else worker processes; see `plan_workers`."""
+    devices, threads = plan_workers(spec.training.device, workers, workers_per_gpu)
+    if len(devices) == 1:
+        return ThreadExecutor(spec, devices[0])
+    return ProcessExecutor(spec, devices, threads)

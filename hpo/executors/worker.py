@@ -1,0 +1,55 @@
+"""The loop every worker runs, whatever carries its messages: load the data once, then trials.
+
+Messages in: ("run", TrialJob), ("decision", None | "pruned" | "interrupted"), ("exit",).
+Messages out: ("ready", description), ("error", message), ("epoch", number, epoch, metrics),
+("done", number, TrialRecord).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from hpo.config import Spec
+from hpo.data import Data, load_data
+from hpo.train import Flag
+from hpo.trial import run_trial
+
+
+class Channel(Protocol):
+    def send(self, message: Any) -> None: ...
+
+    def recv(self) -> Any: ...
+
+
+def serve(
+    channel: Channel,
+    spec: Spec,
+    device: str,
+    threads: int | None = None,
+    data: Data | None = None,
+    interrupt: Flag | None = None,
+) -> None:
+    """Run trials sent over `channel` until told to exit (or the channel closes)."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        data = data if data is not None else load_data(spec, device)
+    except Exception as e:  # noqa: BLE001 - reported to the driver, which stops
+        channel.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    channel.send(("ready", device))
+    while True:
+        message = channel.recv()
+        if message[0] != "run":
+            return
+        job = message[1]
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float], number: int = job.number) -> Any:
+            channel.send(("epoch", number, epoch, metrics))
+            reply = channel.recv()
+            return reply[1] if reply[0] == "decision" else "interrupted"
+
+        record = run_trial(job, spec, data, on_epoch_end, interrupt)
+        channel.send(("done", job.number, record))

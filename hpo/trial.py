@@ -1,0 +1,141 @@
+"""One trial: a configuration, the data and the training settings in, one `TrialRecord` out.
+
+Knows neither Optuna nor MLflow. Whoever runs trials (the driver in `study.py`, through an
+executor) hands in a `TrialJob` and callbacks, and gets back a record that says what happened:
+the history, the epoch whose weights were kept, why training stopped, the fit label, and on
+failure the reason. Nothing here raises for a pruned, stopped, diverged or failed trial.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hpo.config import Spec
+from hpo.data import Data
+from hpo.diagnose import chance_loss, diagnose_fit
+from hpo.model import build_mlp, count_parameters
+from hpo.train import Flag, TrainConfig, train
+
+# What a finished trial is, from its stop reason: complete, pruned, failed or interrupted.
+OUTCOMES = {
+    "max_epochs": "COMPLETE",
+    "early_stopping": "COMPLETE",
+    "pruned": "PRUNED",
+    "diverged": "FAIL",
+    "failed": "FAIL",
+    "interrupted": "INTERRUPTED",
+}
+
+
+@dataclass
+class TrialJob:
+    """What a trial needs besides the data: its number, configuration and seed."""
+
+    number: int
+    config: dict[str, Any]
+    seed: int
+    peer_train_losses: list[float] = field(default_factory=list)  # for the fit diagnosis
+
+
+@dataclass
+class TrialRecord:
+    """Everything a trial produced, as plain data."""
+
+    number: int
+    config: dict[str, Any]
+    seed: int
+    n_params: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    kept_epoch: int | None = None  # the epoch whose weights the model holds at the end
+    stopped_by: str = "failed"  # max_epochs | early_stopping | pruned | diverged | interrupted
+    fit: str | None = None  # overfit | underfit | good
+    fit_evidence: str | None = None
+    failure: str | None = None  # why it failed
+    weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # kept, on CPU
+
+    @property
+    def outcome(self) -> str:
+        """COMPLETE, PRUNED, FAIL or INTERRUPTED."""
+        return OUTCOMES[self.stopped_by]
+
+    @property
+    def kept(self) -> dict[str, float]:
+        """Metrics of the kept epoch (empty when there is none)."""
+        return self.history[self.kept_epoch - 1] if self.kept_epoch else {}
+
+    def value(self, metric: str) -> float | None:
+        """The study's metric at the kept epoch, when finite."""
+        v = self.kept.get(metric)
+        return v if v is not None and math.isfinite(v) else None
+
+
+def build_model(config: dict[str, Any], data: Data, device: torch.device | str) -> torch.nn.Module:
+    """The MLP a configuration describes, for this data, on `device`."""
+    return build_mlp(
+        data.n_features,
+        data.n_outputs,
+        config["widths"],
+        config["activation"],
+        config["dropout"],
+        config["batchnorm"],
+        config["init"],
+    ).to(device)
+
+
+def train_config(spec: Spec, data: Data, config: dict[str, Any], seed: int) -> TrainConfig:
+    """The training settings of one trial: the spec's, with the configuration's own."""
+    es = spec.training.early_stopping
+    return TrainConfig.from_params(
+        config,
+        task=data.task,
+        max_epochs=spec.training.max_epochs,
+        monitor=es.monitor,
+        patience=es.patience,
+        min_delta=es.min_delta,
+        restore_best=es.restore_best,
+        seed=seed,
+        y_scale=data.y_scale,
+    )
+
+
+def run_trial(
+    job: TrialJob,
+    spec: Spec,
+    data: Data,
+    on_epoch_end: Callable[[int, dict[str, float]], str | None] | None = None,
+    interrupt: Flag | None = None,
+) -> TrialRecord:
+    """Build, train and diagnose one configuration; never raises for the trial's own failure.
+
+    `on_epoch_end(epoch, metrics)` may return "pruned" or "interrupted" to stop it there.
+    The kept weights come back on the CPU for complete trials.
+    """
+    record = TrialRecord(job.number, job.config, job.seed)
+    device = data.train[0].device
+    try:
+        torch.manual_seed(job.seed)
+        model = build_model(job.config, data, device)
+        record.n_params = count_parameters(model)
+        cfg = train_config(spec, data, job.config, job.seed)
+        result = train(model, data.train, data.val, cfg, on_epoch_end, interrupt)
+    except Exception as e:  # noqa: BLE001 - one configuration's error fails that trial only
+        record.failure = f"{type(e).__name__}: {e}"
+        return record
+    record.history = result.history
+    record.stopped_by = result.stopped_by
+    record.failure = result.failure
+    if record.outcome == "COMPLETE":
+        record.kept_epoch = result.best_epoch
+        record.weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if record.outcome in ("COMPLETE", "PRUNED"):
+        chance = chance_loss(data.task, data.n_outputs)
+        fit = diagnose_fit(
+            record.history, record.kept_epoch, chance, job.peer_train_losses, record.stopped_by
+        )
+        record.fit, record.fit_evidence = fit.label, fit.evidence
+    return record
