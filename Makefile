@@ -8,7 +8,7 @@ SPEC ?= search_spaces/digits.yaml
 HPO_DATA_DIR ?= $(abspath ../shared/data)
 export HPO_DATA_DIR
 
-.PHONY: install run test lint format bench clean
+.PHONY: install postgres run test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -16,13 +16,21 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray]"
 	touch $@
+
+# The multi-process tests run a real PostgreSQL server (initdb + pg_ctl in a temporary folder):
+# Debian's package, installed when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+	  || { command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	  || { echo "error: PostgreSQL is needed by the tests: apt-get install postgresql" >&2; exit 1; }
 
 run: install
 	$(BIN)/hpo run $(SPEC)
 
-test: install
+test: install postgres
 	$(BIN)/python -m pytest -q
 
 lint: install

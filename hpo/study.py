@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import __version__
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
-from hpo.executors import Done, Epoch, Executor, Lost
+from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.redact import redact
 from hpo.space import grid_space, suggest_params
 from hpo.storage import (
@@ -402,7 +402,9 @@ class _Driver:
                 stale_checked = 0.0
                 continue
             for event in self.executor.wait(POLL_S):
-                if isinstance(event, Epoch):
+                if isinstance(event, Started) and event.number in self.running:
+                    self.running[event.number].trial.set_user_attr("worker", event.worker)
+                elif isinstance(event, Epoch):
                     self._on_epoch(event)
                 elif isinstance(event, Done):
                     self._on_done(event.number, event.record)

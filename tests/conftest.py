@@ -102,3 +102,152 @@ def mlflow_uri(tmp_path_factory):
     """One MLflow store for the session: creating a store runs its migrations (seconds)."""
     folder = tmp_path_factory.mktemp("mlflow")
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------- real servers
+
+PG_PASSWORD = "pw-Secret-7f3a9"  # must appear nowhere hpo prints, logs or stores
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL server on 127.0.0.1 with password authentication."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port = folder, port
+
+    def url(self, database: str) -> str:
+        return f"postgresql://hpo:{PG_PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's postgresql package: initdb and pg_ctl) for the
+    session; `make test` installs the package when it is missing."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL (initdb, pg_ctl) is not installed: run `make test`")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="hpo-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    (folder / "pw").write_text(PG_PASSWORD)
+    if as_user:
+        shutil.chown(folder / "pw", "postgres")
+    data = folder / "data"
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True)  # noqa: E731
+    run(initdb, "-D", str(data), "-U", "hpo", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}")
+    port = _free_port()
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    run(pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+    try:
+        yield Postgres(folder, port)
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"])
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """A real `mlflow server` process: PostgreSQL backend store, served artifact store."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    backend = postgres.create_database("mlflow")
+    artifacts = tmp_path_factory.mktemp("mlartifacts")
+    port = _free_port()
+    log = open(artifacts.parent / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", backend,
+            "--artifacts-destination", str(artifacts),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                why = (artifacts.parent / "mlflow-server.log").read_text()[-3000:]
+                raise RuntimeError(why) from None
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def hpo_process(args, cwd, **kw):
+    """`python -m hpo ARGS` as a real process in `cwd`, output merged, unbuffered."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05):
+    """Poll until `condition()` is truthy and return it; the limit only stops a hung test."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"never saw: {what}")

@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from conftest import REPO, mnist_available, small_spec, write_spec
+from conftest import REPO, mnist_available, small_spec, wait_for, write_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -172,14 +172,18 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     long_trials = {"max_epochs": 200, "early_stopping": {"patience": 200}}  # seconds, not ms
     path = write_spec(workdir, small_spec(study={"n_trials": 200}, training=long_trials))
     proc = _hpo(["run", path], workdir)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("[") and "/200] trial 1 " in line:  # two trials done
-            break
     db = workdir / "optuna.db"
-    while time.monotonic() < deadline and not _running_with_heartbeat(db):
-        time.sleep(0.05)
+
+    def two_done_and_one_training() -> bool:  # a state, not a number of seconds
+        try:  # plain SQL: opening an Optuna storage here would race hpo to create the tables
+            if _running_with_heartbeat(db) != 1:
+                return False
+        except sqlite3.OperationalError:  # no tables yet
+            return False
+        study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+        return count_finished(study) >= 2
+
+    wait_for(two_done_and_one_training, "two trials done and a third RUNNING")
     proc.kill()
     proc.communicate(timeout=60)
     with sqlite3.connect(db) as con:  # let the grace period pass

@@ -1,8 +1,8 @@
 """How trials get run: in this process, in local worker processes, or as Ray tasks.
 
 An executor has `slots` places for trials. The driver (`study.py`) submits `TrialJob`s, reads
-`Epoch`, `Done` and `Lost` events, and answers each `Epoch` with a decision (None to go on,
-"pruned" or "interrupted" to stop there). Every executor runs the same worker loop
+`Started`, `Epoch`, `Done` and `Lost` events, and answers each `Epoch` with a decision (None to
+go on, "pruned" or "interrupted" to stop there). Every executor runs the same worker loop
 (`worker.serve`) over its own kind of channel, so a trial runs the same code wherever it runs.
 """
 
@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hpo.trial import TrialJob, TrialRecord
+
+
+@dataclass
+class Started:
+    """A worker took a trial: where it runs ("host:pid")."""
+
+    number: int
+    worker: str
 
 
 @dataclass
@@ -39,7 +47,7 @@ class Lost:
     reason: str
 
 
-Event = Epoch | Done | Lost
+Event = Started | Epoch | Done | Lost
 
 
 class Executor(Protocol):

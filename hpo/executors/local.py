@@ -14,12 +14,14 @@ from typing import Any
 
 from hpo.config import Spec
 from hpo.data import Data
-from hpo.executors import Done, Epoch, Event, Lost
+from hpo.executors import Done, Epoch, Event, Lost, Started
 from hpo.executors.worker import serve
 from hpo.trial import TrialJob
 
 
 def _event(message: tuple) -> Event | None:
+    if message[0] == "start":
+        return Started(message[1], message[2])
     if message[0] == "epoch":
         return Epoch(message[1], message[2], message[3])
     if message[0] == "done":
@@ -123,8 +125,10 @@ class ProcessExecutor:
         self.spec, self.devices, self.threads = spec, devices, threads
         self.slots = len(devices)
         where = sorted(set(devices))
+        per = f", {threads} torch thread{'s' if threads > 1 else ''} each"
+        cpu = all(d == "cpu" for d in devices)
         self.description = f"{self.slots} worker processes on {', '.join(where)}" + (
-            f", {threads} torch threads each" if all(d == "cpu" for d in devices) else ""
+            per if cpu else ""
         )
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = [None] * self.slots

@@ -1,12 +1,14 @@
 """The loop every worker runs, whatever carries its messages: load the data once, then trials.
 
 Messages in: ("run", TrialJob), ("decision", None | "pruned" | "interrupted"), ("exit",).
-Messages out: ("ready", description), ("error", message), ("epoch", number, epoch, metrics),
-("done", number, TrialRecord).
+Messages out: ("ready", device), ("error", message), ("start", number, "host:pid"),
+("epoch", number, epoch, metrics), ("done", number, TrialRecord).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Protocol
 
 import torch
@@ -45,6 +47,7 @@ def serve(
         if message[0] != "run":
             return
         job = message[1]
+        channel.send(("start", job.number, f"{socket.gethostname()}:{os.getpid()}"))
 
         def on_epoch_end(epoch: int, metrics: dict[str, float], number: int = job.number) -> Any:
             channel.send(("epoch", number, epoch, metrics))
