@@ -43,6 +43,7 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_workers.py
 
 clean:
 	rm -rf $(VENV) optuna.db mlflow.db mlruns mlartifacts .pytest_cache

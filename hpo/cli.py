@@ -25,7 +25,12 @@ SpecArg = Annotated[
 ]
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Optuna storage URL [default: sqlite:///optuna.db]."),
+    typer.Option(
+        "--storage",
+        envvar="HPO_STORAGE",
+        help="Optuna storage URL, e.g. postgresql://user:password@host/db (or $HPO_STORAGE, "
+        "which keeps the password off the command line) [default: sqlite:///optuna.db].",
+    ),
 ]
 TrackingOpt = Annotated[
     str | None,

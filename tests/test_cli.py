@@ -181,7 +181,10 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
         except sqlite3.OperationalError:  # no tables yet
             return False
         study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
-        return count_finished(study) >= 2
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        # a few epochs into its 200: far from its end, whatever the machine's speed
+        epochs = [len(t.intermediate_values) for t in running]
+        return count_finished(study) >= 2 and len(epochs) == 1 and 1 <= epochs[0] <= 50
 
     wait_for(two_done_and_one_training, "two trials done and a third RUNNING")
     proc.kill()

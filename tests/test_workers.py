@@ -306,3 +306,28 @@ def test_ray_runs_a_study_with_two_workers(workdir):
     pids = {t.user_attrs["worker"] for t in study.trials}
     assert len(pids) == 2 and str(os.getpid()) not in {p.rsplit(":", 1)[1] for p in pids}
     assert count_finished(study) == 4 and study.user_attrs["test_metrics"]["test_accuracy"] > 0.5
+
+
+# ---------------------------------------------------------------- deploy/
+
+
+def test_deploy_files_start_workers_with_the_same_command(workdir, monkeypatch):
+    import subprocess
+
+    import yaml
+    from conftest import REPO
+
+    job = yaml.safe_load((REPO / "deploy" / "k8s-indexed-job.yaml").read_text())
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:2] == ["hpo", "run"] and (REPO / command[2]).is_file()
+    assert {e["name"] for e in container["env"]} >= {"HPO_STORAGE", "MLFLOW_TRACKING_URI"}
+    script = REPO / "deploy" / "slurm.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "srun hpo run" in script.read_text() and "#SBATCH --array=" in script.read_text()
+    # HPO_STORAGE, as both files set it, is the storage hpo run uses
+    monkeypatch.setenv("HPO_STORAGE", f"sqlite:///{workdir / 'from-env.db'}")
+    code, out = invoke("run", write_spec(workdir, small_spec(study={"n_trials": 1})))
+    assert code == 0, out
+    assert (workdir / "from-env.db").is_file() and not (workdir / "optuna.db").exists()
