@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from conftest import REPO, mnist_available, small_spec, wait_for, write_spec
+from conftest import REPO, hpo_process, mnist_available, small_spec, wait_for, write_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -113,23 +113,9 @@ def test_python_dash_m_hpo_help():
         assert command in out.stdout
 
 
-def _hpo(args, cwd, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "hpo", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
 def test_ctrl_c_stops_cleanly_and_rerun_continues(workdir):
     path = write_spec(workdir, small_spec(study={"n_trials": 200}, training={"max_epochs": 20}))
-    proc = _hpo(["run", path], workdir)
+    proc = hpo_process(["run", path], workdir)
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -151,7 +137,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_continues(workdir):
     )
     assert finished >= 2
 
-    proc = _hpo(["run", path, "--n-trials", finished + 1], workdir)
+    proc = hpo_process(["run", path, "--n-trials", finished + 1], workdir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert f"{finished} of {finished + 1} trials already done" in out
@@ -171,7 +157,7 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     period, the next run fails it as interrupted, does not count it, and reaches the total."""
     long_trials = {"max_epochs": 200, "early_stopping": {"patience": 200}}  # seconds, not ms
     path = write_spec(workdir, small_spec(study={"n_trials": 200}, training=long_trials))
-    proc = _hpo(["run", path], workdir)
+    proc = hpo_process(["run", path], workdir)
     db = workdir / "optuna.db"
 
     def two_done_and_one_training() -> bool:  # a state, not a number of seconds
@@ -199,7 +185,7 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     finished = count_finished(study)
     assert finished >= 2
 
-    proc = _hpo(["run", path, "--n-trials", finished + 1], workdir)
+    proc = hpo_process(["run", path, "--n-trials", finished + 1], workdir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
@@ -243,7 +229,7 @@ def test_ui_serves_the_mlflow_store_on_localhost(workdir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = _hpo(["ui", "--port", port], workdir, start_new_session=True)
+    proc = hpo_process(["ui", "--port", port], workdir, start_new_session=True)
     try:
         deadline, body = time.monotonic() + 90, ""
         while time.monotonic() < deadline and not body:

@@ -94,6 +94,40 @@ class ThreadExecutor:
         self._thread = None
 
 
+class WorkerSlots:
+    """Bookkeeping shared by executors of several workers: which worker is ready, which trial
+    each runs, and the trials submitted while none was free. Subclasses `_send` a message."""
+
+    slots: int
+
+    def _init_slots(self, slots: int) -> None:
+        self.slots = slots
+        self._ready = [False] * slots
+        self._job: list[int | None] = [None] * slots  # trial number per worker
+        self._pending: list[TrialJob] = []
+
+    def _send(self, i: int, message: tuple) -> None:
+        raise NotImplementedError
+
+    def _free(self) -> list[int]:
+        return [i for i in range(self.slots) if self._ready[i] and self._job[i] is None]
+
+    def submit(self, job: TrialJob) -> None:
+        free = self._free()
+        if not free:
+            self._pending.append(job)
+            return
+        self._job[free[0]] = job.number
+        self._send(free[0], ("run", job))
+
+    def _submit_pending(self) -> None:
+        while self._pending and self._free():
+            self.submit(self._pending.pop(0))
+
+    def decide(self, number: int, decision: str | None) -> None:
+        self._send(self._job.index(number), ("decision", decision))
+
+
 def _expect_ready(message: tuple) -> None:
     if message[0] != "ready":
         raise RuntimeError(f"a worker could not start: {message[1]}")
@@ -114,7 +148,7 @@ def _process_main(conn: Connection, spec: Spec, device: str, threads: int) -> No
         pass  # the driver went away
 
 
-class ProcessExecutor:
+class ProcessExecutor(WorkerSlots):
     """N worker processes (spawned: safe with CUDA and threads), each with its own data copy.
 
     CPU workers split the cores between them (torch threads); GPU workers are spread over
@@ -123,7 +157,7 @@ class ProcessExecutor:
 
     def __init__(self, spec: Spec, devices: list[str], threads: int):
         self.spec, self.devices, self.threads = spec, devices, threads
-        self.slots = len(devices)
+        self._init_slots(len(devices))
         where = sorted(set(devices))
         per = f", {threads} torch thread{'s' if threads > 1 else ''} each"
         cpu = all(d == "cpu" for d in devices)
@@ -133,9 +167,6 @@ class ProcessExecutor:
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = [None] * self.slots
         self._conns: list[Connection | None] = [None] * self.slots
-        self._ready = [False] * self.slots
-        self._job: list[int | None] = [None] * self.slots  # trial number per worker
-        self._pending: list[TrialJob] = []  # submitted while no worker was ready
 
     def start(self, data: Data | None = None) -> None:
         for i in range(self.slots):
@@ -165,17 +196,11 @@ class ProcessExecutor:
             raise RuntimeError(f"worker {i} died while starting (exit code {code})") from None
         self._ready[i] = True
 
-    def _free(self) -> list[int]:
-        return [i for i in range(self.slots) if self._ready[i] and self._job[i] is None]
-
-    def submit(self, job: TrialJob) -> None:
-        free = self._free()
-        if not free:
-            self._pending.append(job)
-            return
-        i = free[0]
-        self._job[i] = job.number
-        self._conns[i].send(("run", job))  # type: ignore[union-attr]
+    def _send(self, i: int, message: tuple) -> None:
+        try:
+            self._conns[i].send(message)  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError):
+            pass  # it died: its sentinel reports it
 
     def wait(self, timeout: float) -> list[Event]:
         conns = {c: i for i, c in enumerate(self._conns) if c is not None}
@@ -203,8 +228,7 @@ class ProcessExecutor:
                 dead.add(sentinels[obj])
         for i in dead:
             events += self._replace(i)
-        while self._pending and self._free():
-            self.submit(self._pending.pop(0))
+        self._submit_pending()
         return events
 
     def _replace(self, i: int) -> list[Event]:
@@ -219,13 +243,6 @@ class ProcessExecutor:
         self._conns[i].close()  # type: ignore[union-attr]
         self._spawn(i)  # ready again once its data is loaded (a "ready" message)
         return lost
-
-    def decide(self, number: int, decision: str | None) -> None:
-        i = self._job.index(number)
-        try:
-            self._conns[i].send(("decision", decision))  # type: ignore[union-attr]
-        except (BrokenPipeError, OSError):
-            pass  # it died: its sentinel reports it
 
     def close(self, interrupt: bool = False) -> None:
         for i, proc in enumerate(self._procs):

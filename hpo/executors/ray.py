@@ -11,9 +11,8 @@ from typing import Any
 
 from hpo.config import Spec, SpecError
 from hpo.executors import Done, Event, Lost
-from hpo.executors.local import _event
+from hpo.executors.local import WorkerSlots, _event
 from hpo.executors.worker import serve
-from hpo.trial import TrialJob
 
 INSTALL = "pip install 'hpo[ray]'"
 
@@ -52,18 +51,16 @@ def _work(spec: Spec, slot: int, inbox: Any, outbox: Any, gpus: float, cpus: int
     serve(_RayChannel(slot, inbox, outbox), spec, device, threads=cpus)
 
 
-class RayExecutor:
+class RayExecutor(WorkerSlots):
     """`slots` Ray tasks, each holding `gpus` GPUs (a fraction shares one) and one CPU."""
 
     def __init__(self, spec: Spec, address: str, slots: int, gpus: float):
-        self.spec, self.address, self.slots, self.gpus = spec, address, slots, gpus
+        self.spec, self.address, self.gpus = spec, address, gpus
+        self._init_slots(slots)
         self.description = f"{slots} Ray workers ({gpus:g} GPU each)"
         self._tasks: list[Any] = [None] * slots
         self._inboxes: list[Any] = [None] * slots
         self._outbox: Any = None
-        self._job: list[int | None] = [None] * slots
-        self._ready = [False] * slots
-        self._pending: list[TrialJob] = []
         self._remote: Any = None
 
     def start(self, data: Any = None) -> None:
@@ -101,16 +98,8 @@ class RayExecutor:
             self.spec, i, self._inboxes[i], self._outbox, self.gpus, 1
         )
 
-    def _free(self) -> list[int]:
-        return [i for i in range(self.slots) if self._ready[i] and self._job[i] is None]
-
-    def submit(self, job: TrialJob) -> None:
-        free = self._free()
-        if not free:
-            self._pending.append(job)
-            return
-        self._job[free[0]] = job.number
-        self._inboxes[free[0]].put(("run", job))
+    def _send(self, i: int, message: tuple) -> None:
+        self._inboxes[i].put(message)
 
     def wait(self, timeout: float) -> list[Event]:
         import ray
@@ -143,12 +132,8 @@ class RayExecutor:
                 events.append(Lost(self._job[i], f"Ray worker {i} died ({why})"))
                 self._job[i] = None
             self._spawn(i)
-        while self._pending and self._free():
-            self.submit(self._pending.pop(0))
+        self._submit_pending()
         return events
-
-    def decide(self, number: int, decision: str | None) -> None:
-        self._inboxes[self._job.index(number)].put(("decision", decision))
 
     def close(self, interrupt: bool = False) -> None:
         import ray
