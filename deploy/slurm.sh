@@ -19,7 +19,7 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=hpo-%A_%a.out
 set -euo pipefail
-: "${HPO_STORAGE:?set HPO_STORAGE to the study's PostgreSQL URL}"
+: "${HPO_STORAGE:?set HPO_STORAGE to the PostgreSQL URL of the study}"
 : "${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI to the MLflow server}"
 spec="${1:-search_spaces/mnist.yaml}"
 workers=()
