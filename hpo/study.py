@@ -363,6 +363,9 @@ class _Driver:
                 self._loop()
             except KeyboardInterrupt:
                 interrupted = True
+                # Ctrl-C may land inside a storage write: drop that half-done transaction,
+                # whose SQLite lock would otherwise block every write that follows.
+                self.study._storage.remove_session()
                 self.executor.close(interrupt=True)
                 self._interrupt_all("interrupted (Ctrl-C)")
             self.executor.close()
