@@ -101,7 +101,7 @@ class Tracker:
             with storage_lock(self.uri, "hpo:mlflow"):  # store migrations run once
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
-                    self.experiment_id = self.client.create_experiment(self.experiment)
+                    self.experiment_id = self._create_experiment()
                 else:
                     if exp.lifecycle_stage == "deleted":
                         self.client.restore_experiment(exp.experiment_id)
@@ -111,6 +111,19 @@ class Tracker:
             raise SpecError(
                 [f"tracking.uri: cannot open MLflow store {redact(self.uri)!r}: {msg}"]
             ) from None
+
+    def _create_experiment(self) -> str:
+        """Create the experiment; if another process created it first (a tracking server
+        takes no lock of ours), use theirs."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(self.experiment)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     # ------------------------------------------------------------ the study's parent run
 
