@@ -8,7 +8,7 @@ SPEC ?= search_spaces/digits.yaml
 HPO_DATA_DIR ?= $(abspath ../shared/data)
 export HPO_DATA_DIR
 
-.PHONY: install postgres run test lint format bench clean
+.PHONY: install postgres run test lint format docs bench clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ lint: install
 format: install
 	$(BIN)/ruff format hpo tests benchmarks
 	$(BIN)/ruff check --fix hpo tests benchmarks
+
+# The README's list of names (datasets, samplers, ...) is written from hpo/registry.py.
+docs: install
+	$(BIN)/python -c "from hpo.registry import sync_readme; sync_readme('README.md')"
 
 bench: install
 	$(BIN)/python benchmarks/bench_train.py

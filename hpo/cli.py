@@ -96,6 +96,25 @@ def validate(spec: SpecArg) -> None:
 
 
 @app.command()
+def names(
+    kind: Annotated[str | None, typer.Argument(help="datasets, samplers, ...")] = None,
+) -> None:
+    """List the names a spec can use: datasets, samplers, pruners, activations, optimizers,
+    inits, lr_schedules."""
+    from hpo.registry import ALL
+
+    if kind is not None and kind not in ALL:
+        _err(f"names: unknown kind {kind!r}; allowed: {', '.join(ALL)}")
+        raise typer.Exit(code=2)
+    for title, reg in ALL.items():
+        if kind in (None, title):
+            typer.echo(f"{title} ({reg.key}):")
+            width = max(len(n) for n in reg)
+            for e in reg.values():
+                typer.echo(f"  {e.name:<{width}}  {e.doc}")
+
+
+@app.command()
 def run(
     spec: SpecArg,
     n_trials: Annotated[

@@ -17,14 +17,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-DATASETS = ("mnist", "fashion_mnist", "digits", "csv", "parquet", "openml")
-SAMPLERS = ("tpe", "random", "grid", "qmc", "cmaes", "gp", "nsga2")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "none")
-ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "tanh", "sigmoid")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-INITS = ("default", "he", "xavier")
-LR_SCHEDULES = ("none", "cosine", "plateau")
-OFFICIAL_TEST_SETS = ("mnist", "fashion_mnist")
+from hpo.registry import (
+    ACTIVATIONS,
+    DATASETS,
+    INITS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRUNERS,
+    SAMPLERS,
+)
 
 # Hyperparameters the platform knows, each with its kind, bounds and the value used when the
 # search space leaves it out (the usual textbook default).
@@ -32,18 +33,18 @@ _REAL, _INT, _BOOL, _CHOICE = "real", "int", "bool", "choice"
 PARAMS: dict[str, dict[str, Any]] = {
     "n_layers": {"kind": _INT, "min": 0, "default": 2},
     "width": {"kind": _INT, "min": 1, "default": 128},
-    "activation": {"kind": _CHOICE, "allowed": ACTIVATIONS, "default": "relu"},
+    "activation": {"kind": _CHOICE, "registry": ACTIVATIONS, "default": "relu"},
     "dropout": {"kind": _REAL, "min": 0.0, "max_open": 1.0, "default": 0.0},
     "batchnorm": {"kind": _BOOL, "default": False},
-    "init": {"kind": _CHOICE, "allowed": INITS, "default": "default"},
-    "optimizer": {"kind": _CHOICE, "allowed": OPTIMIZERS, "default": "adam"},
+    "init": {"kind": _CHOICE, "registry": INITS, "default": "default"},
+    "optimizer": {"kind": _CHOICE, "registry": OPTIMIZERS, "default": "adam"},
     "lr": {"kind": _REAL, "min_open": 0.0, "default": 1e-3},
     "momentum": {"kind": _REAL, "min": 0.0, "max_open": 1.0, "default": 0.0},
     "nesterov": {"kind": _BOOL, "default": False},
     "weight_decay": {"kind": _REAL, "min": 0.0, "default": 0.0},
     "l1": {"kind": _REAL, "min": 0.0, "default": 0.0},
     "batch_size": {"kind": _INT, "min": 1, "default": 128},
-    "lr_schedule": {"kind": _CHOICE, "allowed": LR_SCHEDULES, "default": "none"},
+    "lr_schedule": {"kind": _CHOICE, "registry": LR_SCHEDULES, "default": "none"},
     "grad_clip": {"kind": _REAL, "min": 0.0, "default": 0.0},  # max gradient norm; 0 = off
 }
 
@@ -77,7 +78,7 @@ class SplitSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    name: Literal["mnist", "fashion_mnist", "digits", "csv", "parquet", "openml"]
+    name: str  # a name in registry.DATASETS
     path: str | None = None
     test_path: str | None = None
     target: str | None = None
@@ -114,7 +115,7 @@ class TrainingSpec(_Strict):
 
 class SamplerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")  # the sampler's own options pass through
-    name: Literal["tpe", "random", "grid", "qmc", "cmaes", "gp", "nsga2"] = "tpe"
+    name: str = "tpe"  # a name in registry.SAMPLERS
     seed: int | None = 0
 
     @property
@@ -124,9 +125,7 @@ class SamplerSpec(BaseModel):
 
 class PrunerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: Literal["median", "percentile", "successive_halving", "hyperband", "patient", "none"] = (
-        "median"
-    )
+    name: str = "median"  # a name in registry.PRUNERS
 
     @property
     def options(self) -> dict[str, Any]:
@@ -330,12 +329,8 @@ def _check_value(path: str, name: str, value: Any) -> list[str]:
         ok = isinstance(value, bool)
         return [] if ok else [f"{path}: must be true or false (got {_show(value)})"]
     if kind == _CHOICE:
-        if value not in rule["allowed"]:
-            return [
-                f"{path}: unknown {name} {_show(value)}; "
-                f"{_did_you_mean(str(value), rule['allowed'])}"
-            ]
-        return []
+        problem = rule["registry"].problem(path, value)
+        return [problem] if problem else []
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         what = "an integer" if kind == _INT else "a number"
         return [f"{path}: must be {what} (got {_show(value)})"]
@@ -469,25 +464,30 @@ def _check_semantics(spec: Spec) -> list[str]:
         problems.append(f"dataset.max_samples: must be >= 10 or null (got {ds.max_samples})")
 
     task = spec.task
-    if ds.name in ("csv", "parquet"):
-        if ds.path is None:
-            problems.append(f"dataset.path: is required for dataset {ds.name}")
-        if ds.target is None:
-            problems.append(f"dataset.target: is required for dataset {ds.name}")
-        detected, table_problems = _check_table(spec)
-        problems += table_problems
-        if task == "auto":
-            task = detected or "auto"
-    elif ds.name == "openml":
-        if ds.openml is None:
-            problems.append("dataset.openml: is required for dataset openml (a name or an id)")
-    else:
+    names = (
+        (DATASETS, ds.name),
+        (SAMPLERS, spec.study.sampler.name),
+        (PRUNERS, spec.study.pruner.name),
+    )
+    problems += [p for reg, name in names if (p := reg.problem(reg.key, name))]
+    entry = DATASETS.get(ds.name)
+    if entry is not None:
         for key in ("path", "test_path", "target", "openml"):
-            if getattr(ds, key) is not None:
+            given = getattr(ds, key) is not None
+            if key in entry.requires and not given:
+                what = " (a name or an id)" if key == "openml" else ""
+                problems.append(f"dataset.{key}: is required for dataset {ds.name}{what}")
+            elif given and key not in entry.requires + entry.accepts:
                 problems.append(f"dataset.{key}: not used with dataset {ds.name}")
-        if task == "regression":
-            problems.append(f"task: {ds.name} is a classification dataset (got regression)")
-        task = "classification"
+        if entry.task is None and "path" in entry.requires:  # a table: its target says
+            detected, table_problems = _check_table(spec)
+            problems += table_problems
+            if task == "auto":
+                task = detected or "auto"
+        elif entry.task is not None:
+            if task not in ("auto", entry.task):
+                problems.append(f"task: {ds.name} is a {entry.task} dataset (got {task})")
+            task = entry.task
 
     allowed = {
         "classification": CLASSIFICATION_METRICS,

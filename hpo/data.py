@@ -10,7 +10,6 @@ import hashlib
 import os
 import struct
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from hpo.config import Spec, SpecError, infer_task
+from hpo.registry import DATASETS
 
 
 @dataclass
@@ -55,19 +55,6 @@ class Data:
         return test
 
 
-LOADERS: dict[str, Callable[[Spec], RawData]] = {}
-
-
-def register(name: str) -> Callable[[Callable[[Spec], RawData]], Callable[[Spec], RawData]]:
-    """Add a dataset loader under the name a spec's `dataset.name` uses."""
-
-    def deco(fn: Callable[[Spec], RawData]) -> Callable[[Spec], RawData]:
-        LOADERS[name] = fn
-        return fn
-
-    return deco
-
-
 def resolve_device(device: str) -> torch.device:
     """auto = cuda, then mps, then cpu."""
     if device == "auto":
@@ -83,7 +70,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
     """Load, split, scale and move a spec's dataset to the device."""
-    raw = LOADERS[spec.dataset.name](spec)
+    raw = DATASETS.load(spec.dataset.name)(spec)
     task = spec.task if spec.task != "auto" else raw.task
     sp = spec.dataset.split
     stratify = sp.stratify and task == "classification"
@@ -180,11 +167,11 @@ def _fit_scaler(X: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- built-in datasets
 
 
-@register("digits")
-def _load_digits(spec: Spec) -> RawData:
-    from sklearn.datasets import load_digits
+def load_digits(spec: Spec) -> RawData:
+    """scikit-learn's bundled 8x8 digits."""
+    from sklearn import datasets
 
-    d = load_digits()
+    d = datasets.load_digits()
     return RawData(
         X=d.data.astype(np.float32),
         y=d.target.astype(np.int64),
@@ -327,13 +314,13 @@ def _load_idx_dataset(name: str, classes: list[str]) -> RawData:
     )
 
 
-@register("mnist")
-def _load_mnist(spec: Spec) -> RawData:
+def load_mnist(spec: Spec) -> RawData:
+    """MNIST from the IDX files (see `_load_idx_dataset` for where they are looked for)."""
     return _load_idx_dataset("mnist", [str(i) for i in range(10)])
 
 
-@register("fashion_mnist")
-def _load_fashion(spec: Spec) -> RawData:
+def load_fashion_mnist(spec: Spec) -> RawData:
+    """Fashion-MNIST from the IDX files."""
     return _load_idx_dataset("fashion_mnist", FASHION_CLASSES)
 
 
@@ -374,16 +361,15 @@ def _from_frame(frame, target: str, task: str, test=None) -> RawData:  # frames:
     return raw
 
 
-@register("csv")
-@register("parquet")
-def _load_table(spec: Spec) -> RawData:
+def load_table(spec: Spec) -> RawData:
+    """A CSV or Parquet file with a target column, and its own test file if given."""
     frame = _read_table(spec, "path")
     test = _read_table(spec, "test_path") if spec.dataset.test_path else None
     return _from_frame(frame, spec.dataset.target, spec.task, test)
 
 
-@register("openml")
-def _load_openml(spec: Spec) -> RawData:
+def load_openml(spec: Spec) -> RawData:
+    """An OpenML dataset by name or id, through scikit-learn's cache."""
     from sklearn.datasets import fetch_openml
 
     ds = spec.dataset

@@ -6,17 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,  # negative slope 0.01
-    "prelu": nn.PReLU,  # learned slope, one per layer
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
+from hpo.registry import ACTIVATIONS, INITS
 
 
 def build_mlp(
@@ -33,8 +23,9 @@ def build_mlp(
     No hidden layers gives a linear (or logistic) model. SELU gets alpha dropout so that its
     self-normalising property survives.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    for reg, name in ((ACTIVATIONS, activation), (INITS, init)):
+        if name not in reg:
+            raise ValueError(f"{reg.what} must be one of {', '.join(reg)}, got {name!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     layers: list[nn.Module] = []
@@ -43,7 +34,7 @@ def build_mlp(
         layers.append(nn.Linear(fan_in, int(width)))
         if batchnorm:
             layers.append(nn.BatchNorm1d(int(width)))
-        layers.append(ACTIVATIONS[activation]())
+        layers.append(ACTIVATIONS.load(activation)())
         if dropout > 0:
             layers.append(
                 nn.AlphaDropout(dropout) if activation == "selu" else nn.Dropout(dropout)
@@ -51,28 +42,31 @@ def build_mlp(
         fan_in = int(width)
     layers.append(nn.Linear(fan_in, n_outputs))
     model = nn.Sequential(*layers)
-    _initialise(model, activation, init)
+    INITS.load(init)([m for m in model if isinstance(m, nn.Linear)], activation)
     return model
 
 
-def _initialise(model: nn.Sequential, activation: str, init: str) -> None:
-    if init == "default":
-        return  # PyTorch's own: Kaiming-uniform with a=sqrt(5)
-    linears = [m for m in model if isinstance(m, nn.Linear)]
+def init_default(linears: list[nn.Linear], activation: str) -> None:
+    """PyTorch's own initialisation: Kaiming uniform with a=sqrt(5), left as it is."""
+
+
+def init_he(linears: list[nn.Linear], activation: str) -> None:
+    """He (Kaiming) normal on hidden layers, zero biases; the head keeps unit gain."""
+    nonlin = "leaky_relu" if activation in ("leaky_relu", "prelu") else "relu"
     for i, lin in enumerate(linears):
         hidden = i < len(linears) - 1
-        if init == "he":
-            nonlin = "leaky_relu" if activation in ("leaky_relu", "prelu") else "relu"
-            nn.init.kaiming_normal_(lin.weight, nonlinearity=nonlin if hidden else "linear")
-        elif init == "xavier":
-            gain_for = (
-                activation if activation in ("tanh", "sigmoid", "relu", "selu") else "linear"
-            )
-            nn.init.xavier_uniform_(
-                lin.weight, gain=nn.init.calculate_gain(gain_for) if hidden else 1.0
-            )
-        else:
-            raise ValueError(f"init must be default, he or xavier, got {init!r}")
+        nn.init.kaiming_normal_(lin.weight, nonlinearity=nonlin if hidden else "linear")
+        nn.init.zeros_(lin.bias)
+
+
+def init_xavier(linears: list[nn.Linear], activation: str) -> None:
+    """Xavier (Glorot) uniform with the activation's gain on hidden layers, zero biases."""
+    gain_for = activation if activation in ("tanh", "sigmoid", "relu", "selu") else "linear"
+    for i, lin in enumerate(linears):
+        hidden = i < len(linears) - 1
+        nn.init.xavier_uniform_(
+            lin.weight, gain=nn.init.calculate_gain(gain_for) if hidden else 1.0
+        )
         nn.init.zeros_(lin.bias)
 
 

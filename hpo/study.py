@@ -26,6 +26,7 @@ from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.redact import redact
+from hpo.registry import PRUNERS, SAMPLERS
 from hpo.space import grid_space, suggest_params
 from hpo.storage import (
     DEFAULT_STORAGE,
@@ -44,27 +45,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_S = 1.0  # how often an idle driver looks at the storage again
 
 
-# ---------------------------------------------------------------- registries
-
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "tpe": optuna.samplers.TPESampler,
-    "random": optuna.samplers.RandomSampler,
-    "grid": optuna.samplers.GridSampler,
-    "qmc": optuna.samplers.QMCSampler,
-    "cmaes": optuna.samplers.CmaEsSampler,
-    "gp": optuna.samplers.GPSampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-}
-PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
-    "median": optuna.pruners.MedianPruner,
-    "percentile": optuna.pruners.PercentilePruner,
-    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
-    "patient": optuna.pruners.PatientPruner,
-    "none": optuna.pruners.NopPruner,
-}
-
-
 def _check_options(where: str, what: str, cls: type, opts: dict, skip: tuple = ()) -> None:
     allowed = [p for p in inspect.signature(cls).parameters if p not in skip] or ["no options"]
     unknown = [k for k in opts if k not in allowed]
@@ -81,11 +61,11 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     """The sampler a spec names, with its options; bad options raise `SpecError`."""
     s = spec.study.sampler
     seed = s.seed if seed is None else seed
-    cls = SAMPLERS[s.name]
+    cls = SAMPLERS.load(s.name)
     _check_options("study.sampler", f"{s.name} sampler", cls, s.options, ("seed", "search_space"))
     try:
-        if s.name == "grid":
-            return cls(grid_space(spec.space), seed=seed)
+        if "search_space" in inspect.signature(cls).parameters:  # grid: the points to walk
+            return cls(grid_space(spec.space), seed=seed, **s.options)
         return cls(seed=seed, **s.options)
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.sampler: {e}"]) from None
@@ -104,13 +84,13 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
             allowed = ", ".join(p for p in PRUNERS if p != "patient")
             raise SpecError([f"study.pruner.wrapped: must be one of {allowed} (got {wrapped!r})"])
         inner = _pruner(spec, wrapped, opts)
-        return optuna.pruners.PatientPruner(inner, **{"patience": 2, **own})
+        return PRUNERS.load("patient")(inner, **{"patience": 2, **own})
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.pruner: {e}"]) from None
 
 
 def _pruner(spec: Spec, name: str, opts: dict[str, Any]) -> optuna.pruners.BasePruner:
-    cls = PRUNERS[name]
+    cls = PRUNERS.load(name)
     _check_options("study.pruner", f"{name} pruner", cls, opts)
     defaults: dict[str, Any] = {
         "percentile": {"percentile": 25.0},

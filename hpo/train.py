@@ -6,6 +6,7 @@ Knows nothing of Optuna or MLflow: pruning, deadlines and logging reach it throu
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpo.registry import LR_SCHEDULES, OPTIMIZERS
+
 Tensors = tuple[torch.Tensor, torch.Tensor]
 EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory stays flat
 
@@ -23,14 +26,14 @@ EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory st
 @dataclass
 class TrainConfig:
     task: str = "classification"  # classification | regression
-    optimizer: str = "adam"  # sgd | adam | adamw | rmsprop | adagrad
+    optimizer: str = "adam"  # a name in registry.OPTIMIZERS
     lr: float = 1e-3
     momentum: float = 0.0  # sgd and rmsprop
     nesterov: bool = False  # sgd, only with momentum > 0
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
     l1: float = 0.0  # L1 penalty on weights, added to the loss
     batch_size: int = 128
-    lr_schedule: str = "none"  # none | cosine | plateau
+    lr_schedule: str = "none"  # a name in registry.LR_SCHEDULES
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     max_epochs: int = 30
     monitor: str = "val_loss"
@@ -80,22 +83,43 @@ def lower_is_better(metric: str) -> bool:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named in the config, with its L2 weight decay."""
-    p, lr, wd = model.parameters(), cfg.lr, cfg.weight_decay
-    if cfg.optimizer == "sgd":
-        nesterov = cfg.nesterov and cfg.momentum > 0
-        return torch.optim.SGD(p, lr=lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=wd)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(p, lr=lr, weight_decay=wd)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(p, lr=lr, weight_decay=wd)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(p, lr=lr, momentum=cfg.momentum, weight_decay=wd)
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(p, lr=lr, weight_decay=wd)
-    raise ValueError(
-        f"optimizer must be sgd, adam, adamw, rmsprop or adagrad, got {cfg.optimizer!r}"
-    )
+    """The optimizer named in the config, given the settings it takes (lr, L2 weight decay,
+    momentum, Nesterov)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
+        )
+    cls = OPTIMIZERS.load(cfg.optimizer)
+    settings = {
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "momentum": cfg.momentum,
+        "nesterov": cfg.nesterov and cfg.momentum > 0,  # torch refuses Nesterov without momentum
+    }
+    takes = inspect.signature(cls).parameters
+    return cls(model.parameters(), **{k: v for k, v in settings.items() if k in takes})
+
+
+# A learning-rate schedule: built from the optimizer and config, stepped once per epoch with
+# that epoch's metrics; None is a constant rate.
+Schedule = Callable[[dict[str, float]], Any]
+
+
+def constant_lr(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule | None:
+    """No schedule."""
+    return None
+
+
+def cosine_lr(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule | None:
+    """Cosine annealing from `lr` to 0 over `max_epochs`."""
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
+    return lambda metrics: sched.step()
+
+
+def plateau_lr(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule | None:
+    """Halve the rate after 2 epochs without a lower val_loss."""
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    return lambda metrics: sched.step(metrics["val_loss"])
 
 
 def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, float]:
@@ -143,11 +167,7 @@ def train(
     torch.set_flush_denormal(True)
     gen = torch.Generator(device=X.device).manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
-    sched: Any = None
-    if cfg.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
-    elif cfg.lr_schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    step_schedule = LR_SCHEDULES.load(cfg.lr_schedule)(opt, cfg)
     classify = cfg.task == "classification"
     weights = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1 skips biases
     lower = lower_is_better(cfg.monitor)
@@ -210,8 +230,8 @@ def train(
                 best_state = {}
         else:
             bad_epochs += 1
-        if sched is not None:
-            sched.step(metrics["val_loss"]) if cfg.lr_schedule == "plateau" else sched.step()
+        if step_schedule is not None:
+            step_schedule(metrics)
         stop = on_epoch_end(epoch, metrics) if on_epoch_end is not None else None
         if stop is not None:
             if stop not in STOP_REASONS:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpo.model import ACTIVATIONS, build_mlp, count_parameters
+from hpo.model import build_mlp, count_parameters
+from hpo.registry import ACTIVATIONS
 
 
 def test_zero_hidden_layers_is_a_linear_model():
@@ -26,7 +27,7 @@ def test_block_order_and_per_layer_widths():
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_every_activation_builds_and_runs(name):
     model = build_mlp(4, 2, widths=[8], activation=name)
-    assert isinstance(model[1], ACTIVATIONS[name])
+    assert isinstance(model[1], ACTIVATIONS.load(name))
     assert torch.isfinite(model(torch.randn(3, 4))).all()
 
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import small_spec, study_run
 from mlflow import MlflowClient
 
-from hpo.config import PRUNERS, SAMPLERS, SpecError, parse_spec
+from hpo.config import SpecError, parse_spec
+from hpo.registry import PRUNERS, SAMPLERS
 from hpo.study import make_pruner, make_sampler
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hpo.model import build_mlp
-from hpo.train import TrainConfig, evaluate, train
+from hpo.registry import LR_SCHEDULES, OPTIMIZERS
+from hpo.train import TrainConfig, evaluate, make_optimizer, train
 
 
 def fit(blobs, **kw):
@@ -102,8 +103,8 @@ def test_l1_shrinks_weights(blobs):
     assert sparse[0].weight.abs().sum() < 0.7 * plain[0].weight.abs().sum()
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop", "adagrad"])
-@pytest.mark.parametrize("schedule", ["none", "cosine", "plateau"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.names)
+@pytest.mark.parametrize("schedule", LR_SCHEDULES.names)
 def test_every_optimizer_and_schedule_learns(blobs, optimizer, schedule):
     lr = {"sgd": 0.1, "adagrad": 0.1}.get(optimizer, 1e-2)
     _, result, _ = fit(
@@ -119,6 +120,20 @@ def test_every_optimizer_and_schedule_learns(blobs, optimizer, schedule):
     assert result.failure is None and result.best["val_accuracy"] > 0.9
     if schedule == "cosine":
         assert result.history[-1]["lr"] < lr
+
+
+def test_each_optimizer_gets_the_settings_it_takes():
+    model = torch.nn.Linear(3, 2)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    group = make_optimizer(model, cfg).param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.05, 0.9, True)
+    assert group["weight_decay"] == 1e-3
+    no_momentum = make_optimizer(model, TrainConfig(optimizer="sgd", nesterov=True))
+    assert no_momentum.param_groups[0]["nesterov"] is False  # torch refuses it without momentum
+    rms = make_optimizer(model, TrainConfig(optimizer="rmsprop", momentum=0.5))
+    assert rms.param_groups[0]["momentum"] == 0.5
+    adam = make_optimizer(model, TrainConfig(optimizer="adam", lr=0.01, momentum=0.9))
+    assert isinstance(adam, torch.optim.Adam) and "momentum" not in adam.param_groups[0]
 
 
 def test_regression_reports_rmse_in_target_units():
