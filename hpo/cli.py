@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from hpo.config import Spec, SpecError, load_spec
+from hpo.outage import RETRY_S, ServerLost
 from hpo.redact import redact
 
 app = typer.Typer(
@@ -148,6 +149,15 @@ def run(
     gpus_per_worker: Annotated[
         float | None, typer.Option(help="With --ray: GPUs per worker, fractions allowed.")
     ] = None,
+    retry_for: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            envvar="HPO_RETRY_FOR",
+            help="Seconds to wait for a database or tracking server that goes away mid-study; "
+            "then the run stops, its trials interrupted (run it again to continue).",
+        ),
+    ] = RETRY_S,
 ) -> None:
     """Run a study (or continue or join it: same name, same storage) and print a summary.
 
@@ -177,8 +187,8 @@ def run(
     ):
         if given and cli and given != cli:
             _err(
-                f"warning: {key} in the spec ({given}) takes precedence over "
-                f"the command line ({cli})"
+                f"warning: {key} in the spec ({redact(given)}) takes precedence over "
+                f"the command line ({redact(cli)})"
             )
 
     import optuna
@@ -244,9 +254,17 @@ def run(
             seed=seed,
             on_trial_end=progress,
             on_start=started,
+            retry_s=retry_for,
+            on_notice=lambda line: _err(f"warning: {line}"),
         )
     except SpecError as e:
         _fail_spec(e, spec)
+    except ServerLost as e:
+        _err(
+            f"error: {e}; run the same command again to continue the study (the trials it was "
+            "training run again)"
+        )
+        raise typer.Exit(code=1) from None
     except RuntimeError as e:  # a worker that cannot start, a storage gone mid-study
         _err(f"error: {redact(str(e))}")
         raise typer.Exit(code=1) from None

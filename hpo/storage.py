@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial
 
 from hpo.config import SpecError
+from hpo.outage import Retry
 from hpo.redact import redact
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -59,11 +62,12 @@ def check_driver(url: str, where: str = "storage") -> None:
 
 
 @contextmanager
-def storage_lock(url: str, key: str) -> Iterator[None]:
+def storage_lock(url: str, key: str, retry: Retry | None = None) -> Iterator[None]:
     """Hold a lock named `key` among all processes using the database at `url`.
 
     SQLite: an exclusive flock on the database file (SQLite's own locks are of another kind
-    and do not interfere). PostgreSQL: a session advisory lock. Other databases: no lock.
+    and do not interfere). PostgreSQL: a session advisory lock, taken through `retry` when the
+    server may be away. Other databases: no lock.
     """
     path = sqlite_path(url)
     if path is not None:
@@ -81,13 +85,26 @@ def storage_lock(url: str, key: str) -> Iterator[None]:
 
         number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-        try:
-            with engine.connect() as conn:
+
+        def lock() -> Any:
+            conn = engine.connect()
+            try:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = retry(lock) if retry is not None else lock()
+            try:
+                yield
+            finally:
                 try:
-                    yield
-                finally:
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+                    conn.close()
+                except Exception:  # noqa: BLE001 - a lost connection took its lock with it
+                    pass
         finally:
             engine.dispose()
         return
@@ -99,12 +116,15 @@ def open_storage(
     *,
     heartbeat: bool = False,
     on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    retry: Retry | None = None,
 ) -> optuna.storages.BaseStorage:
     """The Optuna storage behind a URL, its tables created once whoever comes first.
 
     With `heartbeat`, running trials can record a heartbeat, and `on_stale(study, trial)` is
     called for each trial of a dead process that `fail_stale_trials` fails (once the heartbeat
-    has been silent for `GRACE_S` seconds). A URL that cannot be opened raises `SpecError`.
+    has been silent for `GRACE_S` seconds). With `retry`, every call goes through it, so a
+    database that goes away mid-study is waited for. A URL that cannot be opened raises
+    `SpecError`.
     """
     check_driver(url)
     kw: dict[str, Any] = {}
@@ -116,16 +136,49 @@ def open_storage(
         }
     if sqlite_path(url) is not None:
         kw["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_BUSY_S}}
+    elif url.lower().startswith("postgresql"):
+        kw["engine_kwargs"] = {
+            "pool_pre_ping": True,  # connections from before a server restart are replaced
+            "connect_args": {"connect_timeout": 10},  # seconds; a host gone off the network
+        }
     try:
         with warnings.catch_warnings():  # the heartbeat is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             with storage_lock(url, "hpo:tables"):
-                return optuna.storages.RDBStorage(url, **kw)
+                rdb = optuna.storages.RDBStorage(url, **kw)
+        if retry is None:
+            return rdb
+        return _Resilient(optuna.storages._CachedStorage(rdb), rdb, retry)
     except SpecError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed URL, no server, bad credentials
         msg = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise SpecError([f"storage: cannot open {redact(url)!r}: {msg[:300]}"]) from None
+
+
+class _Resilient(BaseStorage, BaseHeartbeat):
+    """An Optuna storage whose every call goes through a `Retry`."""
+
+    def __init__(self, inner: BaseStorage, rdb: optuna.storages.RDBStorage, retry: Retry):
+        self._inner, self._rdb, self._retry = inner, rdb, retry
+
+    def remove_session(self) -> None:
+        """Drop the database session (after Ctrl-C cut a write short: its lock goes too)."""
+        self._rdb.remove_session()
+
+
+def _through_retry(name: str) -> Callable[..., Any]:
+    def call(self: _Resilient, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(getattr(self._inner, name), *args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+for _name, _value in {**vars(BaseHeartbeat), **vars(BaseStorage)}.items():
+    if callable(_value) and not _name.startswith("__") and _name != "remove_session":
+        setattr(_Resilient, _name, _through_retry(_name))
+_Resilient.__abstractmethods__ = frozenset()
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

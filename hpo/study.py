@@ -9,6 +9,8 @@ what must happen once happens under the storage's lock (`hpo.storage`).
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 import threading
 import time
 import warnings
@@ -25,6 +27,7 @@ from hpo import __version__
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
+from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.redact import redact
 from hpo.registry import PRUNERS, SAMPLERS
 from hpo.space import grid_space, suggest_params
@@ -36,13 +39,14 @@ from hpo.storage import (
     open_storage,
     storage_lock,
 )
-from hpo.tracking import Tracker
+from hpo.tracking import STATUS, Tracker
 from hpo.train import TrainConfig, evaluate, train
 from hpo.trial import TrialJob, TrialRecord, build_model, train_config
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_S = 1.0  # how often an idle driver looks at the storage again
+CLEANUP_RETRY_S = 10.0  # after Ctrl-C, how long a lost server is waited for while cleaning up
 
 
 def _check_options(where: str, what: str, cls: type, opts: dict, skip: tuple = ()) -> None:
@@ -199,6 +203,8 @@ def run_study(
     seed: int | None = None,
     on_trial_end: Callable[[Progress], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    retry_s: float = RETRY_S,
+    on_notice: Callable[[str], None] | None = None,
 ) -> StudyResult:
     """Run (or join, or resume) the study a spec describes on `executor`'s workers; the last
     process out evaluates the best model once on the test split.
@@ -206,6 +212,10 @@ def run_study(
     Ctrl-C stops it cleanly: running trials are interrupted (they do not count and their
     configurations run again), the test evaluation still runs when no other process is
     training, every MLflow run is closed, and `StudyResult.interrupted` is set.
+
+    A database or tracking server that goes away mid-study is retried for `retry_s` seconds
+    (`on_notice` hears when it goes and comes back); past that the run stops the same way and
+    raises `ServerLost`.
     """
     from hpo.executors.local import ThreadExecutor
 
@@ -220,12 +230,14 @@ def run_study(
     fingerprint = spec.fingerprint()
     tracker.check()
     driver = _Driver(spec, name, url, tracker, data, executor)
-    opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale)
+    driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
+    opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale, retry=driver.retry)
     stored = _refuse_changed_spec(opened, url, name, fingerprint, data.info["split_hash"])
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
     tracker.open()
-    with storage_lock(url, driver.lock_key):
+    tracker.retry = Retry("tracking server", tracker.uri, retry_s, on_notice)
+    with storage_lock(url, driver.lock_key, driver.retry):
         study = optuna.create_study(
             study_name=name,
             storage=opened,
@@ -274,6 +286,7 @@ def run_study(
             study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
             study.set_user_attr("tracking_uri", redact(tracker.uri))
             tracker.log_text(spec.to_yaml(), "spec.yaml")
+        driver.close_runs_of_finished_trials(study)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
     return driver.run(study, base_seed, on_start, on_trial_end)
 
@@ -283,7 +296,7 @@ class _Running:
     """A trial this process is training: its Optuna handle, MLflow run and curve so far."""
 
     trial: optuna.Trial
-    run_id: str
+    run_id: str | None  # None until its MLflow run is created
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -309,6 +322,8 @@ class _Driver:
         self.on_trial_end: Callable[[Progress], None] | None = None
         self.started = time.perf_counter()
         self._beat_stop = threading.Event()
+        self.retry = Retry("Optuna storage", url, 0.0)  # run_study sets the window
+        self.me = _process_id(os.getpid())
 
     # ------------------------------------------------------------ the loop
 
@@ -347,7 +362,16 @@ class _Driver:
                 # whose SQLite lock would otherwise block every write that follows.
                 self.study._storage.remove_session()
                 self.executor.close(interrupt=True)
+                self._stop_waiting(CLEANUP_RETRY_S)  # whoever presses Ctrl-C wants out
                 self._interrupt_all("interrupted (Ctrl-C)")
+            except ServerLost as e:
+                status = "KILLED"
+                self.executor.close(interrupt=True)
+                # Clean up what can be reached now, without waiting again: a trial whose
+                # storage is gone stays RUNNING and is failed by the next process later.
+                self._stop_waiting(0.0)
+                self._interrupt_all(f"interrupted: {e.what} unreachable")
+                raise
             self.executor.close()
             status = "KILLED"  # until the test evaluation is through: a second Ctrl-C lands here
             test, note = self._final_evaluation()
@@ -355,8 +379,17 @@ class _Driver:
         finally:
             self._beat_stop.set()
             self.executor.close(interrupt=True)
-            self._close_parent(status)
+            try:
+                self._close_parent(status)
+            except ServerLost:
+                pass  # the run's own ServerLost is on its way up; a rerun closes the parent
         return self._result(interrupted, test, note)
+
+    def _stop_waiting(self, window_s: float) -> None:
+        """Wait at most `window_s` for a lost server from now on (clean-up on the way out)."""
+        for retry in (self.retry, self.tracker.retry):
+            if retry is not None:
+                retry.window_s = min(retry.window_s, window_s)
 
     def _loop(self) -> None:
         timeout = self.spec.study.timeout
@@ -367,7 +400,11 @@ class _Driver:
             if deadline is not None and now >= deadline and not self.stopping:
                 self.stopping = "timeout"
             if now - stale_checked >= HEARTBEAT_S / 2:
+                # Our own heartbeats first: after an outage they may all be old.
+                for r in list(self.running.values()):
+                    self.study._storage.record_heartbeat(r.trial._trial_id)
                 fail_stale_trials(self.study)  # trials of dead processes: on_stale
+                self._fail_dead_here()
                 stale_checked = now
             while (
                 not (self.stopping or self.exhausted) and len(self.running) < self.executor.slots
@@ -407,21 +444,22 @@ class _Driver:
 
     def _reserve(self) -> TrialJob | None:
         """Ask for a trial while the budget has room, counting every process's trials."""
-        with storage_lock(self.url, self.lock_key):
+        with storage_lock(self.url, self.lock_key, self.retry):
             if _budget_used(self.study.get_trials(deepcopy=False)) >= self.total:
                 return None
             with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
                 warnings.simplefilter("ignore", UserWarning)
                 trial = self.study.ask()  # an enqueued retry first, if there is one
             self.study._storage.record_heartbeat(trial._trial_id)
+            trial.set_user_attr("driver", self.me)
         seed = self.base_seed * 100_003 + trial.number
         trial.set_user_attr("seed", seed)  # torch seed: retraining with it repeats the trial
+        self.running[trial.number] = running = _Running(trial, None, {})
         retry_of = trial.user_attrs.get("retry_of")
-        run_id = self.tracker.start_trial(
+        running.run_id = self.tracker.start_trial(
             trial.number, {"hpo.retry_of": str(retry_of)} if retry_of is not None else None
         )
-        trial.set_user_attr("mlflow_run_id", run_id)
-        self.running[trial.number] = running = _Running(trial, run_id, {})
+        trial.set_user_attr("mlflow_run_id", running.run_id)
         try:
             running.config = suggest_params(trial, self.spec.space)
         except Exception as e:  # noqa: BLE001 - a sampler's error fails this trial only
@@ -475,7 +513,7 @@ class _Driver:
             attrs["interrupted"] = True
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        if outcome == "COMPLETE":
+        if outcome == "COMPLETE" and r.run_id is not None:
             assert value is not None
             self._keep_if_best(trial, value, record, r.run_id)
         state = {
@@ -487,7 +525,8 @@ class _Driver:
             self._retry(trial.params, number, trial.user_attrs.get("kills", 0))
         mlflow_state = "KILLED" if outcome == "INTERRUPTED" else outcome
         params = {k: v for k, v in r.config.items() if k != "width"}  # widths lists them
-        self.tracker.end_trial(r.run_id, mlflow_state, params, final, tags)
+        if r.run_id is not None:
+            self.tracker.end_trial(r.run_id, mlflow_state, params, final, tags)
         if frozen is not None:
             self._progress(frozen, "interrupted: runs again" if outcome == "INTERRUPTED" else "")
 
@@ -505,9 +544,9 @@ class _Driver:
         if kills < 1:
             self._retry(r.trial.params, number, kills + 1)
         params = {k: v for k, v in r.config.items() if k != "width"}
-        self.tracker.end_trial(
-            r.run_id, "KILLED" if kills < 1 else "FAIL", params, {}, {"hpo.fail_reason": reason}
-        )
+        if r.run_id is not None:
+            state = "KILLED" if kills < 1 else "FAIL"
+            self.tracker.end_trial(r.run_id, state, params, {}, {"hpo.fail_reason": reason})
         if frozen is not None:
             self._progress(frozen, f"{reason}; " + ("runs again" if kills < 1 else "failed"))
 
@@ -538,12 +577,46 @@ class _Driver:
         if run_id:
             self.tracker.close_run(run_id, "KILLED", "KILLED" if kills < 1 else "FAIL")
 
+    def _fail_dead_here(self) -> None:
+        """Fail at once the running trials of a dead `hpo run` on this machine (killed, or
+        stopped after losing its storage), rather than after the heartbeat's grace period."""
+        storage = self.study._storage
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            driver = t.user_attrs.get("driver")
+            if not driver or driver == self.me or not _dead_here(driver):
+                continue
+            try:
+                storage.set_trial_user_attr(t._trial_id, "lost", f"its hpo run {driver} died")
+                failed = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another process got there first
+            if failed:
+                self.on_stale(self.study, storage.get_trial(t._trial_id))
+
+    def close_runs_of_finished_trials(self, study: optuna.Study) -> None:
+        """Close the MLflow runs left RUNNING for trials that have finished: their process
+        lost the tracking server between telling Optuna and closing the run."""
+        open_runs = self.tracker.running_trial_runs()
+        if not open_runs:
+            return
+        finished = {t.number: t for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        for run_id, number in open_runs.items():
+            t = finished.get(number)
+            if t is not None:
+                state = "KILLED" if was_interrupted(t) else t.state.name
+                self.tracker.close_run(run_id, STATUS[state], state)
+
     def _interrupt_all(self, why: str) -> None:
         for number in list(self.running):
             r = self.running[number]
             record = TrialRecord(number, r.config, 0, history=r.history, stopped_by="interrupted")
             record.failure = why
-            self._on_done(number, record)
+            try:
+                self._on_done(number, record)
+            except ServerLost:
+                # Its storage is gone: it stays RUNNING there, and the heartbeat check of the
+                # next process on the study fails it and runs its configuration again.
+                self.running.pop(number, None)
 
     def _keep_if_best(
         self, trial: optuna.Trial, value: float, record: TrialRecord, run_id: str
@@ -597,7 +670,7 @@ class _Driver:
     def _final_evaluation(self) -> tuple[dict[str, float], str]:
         """The best trial's kept weights on the test split, once per best trial, by the last
         process out; then the best model logged (again, if an earlier upload was cut short)."""
-        with storage_lock(self.url, self.lock_key):
+        with storage_lock(self.url, self.lock_key, self.retry):
             attrs = self.study.user_attrs
             if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 note = "other processes are still training; the last one evaluates the best model"
@@ -669,6 +742,29 @@ class _Driver:
             data_info=self.data.info,
             test_note=note,
         )
+
+
+def _process_id(pid: int) -> str:
+    """host:pid:start, naming one process for good (a reused pid has another start time)."""
+    try:  # field 22 of /proc/PID/stat, counted after the command name in parentheses
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def _dead_here(driver: str) -> bool:
+    """Whether the process a `_process_id` names ran on this machine and is gone."""
+    host, pid, start = driver.rsplit(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return start != "?" and _process_id(int(pid)) != driver
 
 
 def _refuse_changed_spec(

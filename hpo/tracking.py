@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hpo.outage import Retry
 from hpo.redact import redact
 
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -52,6 +53,9 @@ class Tracker:
         self._client: Any = None
         self._pending: dict[str, list[Any]] = {}  # run id -> epoch metrics not yet sent
         self._sent_at: dict[str, float] = {}
+        # Set by the driver once the study is under way: a server that goes away then is
+        # waited for (at start, one that does not answer is refused at once instead).
+        self.retry: Retry | None = None
 
     @property
     def client(self) -> Any:
@@ -60,6 +64,8 @@ class Tracker:
 
             _quiet()  # after the import: mlflow sets its logger's level when imported
             self._client = MlflowClient(tracking_uri=self.uri)
+        if self.retry is not None:
+            return _Retrying(self._client, self.retry)
         return self._client
 
     def check(self) -> None:
@@ -161,6 +167,17 @@ class Tracker:
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.log_batch(run_id, tags=[RunTag("hpo.state", state)])
                 self.client.set_terminated(run_id, status)
+
+    def running_trial_runs(self) -> dict[str, int]:
+        """Run id -> trial number of the parent's child runs still marked RUNNING."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'"
+            ),
+            max_results=10_000,
+        )
+        return {r.info.run_id: int(r.data.tags.get("hpo.trial_number", -1)) for r in runs}
 
     def fail_pending_models(self) -> int:
         """Mark FAILED the models of the parent run left PENDING by an interrupted upload."""
@@ -292,6 +309,19 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run_id, "checkpoint/weights.pt", tmp)
             return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Retrying:
+    """An MlflowClient whose calls go through a `Retry`."""
+
+    def __init__(self, client: Any, retry: Retry):
+        self._client, self._retry = client, retry
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self._retry(attr, *args, **kwargs)
 
 
 def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:

@@ -129,10 +129,53 @@ def _pg_bin(name: str) -> str | None:
 
 
 class Postgres:
-    """A throwaway PostgreSQL server on 127.0.0.1 with password authentication."""
+    """A throwaway PostgreSQL server on 127.0.0.1 with password authentication (Debian's
+    postgresql package: initdb and pg_ctl; `make test` installs it when it is missing)."""
 
-    def __init__(self, folder: Path, port: int):
-        self.folder, self.port = folder, port
+    def __init__(self):
+        import shutil
+        import tempfile
+
+        initdb, self.pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+        if not (initdb and self.pg_ctl):
+            if os.environ.get("CI"):
+                pytest.fail("PostgreSQL (initdb, pg_ctl) is not installed: run `make test`")
+            pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+        self.folder = Path(tempfile.mkdtemp(prefix="hpo-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.folder, "postgres")
+        (self.folder / "pw").write_text(PG_PASSWORD)
+        if self.as_user:
+            shutil.chown(self.folder / "pw", "postgres")
+        self.data = self.folder / "data"
+        pw = f"--pwfile={self.folder / 'pw'}"
+        self._run(initdb, "-D", str(self.data), "-U", "hpo", "--auth=scram-sha-256", pw)
+        self.port = _free_port()
+        self.start()
+
+    def _run(self, *cmd, check=True):
+        import subprocess
+
+        return subprocess.run([*self.as_user, *cmd], check=check, capture_output=True)
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        )
+        log = str(self.folder / "log")
+        self._run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (fast: open connections are cut, as in a restart or failover)."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def remove(self) -> None:
+        import shutil
+
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def url(self, database: str) -> str:
         return f"postgresql://hpo:{PG_PASSWORD}@127.0.0.1:{self.port}/{database}"
@@ -147,87 +190,89 @@ class Postgres:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A real PostgreSQL server (Debian's postgresql package: initdb and pg_ctl) for the
-    session; `make test` installs the package when it is missing."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL (initdb, pg_ctl) is not installed: run `make test`")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    folder = Path(tempfile.mkdtemp(prefix="hpo-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(folder, "postgres")
-    (folder / "pw").write_text(PG_PASSWORD)
-    if as_user:
-        shutil.chown(folder / "pw", "postgres")
-    data = folder / "data"
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True)  # noqa: E731
-    run(initdb, "-D", str(data), "-U", "hpo", "--auth=scram-sha-256", f"--pwfile={folder / 'pw'}")
-    port = _free_port()
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    run(pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+    """A real PostgreSQL server for the session."""
+    server = Postgres()
     try:
-        yield Postgres(folder, port)
+        yield server
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"])
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of the test's own, which it may stop and start."""
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+class MlflowServer:
+    """A real `mlflow server` process: a backend store, a served artifact store."""
+
+    def __init__(self, backend: str, folder: Path):
+        self.backend, self.folder = backend, folder
+        self.artifacts = folder / "mlartifacts"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        log_path = self.folder / "mlflow-server.log"
+        with open(log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "mlflow", "server",
+                    "--backend-store-uri", self.backend,
+                    "--artifacts-destination", str(self.artifacts),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 180  # only stops a server that never comes up
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log_path.read_text()[-3000:]) from None
+                time.sleep(0.5)
+
+    def kill(self, sig: int = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(postgres, tmp_path_factory):
-    """A real `mlflow server` process: PostgreSQL backend store, served artifact store."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    backend = postgres.create_database("mlflow")
-    artifacts = tmp_path_factory.mktemp("mlartifacts")
-    port = _free_port()
-    log = open(artifacts.parent / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", backend,
-            "--artifacts-destination", str(artifacts),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                why = (artifacts.parent / "mlflow-server.log").read_text()[-3000:]
-                raise RuntimeError(why) from None
-            time.sleep(0.5)
+    """A real `mlflow server` for the session: PostgreSQL backend, served artifacts."""
+    server = MlflowServer(
+        postgres.create_database("mlflow"), tmp_path_factory.mktemp("mlflow-srv")
+    )
     try:
-        yield url
+        yield server.url
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
-        log.close()
+        server.kill()
 
 
-def hpo_process(args, cwd, **kw):
-    """`python -m hpo ARGS` as a real process in `cwd`, output merged, unbuffered."""
+def hpo_process(args, cwd, env=None, **kw):
+    """`python -m hpo ARGS` as a real process in `cwd`, output merged, unbuffered; `env` adds
+    to the environment."""
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [sys.executable, "-m", "hpo", *map(str, args)],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -152,9 +154,12 @@ def _running_with_heartbeat(db) -> int:
         ).fetchone()[0]
 
 
-def test_a_killed_process_loses_only_its_running_trial(workdir):
-    """SIGKILL (no chance to clean up): once the trial's heartbeat is older than the grace
-    period, the next run fails it as interrupted, does not count it, and reaches the total."""
+@pytest.mark.parametrize("where", ["this machine", "another machine"])
+def test_a_killed_process_loses_only_its_running_trial(workdir, where):
+    """SIGKILL (no chance to clean up): the next run fails its trial as interrupted, does not
+    count it, and reaches the total. On this machine the next run sees that the process is gone
+    at once; from another machine, it waits until the trial's heartbeat is older than the
+    grace period."""
     long_trials = {"max_epochs": 200, "early_stopping": {"patience": 200}}  # seconds, not ms
     path = write_spec(workdir, small_spec(study={"n_trials": 200}, training=long_trials))
     proc = hpo_process(["run", path], workdir)
@@ -175,9 +180,15 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     wait_for(two_done_and_one_training, "two trials done and a third RUNNING")
     proc.kill()
     proc.communicate(timeout=60)
-    with sqlite3.connect(db) as con:  # let the grace period pass
-        age = f"-{GRACE_S + 60} seconds"
-        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?)", (age,))
+    dead_pid = proc.pid
+    if where == "another machine":
+        with sqlite3.connect(db) as con:
+            con.execute(
+                "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'driver'",
+                (json.dumps(f"elsewhere:{dead_pid}:1"),),
+            )
+            age = f"-{GRACE_S + 60} seconds"  # let the grace period pass
+            con.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?)", (age,))
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     killed = [t.number for t in study.trials if t.state == TrialState.RUNNING]
@@ -191,6 +202,12 @@ def test_a_killed_process_loses_only_its_running_trial(workdir):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     lost = study.trials[killed[0]]
     assert lost.state == TrialState.FAIL and was_interrupted(lost)
+    if where == "this machine":  # failed at once, not by the heartbeat's grace period
+        assert lost.user_attrs["lost"].startswith(
+            f"its hpo run {socket.gethostname()}:{dead_pid}:"
+        )
+    else:
+        assert "lost" not in lost.user_attrs
     assert count_finished(study) == finished + 1
     counts = state_counts(study.trials)
     assert counts["INTERRUPTED"] == 1 and counts["RUNNING"] == 0

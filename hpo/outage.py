@@ -1,0 +1,128 @@
+"""A database or tracking server that goes away mid-study: retry for a while, then give up.
+
+`Retry` wraps calls to a server; a lost connection (server down, network cut, a restart) is
+retried with backoff for up to `window_s` seconds, and then `ServerLost` is raised, which the
+driver turns into a clean stop: its trials interrupted, a rerun continuing the study. Any other
+error (a bad request, a missing row) passes straight through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from hpo.redact import redact
+
+RETRY_S = 300.0  # default window: a database restart or failover fits; a dead server does not
+T = TypeVar("T")
+
+
+class ServerLost(RuntimeError):
+    """A server that stayed unreachable for the whole retry window."""
+
+    def __init__(self, what: str, url: str, waited: float, error: BaseException):
+        self.what = what
+        error = lost_connection(error) or error
+        if getattr(error, "orig", None) is not None:  # sqlalchemy's: the driver's own words
+            error = error.orig  # type: ignore[attr-defined]
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        super().__init__(
+            redact(f"{what} {url} unreachable for {waited:.0f} s ({detail}); stopped")
+        )
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for a lost connection anywhere in the exception's chain, not for a bad request."""
+    return lost_connection(error) is not None
+
+
+def lost_connection(error: BaseException) -> BaseException | None:
+    """The lost connection in an exception's chain (the root cause to show), if any."""
+    import requests
+    import sqlalchemy.exc as sa
+
+    lost = (
+        sa.OperationalError,  # server down, connection refused or reset, database locked
+        sa.InterfaceError,
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.RetryError,  # MLflow's own retries on 5xx ran out
+        ConnectionError,
+        TimeoutError,
+    )
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, lost) or (isinstance(e, sa.DBAPIError) and e.connection_invalidated):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class Retry:
+    """Call through a server that may go away: see the module docstring.
+
+    `notify(line)` hears when an outage starts and when the server is back (once each, however
+    many threads are waiting). `window_s = 0` gives up at the first lost connection.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        url: str,
+        window_s: float = RETRY_S,
+        notify: Callable[[str], None] | None = None,
+    ):
+        self.what, self.url, self.window_s, self.notify = what, url, window_s, notify
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+
+    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        delay = 0.5
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                waited = self._down()
+                if waited >= self.window_s:
+                    raise ServerLost(self.what, self.url, waited, e) from None
+                time.sleep(min(delay, self.window_s - waited))
+                delay = min(delay * 2, 10.0)
+                continue
+            self._up()
+            return result
+
+    def _down(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            if self._down_since is None:
+                self._down_since = now
+                self._say(
+                    f"{self.what} {self.url} unreachable: retrying for up to {self.window_s:.0f} s"
+                )
+            return now - self._down_since
+
+    def _up(self) -> None:
+        if self._down_since is None:  # the usual case: no lock taken
+            return
+        with self._lock:
+            if self._down_since is not None:
+                self._say(
+                    f"{self.what} {self.url} back after "
+                    f"{time.monotonic() - self._down_since:.0f} s"
+                )
+                self._down_since = None
+
+    def _say(self, line: str) -> None:
+        if self.notify is not None:
+            self.notify(redact(line))
+
+    def giving_up(self) -> Retry:
+        """The same server with no retries: for the clean-up after it was lost."""
+        return Retry(self.what, self.url, 0.0, None)

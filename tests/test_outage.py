@@ -1,0 +1,210 @@
+"""A database or tracking server that goes away mid-study, against real servers: a restart is
+waited for; one gone for longer than --retry-for stops the run cleanly, and a rerun continues."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import optuna
+import psycopg
+import pytest
+import sqlalchemy.exc
+from conftest import PG_PASSWORD, MlflowServer, hpo_process, small_spec, wait_for, write_spec
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from hpo.outage import Retry, ServerLost
+from hpo.study import count_finished, was_interrupted
+
+# Trials of a few seconds each (200 epochs, no early stop), so a server can be stopped while
+# one is training, whatever the speed of the machine.
+LONG = {"max_epochs": 200, "early_stopping": {"patience": 200}}
+RUNNING_SQL = (
+    "SELECT count(*) FROM trials t JOIN trial_intermediate_values v ON v.trial_id = t.trial_id"
+    " WHERE t.state = 'RUNNING' GROUP BY t.trial_id"
+)
+
+
+class Output:
+    """A process's output, read line by line in a thread, so a test can wait for a line."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        self._thread.join(timeout=60)
+        return code, "".join(self.lines)
+
+
+def _epochs_of_running_trial_pg(url: str) -> int:
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            rows = conn.execute(RUNNING_SQL).fetchall()
+    except psycopg.Error:  # no tables yet
+        return 0
+    return rows[0][0] if len(rows) == 1 else 0
+
+
+def _epochs_of_running_trial_sqlite(db) -> int:
+    try:
+        with sqlite3.connect(db) as con:
+            rows = con.execute(RUNNING_SQL).fetchall()
+    except sqlite3.OperationalError:  # no tables yet
+        return 0
+    return rows[0][0] if len(rows) == 1 else 0
+
+
+def test_a_database_restart_mid_study_is_waited_for(tmp_path, own_postgres):
+    storage = own_postgres.create_database("restart")
+    path = write_spec(tmp_path, small_spec(name="restart", study={"n_trials": 2}, training=LONG))
+    proc = hpo_process(["run", path, "--storage", storage, "--retry-for", 600], tmp_path)
+    out = Output(proc)
+    # one trial a few epochs into its 200 (a state, not a number of seconds)
+    wait_for(lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training")
+    own_postgres.stop()  # fast: every open connection is cut, as in a restart or failover
+    wait_for(lambda: out.has("unreachable: retrying for up to 600 s"), "the outage noticed")
+    own_postgres.start()
+    code, text = out.finish()
+    assert code == 0, text
+    assert "Traceback" not in text and PG_PASSWORD not in text
+    assert "warning: Optuna storage postgresql://hpo:***@127.0.0.1:" in text
+    assert "back after" in text
+    study = optuna.load_study(study_name="restart", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE]  # the trial went on training
+    assert len(study.trials[0].intermediate_values) == 200
+    assert study.user_attrs["test_metrics"]["test_accuracy"] > 0.8
+
+
+def test_a_database_gone_for_good_stops_the_run_and_a_rerun_continues(tmp_path, own_postgres):
+    storage = own_postgres.create_database("gone")
+    path = write_spec(tmp_path, small_spec(name="gone", study={"n_trials": 2}, training=LONG))
+    args = ["run", path, "--storage", storage, "--retry-for", 2]
+    proc = hpo_process(args, tmp_path)
+    out = Output(proc)
+    wait_for(lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training")
+    own_postgres.stop()
+    code, text = out.finish()
+    assert code == 1, text
+    print("<<<", text, ">>>")
+    print("<<<", text, ">>>")
+    assert "Traceback" not in text and PG_PASSWORD not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: Optuna storage postgresql://hpo:***@127.0.0.1:"), text
+    assert "unreachable for" in last and "run the same command again" in last
+
+    own_postgres.start()
+    study = optuna.load_study(study_name="gone", storage=storage)
+    [cut] = study.get_trials(states=(TrialState.RUNNING,))  # its storage was away: not marked
+    rerun = hpo_process(["run", path, "--storage", storage], tmp_path)
+    code, text = Output(rerun).finish()
+    assert code == 0, text
+    study = optuna.load_study(study_name="gone", storage=storage)
+    cut = study.trials[cut.number]
+    # the rerun sees at once that the process which ran it is gone, and runs it again
+    assert cut.state == TrialState.FAIL and was_interrupted(cut) and "lost" in cut.user_attrs
+    again = [t for t in study.trials if t.user_attrs.get("retry_of") == cut.number]
+    assert len(again) == 1 and again[0].params == cut.params
+    assert again[0].state == TrialState.COMPLETE
+    assert count_finished(study) == 2
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_a_tracking_server_gone_for_good_stops_the_run_and_a_rerun_closes_its_runs(tmp_path):
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
+    try:
+        path = write_spec(
+            tmp_path, small_spec(name="lost-tracking", study={"n_trials": 2}, training=LONG)
+        )
+        args = ["run", path, "--tracking-uri", server.url, "--retry-for", 2]
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        out = Output(hpo_process(args, tmp_path, env=quick))
+        db = tmp_path / "optuna.db"
+        wait_for(lambda: 1 <= _epochs_of_running_trial_sqlite(db) <= 50, "a trial training")
+        server.kill(9)
+        code, text = out.finish()
+        assert code == 1, text
+        print("<<<", text, ">>>")
+        print("<<<", text, ">>>")
+        assert "Traceback" not in text
+        last = text.strip().splitlines()[-1]
+        assert last.startswith(f"error: tracking server {server.url} unreachable for"), text
+
+        # the storage was there: the trial is marked interrupted and queued to run again
+        study = optuna.load_study(study_name="lost-tracking", storage=f"sqlite:///{db}")
+        [cut] = [t for t in study.trials if t.state == TrialState.FAIL]
+        assert was_interrupted(cut) and cut.user_attrs["interrupted"] is True
+        [queued] = study.get_trials(states=(TrialState.WAITING,))
+        assert queued.user_attrs["retry_of"] == cut.number
+
+        server.start()
+        code, text = Output(
+            hpo_process(["run", path, "--tracking-uri", server.url], tmp_path)
+        ).finish()
+        assert code == 0, text
+        study = optuna.load_study(study_name="lost-tracking", storage=f"sqlite:///{db}")
+        assert count_finished(study) == 2
+        assert study.trials[queued.number].params == cut.params
+        client = MlflowClient(server.url)
+        exp = client.get_experiment_by_name("lost-tracking")
+        runs = client.search_runs([exp.experiment_id])
+        children = {r.data.tags.get("hpo.trial_number"): r for r in runs if r.data.tags.get(
+            "mlflow.parentRunId")}  # fmt: skip
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert children[str(cut.number)].info.status == "KILLED"  # closed by the rerun
+        assert len([r for r in runs if r.info.status == "FINISHED"]) == 3  # 2 trials + parent
+    finally:
+        server.kill()
+
+
+def test_retry_waits_out_a_lost_connection_but_not_a_bad_request():
+    def refused():
+        return sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))
+
+    calls, heard = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise refused()
+        return "answer"
+
+    url = "postgresql://u:secret@h/db"
+    retry = Retry("Optuna storage", url, 600, heard.append)
+    assert retry(flaky) == "answer" and len(calls) == 3
+    assert (
+        heard[0] == "Optuna storage postgresql://u:***@h/db unreachable: retrying for up to 600 s"
+    )
+    assert heard[1].startswith("Optuna storage postgresql://u:***@h/db back after")
+    assert len(heard) == 2
+
+    def bad_request():
+        calls.append(1)
+        raise ValueError("no such column")
+
+    with pytest.raises(ValueError):  # not a lost connection: not waited for
+        retry(bad_request)
+    assert len(calls) == 4
+
+    def gone():
+        calls.append(1)
+        raise refused()
+
+    with pytest.raises(ServerLost) as e:
+        Retry("Optuna storage", url, 0)(gone)
+    assert len(calls) == 5
+    assert str(e.value) == (
+        "Optuna storage postgresql://u:***@h/db unreachable for 0 s (ConnectionRefusedError: "
+        "down); stopped"
+    )
