@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hpo.config import Spec, SpecError, load_spec
+from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost
 from hpo.redact import redact
 
@@ -164,6 +164,9 @@ def run(
     Several `hpo run` processes, on one machine or many, can share one study: give them the
     same --storage (PostgreSQL across machines) and --tracking-uri (an MLflow server).
     """
+    if study_name is not None and (problem := name_problem(study_name, "--study-name")):
+        _err(f"error: {problem}")
+        raise typer.Exit(code=2)
     loaded = _load(spec)
     overrides = (
         ("study", "n_trials", n_trials),
@@ -431,7 +434,7 @@ def compare(
         _err("error: compare needs at least two study names")
         raise typer.Exit(code=2)
     loaded = _load_studies(studies, storage)
-    folder = out or Path("reports") / ("compare-" + "-".join(studies))
+    folder = out or Path("reports") / folder_name("compare-" + "-".join(studies))
     try:
         write_compare(loaded, folder, reseed)
     except SpecError as e:

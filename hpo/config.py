@@ -27,6 +27,14 @@ from hpo.registry import (
     SAMPLERS,
 )
 
+MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; this is far beyond any real one
+MAX_SPEC_VALUES = 100_000  # values in the loaded document, aliases expanded
+MAX_GRID_POINTS = 100_000  # configurations a grid may have (Optuna builds the grid in memory)
+MAX_NAME = 100  # characters in a study name
+MAX_ONE_HOT = 1_000  # features a table's text columns may one-hot encode into
+GRID_FLOAT_POINTS = 4  # points per float range the grid sampler gets when no step is given
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
 # Hyperparameters the platform knows, each with its kind, bounds and the value used when the
 # search space leaves it out (the usual textbook default).
 _REAL, _INT, _BOOL, _CHOICE = "real", "int", "bool", "choice"
@@ -83,6 +91,8 @@ class DatasetSpec(_Strict):
     test_path: str | None = None
     target: str | None = None
     openml: str | int | None = None
+    # Rows with no target value: an error unless this drops them (tables only).
+    drop_missing_target: bool = False
     # Keep at most this many samples of the training pool (stratified); null keeps all.
     max_samples: int | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
@@ -198,16 +208,82 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; raise `SpecError` listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError([f"{path}: no such spec file"])
-    text = path.read_text()
+        what = "a folder, not a spec file" if path.is_dir() else "no such spec file"
+        raise SpecError([f"{path}: {what}"])
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(
+            [f"{path}: {path.stat().st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}"]
+        )
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            [
+                f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                "save it as UTF-8"
+            ]
+        ) from None
+    loader = _SpecLoader(text)
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError([f"{path}: invalid YAML at {where}: {problem}"]) from None
+    finally:
+        loader.dispose()
+    if loader.problems:
+        raise SpecError([f"{path}: {p}" for p in loader.problems])
+    if _count_values(raw, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
+        raise SpecError(
+            [
+                f"{path}: the YAML expands to more than {MAX_SPEC_VALUES:,} values (an alias, "
+                "*name, repeats all it points to); write the values out instead"
+            ]
+        )
     return parse_spec(raw, source_dir=path.parent, raw_text=text)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """safe_load that notes duplicate keys (YAML keeps the last one without a word)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.problems: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if first != line:
+                self.problems.append(
+                    f"line {line}: duplicate key {key!r} (first on line {first}); keep one"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """How many values a loaded document holds once its aliases are expanded, counting no
+    further than just past `limit` (an alias bomb is never walked in full)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        v = stack.pop()
+        count += 1
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return count
 
 
 def parse_spec(raw: Any, source_dir: str | Path = ".", raw_text: str = "") -> Spec:
@@ -460,6 +536,8 @@ def _check_semantics(spec: Spec) -> list[str]:
         problems.append(
             f"dataset.split: val + test must leave data to train on (got {sp.val} + {sp.test})"
         )
+    if not 0 <= sp.seed < 2**32:
+        problems.append(f"dataset.split.seed: must be between 0 and 2**32 - 1 (got {sp.seed})")
     if ds.max_samples is not None and ds.max_samples < 10:
         problems.append(f"dataset.max_samples: must be >= 10 or null (got {ds.max_samples})")
 
@@ -472,8 +550,8 @@ def _check_semantics(spec: Spec) -> list[str]:
     problems += [p for reg, name in names if (p := reg.problem(reg.key, name))]
     entry = DATASETS.get(ds.name)
     if entry is not None:
-        for key in ("path", "test_path", "target", "openml"):
-            given = getattr(ds, key) is not None
+        for key in ("path", "test_path", "target", "openml", "drop_missing_target"):
+            given = getattr(ds, key) not in (None, False)
             if key in entry.requires and not given:
                 what = " (a name or an id)" if key == "openml" else ""
                 problems.append(f"dataset.{key}: is required for dataset {ds.name}{what}")
@@ -525,9 +603,67 @@ def _check_semantics(spec: Spec) -> list[str]:
         problems.append(f"study.n_trials: must be >= 1 (got {st.n_trials})")
     if st.timeout is not None and st.timeout <= 0:
         problems.append(f"study.timeout: must be > 0 seconds or null (got {st.timeout})")
-    if not spec.name.strip():
-        problems.append("name: must not be empty")
+    problem = name_problem(spec.name, "name")
+    if problem:
+        problems.append(problem)
+    if st.sampler.name == "grid":
+        problems += _check_grid(spec)
     return problems
+
+
+def name_problem(name: str, where: str) -> str | None:
+    """None for a usable study name, else why not: it names files and folders (reports)."""
+    if len(name) <= MAX_NAME and _NAME.fullmatch(name):
+        return None
+    shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name):,} characters)"
+    return (
+        f"{where}: must be 1 to {MAX_NAME} letters, digits, '-', '_' or '.', starting with a "
+        f"letter or digit (got {shown})"
+    )
+
+
+def folder_name(name: str) -> str:
+    """A study name made safe as one folder name (names stored by other tools may be anything)."""
+    if name_problem(name, "") is None:
+        return name
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:MAX_NAME].lstrip(".")
+    return safe or "study"
+
+
+def grid_points(d: Distribution) -> int:
+    """How many values the grid sampler walks for one distribution (see `space.grid_space`)."""
+    if d.type == "categorical":
+        return len(d.choices or [])
+    low, high = float(d.low or 0), float(d.high or 0)
+    if d.type == "int" and not d.log:
+        return int((high - low) // int(d.step or 1)) + 1
+    if d.type == "float" and d.step:
+        return int((high - low) // d.step) + 1
+    return GRID_FLOAT_POINTS
+
+
+def _check_grid(spec: Spec) -> list[str]:
+    space = {k: v for k, v in spec.space.items() if isinstance(v, Distribution)}
+    if any(d.low is None or d.high is None for d in space.values() if d.type != "categorical"):
+        return []  # reported already
+    n_layers = spec.space.get("n_layers", PARAMS["n_layers"]["default"])
+    layers = int(n_layers.high) if isinstance(n_layers, Distribution) else int(n_layers)
+    total, biggest = 1, ("", 0)
+    for name, d in space.items():
+        n = grid_points(d)
+        if n > biggest[1]:
+            biggest = (name, n)
+        for _ in range(layers if d.per_layer and n > 1 else 1):  # one value per layer
+            total *= n
+            if total > MAX_GRID_POINTS:
+                break
+        if total > MAX_GRID_POINTS:
+            return [
+                f"study.sampler: the grid has more than {MAX_GRID_POINTS:,} points "
+                f"(search_space.{biggest[0]} alone has {biggest[1]:,} values); at most "
+                f"{MAX_GRID_POINTS:,}: add step:, narrow the ranges, or use sampler random or tpe"
+            ]
+    return []
 
 
 def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
@@ -542,7 +678,8 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
         if path is None:
             continue
         if not path.is_file():
-            problems.append(f"dataset.{key}: file not found: {path}")
+            what = "a folder, not a file" if path.is_dir() else "file not found"
+            problems.append(f"dataset.{key}: {what}: {path}")
             continue
         if ds.target is None:
             continue
@@ -552,15 +689,24 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
             else:
                 frame = pd.read_parquet(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-            problems.append(f"dataset.{key}: cannot read {path} as {ds.name}: {e}")
+            # The error's words only, never the file's: it may be anything (a key, a password).
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else type(e).__name__
+            problems.append(f"dataset.{key}: cannot read {path} as a {ds.name} table ({why})")
             continue
         if ds.target not in frame.columns:
-            cols = [str(c) for c in frame.columns]
-            problems.append(
-                f"dataset.target: no column {ds.target!r} in {path.name}; "
-                f"{_did_you_mean(ds.target, cols)}"
-            )
+            if len(frame.columns) < 2:
+                problems.append(
+                    f"dataset.{key}: {path} reads as one column only: not a {ds.name} table "
+                    "with a target column"
+                )
+            else:
+                cols = [str(c)[:40] for c in frame.columns[:50]]
+                problems.append(
+                    f"dataset.target: no column {ds.target!r} in {path.name}; "
+                    f"{_did_you_mean(ds.target, cols)}"
+                )
             continue
+        problems += _check_rows(frame, ds.target, key, path.name, ds.drop_missing_target)
         y = frame[ds.target].dropna()
         if key == "path":
             if y.nunique() < 2:
@@ -570,6 +716,45 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
                 )
             detected = infer_task(y)
     return detected, problems
+
+
+def _rows(index: Any) -> str:
+    """The first few offending rows, as line numbers of the file (its header is line 1)."""
+    lines = [str(int(i) + 2) for i in list(index[:5])]
+    return ", ".join(lines) + (", ..." if len(index) > 5 else "")
+
+
+def _check_rows(frame: Any, target: str, key: str, name: str, drop_missing: bool) -> list[str]:
+    """Missing targets, non-finite features and one-hot blow-ups, said out loud."""
+    import numpy as np
+
+    problems = []
+    missing = frame.index[frame[target].isna()]
+    if len(missing) and not drop_missing:
+        problems.append(
+            f"dataset.target: {len(missing):,} of {len(frame):,} rows of {name} have no "
+            f"{target!r} value (lines {_rows(missing)}); fill them in, or set "
+            "dataset.drop_missing_target: true to drop those rows"
+        )
+    features = frame.drop(columns=[target])
+    numeric = features.select_dtypes(include="number")
+    bad = numeric.index[np.isinf(numeric.to_numpy(dtype=float)).any(axis=1)]
+    if len(bad):
+        problems.append(
+            f"dataset.{key}: {len(bad):,} rows of {name} have an infinite feature value "
+            f"(lines {_rows(bad)}); fix or remove them (empty cells are fine: they become "
+            "the training mean)"
+        )
+    text = features.drop(columns=numeric.columns)
+    levels = {str(c): int(text[c].nunique()) for c in text.columns}
+    if sum(levels.values()) > MAX_ONE_HOT:
+        worst = max(levels, key=lambda c: levels[c])
+        problems.append(
+            f"dataset.{key}: the text columns of {name} one-hot encode into "
+            f"{sum(levels.values()):,} features (at most {MAX_ONE_HOT:,}); column {worst!r} "
+            f"alone has {levels[worst]:,} distinct values: drop it, or encode it as numbers"
+        )
+    return problems
 
 
 def infer_task(y: Any) -> Literal["classification", "regression"]:

@@ -79,10 +79,11 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         pool = np.arange(n)
         test_idx = None
     else:
-        pool, test_idx = _split(np.arange(n), raw.y, sp.test, sp.seed, stratify)
+        pool, test_idx = _split(np.arange(n), raw.y, sp.test, sp.seed, stratify, "split.test")
     if spec.dataset.max_samples is not None and spec.dataset.max_samples < len(pool):
-        pool, _ = _split(pool, raw.y, 1 - spec.dataset.max_samples / len(pool), sp.seed, stratify)
-    train_idx, val_idx = _split(pool, raw.y, sp.val, sp.seed + 1, stratify)
+        keep = 1 - spec.dataset.max_samples / len(pool)
+        pool, _ = _split(pool, raw.y, keep, sp.seed, stratify, "max_samples")
+    train_idx, val_idx = _split(pool, raw.y, sp.val, sp.seed + 1, stratify, "split.val")
 
     X_tr, X_va = raw.X[train_idx], raw.X[val_idx]
     if test_idx is None:
@@ -138,14 +139,29 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
 
 
 def _split(
-    idx: np.ndarray, y: np.ndarray, frac: float, seed: int, stratify: bool
+    idx: np.ndarray, y: np.ndarray, frac: float, seed: int, stratify: bool, key: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Split off `frac` of `idx` (stratified when asked); a split that cannot be made is a
+    `SpecError` naming `dataset.KEY` and the counts."""
     from sklearn.model_selection import train_test_split
 
     strat = y[idx] if stratify else None
     if strat is not None and np.min(np.unique(strat, return_counts=True)[1]) < 2:
         strat = None  # a class with a single sample cannot be stratified
-    a, b = train_test_split(idx, test_size=frac, random_state=seed, stratify=strat)
+    n_out = int(np.ceil(frac * len(idx)))
+    n_classes = len(np.unique(strat)) if strat is not None else 1
+    if min(n_out, len(idx) - n_out) < n_classes:
+        need = "row" if strat is None else f"row per class ({n_classes} classes)"
+        raise SpecError(
+            [
+                f"dataset.{key}: {frac:g} of {len(idx):,} rows leaves {n_out:,} on one side and "
+                f"{len(idx) - n_out:,} on the other; each side needs at least one {need}"
+            ]
+        )
+    try:
+        a, b = train_test_split(idx, test_size=frac, random_state=seed, stratify=strat)
+    except ValueError as e:
+        raise SpecError([f"dataset.{key}: cannot split {len(idx):,} rows: {e}"]) from None
     return np.sort(a), np.sort(b)
 
 
@@ -338,7 +354,7 @@ def _from_frame(frame, target: str, task: str, test=None) -> RawData:  # frames:
     import pandas as pd
 
     frames = [frame] + ([test] if test is not None else [])
-    frames = [f[f[target].notna()] for f in frames]
+    frames = [f[f[target].notna()] for f in frames]  # only with drop_missing_target (checked)
     y_all = pd.concat([f[target] for f in frames], ignore_index=True)
     if task == "auto":
         task = infer_task(frames[0][target])

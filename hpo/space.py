@@ -7,9 +7,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from hpo.config import PARAMS, Distribution
-
-GRID_FLOAT_POINTS = 4  # points per float range the grid sampler gets when no step is given
+from hpo.config import GRID_FLOAT_POINTS, PARAMS, Distribution
 
 
 def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:

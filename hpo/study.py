@@ -49,16 +49,46 @@ POLL_S = 1.0  # how often an idle driver looks at the storage again
 CLEANUP_RETRY_S = 10.0  # after Ctrl-C, how long a lost server is waited for while cleaning up
 
 
+# Options counted in trials or epochs, and the least each may be ("auto" is also allowed).
+_AT_LEAST = {
+    "n_startup_trials": 0,
+    "n_warmup_steps": 0,
+    "interval_steps": 1,
+    "n_min_trials": 1,
+    "min_resource": 1,
+    "max_resource": 1,
+    "reduction_factor": 2,
+    "min_early_stopping_rate": 0,
+    "patience": 0,
+}
+
+
 def _check_options(where: str, what: str, cls: type, opts: dict, skip: tuple = ()) -> None:
-    allowed = [p for p in inspect.signature(cls).parameters if p not in skip] or ["no options"]
-    unknown = [k for k in opts if k not in allowed]
-    if unknown:
-        raise SpecError(
-            [
+    """Every option is one the class takes, of the type of its default, within its range."""
+    params = {p: v for p, v in inspect.signature(cls).parameters.items() if p not in skip}
+    allowed = list(params) or ["no options"]
+    problems = []
+    for k, v in opts.items():
+        if k not in params:
+            problems.append(
                 f"{where}.{k}: not an option of the {what}; allowed: {', '.join(allowed)}"
-                for k in unknown
-            ]
-        )
+            )
+            continue
+        default = params[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            problems.append(f"{where}.{k}: must be true or false (got {v!r})")
+        elif type(default) in (int, float) and not isinstance(default, bool):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) or v == "auto"
+            if type(default) is int and isinstance(v, float) and not v.is_integer():
+                ok = False
+            if not ok:
+                kind = "an integer" if type(default) is int else "a number"
+                problems.append(f"{where}.{k}: must be {kind} (got {v!r})")
+                continue
+        if k in _AT_LEAST and v != "auto" and isinstance(v, (int, float)) and v < _AT_LEAST[k]:
+            problems.append(f"{where}.{k}: must be >= {_AT_LEAST[k]} (got {v})")
+    if problems:
+        raise SpecError(problems)
 
 
 def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:

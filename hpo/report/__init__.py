@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 
+from hpo.config import folder_name
 from hpo.report.data import ReportData, report_data
 from hpo.report.render import render_html, render_markdown, to_json, write_pngs
 
@@ -17,7 +18,7 @@ def write_report(
 ) -> Path:
     """Write index.html, report.md, its PNG figures and report.json; log them to the study's
     MLflow parent run. Returns the folder."""
-    out = Path(out_dir or Path("reports") / study.study_name)
+    out = Path(out_dir or Path("reports") / folder_name(study.study_name))
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or study.user_attrs.get("tracking_uri")
     data = report_data(study, uri)
