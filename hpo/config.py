@@ -25,6 +25,7 @@ from hpo.registry import (
     OPTIMIZERS,
     PRUNERS,
     SAMPLERS,
+    did_you_mean,
 )
 
 MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; this is far beyond any real one
@@ -343,12 +344,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}allowed: {', '.join(known)}"
-
-
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -377,7 +372,7 @@ def _format_pydantic(err: dict[str, Any]) -> str:
         parent = _dotted(loc[:-1])
         model = _MODELS.get(parent)
         known = [f for f in model.model_fields if f not in _HIDDEN_FIELDS] if model else []
-        return f"{where}: unknown key; {_did_you_mean(str(loc[-1]), known)}"
+        return f"{where}: unknown key; {did_you_mean(str(loc[-1]), known)}"
     if kind == "missing":
         return f"{where}: is required"
     if kind == "literal_error":
@@ -433,7 +428,7 @@ def _check_search_space(space: dict[str, Any]) -> list[str]:
     for name, entry in space.items():
         path = f"search_space.{name}"
         if name not in PARAMS:
-            problems.append(f"{path}: unknown hyperparameter; {_did_you_mean(str(name), known)}")
+            problems.append(f"{path}: unknown hyperparameter; {did_you_mean(str(name), known)}")
             continue
         if not isinstance(entry, dict):
             problems += _check_value(path, name, entry)
@@ -446,7 +441,7 @@ def _check_search_space(space: dict[str, Any]) -> list[str]:
                 if err["type"] == "extra_forbidden":
                     key = str(err["loc"][-1])
                     problems.append(
-                        f"{_dotted(err['loc'])}: unknown key; {_did_you_mean(key, _DIST_KEYS)}"
+                        f"{_dotted(err['loc'])}: unknown key; {did_you_mean(key, _DIST_KEYS)}"
                     )
                 else:
                     problems.append(_format_pydantic(err))
@@ -511,7 +506,7 @@ def _check_distribution(path: str, name: str, d: Distribution, space: dict[str, 
                 others = [k for k in space if k != name]
                 problems.append(
                     f"{path}.when.{cond}: must name another entry of search_space; "
-                    f"{_did_you_mean(str(cond), others)}"
+                    f"{did_you_mean(str(cond), others)}"
                 )
                 continue
             values = allowed if isinstance(allowed, list) else [allowed]
@@ -579,7 +574,7 @@ def _check_semantics(spec: Spec) -> list[str]:
         if metric not in allowed:
             what = f"a {task} task" if task != "auto" else "any task"
             problems.append(
-                f"{where}: {metric!r} does not fit {what}; {_did_you_mean(metric, allowed)}"
+                f"{where}: {metric!r} does not fit {what}; {did_you_mean(metric, allowed)}"
             )
 
     t = spec.training
@@ -703,7 +698,7 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
                 cols = [str(c)[:40] for c in frame.columns[:50]]
                 problems.append(
                     f"dataset.target: no column {ds.target!r} in {path.name}; "
-                    f"{_did_you_mean(ds.target, cols)}"
+                    f"{did_you_mean(ds.target, cols)}"
                 )
             continue
         problems += _check_rows(frame, ds.target, key, path.name, ds.drop_missing_target)

@@ -122,7 +122,3 @@ class Retry:
     def _say(self, line: str) -> None:
         if self.notify is not None:
             self.notify(redact(line))
-
-    def giving_up(self) -> Retry:
-        """The same server with no retries: for the clean-up after it was lost."""
-        return Retry(self.what, self.url, 0.0, None)

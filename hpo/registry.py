@@ -16,6 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """The nearest known name, if one is close, and every known name."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}allowed: {', '.join(known)}"
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -58,10 +65,8 @@ class Registry(Mapping[str, Entry]):
         """None for a known name, else the one-line error for it at YAML path `where`."""
         if isinstance(value, str) and value in self._entries:
             return None
-        close = difflib.get_close_matches(str(value), self.names, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
         shown = repr(value) if isinstance(value, str) else str(value)
-        return f"{where}: unknown {self.what} {shown}; {hint}allowed: {', '.join(self.names)}"
+        return f"{where}: unknown {self.what} {shown}; {did_you_mean(str(value), self.names)}"
 
     def markdown(self) -> str:
         """A bullet list: `name`: doc."""

@@ -127,6 +127,16 @@ class WorkerSlots:
     def decide(self, number: int, decision: str | None) -> None:
         self._send(self._job.index(number), ("decision", decision))
 
+    def _receive(self, i: int, message: tuple) -> Event | None:
+        """A message from worker `i`: its readiness noted, a finished trial's slot freed."""
+        if message[0] == "ready":
+            self._ready[i] = True
+            return None
+        event = _event(message)
+        if isinstance(event, Done):
+            self._job[i] = None
+        return event
+
 
 def _expect_ready(message: tuple) -> None:
     if message[0] != "ready":
@@ -213,13 +223,7 @@ class ProcessExecutor(WorkerSlots):
                 i = conns[obj]
                 try:
                     while obj.poll():
-                        message = obj.recv()
-                        if message[0] == "ready":
-                            self._ready[i] = True
-                            continue
-                        event = _event(message)
-                        if isinstance(event, Done):
-                            self._job[i] = None
+                        event = self._receive(i, obj.recv())
                         if event is not None:
                             events.append(event)
                 except (EOFError, OSError):

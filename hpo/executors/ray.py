@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from hpo.config import Spec, SpecError
-from hpo.executors import Done, Event, Lost
-from hpo.executors.local import WorkerSlots, _event
+from hpo.executors import Event, Lost
+from hpo.executors.local import WorkerSlots
 from hpo.executors.worker import serve
 
 INSTALL = "pip install 'hpo[ray]'"
@@ -112,12 +112,7 @@ class RayExecutor(WorkerSlots):
         except Empty:
             messages = []
         for slot, message in messages:
-            if message[0] == "ready":
-                self._ready[slot] = True
-                continue
-            event = _event(message)
-            if isinstance(event, Done):
-                self._job[slot] = None
+            event = self._receive(slot, message)
             if event is not None:
                 events.append(event)
         finished, _ = ray.wait([t for t in self._tasks if t is not None], timeout=0)
