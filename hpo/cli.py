@@ -82,10 +82,11 @@ def _fmt(v: Any) -> str:
 def validate(spec: SpecArg) -> None:
     """Check a spec and report every problem; run nothing."""
     loaded = _load(spec)
-    from hpo.study import check_spec  # Optuna only once the YAML itself is sound
+    from hpo.study import check_data, check_spec  # Optuna only once the YAML is sound
 
     try:
         check_spec(loaded)
+        note = check_data(loaded)
     except SpecError as e:
         _fail_spec(e, spec)
     n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
@@ -94,6 +95,8 @@ def validate(spec: SpecArg) -> None:
         f"hyperparameters, {loaded.study.n_trials} trials, sampler {loaded.study.sampler.name}, "
         f"pruner {loaded.study.pruner.name}, metric {loaded.study.metric}"
     )
+    if note:
+        typer.echo(f"note: {note}")
 
 
 @app.command()
@@ -264,8 +267,8 @@ def run(
         _fail_spec(e, spec)
     except ServerLost as e:
         _err(
-            f"error: {e}; run the same command again to continue the study (the trials it was "
-            "training run again)"
+            f"error: {e}; {e.then}run the same command again to continue the study (the trials "
+            "it was training run again)"
         )
         raise typer.Exit(code=1) from None
     except RuntimeError as e:  # a worker that cannot start, a storage gone mid-study
@@ -412,8 +415,19 @@ def report(
     from hpo.report import write_report
 
     (loaded,) = _load_studies([study], storage)
+    _check_out(out or Path("reports"))
     folder = write_report(loaded, out, tracking_uri)
     typer.echo(f"report for {study!r}: {folder / 'index.html'} and {folder / 'report.md'}")
+
+
+def _check_out(folder: Path) -> None:
+    """Exit 2 with one line when the report folder cannot be written."""
+    from hpo.storage import check_writable
+
+    try:
+        check_writable(folder, "the report", "--out", "give --out a writable folder")
+    except SpecError as e:
+        _fail_spec(e, None)
 
 
 @app.command()
@@ -435,6 +449,7 @@ def compare(
         raise typer.Exit(code=2)
     loaded = _load_studies(studies, storage)
     folder = out or Path("reports") / folder_name("compare-" + "-".join(studies))
+    _check_out(folder)
     try:
         write_compare(loaded, folder, reseed)
     except SpecError as e:

@@ -122,6 +122,10 @@ class TrainingSpec(_Strict):
     max_epochs: int = 30
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     device: str = "auto"
+    # Opt-ins to search a space whose largest models do not fit: configurations past either
+    # limit fail as trials, with the reason, instead of the spec being refused (see resources).
+    max_params: int | None = None
+    memory_limit: int | float | str | None = None  # bytes, or "8GB", "512MiB"
 
 
 class SamplerSpec(BaseModel):
@@ -588,6 +592,13 @@ def _check_semantics(spec: Spec) -> list[str]:
         problems.append(
             f"training.early_stopping.min_delta: must be >= 0 (got {t.early_stopping.min_delta})"
         )
+    if t.max_params is not None and t.max_params < 1:
+        problems.append(f"training.max_params: must be >= 1 (got {t.max_params})")
+    if t.memory_limit is not None and parse_bytes(t.memory_limit) is None:
+        problems.append(
+            f"training.memory_limit: must be a size such as 8GB, 512MiB or a number of bytes "
+            f"(got {str(t.memory_limit)[:40]!r})"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
         problems.append(
             f"training.device: must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})"
@@ -604,6 +615,23 @@ def _check_semantics(spec: Spec) -> list[str]:
     if st.sampler.name == "grid":
         problems += _check_grid(spec)
     return problems
+
+
+_SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_SIZE_UNITS.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
+
+
+def parse_bytes(value: Any) -> int | None:
+    """A memory size: a number of bytes, or '8GB', '512 MiB', '2g'. None when not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value) if 0 < value < 1e18 else None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(value).lower())
+    if not m:
+        return None
+    n = float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]
+    return int(n) if 0 < n < 1e18 else None
 
 
 def name_problem(name: str, where: str) -> str | None:

@@ -5,11 +5,15 @@ The test split is held back: `Data.take_test()` hands it out once, for the final
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import hashlib
 import os
 import struct
 import urllib.request
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +206,7 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+MAX_IDX_BYTES = 2_000_000_000  # uncompressed; MNIST's largest file is 47 MB
 MIRRORS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -252,6 +257,23 @@ def cache_dir() -> Path:
     return Path(base) / "hpo"
 
 
+class NotLocal(Exception):
+    """Under `offline()`: the dataset would have to be downloaded first."""
+
+
+_offline: contextvars.ContextVar[bool] = contextvars.ContextVar("hpo_offline", default=False)
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Load only what is on this machine: a download raises `NotLocal` instead (hpo validate)."""
+    token = _offline.set(True)
+    try:
+        yield
+    finally:
+        _offline.reset(token)
+
+
 def find_idx_dir(name: str) -> Path:
     """The folder holding a dataset's four IDX files: $HPO_DATA_DIR/<name>/, then the cache,
     downloading into the cache when a network is there."""
@@ -263,6 +285,9 @@ def find_idx_dir(name: str) -> Path:
     for folder in candidates:
         if all((folder / f).is_file() for f in IDX_FILES.values()):
             return folder
+    if _offline.get():
+        where = " or ".join(str(c) for c in candidates)
+        raise NotLocal(f"the {name} files are not in {where} yet; hpo run downloads them")
     mirror = os.environ.get(f"HPO_{name.upper()}_MIRROR", MIRRORS[name])
     try:
         _download(name, mirror, cached)
@@ -304,22 +329,67 @@ def _checksum_ok(name: str, fname: str, gz_blob: bytes) -> bool:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one gzip-compressed IDX file (unsigned bytes) into an array of its shape."""
-    with gzip.open(path, "rb") as f:
-        blob = f.read()
+    """Read one gzip-compressed IDX file (unsigned bytes) into an array of its shape.
+
+    A file that is not gzip, is cut short or is not an unsigned-byte IDX file is a `SpecError`
+    naming the file; its bytes are never echoed."""
+    try:
+        with gzip.open(path, "rb") as f:
+            blob = f.read(MAX_IDX_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        why = "cut short" if isinstance(e, EOFError) else "not a gzip file"
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.strerror:
+            why = e.strerror
+        raise SpecError([f"dataset: {path}: {why}; expected a gzip-compressed IDX file"]) from None
+    if len(blob) > MAX_IDX_BYTES:
+        raise SpecError([f"dataset: {path}: more than {MAX_IDX_BYTES:,} bytes uncompressed"])
+    if len(blob) < 4:
+        raise SpecError([f"dataset: {path}: {len(blob)} bytes; not an IDX file"])
     zero, dtype, ndim = struct.unpack(">HBB", blob[:4])
-    if zero != 0 or dtype != 0x08:
+    if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 3 or len(blob) < 4 + 4 * ndim:
         raise SpecError([f"dataset: {path} is not an unsigned-byte IDX file"])
     shape = struct.unpack(f">{ndim}I", blob[4 : 4 + 4 * ndim])
     data = np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise SpecError([f"dataset: {path} is truncated ({data.size} of {np.prod(shape)} values)"])
+    expected = int(np.prod(shape))
+    if data.size != expected:
+        raise SpecError(
+            [f"dataset: {path} holds {data.size:,} values; its header says {expected:,}"]
+        )
     return data.reshape(shape)
 
 
 def _load_idx_dataset(name: str, classes: list[str]) -> RawData:
     folder = find_idx_dir(name)
     arr = {k: read_idx(folder / f) for k, f in IDX_FILES.items()}
+    problems = []
+    for part in ("train", "test"):
+        images, labels = arr[f"{part}_images"], arr[f"{part}_labels"]
+        files = f"{IDX_FILES[part + '_images']} and {IDX_FILES[part + '_labels']}"
+        if images.ndim != 3 or labels.ndim != 1:
+            problems.append(
+                f"dataset: {folder}/{files}: expected images of shape (n, rows, cols) and labels "
+                f"of shape (n,), got {images.shape} and {labels.shape}"
+            )
+        elif len(images) != len(labels):
+            problems.append(
+                f"dataset: {folder}/{files}: {len(images):,} images but {len(labels):,} labels; "
+                "the counts must agree"
+            )
+        else:
+            bad = np.flatnonzero(labels >= len(classes))
+            if len(bad):
+                first = ", ".join(f"#{i} = {labels[i]}" for i in bad[:5])
+                problems.append(
+                    f"dataset: {folder}/{IDX_FILES[part + '_labels']}: {len(bad):,} labels "
+                    f"outside 0..{len(classes) - 1} ({first}{', ...' if len(bad) > 5 else ''})"
+                )
+    if not problems and arr["train_images"].shape[1:] != arr["test_images"].shape[1:]:
+        problems.append(
+            f"dataset: {folder}: train images are {arr['train_images'].shape[1:]}, test images "
+            f"{arr['test_images'].shape[1:]}; they must be the same size"
+        )
+    if problems:
+        raise SpecError(problems)
     flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
     return RawData(
         X=flat(arr["train_images"]),
@@ -398,8 +468,12 @@ def load_openml(spec: Spec) -> RawData:
             parser="auto",
             n_retries=2,
             delay=0.5,
+            download_if_missing=not _offline.get(),
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
+        if _offline.get():
+            why = f"openml {ds.openml!r} is not in the cache yet; hpo run fetches it"
+            raise NotLocal(why) from None
         raise SpecError(
             [
                 f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "

@@ -8,6 +8,7 @@ error (a bad request, a missing row) passes straight through.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,11 @@ T = TypeVar("T")
 
 
 class ServerLost(RuntimeError):
-    """A server that stayed unreachable for the whole retry window."""
+    """A server that stayed unreachable for the whole retry window: the run stops cleanly and
+    a rerun continues the study (`then` says what to do before rerunning)."""
+
+    reason = "unreachable"
+    then = ""
 
     def __init__(self, what: str, url: str, waited: float, error: BaseException):
         self.what = what
@@ -32,6 +37,50 @@ class ServerLost(RuntimeError):
         super().__init__(
             redact(f"{what} {url} unreachable for {waited:.0f} s ({detail}); stopped")
         )
+
+
+class DiskFault(ServerLost):
+    """A write that failed for lack of space, a read-only or failing disk: retrying does not
+    help, so the run stops at once, the same way as for a lost server."""
+
+    then = "free some space (or fix the disk), then "
+
+    def __init__(self, what: str, url: str, fault: str):
+        RuntimeError.__init__(self, redact(f"{fault} writing the {what} {url}; stopped"))
+        self.what, self.reason = what, fault
+
+
+# errno -> what the disk did; and SQLite's own words for the same faults
+_DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "disk I/O error",
+    errno.EFBIG: "file too large",
+}
+_DISK_WORDS = {
+    "database or disk is full": "no space left on device (database or disk is full)",
+    "disk i/o error": "disk I/O error",
+    "attempt to write a readonly database": "read-only database",
+}
+
+
+def disk_fault(error: BaseException) -> str | None:
+    """What the disk did (no space, read-only, I/O error), if that is what the exception's chain
+    says; the file is named when the error names it."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            where = f" ({e.filename})" if e.filename else ""
+            return _DISK_ERRNOS[e.errno] + where
+        text = str(e).lower()
+        for words, fault in _DISK_WORDS.items():
+            if words in text:
+                return fault
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def is_transient(error: BaseException) -> bool:
@@ -87,6 +136,9 @@ class Retry:
             try:
                 result = fn(*args, **kwargs)
             except Exception as e:
+                fault = disk_fault(e)
+                if fault:
+                    raise DiskFault(self.what, self.url, fault) from None
                 if not is_transient(e):
                     raise
                 waited = self._down()

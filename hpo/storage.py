@@ -61,6 +61,36 @@ def check_driver(url: str, where: str = "storage") -> None:
         )
 
 
+def check_writable(folder: Path, what: str, where: str, way_out: str) -> None:
+    """Refuse (SpecError) a folder hpo must write in but cannot: read-only, or not ours.
+
+    The nearest existing folder is what counts when `folder` is not there yet."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    why = "not a folder" if not existing.is_dir() else "not writable"
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            why = "on a read-only file system"
+    except OSError:
+        pass
+    raise SpecError([f"{where}: cannot write {what} in {existing} ({why}); {way_out}"])
+
+
+def check_storage_writable(url: str, where: str = "storage") -> None:
+    """A SQLite storage's folder must be writable (the database and its journal go there)."""
+    path = sqlite_path(url)
+    if path is not None:
+        check_writable(
+            path.parent,
+            path.name,
+            where,
+            "run from a writable folder, or give --storage a database elsewhere",
+        )
+
+
 @contextmanager
 def storage_lock(url: str, key: str, retry: Retry | None = None) -> Iterator[None]:
     """Hold a lock named `key` among all processes using the database at `url`.

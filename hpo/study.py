@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo import __version__
+from hpo import __version__, resources
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
@@ -35,6 +35,7 @@ from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,
     HEARTBEAT_S,
+    check_storage_writable,
     fail_stale_trials,
     open_storage,
     storage_lock,
@@ -143,6 +144,32 @@ def check_spec(spec: Spec) -> None:
             problems += e.problems
     if problems:
         raise SpecError(problems)
+
+
+def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
+    """Refuse (SpecError) a search space whose largest model does not fit where it would run,
+    as many times as trials run at once on one device (see `resources.check_fits`)."""
+    problems: list[str] = []
+    for dev in sorted(set(devices)):
+        shape = resources.Shape.of(data)
+        problems += resources.check_fits(spec, shape, torch.device(dev), devices.count(dev))
+    if problems:
+        raise SpecError(problems)
+
+
+def check_data(spec: Spec) -> str:
+    """Load the data as `hpo run` would, without downloading, and check that the largest model
+    fits the device: what `hpo validate` adds to the spec's own checks. Returns a note when
+    the data is not on this machine yet (it is then checked by the run that fetches it)."""
+    from hpo.data import NotLocal, offline
+
+    try:
+        with offline():
+            data = load_data(spec, "cpu")
+    except NotLocal as e:
+        return f"data not checked: {e}"
+    check_memory(spec, data, [str(resolve_device(spec.training.device))])
+    return ""
 
 
 def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
@@ -257,7 +284,10 @@ def run_study(
     executor = executor or ThreadExecutor(spec, str(device))
 
     # Everything that can refuse the run does so before the study or any run is written.
+    check_memory(spec, data, getattr(executor, "devices", [str(device)]))
     fingerprint = spec.fingerprint()
+    given = "study.storage" if spec.study.storage else "--storage" if storage else "storage"
+    check_storage_writable(url, given)
     tracker.check()
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
@@ -400,7 +430,7 @@ class _Driver:
                 # Clean up what can be reached now, without waiting again: a trial whose
                 # storage is gone stays RUNNING and is failed by the next process later.
                 self._stop_waiting(0.0)
-                self._interrupt_all(f"interrupted: {e.what} unreachable")
+                self._interrupt_all(f"interrupted: {e.what} {e.reason}")
                 raise
             self.executor.close()
             status = "KILLED"  # until the test evaluation is through: a second Ctrl-C lands here

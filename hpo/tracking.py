@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hpo.outage import Retry
+from hpo.outage import DiskFault, Retry, disk_fault
 from hpo.redact import redact
 
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -33,6 +33,8 @@ def resolve_uri(spec_uri: str | None, cli_uri: str | None) -> str:
 def _quiet() -> None:
     for name in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs a database error at length before raising it; hpo reports it in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -94,9 +96,31 @@ class Tracker:
                 ]
             )
         else:
-            from hpo.storage import check_driver
+            from hpo.storage import check_driver, check_writable, sqlite_path
 
             check_driver(self.uri, "tracking.uri")
+            way_out = "run from a writable folder, or give --tracking-uri a store elsewhere"
+            db = sqlite_path(self.uri)
+            if db is not None:
+                check_writable(db.parent, db.name, "tracking.uri", way_out)
+            root = self.artifact_root()
+            if root is not None:
+                check_writable(root, "MLflow artifacts", "tracking.uri", way_out)
+
+    def artifact_root(self) -> Path | None:
+        """Where a local store keeps new experiments' artifacts: next to a SQLite database,
+        inside a file store, else ./mlruns (MLflow's default); None for a tracking server."""
+        from hpo.storage import sqlite_path
+
+        scheme = self.uri.split("://", 1)[0].lower() if "://" in self.uri else "file"
+        if scheme in ("http", "https", "databricks"):
+            return None
+        db = sqlite_path(self.uri)
+        if db is not None:
+            return db.absolute().parent / "mlruns"
+        if scheme == "file":
+            return Path(self.uri[len("file://") :] if "://" in self.uri else self.uri)
+        return Path("mlruns").absolute()
 
     def open(self) -> None:
         """Connect and create the experiment (once, whoever comes first)."""
@@ -123,8 +147,14 @@ class Tracker:
         takes no lock of ours), use theirs."""
         from mlflow.exceptions import MlflowException
 
+        from hpo.config import folder_name
+        from hpo.storage import sqlite_path
+
+        root = self.artifact_root() if sqlite_path(self.uri) else None
+        # A SQLite store's artifacts go next to it, wherever hpo was started.
+        location = (root / folder_name(self.experiment)).as_uri() if root else None
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(self.experiment, artifact_location=location)
         except MlflowException:
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -227,6 +257,11 @@ class Tracker:
                     input_example=input_example,
                     pip_requirements=[f"torch=={_torch_version()}"],
                 )
+            except Exception as e:
+                fault = disk_fault(e)
+                if fault is None:
+                    raise
+                raise DiskFault("model of run", run_id, fault) from None
             finally:
                 # end_run marks the run FINISHED; close_parent/end_trial set the final status.
                 mlflow.end_run()
@@ -297,10 +332,31 @@ class Tracker:
         """The trial's kept weights and the configuration that builds them."""
         import torch
 
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state_dict, Path(tmp) / "weights.pt")
-            (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            self.client.log_artifacts(run_id, tmp, "checkpoint")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(state_dict, Path(tmp) / "weights.pt")
+                (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, default=str))
+                self.client.log_artifacts(run_id, tmp, "checkpoint")
+        except Exception as e:
+            fault = disk_fault(e)
+            if fault is None:
+                raise
+            self._remove_local_artifacts(run_id, "checkpoint")  # no half-written weights.pt
+            raise DiskFault("checkpoint of run", run_id, fault) from None
+
+    def _remove_local_artifacts(self, run_id: str, folder: str) -> None:
+        """Remove a run's artifact folder when it is a local one (best effort)."""
+        import shutil
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        try:
+            uri = self._client.get_run(run_id).info.artifact_uri
+        except Exception:  # noqa: BLE001 - the store itself may be on the full disk
+            return
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            shutil.rmtree(Path(url2pathname(parsed.path)) / folder, ignore_errors=True)
 
     def load_checkpoint(self, run_id: str) -> dict[str, Any]:
         """The weights a trial saved with `save_checkpoint`."""

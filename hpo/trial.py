@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hpo import resources
 from hpo.config import Spec
 from hpo.data import Data
 from hpo.diagnose import chance_loss, diagnose_fit
@@ -103,6 +104,36 @@ def train_config(spec: Spec, data: Data, config: dict[str, Any], seed: int) -> T
     )
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, a MemoryError, or the CPU allocator's refusal."""
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+def _out_of_memory_reason(
+    error: str, config: dict[str, Any], shape: resources.Shape, device: torch.device
+) -> str:
+    """Why the trial failed, with what it needed and what the device has once it is freed."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    fp = resources.of_config(config, shape, device.type != "cuda")
+    free, what = resources.free_memory(device)
+    first = error.strip().splitlines()[0][:200]
+    return (
+        f"out of memory ({first}); this configuration needs about "
+        f"{resources.human(fp.total)} ({fp.describe()}); {device} has "
+        f"{resources.human(free)} {what}; set training.memory_limit to skip such "
+        "configurations"
+    )
+
+
 def run_trial(
     job: TrialJob,
     spec: Spec,
@@ -117,6 +148,12 @@ def run_trial(
     """
     record = TrialRecord(job.number, job.config, job.seed)
     device = data.train[0].device
+    shape = resources.Shape.of(data)
+    record.failure = resources.too_large(job.config, shape, spec, device.type != "cuda")
+    if record.failure:
+        record.n_params = resources.of_config(job.config, shape, True).params
+        return record
+    out_of_memory = False
     try:
         torch.manual_seed(job.seed)
         model = build_model(job.config, data, device)
@@ -125,6 +162,12 @@ def run_trial(
         result = train(model, data.train, data.val, cfg, on_epoch_end, interrupt)
     except Exception as e:  # noqa: BLE001 - one configuration's error fails that trial only
         record.failure = f"{type(e).__name__}: {e}"
+        out_of_memory = _out_of_memory(e)
+        if not out_of_memory:
+            return record
+    if out_of_memory:  # out of the except block, so the traceback's frames are gone too
+        model = result = None  # noqa: F841 - drop what this trial allocated
+        record.failure = _out_of_memory_reason(record.failure, job.config, shape, device)
         return record
     record.history = result.history
     record.stopped_by = result.stopped_by

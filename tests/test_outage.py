@@ -97,8 +97,6 @@ def test_a_database_gone_for_good_stops_the_run_and_a_rerun_continues(tmp_path, 
     own_postgres.stop()
     code, text = out.finish()
     assert code == 1, text
-    print("<<<", text, ">>>")
-    print("<<<", text, ">>>")
     assert "Traceback" not in text and PG_PASSWORD not in text
     last = text.strip().splitlines()[-1]
     assert last.startswith("error: Optuna storage postgresql://hpo:***@127.0.0.1:"), text
@@ -208,3 +206,75 @@ def test_retry_waits_out_a_lost_connection_but_not_a_bad_request():
         "Optuna storage postgresql://u:***@h/db unreachable for 0 s (ConnectionRefusedError: "
         "down); stopped"
     )
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB file system of its own (tmpfs), so that the disk can really fill up."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder) -> None:
+    """Write zeros until the file system says it is full."""
+    chunk = b"\0" * (1 << 20)
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as e:
+            assert e.errno == 28  # ENOSPC
+    with open(folder / "filler", "ab", buffering=0) as f:  # the last few bytes too
+        try:
+            while True:
+                f.write(b"\0")
+        except OSError:
+            pass
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_continues(small_disk):
+    import torch
+
+    spec = small_spec(
+        name="full", study={"n_trials": 2}, training=LONG, tracking={"log_model": "all"}
+    )
+    path = write_spec(small_disk, spec)
+    proc = hpo_process(["run", path], small_disk)
+    out = Output(proc)
+    db = small_disk / "optuna.db"
+    wait_for(lambda: 1 <= _epochs_of_running_trial_sqlite(db) <= 50, "a trial training")
+    _fill(small_disk)
+    code, text = out.finish()
+    assert code == 1, text
+    assert "Traceback" not in text and "ERROR" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on device"), text
+    assert "stopped; free some space (or fix the disk), then run the same command again" in last
+    for weights in small_disk.rglob("weights.pt"):  # any checkpoint there is whole
+        torch.load(weights, weights_only=True)
+
+    (small_disk / "filler").unlink()
+    code, text = Output(hpo_process(["run", path], small_disk)).finish()
+    assert code == 0, text
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{db}")
+    assert count_finished(study) == 2
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    cut = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(cut) == 1 and was_interrupted(cut[0])
+    client = MlflowClient(f"sqlite:///{small_disk / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert sorted(r.info.status for r in runs).count("RUNNING") == 0
+    assert sum(r.data.tags.get("hpo.state") == "COMPLETE" for r in runs) == 2

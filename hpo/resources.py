@@ -1,0 +1,246 @@
+"""How much memory a trial needs, and whether the device has it.
+
+Before anything runs, `check_fits` sizes the search space's largest corner (the most layers,
+the widest layers, the largest batch, the optimizer with the most state) against the memory
+free on the training device, and refuses a spec whose largest model cannot fit, with the
+numbers. A spec that sets `training.max_params` or `training.memory_limit` opts into searching
+such a space anyway: each configuration past the limit fails as a trial, with the reason,
+before it is built (`too_large`).
+
+The estimate is an upper bound made of plain arithmetic on float32 tensors, so it is cheap and
+needs no model:
+- weights, their gradients, the optimizer's state and the copy of the best epoch's weights;
+- activations kept for the backward pass at the batch size, and one evaluation batch;
+- the train, validation and test tensors, once per process that holds them;
+- Python's own objects for each layer (in the host's memory, counted on every device).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hpo.config import PARAMS, Distribution, Spec, parse_bytes
+
+FLOAT = 4  # bytes per float32
+EVAL_BATCH = 8192  # rows per evaluation forward pass (train.EVAL_BATCH, kept in step by a test)
+# Tensors per hidden unit and row the backward pass keeps: the linear output, batch norm's
+# output, the activation's output, dropout's output and mask, and one gradient in flight.
+SAVED_PER_UNIT = 6
+HOST_BYTES_PER_LAYER = 16 * 1024  # Python objects of a hidden block (Linear, norm, activation)
+# Optimizer state in copies of the weights (sgd and rmsprop keep one more with momentum).
+OPTIMIZER_STATE = {"sgd": 1, "adam": 2, "adamw": 2, "nadam": 2, "rmsprop": 2, "adagrad": 1}
+# Copies of the weights besides the state: the weights, gradients and the best epoch's copy.
+WEIGHT_COPIES = 3
+
+
+@dataclass
+class Shape:
+    """What the data contributes: features, outputs and the rows each split puts on the device."""
+
+    n_features: int
+    n_outputs: int
+    n_rows: int  # train + validation + test
+
+    @classmethod
+    def of(cls, data: Any) -> Shape:  # data: hpo.data.Data
+        info = data.info
+        return cls(
+            data.n_features, data.n_outputs, info["n_train"] + info["n_val"] + info["n_test"]
+        )
+
+
+@dataclass
+class Footprint:
+    """One configuration's memory, in bytes, with its parameter count."""
+
+    params: int
+    n_layers: int
+    weights: int  # weights, gradients, optimizer state, the kept copy
+    activations: int
+    data: int
+    host: int  # Python objects of the layers, in the host's memory
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.data + self.host
+
+    def describe(self) -> str:
+        parts = [
+            f"{human(self.weights)} for weights, gradients, optimizer state and the kept copy",
+            f"{human(self.activations)} for activations",
+        ]
+        if self.data:
+            parts.append(f"{human(self.data)} for the data")
+        if self.host >= 1e8:
+            parts.append(f"{human(self.host)} for {self.n_layers:,} layers' Python objects")
+        return f"{self.params:,} parameters: {', '.join(parts)}"
+
+
+def human(n: float) -> str:
+    """Bytes as a short figure: 512 B, 3.4 MB, 1.2 GB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def footprint(
+    layers: list[tuple[int, int]],
+    shape: Shape,
+    batch_size: int,
+    optimizer: str = "adam",
+    momentum: bool = True,
+    on_cpu: bool = True,
+    data_copies: int = 1,
+) -> Footprint:
+    """The memory one configuration needs on its device (see the module docstring).
+
+    `layers` lists the hidden layers as (width, how many in a row), so that a million layers
+    cost one line of arithmetic."""
+    fan_in, params, units, n_layers, widest = shape.n_features, 0, 0, 0, 0
+    for width, count in [*layers, (shape.n_outputs, 1)]:
+        if count <= 0:
+            continue
+        # weights and biases, and batch norm's scale and shift (an upper bound)
+        params += fan_in * width + 3 * width + (count - 1) * (width * width + 3 * width)
+        units += width * count
+        n_layers += count
+        widest = max(widest, width)
+        fan_in = width
+    n_layers -= 1  # the head is not a hidden layer
+    state = OPTIMIZER_STATE.get(optimizer, 2) - (0 if momentum else 1)
+    batch = min(batch_size, shape.n_rows)
+    activations = FLOAT * (
+        SAVED_PER_UNIT * batch * units
+        + batch * shape.n_features
+        + 2 * min(EVAL_BATCH, shape.n_rows) * widest
+    )
+    return Footprint(
+        params=params,
+        n_layers=n_layers,
+        weights=FLOAT * params * (WEIGHT_COPIES + max(state, 0) + (1 if on_cpu else 0)),
+        activations=activations,
+        data=data_copies * shape.n_rows * (FLOAT * shape.n_features + 8),
+        host=HOST_BYTES_PER_LAYER * (n_layers + 1),
+    )
+
+
+def of_config(config: dict[str, Any], shape: Shape, on_cpu: bool) -> Footprint:
+    """The footprint of one sampled configuration (its `widths`, batch size and optimizer)."""
+    return footprint(
+        [(int(w), 1) for w in config["widths"]],
+        shape,
+        int(config["batch_size"]),
+        str(config["optimizer"]),
+        float(config.get("momentum", 0.0)) > 0,
+        on_cpu,
+        data_copies=0,  # the data is there already, and counted once for the whole run
+    )
+
+
+def _largest(entry: Any, default: Any) -> Any:
+    """The largest value a search-space entry can take (the default when it is absent)."""
+    if entry is None:
+        return default
+    if not isinstance(entry, Distribution):
+        return max(entry) if isinstance(entry, list) and entry else entry
+    if entry.type == "categorical":
+        numbers = [c for c in entry.choices or [] if isinstance(c, int | float)]
+        return max(numbers) if numbers else (entry.choices or [default])[0]
+    return entry.high
+
+
+def largest_corner(spec: Spec, shape: Shape, on_cpu: bool, data_copies: int) -> Footprint:
+    """The footprint of the largest model the search space can sample."""
+    space = spec.space
+    n_layers = int(_largest(space.get("n_layers"), PARAMS["n_layers"]["default"]))
+    width = int(_largest(space.get("width"), PARAMS["width"]["default"]))
+    batch = int(_largest(space.get("batch_size"), PARAMS["batch_size"]["default"]))
+    opt = space.get("optimizer", PARAMS["optimizer"]["default"])
+    choices = opt.choices if isinstance(opt, Distribution) else [opt]
+    worst = max(choices or ["adam"], key=lambda o: OPTIMIZER_STATE.get(str(o), 2))
+    return footprint([(width, n_layers)], shape, batch, str(worst), True, on_cpu, data_copies)
+
+
+def free_memory(device: Any) -> tuple[int, str]:
+    """Bytes free for training on `device` (a torch.device), and what that memory is."""
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {torch.cuda.get_device_name(device)} (of {human(total)})"
+    return host_available(), "available on this machine"
+
+
+def host_available() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def limits(spec: Spec) -> tuple[int | None, int | None]:
+    """The spec's opt-in limits: training.max_params and training.memory_limit in bytes."""
+    t = spec.training
+    return t.max_params, parse_bytes(t.memory_limit) if t.memory_limit is not None else None
+
+
+def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> list[str]:
+    """Problems when the largest model, `concurrent` times on `device`, does not fit.
+
+    With `training.max_params` or `training.memory_limit` set, nothing is refused here: the
+    configurations past the limit fail as trials instead.
+    """
+    max_params, memory_limit = limits(spec)
+    if max_params is not None or memory_limit is not None:
+        return []
+    on_cpu = device.type != "cuda"
+    big = largest_corner(
+        spec, shape, on_cpu, data_copies=1 + (concurrent if concurrent > 1 else 0)
+    )
+    need = big.total + (concurrent - 1) * (big.total - big.data)
+    free, what = free_memory(device)
+    if need <= free:
+        return []
+    times = f" x {concurrent} trials at once" if concurrent > 1 else ""
+    return [
+        f"search_space: its largest model ({big.n_layers:,} layers of {_width(spec):,} units, "
+        f"batch size {_batch(spec):,}) needs {human(need)}{times} ({big.describe()}); "
+        f"{device} has {human(free)} {what}: narrow n_layers, width or batch_size, use fewer "
+        "workers, or set training.max_params or training.memory_limit to fail the "
+        "configurations past it as trials"
+    ]
+
+
+def too_large(config: dict[str, Any], shape: Shape, spec: Spec, on_cpu: bool) -> str | None:
+    """Why this configuration is past the spec's opt-in limits, or None."""
+    max_params, memory_limit = limits(spec)
+    if max_params is None and memory_limit is None:
+        return None
+    fp = of_config(config, shape, on_cpu)
+    if max_params is not None and fp.params > max_params:
+        return f"too large: {fp.params:,} parameters > training.max_params {max_params:,}"
+    if memory_limit is not None and fp.total > memory_limit:
+        return (
+            f"too large: needs {human(fp.total)} ({fp.describe()}) > training.memory_limit "
+            f"{human(memory_limit)}"
+        )
+    return None
+
+
+def _width(spec: Spec) -> int:
+    return int(_largest(spec.space.get("width"), PARAMS["width"]["default"]))
+
+
+def _batch(spec: Spec) -> int:
+    return int(_largest(spec.space.get("batch_size"), PARAMS["batch_size"]["default"]))
