@@ -380,7 +380,9 @@ def read_only_folder(tmp_path):
         pytest.skip("mounting a read-only file system needs root")
     folder = tmp_path / "ro"
     folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let tests mount a file system")
     try:
         write_spec(folder, small_spec(study={"n_trials": 1}))
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
