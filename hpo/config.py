@@ -170,6 +170,8 @@ class Spec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     study: StudySpec = Field(default_factory=StudySpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    # Named fixed configurations run once per study before the search (see `baseline_config`).
+    baselines: list[Any] = Field(default_factory=list)
     # Not YAML keys: where the spec came from, so relative data paths resolve against it.
     source_dir: str = Field(default=".", exclude=True)
     raw_text: str = Field(default="", exclude=True)
@@ -186,6 +188,17 @@ class Spec(_Strict):
             return None
         p = Path(value).expanduser()
         return p if p.is_absolute() else Path(self.source_dir) / p
+
+    def baseline_config(self, name: str) -> dict[str, Any]:
+        """A baseline's full configuration: the defaults, the search space's fixed values, then
+        the baseline's own; `width` may list one width per layer."""
+        [entry] = [b for b in self.baselines if b.get("name") == name]
+        config: dict[str, Any] = {k: rule["default"] for k, rule in PARAMS.items()}
+        config.update({k: v for k, v in self.space.items() if not isinstance(v, Distribution)})
+        config.update({k: v for k, v in entry.items() if k != "name"})
+        width, n = config["width"], int(config["n_layers"])
+        config["widths"] = [int(w) for w in width] if isinstance(width, list) else [int(width)] * n
+        return config
 
     def to_yaml(self) -> str:
         """The spec as written, or its validated form when it did not come from a file."""
@@ -315,12 +328,60 @@ def parse_spec(raw: Any, source_dir: str | Path = ".", raw_text: str = "") -> Sp
     space = raw.get("search_space")
     if isinstance(space, dict):
         problems += _check_search_space(space)
+    if isinstance(raw.get("baselines"), list):
+        problems += _check_baselines(raw["baselines"], raw.get("search_space"))
     if spec is not None:
         problems += _check_semantics(spec)
     if problems:
         raise SpecError(problems)
     assert spec is not None
     return spec
+
+
+def _check_baselines(baselines: list[Any], space: Any) -> list[str]:
+    """Each baseline: a unique name and known hyperparameters with allowed fixed values."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    fixed = (
+        {k: v for k, v in space.items() if not isinstance(v, dict)}
+        if isinstance(space, dict)
+        else {}
+    )
+    for i, entry in enumerate(baselines):
+        path = f"baselines[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{path}: must be a mapping with a name and hyperparameters")
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str):
+            problems.append(f"{path}.name: required, a name for the baseline")
+        else:
+            problem = name_problem(name, f"{path}.name")
+            if problem:
+                problems.append(problem)
+            if name in seen:
+                problems.append(f"{path}.name: {name!r} is used by an earlier baseline")
+            seen.add(name)
+        for key, value in entry.items():
+            where = f"{path}.{key}"
+            if key == "name":
+                continue
+            if key not in PARAMS:
+                hint = did_you_mean(key, list(PARAMS))
+                problems.append(f"{where}: unknown hyperparameter; {hint}")
+            elif key == "width" and isinstance(value, list):
+                for j, w in enumerate(value):
+                    problems += _check_value(f"{where}[{j}]", "width", w)
+                n = entry.get("n_layers", fixed.get("n_layers", PARAMS["n_layers"]["default"]))
+                if isinstance(n, int) and len(value) != n:
+                    problems.append(
+                        f"{where}: {len(value)} widths for n_layers {n}; give one per layer"
+                    )
+            elif isinstance(value, dict):
+                problems.append(f"{where}: a baseline takes fixed values (got a distribution)")
+            else:
+                problems += _check_value(where, key, value)
+    return problems
 
 
 def _without(raw: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any]:

@@ -210,10 +210,18 @@ def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> li
     )
     need = big.total + (concurrent - 1) * (big.total - big.data)
     free, what = free_memory(device)
+    problems = []
+    for entry in spec.baselines:
+        fp = of_config(spec.baseline_config(entry["name"]), shape, on_cpu)
+        if fp.total + big.data > free:
+            problems.append(
+                f"baselines: {entry['name']!r} needs {human(fp.total + big.data)} "
+                f"({fp.describe()}); {device} has {human(free)} {what}"
+            )
     if need <= free:
-        return []
+        return problems
     times = f" x {concurrent} trials at once" if concurrent > 1 else ""
-    return [
+    return problems + [
         f"search_space: its largest model ({big.n_layers:,} layers of {_width(spec):,} units, "
         f"batch size {_batch(spec):,}) needs {human(need)}{times} ({big.describe()}); "
         f"{device} has {human(free)} {what}: narrow n_layers, width or batch_size, use fewer "

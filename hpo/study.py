@@ -100,10 +100,71 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     _check_options("study.sampler", f"{s.name} sampler", cls, s.options, ("seed", "search_space"))
     try:
         if "search_space" in inspect.signature(cls).parameters:  # grid: the points to walk
-            return cls(grid_space(spec.space), seed=seed, **s.options)
-        return cls(seed=seed, **s.options)
+            sampler = cls(grid_space(spec.space), seed=seed, **s.options)
+        else:
+            sampler = cls(seed=seed, **s.options)
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.sampler: {e}"]) from None
+    return BaselineBlind(sampler) if spec.baselines else sampler
+
+
+class _WithoutBaselines:
+    """A study as a sampler should see it: its trials less the baselines."""
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, **kw)
+        return [t for t in trials if "baseline" not in t.user_attrs]
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+
+class BaselineBlind(optuna.samplers.BaseSampler):
+    """A sampler that does not learn from baseline trials.
+
+    A baseline is a fixed configuration that need not lie inside the search space (a linear
+    model when n_layers starts at 1, weight_decay 0 under a log range), so its trial has no
+    sampled parameters; seen by a multivariate sampler, such a trial would empty the
+    intersection of the parameters it models jointly.
+    """
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler):
+        self.inner = sampler
+
+    def __getattr__(self, name: str) -> Any:  # the grid sampler's own attributes, for one
+        return getattr(self.__dict__["inner"], name)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        return self.inner.infer_relative_search_space(_WithoutBaselines(study), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
+        return self.inner.sample_relative(_WithoutBaselines(study), trial, space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        return self.inner.sample_independent(_WithoutBaselines(study), trial, name, distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: Any, values: Any
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
@@ -144,6 +205,19 @@ def check_spec(spec: Spec) -> None:
             problems += e.problems
     if problems:
         raise SpecError(problems)
+
+
+def enqueue_baselines(study: optuna.Study, spec: Spec) -> list[str]:
+    """Queue each of the spec's baselines that the study has not run or queued yet, so that
+    they run first and once per study, however many processes start (call it under the
+    study's lock). Returns the names queued now."""
+    had = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    queued = []
+    for entry in spec.baselines:
+        if entry["name"] not in had:
+            study.enqueue_trial({}, user_attrs={"baseline": entry["name"]})
+            queued.append(entry["name"])
+    return queued
 
 
 def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
@@ -213,6 +287,9 @@ class StudyResult:
     wall_time: float = 0.0
     data_info: dict[str, Any] = field(default_factory=dict)
     test_note: str = ""  # why there is no test evaluation from this process, if there is none
+    # The best baseline (name, trial number, value) and the best searched trial (number, value)
+    best_baseline: tuple[str, int, float] | None = None
+    best_searched: tuple[int, float] | None = None
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
@@ -347,6 +424,7 @@ def run_study(
             study.set_user_attr("tracking_uri", redact(tracker.uri))
             tracker.log_text(spec.to_yaml(), "spec.yaml")
         driver.close_runs_of_finished_trials(study)
+        enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
     return driver.run(study, base_seed, on_start, on_trial_end)
 
@@ -516,12 +594,17 @@ class _Driver:
         trial.set_user_attr("seed", seed)  # torch seed: retraining with it repeats the trial
         self.running[trial.number] = running = _Running(trial, None, {})
         retry_of = trial.user_attrs.get("retry_of")
-        running.run_id = self.tracker.start_trial(
-            trial.number, {"hpo.retry_of": str(retry_of)} if retry_of is not None else None
-        )
+        baseline = trial.user_attrs.get("baseline")
+        tags = {"hpo.retry_of": str(retry_of)} if retry_of is not None else {}
+        if baseline is not None:
+            tags["hpo.baseline"] = baseline
+        running.run_id = self.tracker.start_trial(trial.number, tags or None)
         trial.set_user_attr("mlflow_run_id", running.run_id)
         try:
-            running.config = suggest_params(trial, self.spec.space)
+            if baseline is not None:  # fixed: the sampler is not asked, so params stay empty
+                running.config = self.spec.baseline_config(baseline)
+            else:
+                running.config = suggest_params(trial, self.spec.space)
         except Exception as e:  # noqa: BLE001 - a sampler's error fails this trial only
             self._on_done(trial.number, TrialRecord(trial.number, {}, seed, failure=str(e)))
             return None
@@ -539,7 +622,8 @@ class _Driver:
         decision = "interrupted" if self.stopping else None
         if decision is None:
             r.trial.report(e.metrics[self.metric], e.epoch)
-            if r.trial.should_prune():
+            # A baseline is a reference point: it trains to the end, never pruned.
+            if "baseline" not in r.trial.user_attrs and r.trial.should_prune():
                 decision = "pruned"
         self.executor.decide(e.number, decision)  # first, so the worker goes on at once
         self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
@@ -582,7 +666,7 @@ class _Driver:
         }.get(outcome, TrialState.FAIL)
         frozen = self._tell(trial, state, value)
         if outcome == "INTERRUPTED":
-            self._retry(trial.params, number, trial.user_attrs.get("kills", 0))
+            self._retry(self.study, trial, trial.user_attrs.get("kills", 0))
         mlflow_state = "KILLED" if outcome == "INTERRUPTED" else outcome
         params = {k: v for k, v in r.config.items() if k != "width"}  # widths lists them
         if r.run_id is not None:
@@ -602,7 +686,7 @@ class _Driver:
             r.trial.set_user_attr("lost", reason)
         frozen = self._tell(r.trial, TrialState.FAIL, None)
         if kills < 1:
-            self._retry(r.trial.params, number, kills + 1)
+            self._retry(self.study, r.trial, kills + 1)
         params = {k: v for k, v in r.config.items() if k != "width"}
         if r.run_id is not None:
             state = "KILLED" if kills < 1 else "FAIL"
@@ -623,16 +707,19 @@ class _Driver:
             self.exhausted = True
             return self.study._storage.get_trial(trial._trial_id)
 
-    def _retry(self, params: dict[str, Any], number: int, kills: int) -> None:
-        self.study.enqueue_trial(params, user_attrs={"retry_of": number, "kills": kills})
+    @staticmethod
+    def _retry(study: optuna.Study, trial: optuna.Trial | FrozenTrial, kills: int) -> None:
+        """Queue a cut-short trial's configuration to run again (a baseline stays one)."""
+        attrs = {"retry_of": trial.number, "kills": kills}
+        if "baseline" in trial.user_attrs:
+            attrs["baseline"] = trial.user_attrs["baseline"]
+        study.enqueue_trial(trial.params, user_attrs=attrs)
 
     def on_stale(self, study: optuna.Study, frozen: FrozenTrial) -> None:
         """A trial of a dead process, just failed by the heartbeat check in this process."""
         kills = frozen.user_attrs.get("kills", 0)
         if kills < 1:
-            study.enqueue_trial(
-                frozen.params, user_attrs={"retry_of": frozen.number, "kills": kills + 1}
-            )
+            self._retry(study, frozen, kills + 1)
         run_id = frozen.user_attrs.get("mlflow_run_id")
         if run_id:
             self.tracker.close_run(run_id, "KILLED", "KILLED" if kills < 1 else "FAIL")
@@ -783,6 +870,12 @@ class _Driver:
         best = best_or_none(study)
         trials = study.get_trials(deepcopy=False)
         fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
+        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        pick = max if study.direction.name == "MAXIMIZE" else min
+        baselines = [t for t in done if "baseline" in t.user_attrs]
+        searched = [t for t in done if "baseline" not in t.user_attrs]
+        bb = pick(baselines, key=lambda t: t.value) if baselines else None
+        bs = pick(searched, key=lambda t: t.value) if searched else None
         return StudyResult(
             study_name=self.name,
             storage=redact(self.url),
@@ -801,6 +894,8 @@ class _Driver:
             wall_time=time.perf_counter() - self.started,
             data_info=self.data.info,
             test_note=note,
+            best_baseline=(bb.user_attrs["baseline"], bb.number, bb.value) if bb else None,
+            best_searched=(bs.number, bs.value) if bs else None,
         )
 
 

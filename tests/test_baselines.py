@@ -1,0 +1,120 @@
+"""Baselines: named fixed configurations that run first, once per study, as ordinary trials."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import small_spec, study_run, write_spec
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.config import SpecError, parse_spec
+from hpo.study import enqueue_baselines, make_sampler
+
+BASELINES = [
+    {"name": "linear", "n_layers": 0},
+    {"name": "mlp-32-16", "n_layers": 2, "width": [32, 16], "dropout": 0.2, "lr": 0.005},
+]
+
+
+def test_baselines_are_checked_like_the_search_space():
+    bad = small_spec(
+        baselines=[
+            {"n_layers": 1},
+            {"name": "a", "widht": 3},
+            {"name": "a", "n_layers": 2, "width": [8, 8, 8]},
+            {"name": "b", "lr": {"type": "float", "low": 0.1, "high": 1}},
+            {"name": "../x", "activation": "relux"},
+            "linear",
+        ]
+    )
+    with pytest.raises(SpecError) as e:
+        parse_spec(bad)
+    assert e.value.problems == [
+        "baselines[0].name: required, a name for the baseline",
+        widht := e.value.problems[1],
+        "baselines[2].name: 'a' is used by an earlier baseline",
+        "baselines[2].width: 3 widths for n_layers 2; give one per layer",
+        "baselines[3].lr: a baseline takes fixed values (got a distribution)",
+        "baselines[4].name: must be 1 to 100 letters, digits, '-', '_' or '.', starting with a "
+        "letter or digit (got '../x')",
+        baselines_problem := e.value.problems[6],
+        "baselines[5]: must be a mapping with a name and hyperparameters",
+    ]
+    assert widht.startswith("baselines[1].widht: unknown hyperparameter; did you mean 'width'?")
+    assert baselines_problem.startswith("baselines[4].activation: ")
+    assert "relu" in baselines_problem
+
+
+def test_a_baseline_config_is_the_defaults_the_fixed_values_and_its_own():
+    spec = parse_spec(small_spec(baselines=BASELINES))
+    mlp = spec.baseline_config("mlp-32-16")
+    assert mlp["widths"] == [32, 16] and mlp["dropout"] == 0.2 and mlp["lr"] == 0.005
+    assert mlp["batch_size"] == 64  # the search space's fixed value
+    assert mlp["optimizer"] == "adam"  # the default
+    assert spec.baseline_config("linear")["widths"] == []
+
+
+def test_baselines_run_first_once_and_are_never_pruned(workdir, mlflow_uri):
+    raw = small_spec(
+        baselines=BASELINES,
+        study={"n_trials": 4, "pruner": {"name": "median", "n_startup_trials": 0}},
+        tracking={"uri": mlflow_uri, "experiment": "baselines"},
+    )
+    spec = parse_spec(raw)
+    result = study_run(spec)
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    first = study.trials[:2]
+    assert [t.user_attrs.get("baseline") for t in first] == ["linear", "mlp-32-16"]
+    for t in first:
+        assert t.state == TrialState.COMPLETE and t.params == {}  # the sampler was not asked
+        assert len(t.intermediate_values) == 3  # trained to max_epochs, never pruned
+    assert first[1].user_attrs["config"]["widths"] == [32, 16]
+    assert first[0].user_attrs["n_params"] == 64 * 10 + 10
+    assert all("baseline" not in t.user_attrs and t.params for t in study.trials[2:])
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("baselines").experiment_id],
+        filter_string="tags.hpo.baseline = 'mlp-32-16'",
+    )
+    assert len(runs) == 1 and runs[0].data.params["widths"] == "[32, 16]"
+    name, number, value = result.best_baseline
+    assert (name, number) in (("linear", 0), ("mlp-32-16", 1))
+    assert value == max(t.value for t in first)
+
+    # A multivariate sampler models the searched trials jointly: seen by it, the baselines'
+    # empty parameter sets would leave it nothing in common to model.
+    tpe = dict(raw["study"], sampler={"name": "tpe", "multivariate": True, "seed": 0})
+    sampler = make_sampler(parse_spec(dict(raw, study=tpe)))
+    assert {"lr", "width", "n_layers", "activation"} <= set(
+        sampler.infer_relative_search_space(study, study.trials[-1])
+    )
+    plain = optuna.samplers.TPESampler(multivariate=True, seed=0)
+    assert plain.infer_relative_search_space(study, study.trials[-1]) == {}
+
+    # Again: queued once per study, however many processes or reruns start.
+    assert enqueue_baselines(study, spec) == []
+    more = parse_spec(dict(raw, study=dict(raw["study"], n_trials=5)))
+    study_run(more)
+    names = [t.user_attrs.get("baseline") for t in study.trials if "baseline" in t.user_attrs]
+    assert names == ["linear", "mlp-32-16"] and len(study.trials) == 5
+
+
+def test_the_summary_compares_the_search_with_the_best_baseline(workdir):
+    spec = write_spec(workdir, small_spec(baselines=BASELINES[:1], study={"n_trials": 3}))
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    base = study.trials[0]
+    best = max((t for t in study.trials[1:]), key=lambda t: t.value)
+    line = next(x for x in result.output.splitlines() if x.startswith("best baseline"))
+    expected = f"best baseline 'linear' (trial #0): val_accuracy = {base.value:.4f}; "
+    expected += f"the search's best (trial #{best.number}, {best.value:.4f}) "
+    if best.value > base.value:
+        expected += f"beats it by {best.value - base.value:.4f}"
+    elif best.value < base.value:
+        expected += f"falls short of it by {base.value - best.value:.4f}"
+    else:
+        expected += "ties it"
+    assert line == expected
