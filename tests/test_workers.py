@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 
@@ -69,8 +70,11 @@ def test_four_processes_run_exactly_n_trials_under_one_parent_run(shared):
     study = optuna.load_study(study_name="shared", storage=storage)
     assert_exact(study, 16)
     assert len(study.trials) == 16  # nobody was interrupted: no trial ran twice
-    workers = {t.user_attrs["worker"] for t in study.trials}
-    assert len(workers) >= 4  # every process (and both workers of the 4th) took trials
+    # Each trial is reported once, by the process that trained it. (How many of the four got a
+    # trial depends on how fast each started, so that is not asserted.)
+    printed = [re.findall(r"^\[ *\d+/16\] trial (\d+) ", out, re.M) for out in outputs]
+    assert sorted(int(n) for nums in printed for n in nums) == list(range(16))
+    assert all(t.user_attrs["worker"] for t in study.trials)
 
     client, parents, children = runs_of(uri, "shared")
     assert len(parents) == 1 and parents[0].info.run_id == study.user_attrs["mlflow_parent_run_id"]
