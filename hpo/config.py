@@ -193,12 +193,10 @@ class Spec(_Strict):
         """A baseline's full configuration: the defaults, the search space's fixed values, then
         the baseline's own; `width` may list one width per layer."""
         [entry] = [b for b in self.baselines if b.get("name") == name]
-        config: dict[str, Any] = {k: rule["default"] for k, rule in PARAMS.items()}
+        config = default_config()
         config.update({k: v for k, v in self.space.items() if not isinstance(v, Distribution)})
         config.update({k: v for k, v in entry.items() if k != "name"})
-        width, n = config["width"], int(config["n_layers"])
-        config["widths"] = [int(w) for w in width] if isinstance(width, list) else [int(width)] * n
-        return config
+        return with_widths(config)
 
     def to_yaml(self) -> str:
         """The spec as written, or its validated form when it did not come from a file."""
@@ -213,6 +211,18 @@ class Spec(_Strict):
         keep["metric"] = self.study.metric
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_config() -> dict[str, Any]:
+    """Every known hyperparameter at its default."""
+    return {name: rule["default"] for name, rule in PARAMS.items()}
+
+
+def with_widths(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with `widths`, one per hidden layer: `width` is one for all, or a list."""
+    width, n = config["width"], int(config["n_layers"])
+    config["widths"] = [int(w) for w in width] if isinstance(width, list) else [int(width)] * n
+    return config
 
 
 def _parse_entry(value: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from hpo.redact import redact
@@ -68,9 +68,7 @@ _DISK_WORDS = {
 def disk_fault(error: BaseException) -> str | None:
     """What the disk did (no space, read-only, I/O error), if that is what the exception's chain
     says; the file is named when the error names it."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    for e in _chain(error):
         if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
             where = f" ({e.filename})" if e.filename else ""
             return _DISK_ERRNOS[e.errno] + where
@@ -78,9 +76,17 @@ def disk_fault(error: BaseException) -> str | None:
         for words, fault in _DISK_WORDS.items():
             if words in text:
                 return fault
+    return None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The exception, then what caused it, and so on (each once)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        yield e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return None
 
 
 def is_transient(error: BaseException) -> bool:
@@ -102,13 +108,9 @@ def lost_connection(error: BaseException) -> BaseException | None:
         ConnectionError,
         TimeoutError,
     )
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    for e in _chain(error):
         if isinstance(e, lost) or (isinstance(e, sa.DBAPIError) and e.connection_invalidated):
             return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
     return None
 
 

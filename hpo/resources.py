@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpo.config import PARAMS, Distribution, Spec, parse_bytes
+from hpo.train import EVAL_BATCH
 
 FLOAT = 4  # bytes per float32
-EVAL_BATCH = 8192  # rows per evaluation forward pass (train.EVAL_BATCH, kept in step by a test)
 # Tensors per hidden unit and row the backward pass keeps: the linear output, batch norm's
 # output, the activation's output, dropout's output and mask, and one gradient in flight.
 SAVED_PER_UNIT = 6
@@ -152,8 +152,9 @@ def _largest(entry: Any, default: Any) -> Any:
     return entry.high
 
 
-def largest_corner(spec: Spec, shape: Shape, on_cpu: bool, data_copies: int) -> Footprint:
-    """The footprint of the largest model the search space can sample."""
+def corner(spec: Spec) -> tuple[int, int, int, str]:
+    """The search space's largest corner: layers, width, batch size, and the optimizer that
+    keeps the most state."""
     space = spec.space
     n_layers = int(_largest(space.get("n_layers"), PARAMS["n_layers"]["default"]))
     width = int(_largest(space.get("width"), PARAMS["width"]["default"]))
@@ -161,7 +162,7 @@ def largest_corner(spec: Spec, shape: Shape, on_cpu: bool, data_copies: int) -> 
     opt = space.get("optimizer", PARAMS["optimizer"]["default"])
     choices = opt.choices if isinstance(opt, Distribution) else [opt]
     worst = max(choices or ["adam"], key=lambda o: OPTIMIZER_STATE.get(str(o), 2))
-    return footprint([(width, n_layers)], shape, batch, str(worst), True, on_cpu, data_copies)
+    return n_layers, width, batch, str(worst)
 
 
 def free_memory(device: Any) -> tuple[int, str]:
@@ -205,9 +206,9 @@ def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> li
     if max_params is not None or memory_limit is not None:
         return []
     on_cpu = device.type != "cuda"
-    big = largest_corner(
-        spec, shape, on_cpu, data_copies=1 + (concurrent if concurrent > 1 else 0)
-    )
+    n_layers, width, batch, optimizer = corner(spec)
+    copies = 1 if concurrent == 1 else 1 + concurrent  # worker processes hold their own copy
+    big = footprint([(width, n_layers)], shape, batch, optimizer, True, on_cpu, copies)
     need = big.total + (concurrent - 1) * (big.total - big.data)
     free, what = free_memory(device)
     problems = []
@@ -222,20 +223,17 @@ def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> li
         return problems
     times = f" x {concurrent} trials at once" if concurrent > 1 else ""
     return problems + [
-        f"search_space: its largest model ({big.n_layers:,} layers of {_width(spec):,} units, "
-        f"batch size {_batch(spec):,}) needs {human(need)}{times} ({big.describe()}); "
+        f"search_space: its largest model ({n_layers:,} layers of {width:,} units, "
+        f"batch size {batch:,}) needs {human(need)}{times} ({big.describe()}); "
         f"{device} has {human(free)} {what}: narrow n_layers, width or batch_size, use fewer "
         "workers, or set training.max_params or training.memory_limit to fail the "
         "configurations past it as trials"
     ]
 
 
-def too_large(config: dict[str, Any], shape: Shape, spec: Spec, on_cpu: bool) -> str | None:
-    """Why this configuration is past the spec's opt-in limits, or None."""
+def too_large(fp: Footprint, spec: Spec) -> str | None:
+    """Why a configuration of footprint `fp` is past the spec's opt-in limits, or None."""
     max_params, memory_limit = limits(spec)
-    if max_params is None and memory_limit is None:
-        return None
-    fp = of_config(config, shape, on_cpu)
     if max_params is not None and fp.params > max_params:
         return f"too large: {fp.params:,} parameters > training.max_params {max_params:,}"
     if memory_limit is not None and fp.total > memory_limit:
@@ -244,11 +242,3 @@ def too_large(config: dict[str, Any], shape: Shape, spec: Spec, on_cpu: bool) ->
             f"{human(memory_limit)}"
         )
     return None
-
-
-def _width(spec: Spec) -> int:
-    return int(_largest(spec.space.get("width"), PARAMS["width"]["default"]))
-
-
-def _batch(spec: Spec) -> int:
-    return int(_largest(spec.space.get("batch_size"), PARAMS["batch_size"]["default"]))

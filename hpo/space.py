@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 import optuna
 
-from hpo.config import GRID_FLOAT_POINTS, PARAMS, Distribution
+from hpo.config import GRID_FLOAT_POINTS, PARAMS, Distribution, default_config, with_widths
 
 
 def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     """Sample one configuration: every known hyperparameter, with `widths` listed per layer."""
-    params: dict[str, Any] = {name: rule["default"] for name, rule in PARAMS.items()}
+    params = default_config()
     for name, entry in _ordered(space):
         if isinstance(entry, Distribution) and not _active(entry, params):
             continue
@@ -24,10 +24,7 @@ def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]
             params[name] = _suggest(trial, name, entry)
         else:
             params[name] = entry
-    width = params["width"]
-    n = int(params["n_layers"])
-    params["widths"] = list(width) if isinstance(width, list) else [int(width)] * n
-    return params
+    return with_widths(params)
 
 
 def _ordered(space: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -224,8 +224,8 @@ def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
     """Refuse (SpecError) a search space whose largest model does not fit where it would run,
     as many times as trials run at once on one device (see `resources.check_fits`)."""
     problems: list[str] = []
+    shape = resources.Shape.of(data)
     for dev in sorted(set(devices)):
-        shape = resources.Shape.of(data)
         problems += resources.check_fits(spec, shape, torch.device(dev), devices.count(dev))
     if problems:
         raise SpecError(problems)

@@ -114,16 +114,13 @@ def _out_of_memory(e: BaseException) -> bool:
     )
 
 
-def _out_of_memory_reason(
-    error: str, config: dict[str, Any], shape: resources.Shape, device: torch.device
-) -> str:
+def _out_of_memory_reason(error: str, fp: resources.Footprint, device: torch.device) -> str:
     """Why the trial failed, with what it needed and what the device has once it is freed."""
     import gc
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    fp = resources.of_config(config, shape, device.type != "cuda")
     free, what = resources.free_memory(device)
     first = error.strip().splitlines()[0][:200]
     return (
@@ -148,10 +145,10 @@ def run_trial(
     """
     record = TrialRecord(job.number, job.config, job.seed)
     device = data.train[0].device
-    shape = resources.Shape.of(data)
-    record.failure = resources.too_large(job.config, shape, spec, device.type != "cuda")
+    fp = resources.of_config(job.config, resources.Shape.of(data), device.type != "cuda")
+    record.failure = resources.too_large(fp, spec)
     if record.failure:
-        record.n_params = resources.of_config(job.config, shape, True).params
+        record.n_params = fp.params
         return record
     out_of_memory = False
     try:
@@ -167,7 +164,7 @@ def run_trial(
             return record
     if out_of_memory:  # out of the except block, so the traceback's frames are gone too
         model = result = None  # noqa: F841 - drop what this trial allocated
-        record.failure = _out_of_memory_reason(record.failure, job.config, shape, device)
+        record.failure = _out_of_memory_reason(record.failure, fp, device)
         return record
     record.history = result.history
     record.stopped_by = result.stopped_by

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -283,6 +284,24 @@ def hpo_process(args, cwd, env=None, **kw):
         text=True,
         **kw,
     )
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A file system of its own (tmpfs of `size`, e.g. '64m') mounted on the new `folder`, so
+    that a test can fill it or make it read-only for real; skips where mounting is not allowed."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root")
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let tests mount a file system")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05):

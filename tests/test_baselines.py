@@ -58,22 +58,26 @@ def test_a_baseline_config_is_the_defaults_the_fixed_values_and_its_own():
 
 
 def test_baselines_run_first_once_and_are_never_pruned(workdir, mlflow_uri):
+    # "stuck" learns nothing: below the median of the trials before it from the first epoch,
+    # a median pruner would stop it at once if it were not a baseline.
+    stuck = {"name": "stuck", "n_layers": 1, "width": 8, "lr": 1e-7, "optimizer": "sgd"}
     raw = small_spec(
-        baselines=BASELINES,
-        study={"n_trials": 4, "pruner": {"name": "median", "n_startup_trials": 0}},
+        baselines=[*BASELINES, stuck],
+        study={"n_trials": 5, "pruner": {"name": "median", "n_startup_trials": 0}},
         tracking={"uri": mlflow_uri, "experiment": "baselines"},
     )
     spec = parse_spec(raw)
     result = study_run(spec)
     study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
-    first = study.trials[:2]
-    assert [t.user_attrs.get("baseline") for t in first] == ["linear", "mlp-32-16"]
+    first = study.trials[:3]
+    assert [t.user_attrs.get("baseline") for t in first] == ["linear", "mlp-32-16", "stuck"]
+    assert first[2].intermediate_values[1] < min(t.intermediate_values[1] for t in first[:2])
     for t in first:
         assert t.state == TrialState.COMPLETE and t.params == {}  # the sampler was not asked
         assert len(t.intermediate_values) == 3  # trained to max_epochs, never pruned
     assert first[1].user_attrs["config"]["widths"] == [32, 16]
     assert first[0].user_attrs["n_params"] == 64 * 10 + 10
-    assert all("baseline" not in t.user_attrs and t.params for t in study.trials[2:])
+    assert all("baseline" not in t.user_attrs and t.params for t in study.trials[3:])
     runs = MlflowClient(mlflow_uri).search_runs(
         [MlflowClient(mlflow_uri).get_experiment_by_name("baselines").experiment_id],
         filter_string="tags.hpo.baseline = 'mlp-32-16'",
@@ -95,10 +99,10 @@ def test_baselines_run_first_once_and_are_never_pruned(workdir, mlflow_uri):
 
     # Again: queued once per study, however many processes or reruns start.
     assert enqueue_baselines(study, spec) == []
-    more = parse_spec(dict(raw, study=dict(raw["study"], n_trials=5)))
+    more = parse_spec(dict(raw, study=dict(raw["study"], n_trials=6)))
     study_run(more)
     names = [t.user_attrs.get("baseline") for t in study.trials if "baseline" in t.user_attrs]
-    assert names == ["linear", "mlp-32-16"] and len(study.trials) == 5
+    assert names == ["linear", "mlp-32-16", "stuck"] and len(study.trials) == 6
 
 
 def test_the_summary_compares_the_search_with_the_best_baseline(workdir):

@@ -10,7 +10,15 @@ import optuna
 import psycopg
 import pytest
 import sqlalchemy.exc
-from conftest import PG_PASSWORD, MlflowServer, hpo_process, small_spec, wait_for, write_spec
+from conftest import (
+    PG_PASSWORD,
+    MlflowServer,
+    hpo_process,
+    small_spec,
+    tmpfs,
+    wait_for,
+    write_spec,
+)
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -213,21 +221,9 @@ def test_retry_waits_out_a_lost_connection_but_not_a_bad_request():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 64 MB file system of its own (tmpfs), so that the disk can really fill up."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)]
-    if subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("this machine does not let tests mount a file system")
-    try:
+    """A 64 MB file system of its own, so that the disk can really fill up."""
+    with tmpfs(tmp_path / "disk", "64m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _fill(folder) -> None:
@@ -280,3 +276,21 @@ def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_continues(small_disk):
     runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert sorted(r.info.status for r in runs).count("RUNNING") == 0
     assert sum(r.data.tags.get("hpo.state") == "COMPLETE" for r in runs) == 2
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_removed_not_left_half_written(small_disk):
+    import torch
+
+    from hpo.outage import DiskFault
+    from hpo.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{small_disk / 'mlflow.db'}", "full-checkpoint")
+    tracker.open_parent(None, "study", {}, {})
+    run_id = tracker.start_trial(0)
+    folder = small_disk / "mlruns" / "full-checkpoint"
+    _fill(small_disk)
+    with pytest.raises(DiskFault) as e:
+        tracker.save_checkpoint(run_id, {"w": torch.zeros(2_000_000)}, {"widths": [8]})
+    assert str(e.value).startswith("no space left on device")
+    assert f"writing the checkpoint of run {run_id}; stopped" in str(e.value)
+    assert list(folder.rglob("checkpoint")) == [] and list(folder.rglob("weights.pt")) == []
