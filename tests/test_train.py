@@ -153,3 +153,42 @@ def test_batchnorm_with_a_last_batch_of_one_row(blobs):
     model = build_mlp(8, 3, widths=[16], batchnorm=True)
     result = train(model, (X[:65], y[:65]), val, TrainConfig(max_epochs=2, batch_size=32))
     assert result.failure is None and len(result.history) == 2
+
+
+DENORMALS = """
+import torch
+from torch.nn import functional as F
+torch.randn(2048, 2048) @ torch.randn(2048, 2048)  # worker threads started before hpo loads
+from hpo.model import build_mlp
+from hpo.train import TrainConfig, denormals_flushed, train
+seen = []
+X, y = torch.randn(256, 8), torch.randint(0, 2, (256,))
+train(build_mlp(8, 2, [16]), (X, y), (X, y), TrainConfig(max_epochs=1),
+      on_epoch_end=lambda epoch, metrics: seen.append(denormals_flushed()))
+print(denormals_flushed(), seen)
+"""
+
+
+def test_training_flushes_denormals_on_worker_threads_started_before_it():
+    """Denormal floats are tens of times slower on x86: training moves to a thread whose
+    intra-op workers flush them when the caller's workers were started without flushing."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", DENORMALS], capture_output=True, text=True, check=True
+    ).stdout.split(maxsplit=1)
+    caller_flushes, in_training = out[0] == "True", out[1].strip()
+    assert in_training == "[True]", (caller_flushes, in_training)
+
+
+def test_a_product_of_denormals_is_zero_only_when_flushed():
+    from hpo.train import denormals_flushed
+
+    torch.set_flush_denormal(False)
+    try:
+        flushed_off = denormals_flushed()
+    finally:
+        torch.set_flush_denormal(True)
+    assert flushed_off is False
+    assert denormals_flushed() is True
