@@ -143,6 +143,15 @@ def run(
     workers_per_gpu: Annotated[
         int | None, typer.Option(help="Workers sharing each GPU (small trials).")
     ] = None,
+    fused_trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Trials trained together as one stacked model in each worker (overrides "
+            "study.fused_trials): they share depth, widths, activation, batch norm, batch size, "
+            "optimizer and schedule; each has its own learning rate, regularisation and seed.",
+        ),
+    ] = None,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -175,6 +184,7 @@ def run(
     overrides = (
         ("study", "n_trials", n_trials),
         ("study", "timeout", timeout),
+        ("study", "fused_trials", fused_trials),
         ("training", "device", device),
     )
     if any(value is not None for _, _, value in overrides):

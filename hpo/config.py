@@ -154,6 +154,8 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec(n_warmup_steps=3))
     storage: str | None = None
+    # Trials trained together as one stacked model on one device (see hpo/fused.py).
+    fused_trials: int = 1
 
 
 class TrackingSpec(_Strict):
@@ -678,6 +680,8 @@ def _check_semantics(spec: Spec) -> list[str]:
     st = spec.study
     if st.n_trials < 1:
         problems.append(f"study.n_trials: must be >= 1 (got {st.n_trials})")
+    if st.fused_trials < 1:
+        problems.append(f"study.fused_trials: must be >= 1 (got {st.fused_trials})")
     if st.timeout is not None and st.timeout <= 0:
         problems.append(f"study.timeout: must be > 0 seconds or null (got {st.timeout})")
     problem = name_problem(spec.name, "name")

@@ -196,8 +196,11 @@ def limits(spec: Spec) -> tuple[int | None, int | None]:
     return t.max_params, parse_bytes(t.memory_limit) if t.memory_limit is not None else None
 
 
-def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> list[str]:
-    """Problems when the largest model, `concurrent` times on `device`, does not fit.
+def check_fits(
+    spec: Spec, shape: Shape, device: Any, concurrent: int = 1, fused: int = 1
+) -> list[str]:
+    """Problems when the largest model, `concurrent` times on `device` (worker processes,
+    each with its own data) and `fused` times in each (cohorts, sharing it), does not fit.
 
     With `training.max_params` or `training.memory_limit` set, nothing is refused here: the
     configurations past the limit fail as trials instead.
@@ -209,7 +212,7 @@ def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> li
     n_layers, width, batch, optimizer = corner(spec)
     copies = 1 if concurrent == 1 else 1 + concurrent  # worker processes hold their own copy
     big = footprint([(width, n_layers)], shape, batch, optimizer, True, on_cpu, copies)
-    need = big.total + (concurrent - 1) * (big.total - big.data)
+    need = big.total + (concurrent * fused - 1) * (big.total - big.data)
     free, what = free_memory(device)
     problems = []
     for entry in spec.baselines:
@@ -221,12 +224,13 @@ def check_fits(spec: Spec, shape: Shape, device: Any, concurrent: int = 1) -> li
             )
     if need <= free:
         return problems
-    times = f" x {concurrent} trials at once" if concurrent > 1 else ""
+    at_once = concurrent * fused
+    times = f" x {at_once} trials at once" if at_once > 1 else ""
     return problems + [
         f"search_space: its largest model ({n_layers:,} layers of {width:,} units, "
         f"batch size {batch:,}) needs {human(need)}{times} ({big.describe()}); "
         f"{device} has {human(free)} {what}: narrow n_layers, width or batch_size, use fewer "
-        "workers, or set training.max_params or training.memory_limit to fail the "
+        "workers or fused trials, or set training.max_params or training.memory_limit to fail the "
         "configurations past it as trials"
     ]
 

@@ -27,6 +27,7 @@ from hpo import __version__, resources
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
+from hpo.fused import is_structural, structure
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.redact import redact
 from hpo.registry import PRUNERS, SAMPLERS
@@ -42,7 +43,7 @@ from hpo.storage import (
 )
 from hpo.tracking import STATUS, Tracker
 from hpo.train import TrainConfig, evaluate, train
-from hpo.trial import TrialJob, TrialRecord, build_model, train_config
+from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -222,11 +223,14 @@ def enqueue_baselines(study: optuna.Study, spec: Spec) -> list[str]:
 
 def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
     """Refuse (SpecError) a search space whose largest model does not fit where it would run,
-    as many times as trials run at once on one device (see `resources.check_fits`)."""
+    as many times as trials run at once on one device, fused ones included (see
+    `resources.check_fits`)."""
     problems: list[str] = []
     shape = resources.Shape.of(data)
     for dev in sorted(set(devices)):
-        problems += resources.check_fits(spec, shape, torch.device(dev), devices.count(dev))
+        problems += resources.check_fits(
+            spec, shape, torch.device(dev), devices.count(dev), spec.study.fused_trials
+        )
     if problems:
         raise SpecError(problems)
 
@@ -453,6 +457,7 @@ class _Driver:
         self.study: optuna.Study = None  # type: ignore[assignment]  # set by run
         self.base_seed = 0
         self.running: dict[int, _Running] = {}
+        self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
         self.stopping: str | None = None  # "timeout" once --timeout has passed
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
         self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -544,13 +549,12 @@ class _Driver:
                 fail_stale_trials(self.study)  # trials of dead processes: on_stale
                 self._fail_dead_here()
                 stale_checked = now
-            while (
-                not (self.stopping or self.exhausted) and len(self.running) < self.executor.slots
-            ):
-                job = self._reserve()
-                if job is None:
+            while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
+                jobs = self._reserve()
+                if not jobs:
                     break
-                self.executor.submit(job)
+                for job in jobs:
+                    self.executor.submit(job)
             if not self.running:
                 if self.stopping or self.exhausted or count_finished(self.study) >= self.total:
                     return
@@ -580,11 +584,49 @@ class _Driver:
 
     # ------------------------------------------------------------ one trial's life
 
-    def _reserve(self) -> TrialJob | None:
-        """Ask for a trial while the budget has room, counting every process's trials."""
+    def _busy(self) -> int:
+        """Executor slots in use: a cohort's trials take one between them."""
+        return len({self.cohort_of.get(n, n) for n in self.running})
+
+    def _reserve(self) -> list[TrialJob | CohortJob]:
+        """The next trial to run, or with `study.fused_trials: K` a cohort of up to K: a leader
+        the sampler proposes freely, then followers enqueued with the leader's structural
+        hyperparameters, the sampler picking the rest. Baselines and retries run alone, and so
+        does a follower whose shape differs (a trial another process queued came first)."""
+        leader = self._ask()
+        k = self.spec.study.fused_trials
+        if leader is None or k <= 1 or self.spec.study.sampler.name == "grid":
+            return [leader] if leader is not None else []
+        trial = self.running[leader.number].trial
+        if {"baseline", "retry_of"} & set(trial.user_attrs):
+            return [leader]
+        fixed = {n: v for n, v in trial.params.items() if is_structural(n)}
+        members, alone = [leader], []
+        for _ in range(k - 1):
+            job = self._ask(fixed)
+            if job is None:
+                break
+            same = job.config and structure(job.config) == structure(leader.config)
+            (members if same else alone).append(job)
+        if len(members) == 1:
+            return [leader, *alone]
+        numbers = [j.number for j in members]
+        for job in members:
+            self.running[job.number].trial.set_user_attr("fused_with", numbers)
+            self.cohort_of[job.number] = leader.number
+        return [CohortJob(members), *alone]
+
+    def _ask(self, fixed: dict[str, Any] | None = None) -> TrialJob | None:
+        """Ask for a trial while the budget has room, counting every process's trials; with
+        `fixed`, only when no other trial waits in the queue (it would be asked first)."""
         with storage_lock(self.url, self.lock_key, self.retry):
-            if _budget_used(self.study.get_trials(deepcopy=False)) >= self.total:
+            trials = self.study.get_trials(deepcopy=False)
+            if _budget_used(trials) >= self.total:
                 return None
+            if fixed is not None:
+                if any(t.state == TrialState.WAITING for t in trials):
+                    return None
+                self.study.enqueue_trial(fixed)
             with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
                 warnings.simplefilter("ignore", UserWarning)
                 trial = self.study.ask()  # an enqueued retry first, if there is one
@@ -630,6 +672,7 @@ class _Driver:
 
     def _on_done(self, number: int, record: TrialRecord) -> None:
         r = self.running.pop(number)
+        self.cohort_of.pop(number, None)
         trial, outcome = r.trial, record.outcome
         value = record.value(self.metric) if outcome == "COMPLETE" else None
         if outcome == "COMPLETE" and value is None:
@@ -641,6 +684,8 @@ class _Driver:
         }
         tags: dict[str, str] = {}
         final: dict[str, float] = {}
+        if "fused_with" in trial.user_attrs:
+            tags["hpo.fused_with"] = ",".join(map(str, trial.user_attrs["fused_with"]))
         if record.fit is not None:
             attrs["fit"], attrs["fit_evidence"] = record.fit, record.fit_evidence
             tags["hpo.fit"], tags["hpo.fit_evidence"] = record.fit, str(record.fit_evidence)
@@ -678,6 +723,7 @@ class _Driver:
         """Its worker died: failed, and run again once (a configuration that kills its
         worker twice, say by running out of memory, is failed for good)."""
         r = self.running.pop(number)
+        self.cohort_of.pop(number, None)
         kills = r.trial.user_attrs.get("kills", 0)
         if kills >= 1:
             r.trial.set_user_attr("fail_reason", f"{reason}, a second time: not run again")

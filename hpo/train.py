@@ -90,6 +90,28 @@ def lower_is_better(metric: str) -> bool:
     return not metric.endswith("accuracy")
 
 
+class Watch:
+    """Early stopping's bookkeeping for one model: the best monitored value so far and the
+    epochs since it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.lower = cfg, lower_is_better(cfg.monitor)
+        self.best = math.inf if self.lower else -math.inf
+        self.bad_epochs = 0
+
+    def update(self, value: float, first: bool = False) -> bool:
+        """Note an epoch's value; whether it improved on the best by more than min_delta."""
+        delta = self.cfg.min_delta
+        improved = first or (
+            value < self.best - delta if self.lower else value > self.best + delta
+        )
+        if improved:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named in the config, given the settings it takes (lr, L2 weight decay,
     momentum, Nesterov)."""
@@ -226,10 +248,8 @@ def _train(
     step_schedule = LR_SCHEDULES.load(cfg.lr_schedule)(opt, cfg)
     classify = cfg.task == "classification"
     weights = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1 skips biases
-    lower = lower_is_better(cfg.monitor)
-    best_value = math.inf if lower else -math.inf
+    watch = Watch(cfg)
     best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
     result = TrainResult()
     # A last batch of one row would break batch norm; it is skipped (the permutation changes
     # every epoch, so no row is left out for good).
@@ -274,18 +294,12 @@ def _train(
             result.failure = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}"
             result.stopped_by = "diverged"
             break
-        value = metrics[cfg.monitor]
-        improved = (
-            value < best_value - cfg.min_delta if lower else value > best_value + cfg.min_delta
-        )
-        if improved or best_state is None:
-            best_value, result.best_epoch, bad_epochs = value, epoch, 0
+        if watch.update(metrics[cfg.monitor], first=best_state is None):
+            result.best_epoch = epoch
             if cfg.restore_best:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 best_state = {}
-        else:
-            bad_epochs += 1
         if step_schedule is not None:
             step_schedule(metrics)
         stop = on_epoch_end(epoch, metrics) if on_epoch_end is not None else None
@@ -294,7 +308,7 @@ def _train(
                 raise ValueError(f"on_epoch_end must return None or a stop reason, got {stop!r}")
             result.stopped_by = stop
             break
-        if bad_epochs >= cfg.patience:
+        if watch.bad_epochs >= cfg.patience:
             result.stopped_by = "early_stopping" if epoch < cfg.max_epochs else "max_epochs"
             break
 

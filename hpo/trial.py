@@ -42,6 +42,22 @@ class TrialJob:
     seed: int
     peer_train_losses: list[float] = field(default_factory=list)  # for the fit diagnosis
 
+    @property
+    def numbers(self) -> list[int]:
+        return [self.number]
+
+
+@dataclass
+class CohortJob:
+    """Trials of one shape trained together (`hpo.fused`): the first one's seed orders the
+    batches they share; each keeps its own seed for its initialisation and dropout."""
+
+    jobs: list[TrialJob]
+
+    @property
+    def numbers(self) -> list[int]:
+        return [j.number for j in self.jobs]
+
 
 @dataclass
 class TrialRecord:
@@ -166,6 +182,13 @@ def run_trial(
         model = result = None  # noqa: F841 - drop what this trial allocated
         record.failure = _out_of_memory_reason(record.failure, fp, device)
         return record
+    return _recorded(record, result, model, data, job)
+
+
+def _recorded(
+    record: TrialRecord, result: Any, model: torch.nn.Module, data: Data, job: TrialJob
+) -> TrialRecord:
+    """The record of a trained model: its curve, why it stopped, kept weights, fit label."""
     record.history = result.history
     record.stopped_by = result.stopped_by
     record.failure = result.failure
@@ -179,3 +202,71 @@ def run_trial(
         )
         record.fit, record.fit_evidence = fit.label, fit.evidence
     return record
+
+
+def run_cohort(
+    cohort: CohortJob,
+    spec: Spec,
+    data: Data,
+    on_epoch_end: Callable[[dict[int, dict[str, float]], int], dict[int, str | None]],
+    on_done: Callable[[TrialRecord], None],
+    interrupt: Flag | None = None,
+) -> None:
+    """Train a cohort's trials as one stacked model; `on_done` gets each member's record as
+    soon as it stops. `on_epoch_end({number: metrics}, epoch)` answers each member still
+    training with None or a stop reason. Never raises for the trials' own failures."""
+    from hpo.fused import train_cohort
+
+    jobs = cohort.jobs
+    records = [TrialRecord(j.number, j.config, j.seed) for j in jobs]
+    device = data.train[0].device
+    fp = resources.of_config(jobs[0].config, resources.Shape.of(data), device.type != "cuda")
+    too_large = resources.too_large(fp, spec)
+    if too_large:
+        for r in records:
+            r.failure, r.n_params = too_large, fp.params
+            on_done(r)
+        return
+    done: set[int] = set()
+    models: list[torch.nn.Module] = []
+    failure, out_of_memory = None, False
+    try:
+        for job, record in zip(jobs, records, strict=True):
+            torch.manual_seed(job.seed)
+            models.append(build_model(job.config, data, device))
+            record.n_params = count_parameters(models[-1])
+        cfgs = [train_config(spec, data, j.config, j.seed) for j in jobs]
+        for cfg in cfgs:
+            cfg.shuffle_seed = jobs[0].seed
+
+        def member_done(i: int, result: Any) -> None:
+            done.add(i)
+            on_done(_recorded(records[i], result, models[i], data, jobs[i]))
+
+        def member_epochs(metrics: dict[int, dict[str, float]], epoch: int) -> dict:
+            answers = on_epoch_end({jobs[i].number: m for i, m in metrics.items()}, epoch)
+            return {i: answers.get(jobs[i].number) for i in metrics}
+
+        train_cohort(
+            models,  # type: ignore[arg-type]
+            cfgs,
+            [float(j.config["dropout"]) for j in jobs],
+            jobs[0].config["activation"],
+            data.train,
+            data.val,
+            member_epochs,
+            member_done,
+            interrupt,
+        )
+    except Exception as e:  # noqa: BLE001 - fails the members still training, not the study
+        failure = f"{type(e).__name__}: {e}"
+        out_of_memory = _out_of_memory(e)
+    if failure is None:
+        return
+    models = []  # out of the except block: what the cohort allocated can go
+    if out_of_memory:
+        failure = _out_of_memory_reason(failure, fp, device)
+    for i, record in enumerate(records):
+        if i not in done:
+            record.failure = failure
+            on_done(record)

@@ -1,7 +1,8 @@
 """How trials get run: in this process, in local worker processes, or as Ray tasks.
 
-An executor has `slots` places for trials. The driver (`study.py`) submits `TrialJob`s, reads
-`Started`, `Epoch`, `Done` and `Lost` events, and answers each `Epoch` with a decision (None to
+An executor has `slots` places for trials. The driver (`study.py`) submits `TrialJob`s (or
+`CohortJob`s: several trials trained together in one slot), reads `Started`, `Epoch`, `Done`
+and `Lost` events (one per trial), and answers each `Epoch` with a decision (None to
 go on, "pruned" or "interrupted" to stop there). Every executor runs the same worker loop
 (`worker.serve`) over its own kind of channel, so a trial runs the same code wherever it runs.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hpo.trial import TrialJob, TrialRecord
+from hpo.trial import CohortJob, TrialJob, TrialRecord
 
 
 @dataclass
@@ -59,8 +60,8 @@ class Executor(Protocol):
     def start(self, data: Any) -> None:
         """Start the workers (the driver's own data is shared where the device matches)."""
 
-    def submit(self, job: TrialJob) -> None:
-        """Run a trial on a free worker."""
+    def submit(self, job: TrialJob | CohortJob) -> None:
+        """Run a trial (or a cohort of them) on a free worker."""
 
     def wait(self, timeout: float) -> list[Event]:
         """Events that arrived within `timeout` seconds (maybe none)."""

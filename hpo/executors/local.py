@@ -16,7 +16,7 @@ from hpo.config import Spec
 from hpo.data import Data
 from hpo.executors import Done, Epoch, Event, Lost, Started
 from hpo.executors.worker import serve
-from hpo.trial import TrialJob
+from hpo.trial import CohortJob, TrialJob
 
 
 def _event(message: tuple) -> Event | None:
@@ -66,7 +66,7 @@ class ThreadExecutor:
         self._thread.start()
         _expect_ready(self._outbox.get())
 
-    def submit(self, job: TrialJob) -> None:
+    def submit(self, job: TrialJob | CohortJob) -> None:
         self._inbox.put(("run", job))
 
     def wait(self, timeout: float) -> list[Event]:
@@ -103,21 +103,21 @@ class WorkerSlots:
     def _init_slots(self, slots: int) -> None:
         self.slots = slots
         self._ready = [False] * slots
-        self._job: list[int | None] = [None] * slots  # trial number per worker
-        self._pending: list[TrialJob] = []
+        self._job: list[set[int]] = [set() for _ in range(slots)]  # trial numbers per worker
+        self._pending: list[TrialJob | CohortJob] = []
 
     def _send(self, i: int, message: tuple) -> None:
         raise NotImplementedError
 
     def _free(self) -> list[int]:
-        return [i for i in range(self.slots) if self._ready[i] and self._job[i] is None]
+        return [i for i in range(self.slots) if self._ready[i] and not self._job[i]]
 
-    def submit(self, job: TrialJob) -> None:
+    def submit(self, job: TrialJob | CohortJob) -> None:
         free = self._free()
         if not free:
             self._pending.append(job)
             return
-        self._job[free[0]] = job.number
+        self._job[free[0]] = set(job.numbers)
         self._send(free[0], ("run", job))
 
     def _submit_pending(self) -> None:
@@ -125,7 +125,9 @@ class WorkerSlots:
             self.submit(self._pending.pop(0))
 
     def decide(self, number: int, decision: str | None) -> None:
-        self._send(self._job.index(number), ("decision", decision))
+        self._send(
+            next(i for i, jobs in enumerate(self._job) if number in jobs), ("decision", decision)
+        )
 
     def _receive(self, i: int, message: tuple) -> Event | None:
         """A message from worker `i`: its readiness noted, a finished trial's slot freed."""
@@ -134,7 +136,7 @@ class WorkerSlots:
             return None
         event = _event(message)
         if isinstance(event, Done):
-            self._job[i] = None
+            self._job[i].discard(event.number)
         return event
 
 
@@ -240,10 +242,10 @@ class ProcessExecutor(WorkerSlots):
         proc.join(timeout=5)
         code = proc.exitcode
         lost: list[Event] = []
-        if self._job[i] is not None:
-            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            lost.append(Lost(self._job[i], f"worker process {proc.pid} died ({why})"))
-            self._job[i] = None
+        why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        for number in sorted(self._job[i]):
+            lost.append(Lost(number, f"worker process {proc.pid} died ({why})"))
+        self._job[i] = set()
         self._conns[i].close()  # type: ignore[union-attr]
         self._spawn(i)  # ready again once its data is loaded (a "ready" message)
         return lost

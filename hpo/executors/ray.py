@@ -123,9 +123,9 @@ class RayExecutor(WorkerSlots):
                 why = "ended"
             except Exception as e:  # noqa: BLE001 - Ray's own errors for a lost task or node
                 why = type(e).__name__
-            if self._job[i] is not None:
-                events.append(Lost(self._job[i], f"Ray worker {i} died ({why})"))
-                self._job[i] = None
+            for number in sorted(self._job[i]):
+                events.append(Lost(number, f"Ray worker {i} died ({why})"))
+            self._job[i] = set()
             self._spawn(i)
         self._submit_pending()
         return events

@@ -1,6 +1,7 @@
 """The loop every worker runs, whatever carries its messages: load the data once, then trials.
 
-Messages in: ("run", TrialJob), ("decision", None | "pruned" | "interrupted"), ("exit",).
+Messages in: ("run", TrialJob | CohortJob), ("decision", None | "pruned" | "interrupted"),
+("exit",); a cohort's trials each get their own "start", "epoch" and "done" messages.
 Messages out: ("ready", device), ("error", message), ("start", number, "host:pid"),
 ("epoch", number, epoch, metrics), ("done", number, TrialRecord).
 """
@@ -16,7 +17,7 @@ import torch
 from hpo.config import Spec
 from hpo.data import Data, load_data
 from hpo.train import Flag
-from hpo.trial import run_trial
+from hpo.trial import CohortJob, run_cohort, run_trial
 
 
 class Channel(Protocol):
@@ -47,12 +48,35 @@ def serve(
         if message[0] != "run":
             return
         job = message[1]
-        channel.send(("start", job.number, f"{socket.gethostname()}:{os.getpid()}"))
+        where = f"{socket.gethostname()}:{os.getpid()}"
+        for number in job.numbers:
+            channel.send(("start", number, where))
+        if isinstance(job, CohortJob):
+            run_cohort(
+                job,
+                spec,
+                data,
+                lambda metrics, epoch: _decisions(channel, metrics, epoch),
+                lambda record: channel.send(("done", record.number, record)),
+                interrupt,
+            )
+            continue
 
         def on_epoch_end(epoch: int, metrics: dict[str, float], number: int = job.number) -> Any:
-            channel.send(("epoch", number, epoch, metrics))
-            reply = channel.recv()
-            return reply[1] if reply[0] == "decision" else "interrupted"
+            return _decisions(channel, {number: metrics}, epoch)[number]
 
         record = run_trial(job, spec, data, on_epoch_end, interrupt)
         channel.send(("done", job.number, record))
+
+
+def _decisions(
+    channel: Channel, metrics: dict[int, dict[str, float]], epoch: int
+) -> dict[int, str | None]:
+    """Report an epoch of each trial, then read the driver's answers, in the same order."""
+    for number, m in metrics.items():
+        channel.send(("epoch", number, epoch, m))
+    answers: dict[int, str | None] = {}
+    for number in metrics:
+        reply = channel.recv()
+        answers[number] = reply[1] if reply[0] == "decision" else "interrupted"
+    return answers

@@ -1,0 +1,516 @@
+"""Fused trials: K networks of one shape trained as one stacked model on the same mini-batches.
+
+A cohort's members share everything that changes the network's shape or the step's code
+(`STRUCTURAL`: depth, widths, activation, batch norm, batch size, optimizer, Nesterov, schedule)
+and each keeps its own initialisation, learning rate, weight decay, L1, dropout, momentum,
+gradient clipping, early stopping and pruning. Their weights are stacked along a leading member
+dimension, so one step is a handful of batched matrix products for all K instead of K sets of
+tiny kernels: the first layer is a single product of the shared batch with every member's
+weights side by side, the others are batched products.
+
+The optimizers are torch's own formulas written over the stacked tensors, with each member's
+hyperparameters as a vector, so a member follows the curve it would follow trained alone (see
+`tests/test_fused.py`). A member that stops (early stopping, pruning, a non-finite loss) is
+handed back at once with its best weights and dropped from the stack; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hpo.registry import ACTIVATIONS
+from hpo.train import (
+    EVAL_BATCH,
+    STOP_REASONS,
+    Flag,
+    Tensors,
+    TrainConfig,
+    TrainResult,
+    Watch,
+    _metrics,
+    on_flushing_threads,
+)
+
+# Hyperparameters a cohort shares: they change the network's shape or the step's code.
+STRUCTURAL = (
+    "n_layers",
+    "width",
+    "activation",
+    "batchnorm",
+    "batch_size",
+    "optimizer",
+    "nesterov",
+    "lr_schedule",
+)
+FUSABLE_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam")
+
+# Torch's defaults for the settings the spec does not expose.
+BETAS = (0.9, 0.999)
+ADAM_EPS, RMS_ALPHA, RMS_EPS, ADAGRAD_EPS, NADAM_DECAY = 1e-8, 0.99, 1e-8, 1e-10, 4e-3
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1
+ALPHA_DROPOUT = 1.7580993408473766  # SELU's -alpha' (torch's alpha_dropout)
+
+
+def is_structural(name: str) -> bool:
+    """Whether a parameter name (per-layer widths are `width_0`, `width_1`, ...) is shared."""
+    return name in STRUCTURAL or name.startswith("width_")
+
+
+def structure(config: dict[str, Any]) -> tuple:
+    """What members of one cohort must have in common."""
+    return (
+        tuple(int(w) for w in config["widths"]),
+        config["activation"],
+        bool(config["batchnorm"]),
+        int(config["batch_size"]),
+        config["optimizer"],
+        bool(config["nesterov"]),
+        config["lr_schedule"],
+    )
+
+
+# (member index, epoch, metrics) -> None or a stop reason, for every member still training.
+EpochHook = Callable[[dict[int, dict[str, float]], int], dict[int, str | None]]
+DoneHook = Callable[[int, TrainResult], None]
+
+
+@dataclass
+class _Layer:
+    """One hidden or output layer of the stack: which tensors it holds."""
+
+    linear: int  # index of its weight in the parameter list (its bias is the next one)
+    bn: int | None = None  # index of its batch norm's weight (bias next), if any
+    prelu: int | None = None  # index of its PReLU slope, if any
+    dropout: bool = False
+
+
+class _Stack:
+    """The members' tensors stacked along dim 0, with the layout of their `nn.Sequential`."""
+
+    def __init__(self, models: list[nn.Sequential], activation: str):
+        self.activation = activation
+        self.act = ACTIVATIONS.load(activation)() if activation != "prelu" else None
+        first = models[0]
+        self.names = [name for name, _ in first.named_parameters()]
+        self.buffer_names = [name for name, b in first.named_buffers() if b.is_floating_point()]
+        self.params = [
+            torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+            .clone()
+            .requires_grad_(True)
+            for n in self.names
+        ]
+        self.buffers = [
+            torch.stack([dict(m.named_buffers())[n] for m in models]).clone()
+            for n in self.buffer_names
+        ]
+        self.layers: list[_Layer] = []
+        index = {n: i for i, n in enumerate(self.names)}
+        for i, module in enumerate(first):
+            if isinstance(module, nn.Linear):
+                self.layers.append(_Layer(index[f"{i}.weight"]))
+            elif isinstance(module, nn.BatchNorm1d):
+                self.layers[-1].bn = index[f"{i}.weight"]
+            elif isinstance(module, nn.PReLU):
+                self.layers[-1].prelu = index[f"{i}.weight"]
+            elif isinstance(module, nn.Dropout | nn.AlphaDropout):
+                self.layers[-1].dropout = True
+        self.bn_buffers = {  # batch norm weight index -> (running mean, running var) indices
+            index[f"{n.rsplit('.', 1)[0]}.weight"]: (
+                self.buffer_names.index(n),
+                self.buffer_names.index(n.replace("running_mean", "running_var")),
+            )
+            for n in self.buffer_names
+            if n.endswith("running_mean")
+        }
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        dropout: torch.Tensor | None,
+        gen: torch.Generator | None,
+        training: bool,
+    ) -> torch.Tensor:
+        """(rows, features) -> (members, rows, outputs). `dropout` is each member's rate."""
+        k = self.params[0].shape[0]
+        h: torch.Tensor | None = None
+        for n, layer in enumerate(self.layers):
+            w, b = self.params[layer.linear], self.params[layer.linear + 1]
+            if h is None:  # the shared batch times every member's first layer, in one product
+                out = w.shape[1]
+                h = torch.addmm(b.reshape(-1), x, w.reshape(k * out, -1).t())
+                h = h.view(len(x), k, out).transpose(0, 1)
+            else:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if n == len(self.layers) - 1:
+                return h
+            if layer.bn is not None:
+                h = self._batchnorm(h, layer.bn, training)
+            if self.act is not None:
+                h = self.act(h)
+            else:
+                slope = self.params[layer.prelu].view(k, 1, -1)  # type: ignore[index]
+                h = torch.where(h >= 0, h, slope * h)
+            if layer.dropout and training and dropout is not None:
+                h = self._dropout(h, dropout, gen)
+        assert h is not None
+        return h
+
+    def _batchnorm(self, h: torch.Tensor, at: int, training: bool) -> torch.Tensor:
+        weight, bias = self.params[at], self.params[at + 1]
+        mean_i, var_i = self.bn_buffers[at]
+        running_mean, running_var = self.buffers[mean_i], self.buffers[var_i]
+        if training:
+            mean = h.mean(1)
+            var = h.var(1, unbiased=False)
+            with torch.no_grad():
+                rows = h.shape[1]
+                running_mean.lerp_(mean.detach(), BN_MOMENTUM)
+                running_var.lerp_(var.detach() * rows / max(rows - 1, 1), BN_MOMENTUM)
+        else:
+            mean, var = running_mean, running_var
+        scale = weight * torch.rsqrt(var + BN_EPS)
+        return h * scale.unsqueeze(1) + (bias - mean * scale).unsqueeze(1)
+
+    def _dropout(
+        self, h: torch.Tensor, rate: torch.Tensor, gen: torch.Generator | None
+    ) -> torch.Tensor:
+        p = rate.view(-1, 1, 1)
+        keep = torch.rand(h.shape, device=h.device, generator=gen) >= p
+        if self.activation == "selu":  # alpha dropout: keeps SELU's mean and variance
+            a = 1.0 / torch.sqrt((ALPHA_DROPOUT**2 * p + 1) * (1 - p))
+            return torch.where(keep, h, -ALPHA_DROPOUT) * a + ALPHA_DROPOUT * a * p
+        return h * keep / (1 - p)
+
+    def weights(self) -> list[torch.Tensor]:
+        """The linear layers' weights (L1 skips biases)."""
+        return [self.params[layer.linear] for layer in self.layers]
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's state dict (parameters and buffers), as copies."""
+        state = {n: p[i].detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+        state |= {n: b[i].clone() for n, b in zip(self.buffer_names, self.buffers, strict=True)}
+        return state
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only the members at `rows` stay in the stack."""
+        self.params = [p.detach().index_select(0, rows).requires_grad_(True) for p in self.params]
+        self.buffers = [b.index_select(0, rows) for b in self.buffers]
+
+
+class _Optimizer:
+    """Torch's update rules over stacked tensors, each member with its own settings."""
+
+    def __init__(self, name: str, nesterov: bool, hp: dict[str, torch.Tensor], n: int):
+        self.name, self.nesterov, self.hp = name, nesterov, hp
+        self.steps = 0
+        self.state: dict[str, list[torch.Tensor | None]] = {
+            key: [None] * n for key in ("m", "v", "buf")
+        }
+        self.mu_product = 1.0  # NAdam
+
+    def _per(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A member vector shaped to broadcast over one stacked tensor."""
+        return self.hp[name].view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, params: list[torch.Tensor], lr: torch.Tensor) -> None:
+        self.steps += 1
+        t = self.steps
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None:
+                continue
+            lr_p = lr.view(-1, *([1] * (p.dim() - 1)))
+            wd = self._per("weight_decay", p)
+            if self.name == "adamw":
+                p.mul_(1 - lr_p * wd)
+            else:
+                g = g + wd * p
+            getattr(self, f"_{self.name}")(i, p, g, lr_p, t)
+        if self.name == "nadam":
+            self.mu_product *= self._mu(t)
+
+    def _zeros(self, key: str, i: int, p: torch.Tensor) -> torch.Tensor:
+        s = self.state[key][i]
+        if s is None:
+            s = self.state[key][i] = torch.zeros_like(p)
+        return s
+
+    def _sgd(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
+        momentum = self._per("momentum", p)
+        buf = self.state["buf"][i]
+        buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
+        self.state["buf"][i] = buf
+        d = g + momentum * buf if self.nesterov else buf
+        p.sub_(lr * d)
+
+    def _adam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
+        b1, b2 = BETAS
+        m, v = self._zeros("m", i, p), self._zeros("v", i, p)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(ADAM_EPS)
+        p.sub_(lr / (1 - b1**t) * m / denom)
+
+    _adamw = _adam
+
+    def _rmsprop(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int):
+        sq = self._zeros("v", i, p)
+        sq.mul_(RMS_ALPHA).addcmul_(g, g, value=1 - RMS_ALPHA)
+        step = g / sq.sqrt().add_(RMS_EPS)
+        buf = self._zeros("buf", i, p)
+        buf.mul_(self._per("momentum", p)).add_(step)  # momentum 0: buf is this step's
+        p.sub_(lr * buf)
+
+    def _adagrad(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int):
+        total = self._zeros("v", i, p)
+        total.addcmul_(g, g)
+        p.sub_(lr * g / total.sqrt().add_(ADAGRAD_EPS))
+
+    @staticmethod
+    def _mu(t: int) -> float:
+        return BETAS[0] * (1.0 - 0.5 * 0.96 ** (t * NADAM_DECAY))
+
+    def _nadam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
+        b1, b2 = BETAS
+        m, v = self._zeros("m", i, p), self._zeros("v", i, p)
+        mu, mu_next = self._mu(t), self._mu(t + 1)
+        product = self.mu_product * mu
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v / (1 - b2**t)).sqrt().add_(ADAM_EPS)
+        p.sub_(lr * (1 - mu) / (1 - product) * g / denom)
+        p.sub_(lr * mu_next / (1 - product * mu_next) * m / denom)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for key, tensors in self.state.items():
+            self.state[key] = [None if s is None else s.index_select(0, rows) for s in tensors]
+        self.hp = {k: v.index_select(0, rows) for k, v in self.hp.items()}
+
+
+class _Schedule:
+    """Each member's learning-rate factor, as `train`'s schedules set it."""
+
+    def __init__(self, name: str, max_epochs: int, n: int):
+        self.name, self.max_epochs = name, max_epochs
+        self.factor = [1.0] * n
+        self.plateau_best = [math.inf] * n
+        self.plateau_bad = [0] * n
+
+    def step(self, epoch: int, member: int, metrics: dict[str, float]) -> None:
+        if self.name == "cosine":
+            self.factor[member] = (1 + math.cos(math.pi * epoch / self.max_epochs)) / 2
+        elif self.name == "plateau":  # ReduceLROnPlateau(factor=0.5, patience=2), mode min
+            value = metrics["val_loss"]
+            if value < self.plateau_best[member] * (1 - 1e-4):
+                self.plateau_best[member], self.plateau_bad[member] = value, 0
+            else:
+                self.plateau_bad[member] += 1
+            if self.plateau_bad[member] > 2:
+                self.factor[member] *= 0.5
+                self.plateau_bad[member] = 0
+
+    def keep(self, rows: list[int]) -> None:
+        for name in ("factor", "plateau_best", "plateau_bad"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in rows])
+
+
+def _per_member_loss(out: torch.Tensor, y: torch.Tensor, classify: bool) -> torch.Tensor:
+    """(members, rows, outputs) and (rows,) -> each member's mean loss."""
+    k, rows = out.shape[:2]
+    if classify:
+        losses = F.cross_entropy(out.reshape(k * rows, -1), y.repeat(k), reduction="none")
+        return losses.view(k, rows).mean(1)
+    return (out.squeeze(-1) - y).pow(2).mean(1)
+
+
+def evaluate_stack(stack: _Stack, data: Tensors, cfg: TrainConfig) -> list[dict[str, float]]:
+    """Each member's loss and accuracy (or RMSE) over a whole split, in large batches."""
+    X, y = data
+    k = stack.params[0].shape[0]
+    classify = cfg.task == "classification"
+    rows = max(256, EVAL_BATCH // k)
+    loss_sum = torch.zeros(k, device=X.device)
+    correct = torch.zeros(k, device=X.device)
+    with torch.inference_mode():
+        for start in range(0, len(X), rows):
+            out = stack.forward(X[start : start + rows], None, None, training=False)
+            yb = y[start : start + rows]
+            loss_sum += _per_member_loss(out, yb, classify) * len(yb)
+            if classify:
+                correct += (out.argmax(-1) == yb).sum(1)
+    both = torch.stack([loss_sum, correct]).tolist()  # one host sync per split
+    n = max(len(X), 1)
+    return [_metrics(loss / n, hits / n, cfg) for loss, hits in zip(*both, strict=True)]
+
+
+def train_cohort(
+    models: list[nn.Sequential],
+    cfgs: list[TrainConfig],
+    dropouts: list[float],
+    activation: str,
+    train_data: Tensors,
+    val_data: Tensors,
+    on_epoch_end: EpochHook | None = None,
+    on_done: DoneHook | None = None,
+    interrupt: Flag | None = None,
+) -> list[TrainResult]:
+    """Train the members together; each model ends holding its kept weights.
+
+    `on_epoch_end({member: metrics}, epoch)` answers each member still training with None or
+    a stop reason; `on_done(member, result)` hears of each member as soon as it stops, with
+    its model already holding its kept weights.
+    """
+    run = lambda: _train_cohort(  # noqa: E731
+        models, cfgs, dropouts, activation, train_data, val_data, on_epoch_end, on_done, interrupt
+    )
+    return on_flushing_threads(run) if train_data[0].device.type == "cpu" else run()
+
+
+def _train_cohort(
+    models: list[nn.Sequential],
+    cfgs: list[TrainConfig],
+    dropouts: list[float],
+    activation: str,
+    train_data: Tensors,
+    val_data: Tensors,
+    on_epoch_end: EpochHook | None,
+    on_done: DoneHook | None,
+    interrupt: Flag | None,
+) -> list[TrainResult]:
+    X, y = train_data
+    device = X.device
+    lead = cfgs[0]
+    n = len(X)
+    batch = lead.batch_size
+    shuffle_seed = lead.seed if lead.shuffle_seed is None else lead.shuffle_seed
+    gen = torch.Generator(device=device).manual_seed(shuffle_seed)
+    masks = torch.Generator(device=device).manual_seed(shuffle_seed + 1)
+    classify = lead.task == "classification"
+    stack = _Stack(models, activation)
+
+    def vector(name: str) -> torch.Tensor:
+        return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)
+
+    hp = {k: vector(k) for k in ("lr", "weight_decay", "momentum", "l1", "grad_clip")}
+    hp["dropout"] = torch.tensor([float(d) for d in dropouts], device=device)
+    opt = _Optimizer(lead.optimizer, lead.nesterov, hp, len(stack.params))
+    schedule = _Schedule(lead.lr_schedule, lead.max_epochs, len(models))
+    members = list(range(len(models)))  # original index of each row of the stack
+    results = [TrainResult() for _ in models]
+    watches = [Watch(c) for c in cfgs]
+    best: list[dict[str, torch.Tensor] | None] = [None] * len(models)
+    n_used = n - 1 if n % batch == 1 and n > 1 else n
+
+    def finish(row_members: list[int]) -> None:
+        for m in row_members:
+            result = results[m]
+            if cfgs[m].restore_best and best[m]:
+                models[m].load_state_dict(best[m])  # type: ignore[arg-type]
+            elif result.history and not result.failure:
+                result.best_epoch = len(result.history)
+                models[m].load_state_dict(stack.member_state(members.index(m)))
+            if on_done is not None:
+                on_done(m, result)
+
+    for epoch in range(1, lead.max_epochs + 1):
+        if not members:
+            break
+        t0 = time.perf_counter()
+        k = len(members)
+        perm = torch.randperm(n, device=device, generator=gen)
+        loss_sum = torch.zeros(k, device=device)
+        correct = torch.zeros(k, device=device)
+        lr = opt.hp["lr"] * torch.tensor([schedule.factor[i] for i in range(k)], device=device)
+        any_l1 = bool((opt.hp["l1"] > 0).any())
+        any_clip = bool((opt.hp["grad_clip"] > 0).any())
+        any_dropout = bool((opt.hp["dropout"] > 0).any())
+        for start in range(0, n_used, batch):
+            if interrupt is not None and interrupt.is_set():
+                break
+            idx = perm[start : min(start + batch, n_used)]
+            xb, yb = X.index_select(0, idx), y.index_select(0, idx)
+            out = stack.forward(xb, opt.hp["dropout"] if any_dropout else None, masks, True)
+            losses = _per_member_loss(out, yb, classify)
+            total = losses.sum()
+            if any_l1:
+                l1 = opt.hp["l1"]
+                total = total + sum((l1 * w.abs().sum((1, 2))).sum() for w in stack.weights())
+            for p in stack.params:
+                p.grad = None
+            total.backward()
+            if any_clip:
+                _clip(stack.params, opt.hp["grad_clip"])
+            opt.step(stack.params, lr)
+            loss_sum += losses.detach() * len(idx)
+            if classify:
+                correct += (out.detach().argmax(-1) == yb).sum(1)
+        if interrupt is not None and interrupt.is_set():
+            for m in members:
+                results[m].stopped_by = "interrupted"
+            finish(members)
+            break
+        both = torch.stack([loss_sum, correct]).tolist()
+        val = evaluate_stack(stack, val_data, lead)
+        seconds = time.perf_counter() - t0
+        epoch_metrics: dict[int, dict[str, float]] = {}
+        stopped: dict[int, str] = {}
+        for row, m in enumerate(members):
+            tr = _metrics(both[0][row] / n_used, both[1][row] / n_used, cfgs[m])
+            metrics = {f"train_{a}": v for a, v in tr.items()}
+            metrics |= {f"val_{a}": v for a, v in val[row].items()}
+            metrics["lr"] = float(lr[row])
+            metrics["epoch_seconds"] = seconds
+            results[m].history.append(metrics)
+            bad = [a for a in ("train_loss", "val_loss") if not math.isfinite(metrics[a])]
+            if bad:
+                results[m].failure = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}"
+                stopped[m] = "diverged"
+                continue
+            if watches[m].update(metrics[cfgs[m].monitor], first=best[m] is None):
+                results[m].best_epoch = epoch
+                best[m] = stack.member_state(row) if cfgs[m].restore_best else {}
+            schedule.step(epoch, row, metrics)
+            epoch_metrics[m] = metrics
+        decisions = on_epoch_end(epoch_metrics, epoch) if on_epoch_end else {}
+        for m in epoch_metrics:
+            stop = decisions.get(m)
+            if stop is not None:
+                if stop not in STOP_REASONS:
+                    raise ValueError(f"on_epoch_end must answer None or a stop reason: {stop!r}")
+                stopped[m] = stop
+            elif watches[m].bad_epochs >= cfgs[m].patience:
+                stopped[m] = "early_stopping" if epoch < lead.max_epochs else "max_epochs"
+            elif epoch == lead.max_epochs:
+                stopped[m] = "max_epochs"
+        if stopped:
+            for m, why in stopped.items():
+                results[m].stopped_by = why
+            finish([m for m in members if m in stopped])
+            rows = [row for row, m in enumerate(members) if m not in stopped]
+            members = [members[row] for row in rows]
+            if members:
+                keep = torch.tensor(rows, device=device)
+                stack.keep(keep)
+                opt.keep(keep)
+                schedule.keep(rows)
+    return results
+
+
+def _clip(params: list[torch.Tensor], max_norm: torch.Tensor) -> None:
+    """`clip_grad_norm_` per member: each member's gradients scaled to at most its norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = sum(g.pow(2).flatten(1).sum(1) for g in grads)
+    norm = torch.as_tensor(sq).sqrt()
+    coef = torch.where(max_norm > 0, (max_norm / (norm + 1e-6)).clamp(max=1.0), 1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
