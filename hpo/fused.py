@@ -410,10 +410,15 @@ def _train_cohort(
     watches = [Watch(c) for c in cfgs]
     best: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     n_used = n - 1 if n % batch == 1 and n > 1 else n
+    steps = 0
 
     def finish(row_members: list[int]) -> None:
+        nonlocal steps
         for m in row_members:
             result = results[m]
+            for module in models[m].modules():
+                if isinstance(module, nn.BatchNorm1d):
+                    module.num_batches_tracked.fill_(steps)
             if cfgs[m].restore_best and best[m]:
                 models[m].load_state_dict(best[m])  # type: ignore[arg-type]
             elif result.history and not result.failure:
@@ -451,6 +456,7 @@ def _train_cohort(
             if any_clip:
                 _clip(stack.params, opt.hp["grad_clip"])
             opt.step(stack.params, lr)
+            steps += 1
             loss_sum += losses.detach() * len(idx)
             if classify:
                 correct += (out.detach().argmax(-1) == yb).sum(1)

@@ -1,0 +1,256 @@
+"""Fused trials: members trained as one stacked model follow the curves they follow alone, stop
+on their own (pruning, early stopping, a non-finite loss) and are trials like any other."""
+
+from __future__ import annotations
+
+import signal
+
+import optuna
+import pytest
+import torch
+from conftest import hpo_process, small_spec, study_run, wait_for, write_spec
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from sklearn.datasets import load_digits
+
+from hpo.config import default_config, parse_spec, with_widths
+from hpo.data import load_data
+from hpo.fused import structure, train_cohort
+from hpo.model import build_mlp
+from hpo.train import TrainConfig, train
+from hpo.trial import CohortJob, TrialJob, run_cohort
+
+# Relative difference allowed between a member's per-epoch losses fused and alone: the stacked
+# products add in another order, so the curves agree to float rounding, which training then
+# amplifies slowly (measured: 1e-7 to 2e-4 over 5 epochs at these learning rates).
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    return (X[:1400], y[:1400]), (X[1400:], y[1400:])
+
+
+MEMBERS = [  # each member's own hyperparameters
+    {"lr": 0.01, "weight_decay": 0.0, "momentum": 0.0, "l1": 0.0, "grad_clip": 0.0},
+    {"lr": 0.003, "weight_decay": 1e-3, "momentum": 0.9, "l1": 1e-4, "grad_clip": 0.5},
+    {"lr": 0.001, "weight_decay": 1e-4, "momentum": 0.5, "l1": 0.0, "grad_clip": 0.0},
+]
+
+
+def _configs(optimizer, schedule="none", nesterov=False, epochs=5, patience=100, members=MEMBERS):
+    return [
+        TrainConfig(
+            optimizer=optimizer,
+            nesterov=nesterov,
+            batch_size=64,
+            lr_schedule=schedule,
+            max_epochs=epochs,
+            patience=patience,
+            seed=11 + i,
+            shuffle_seed=11,  # the cohort's batch order: its first member's
+            **hp,
+        )
+        for i, hp in enumerate(members)
+    ]
+
+
+def _models(cfgs, activation="relu", batchnorm=False, widths=(32, 16)):
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(build_mlp(64, 10, widths, activation, 0.0, batchnorm))
+    return models
+
+
+def _alone(cfgs, data, **kw):
+    return [train(m, *data, c).history for m, c in zip(_models(cfgs, **kw), cfgs, strict=True)]
+
+
+def _worst(alone, fused):
+    worst = 0.0
+    for a, f in zip(alone, fused, strict=True):
+        assert len(a) == len(f)
+        for ea, ef in zip(a, f, strict=True):
+            for key in ("train_loss", "val_loss"):
+                worst = max(worst, abs(ea[key] - ef[key]) / abs(ea[key]))
+            assert ea["lr"] == pytest.approx(ef["lr"], rel=1e-6)
+    return worst
+
+
+@pytest.mark.parametrize(
+    "optimizer, activation, batchnorm, schedule, nesterov",
+    [
+        ("sgd", "relu", False, "none", False),
+        ("sgd", "tanh", True, "cosine", True),
+        ("adam", "relu", False, "none", False),
+        ("adam", "prelu", False, "plateau", False),
+        # Not batch norm with an adaptive optimizer: the bias before a batch norm gets a gradient
+        # of pure rounding noise, which Adam scales up to full steps (and the running mean
+        # follows it), so two runs part ways whatever the order of their additions.
+        ("adam", "relu", False, "cosine", False),
+        ("sgd", "sigmoid", True, "plateau", False),
+        ("adamw", "gelu", False, "none", False),
+        ("rmsprop", "relu", False, "none", False),
+        ("adagrad", "elu", False, "none", False),
+        ("nadam", "selu", False, "none", False),
+    ],
+)
+def test_each_member_follows_its_curve_trained_alone(
+    digits, optimizer, activation, batchnorm, schedule, nesterov
+):
+    cfgs = _configs(optimizer, schedule, nesterov)
+    alone = _alone(cfgs, digits, activation=activation, batchnorm=batchnorm)
+    models = _models(cfgs, activation, batchnorm)
+    fused = train_cohort(models, cfgs, [0.0] * 3, activation, *digits)
+    assert _worst(alone, [r.history for r in fused]) < TOLERANCE
+    # and each model ends holding its kept weights, as `train` leaves it
+    for model, result in zip(models, fused, strict=True):
+        from hpo.train import evaluate
+
+        kept = evaluate(model, digits[1], cfgs[0])
+        assert kept["loss"] == pytest.approx(result.best["val_loss"], rel=1e-5)
+
+
+def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
+    cfgs = _configs("adam", epochs=6)
+    alone = _alone(cfgs, digits)
+    done = []
+
+    def hook(metrics, epoch):
+        return {m: "pruned" if m == 1 and epoch == 2 else None for m in metrics}
+
+    fused = train_cohort(
+        _models(cfgs), cfgs, [0.0] * 3, "relu", *digits, hook, lambda m, r: done.append(m)
+    )
+    assert [r.stopped_by for r in fused] == ["max_epochs", "pruned", "max_epochs"]
+    assert [len(r.history) for r in fused] == [6, 2, 6]
+    assert done == [1, 0, 2]  # handed back as soon as it stopped
+    # dropping it from the stack changes nothing for the others, nor its own first epochs
+    assert (
+        _worst(
+            [alone[0], alone[2], alone[1][:2]],
+            [fused[0].history, fused[2].history, fused[1].history],
+        )
+        < TOLERANCE
+    )
+
+
+def test_early_stopping_is_per_member(digits):
+    members = [dict(MEMBERS[0]), dict(MEMBERS[2], lr=0.0)]  # the second never improves
+    cfgs = _configs("sgd", epochs=8, patience=2, members=members)
+    fused = train_cohort(_models(cfgs), cfgs, [0.0, 0.0], "relu", *digits)
+    assert fused[1].stopped_by == "early_stopping" and len(fused[1].history) == 3
+    assert fused[1].best_epoch == 1
+    assert fused[0].stopped_by == "max_epochs" and len(fused[0].history) == 8
+
+
+def test_a_non_finite_loss_fails_that_member_only(digits):
+    members = [MEMBERS[0], dict(MEMBERS[0], lr=1e12), MEMBERS[2]]
+    cfgs = _configs("sgd", epochs=4, members=members)
+    alone = _alone([cfgs[0], cfgs[2]], digits)
+    fused = train_cohort(_models(cfgs), cfgs, [0.0] * 3, "relu", *digits)
+    assert fused[1].stopped_by == "diverged" and "became nan" in (fused[1].failure or "")
+    assert [fused[0].stopped_by, fused[2].stopped_by] == ["max_epochs", "max_epochs"]
+    assert _worst(alone, [fused[0].history, fused[2].history]) < TOLERANCE
+
+
+def test_members_get_their_own_dropout_masks(digits):
+    cfgs = _configs("adam", epochs=1, members=[MEMBERS[0], MEMBERS[0]])
+    models = [build_mlp(64, 10, (32, 16), "relu", 0.3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())  # identical twins but for dropout
+    fused = train_cohort(models, cfgs, [0.3, 0.3], "relu", *digits)
+    assert fused[0].history[0]["train_loss"] != fused[1].history[0]["train_loss"]
+
+
+def test_run_cohort_gives_one_record_per_member(digits):
+    spec = parse_spec(small_spec(training={"max_epochs": 3}))
+    data = load_data(spec, "cpu")
+    base = with_widths(
+        default_config() | {"n_layers": 1, "width": 32, "batch_size": 64, "optimizer": "sgd"}
+    )
+    jobs = [
+        TrialJob(0, base | {"lr": 1e-2}, seed=1),
+        TrialJob(1, base | {"lr": 1e12}, seed=2),  # diverges
+        TrialJob(2, base | {"lr": 1e-3}, seed=3),
+    ]
+    assert len({structure(j.config) for j in jobs}) == 1
+    records = []
+
+    run_cohort(CohortJob(jobs), spec, data, lambda m, e: {}, records.append)
+    by = {r.number: r for r in records}
+    assert sorted(by) == [0, 1, 2]
+    assert by[1].outcome == "FAIL" and "became" in (by[1].failure or "")
+    assert by[0].outcome == by[2].outcome == "COMPLETE"
+    assert by[0].weights is not None and by[0].fit is not None and by[0].n_params > 0
+
+
+def test_a_fused_study_is_trials_like_any_other(workdir, mlflow_uri):
+    spec = parse_spec(
+        small_spec(
+            study={"n_trials": 8, "fused_trials": 4, "pruner": {"name": "none"}},
+            tracking={"uri": mlflow_uri, "experiment": "fused"},
+        )
+    )
+    result = study_run(spec)
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    trials = study.get_trials()
+    assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    cohorts = {tuple(t.user_attrs["fused_with"]) for t in trials}
+    assert cohorts == {(0, 1, 2, 3), (4, 5, 6, 7)}
+    for cohort in cohorts:
+        members = [trials[n] for n in cohort]
+        shapes = {structure(t.user_attrs["config"]) for t in members}
+        assert len(shapes) == 1  # one structure per cohort
+        assert len({t.params["lr"] for t in members}) == len(cohort)  # its own lr each
+        assert len({t.user_attrs["seed"] for t in members}) == len(cohort)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("fused")
+    children = [
+        r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(children) == 8
+    assert {r.data.tags["hpo.fused_with"] for r in children} == {"0,1,2,3", "4,5,6,7"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert "test_accuracy" in result.test_metrics  # the best one, fused or not, on test
+    assert "fused_with" in trials[result.best_number].user_attrs
+
+
+def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
+    spec = small_spec(
+        study={"n_trials": 6, "fused_trials": 3, "pruner": {"name": "none"}},
+        training={"max_epochs": 60, "early_stopping": {"patience": 60}},
+    )
+    path = write_spec(workdir, spec)
+    proc = hpo_process(["run", path], workdir)
+    db = "sqlite:///optuna.db"
+
+    def cohort_running():
+        try:
+            study = optuna.load_study(study_name="tiny", storage=db)
+        except KeyError:
+            return False
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        return len(running) == 3 and all("fused_with" in t.user_attrs for t in running)
+
+    wait_for(cohort_running, "a cohort of three running", limit=300)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    study = optuna.load_study(study_name="tiny", storage=db)
+    cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(cut) == 3 and len({tuple(t.user_attrs["fused_with"]) for t in cut}) == 1
+
+    proc = hpo_process(["run", path], workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    study = optuna.load_study(study_name="tiny", storage=db)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 6 and not study.get_trials(states=(TrialState.RUNNING,))
+    again = {t.user_attrs["retry_of"]: t for t in done if "retry_of" in t.user_attrs}
+    assert sorted(again) == sorted(t.number for t in cut)  # each cut member ran again
+    for t in cut:
+        assert again[t.number].params == t.params
