@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hpo.config import parse_spec
 from hpo.data import load_data
-from hpo.model import build_mlp
+from hpo.model import build_mlp, count_parameters
 from hpo.train import TrainConfig, train
 
 BATCH = 512
@@ -71,31 +71,44 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def measure(device: str, repeats: int = 3) -> list[dict]:
+    """Median epoch time of each loop on each net, with its FLOP/s (6 x parameters/sample)."""
+    spec = parse_spec({"name": "bench", "dataset": {"name": "mnist"}, "search_space": {}})
+    data = load_data(spec, device)
+    n = len(data.train[0])
+    print(
+        f"MNIST {n} train / {len(data.val[0])} val images, batch {BATCH}, device {device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    rows = []
+    for name, widths in ARCHS.items():
+        params = count_parameters(build_mlp(784, 10, widths))
+        for loop, fn in (("hpo.train", hpo_epoch), ("DataLoader", dataloader_epoch)):
+            fn(widths, data, device)  # warm-up
+            sec = statistics.median(fn(widths, data, device) for _ in range(repeats))
+            rows.append(
+                {
+                    "arch": name,
+                    "loop": loop,
+                    "epoch_s": sec,
+                    "samples_per_s": n / sec,
+                    "flops": 6 * params * n / sec,
+                }
+            )
+            print(f"{name:<16} {loop:<11} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
+    for name in ARCHS:
+        ours, base = (r["samples_per_s"] for r in rows if r["arch"] == name)
+        print(f"{name:<16} speed-up {ours / base:.2f}x")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
-
-    spec = parse_spec({"name": "bench", "dataset": {"name": "mnist"}, "search_space": {}})
-    data = load_data(spec, args.device)
-    n = len(data.train[0])
-    print(
-        f"MNIST {n} train / {len(data.val[0])} val images, batch {BATCH}, device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    rows = []
-    for name, widths in ARCHS.items():
-        for loop, fn in (("hpo.train", hpo_epoch), ("DataLoader", dataloader_epoch)):
-            fn(widths, data, args.device)  # warm-up
-            times = [fn(widths, data, args.device) for _ in range(args.repeats)]
-            sec = statistics.median(times)
-            rows.append({"arch": name, "loop": loop, "epoch_s": sec, "samples_per_s": n / sec})
-            print(f"{name:<16} {loop:<11} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
-    for name in ARCHS:
-        ours, base = (r["samples_per_s"] for r in rows if r["arch"] == name)
-        print(f"{name:<16} speed-up {ours / base:.2f}x")
+    rows = measure(args.device, args.repeats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2))
