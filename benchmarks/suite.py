@@ -264,10 +264,9 @@ def render(results: dict) -> str:
             f"| {row['variant']} | {_s(row['seconds_to_target'], cap)} | "
             f"{row.get('trials_started', row.get('trials'))} |"
         )
-    plain = r["target"][-1]["seconds_to_target"]
-    best = min(
-        (x["seconds_to_target"] for x in r["target"][:-1] if x["seconds_to_target"]), default=None
-    )
+    plain = r["target"][-1]["seconds_to_target"] if r["target"] else None
+    ours = [x["seconds_to_target"] for x in r["target"][:-1] if x["seconds_to_target"]]
+    best = min(ours, default=None)
     if plain and best:
         lines += ["", f"Fastest hpo variant vs the plain script: {plain / best:.1f}x sooner."]
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hpo.config import Spec, SpecError, folder_name, load_spec, metric_direction, name_problem
+from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost
 from hpo.redact import redact
 
@@ -333,20 +333,9 @@ def _summary(r: Any) -> None:
             typer.echo(f"test split (used once, by trial #{r.best_number}): {test}")
         elif r.test_note:
             typer.echo(f"test split: not yet used ({r.test_note})")
-    if r.best_baseline is not None:
-        name, number, value = r.best_baseline
-        line = f"best baseline {name!r} (trial #{number}): {r.metric} = {value:.4f}"
-        if r.best_searched is not None:
-            s_number, s_value = r.best_searched
-            sign = 1 if metric_direction(r.metric) == "maximize" else -1
-            gain = sign * (s_value - value)
-            verdict = (
-                "beats it by" if gain > 0 else "falls short of it by" if gain < 0 else "ties it"
-            )
-            line += f"; the search's best (trial #{s_number}, {s_value:.4f}) {verdict}"
-            if gain:
-                line += f" {abs(s_value - value):.4f}"
-        typer.echo(line)
+    if r.baselines is not None:
+        for line in r.baselines.sentences():
+            typer.echo(line)
     if r.tracking_uri.startswith(("http://", "https://")):
         typer.echo(f"browse the runs: {r.tracking_uri}")
     else:

@@ -291,9 +291,90 @@ class StudyResult:
     wall_time: float = 0.0
     data_info: dict[str, Any] = field(default_factory=dict)
     test_note: str = ""  # why there is no test evaluation from this process, if there is none
-    # The best baseline (name, trial number, value) and the best searched trial (number, value)
-    best_baseline: tuple[str, int, float] | None = None
-    best_searched: tuple[int, float] | None = None
+    baselines: BaselineComparison | None = None  # the search's best against the best baseline
+
+
+@dataclass
+class BaselineComparison:
+    """The best baseline against the search's best trial, on validation and on test."""
+
+    metric: str
+    name: str  # the best baseline's
+    number: int
+    value: float
+    searched_number: int | None = None  # the best trial that is not a baseline
+    searched_value: float | None = None
+    test_metric: str = ""
+    baseline_test: float | None = None
+    searched_test: float | None = None  # when the study's best trial is a searched one
+
+    def sentences(self) -> list[str]:
+        """What a reader wants to know, in one or two lines."""
+        first = (
+            f"best baseline {self.name!r} (trial #{self.number}): {self.metric} = {self.value:.4f}"
+        )
+        if self.searched_value is None:
+            return [first + "; no searched trial completed yet"]
+        first += (
+            f"; the search's best (trial #{self.searched_number}, {self.searched_value:.4f}) "
+            + _verdict(self.metric, self.searched_value, self.value)
+        )
+        lines = [first]
+        if self.baseline_test is not None and self.searched_test is not None:
+            lines.append(
+                f"on the test split: {self.test_metric} {self.searched_test:.4f} (trial "
+                f"#{self.searched_number}) against {self.baseline_test:.4f} (baseline "
+                f"{self.name!r}): "
+                + _verdict(self.test_metric, self.searched_test, self.baseline_test)
+            )
+        elif self.baseline_test is not None:
+            lines.append(
+                f"on the test split: the baseline {self.name!r} is the study's best, "
+                f"{self.test_metric} = {self.baseline_test:.4f}"
+            )
+        return lines
+
+
+def _verdict(metric: str, ours: float, theirs: float) -> str:
+    gain = (ours - theirs) * (1 if metric_direction(metric) == "maximize" else -1)
+    if gain > 0:
+        return f"beats it by {abs(ours - theirs):.4f}"
+    if gain < 0:
+        return f"falls short of it by {abs(ours - theirs):.4f}"
+    return "ties it"
+
+
+def _best_of(study: optuna.Study, baseline: bool) -> FrozenTrial | None:
+    """The best complete trial among the baselines, or among the searched trials."""
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and ("baseline" in t.user_attrs) == baseline
+    ]
+    if not done:
+        return None
+    pick = max if study.direction.name == "MAXIMIZE" else min
+    return pick(done, key=lambda t: t.value)
+
+
+def compare_with_baselines(study: optuna.Study) -> BaselineComparison | None:
+    """The search against its best baseline, or None when no baseline completed."""
+    bb = _best_of(study, baseline=True)
+    if bb is None:
+        return None
+    metric = study.user_attrs.get("metric", "value")
+    bs = _best_of(study, baseline=False)
+    attrs = study.user_attrs
+    test_metric = "test_" + metric.removeprefix("val_")
+    c = BaselineComparison(metric, bb.user_attrs["baseline"], bb.number, bb.value)  # type: ignore[arg-type]
+    c.test_metric = test_metric
+    if bs is not None:
+        c.searched_number, c.searched_value = bs.number, bs.value
+    if attrs.get("baseline_test_trial") == bb.number:
+        c.baseline_test = attrs.get("baseline_test_metrics", {}).get(test_metric)
+    if bs is not None and attrs.get("test_trial") == bs.number:
+        c.searched_test = attrs.get("test_metrics", {}).get(test_metric)
+    return c
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
@@ -458,6 +539,7 @@ class _Driver:
         self.base_seed = 0
         self.running: dict[int, _Running] = {}
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
+        self._test: Any = None  # the test split, once taken
         self.stopping: str | None = None  # "timeout" once --timeout has passed
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
         self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -819,7 +901,10 @@ class _Driver:
             value > best.value if self.study.direction.name == "MAXIMIZE" else value < best.value
         )
         log_all = self.spec.tracking.log_model == "all"
-        if (better or log_all) and record.weights is not None:
+        # A baseline's weights are kept too: after the search it is measured on the test split
+        # beside the best trial.
+        baseline = "baseline" in trial.user_attrs
+        if (better or log_all or baseline) and record.weights is not None:
             self.tracker.save_checkpoint(run_id, record.weights, record.config)
             trial.set_user_attr("checkpoint", True)
             if log_all:
@@ -877,7 +962,7 @@ class _Driver:
             else:
                 model = self._best_model(best)
                 cfg = TrainConfig(task=self.data.task, y_scale=self.data.y_scale)
-                tested = evaluate(model, self.data.take_test(), cfg)
+                tested = evaluate(model, self._test_split(), cfg)
                 test = {f"test_{k}": v for k, v in tested.items()}
                 self.study.set_user_attr("test_metrics", test)
                 self.study.set_user_attr("test_trial", best.number)
@@ -885,6 +970,7 @@ class _Driver:
                     {**test, f"best_{self.metric}": best.value},
                     {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
                 )
+            self._test_best_baseline(best, test)
             wanted = self.spec.tracking.log_model != "none"
             if wanted and self.study.user_attrs.get("model_trial") != best.number:
                 self.tracker.fail_pending_models()  # an upload a Ctrl-C cut short
@@ -893,6 +979,38 @@ class _Driver:
                 self.study.set_user_attr("model_uri", uri)
                 self.study.set_user_attr("model_trial", best.number)
         return test, ""
+
+    def _test_split(self) -> Any:
+        """The test split, taken once for this process: the best trial's and the best
+        baseline's evaluations share it."""
+        if self._test is None:
+            self._test = self.data.take_test()
+        return self._test
+
+    def _test_best_baseline(self, best: FrozenTrial, test: dict[str, float]) -> None:
+        """The best baseline's kept weights on the test split, once, beside the best trial's:
+        the reference the search is measured against (never used to choose anything)."""
+        attrs = self.study.user_attrs
+        bb = _best_of(self.study, baseline=True)
+        if bb is None or attrs.get("baseline_test_trial") == bb.number:
+            return
+        if bb.number == best.number:
+            tested = test
+        elif bb.user_attrs.get("checkpoint"):
+            weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
+            model = self._model(bb.user_attrs["config"], weights)
+            cfg = TrainConfig(task=self.data.task, y_scale=self.data.y_scale)
+            tested = {
+                f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()
+            }
+        else:
+            return  # trained before baselines kept their weights
+        self.study.set_user_attr("baseline_test_metrics", tested)
+        self.study.set_user_attr("baseline_test_trial", bb.number)
+        self.tracker.log_summary(
+            {f"baseline_{k}": v for k, v in tested.items()},
+            {"hpo.baseline_test_trial": bb.number},
+        )
 
     def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
         if self.best_weights is not None and self.best_weights[0] == best.number:
@@ -916,12 +1034,6 @@ class _Driver:
         best = best_or_none(study)
         trials = study.get_trials(deepcopy=False)
         fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
-        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        pick = max if study.direction.name == "MAXIMIZE" else min
-        baselines = [t for t in done if "baseline" in t.user_attrs]
-        searched = [t for t in done if "baseline" not in t.user_attrs]
-        bb = pick(baselines, key=lambda t: t.value) if baselines else None
-        bs = pick(searched, key=lambda t: t.value) if searched else None
         return StudyResult(
             study_name=self.name,
             storage=redact(self.url),
@@ -940,8 +1052,7 @@ class _Driver:
             wall_time=time.perf_counter() - self.started,
             data_info=self.data.info,
             test_note=note,
-            best_baseline=(bb.user_attrs["baseline"], bb.number, bb.value) if bb else None,
-            best_searched=(bs.number, bs.value) if bs else None,
+            baselines=compare_with_baselines(study),
         )
 
 

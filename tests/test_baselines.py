@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import yaml
 from conftest import small_spec, study_run, write_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -11,7 +12,11 @@ from typer.testing import CliRunner
 
 from hpo.cli import app
 from hpo.config import SpecError, parse_spec
+from hpo.data import load_data
 from hpo.study import enqueue_baselines, make_sampler
+from hpo.tracking import tracker_for
+from hpo.train import TrainConfig, evaluate
+from hpo.trial import build_model
 
 BASELINES = [
     {"name": "linear", "n_layers": 0},
@@ -83,9 +88,9 @@ def test_baselines_run_first_once_and_are_never_pruned(workdir, mlflow_uri):
         filter_string="tags.hpo.baseline = 'mlp-32-16'",
     )
     assert len(runs) == 1 and runs[0].data.params["widths"] == "[32, 16]"
-    name, number, value = result.best_baseline
-    assert (name, number) in (("linear", 0), ("mlp-32-16", 1))
-    assert value == max(t.value for t in first)
+    c = result.baselines
+    assert (c.name, c.number) in (("linear", 0), ("mlp-32-16", 1))
+    assert c.value == max(t.value for t in first)
 
     # A multivariate sampler models the searched trials jointly: seen by it, the baselines'
     # empty parameter sets would leave it nothing in common to model.
@@ -122,3 +127,38 @@ def test_the_summary_compares_the_search_with_the_best_baseline(workdir):
     else:
         expected += "ties it"
     assert line == expected
+
+    # After the search, the best baseline's kept weights are measured on test beside the best
+    # trial's: the stored figure is what its checkpoint scores there.
+    tested = study.user_attrs["baseline_test_metrics"]
+    assert study.user_attrs["baseline_test_trial"] == 0
+    loaded = parse_spec(yaml.safe_load(spec.read_text()))
+    data = load_data(loaded, "cpu")
+    weights = tracker_for(loaded).load_checkpoint(base.user_attrs["mlflow_run_id"])
+    model = build_model(base.user_attrs["config"], data, "cpu")
+    model.load_state_dict(weights)
+    again = evaluate(model, data.take_test(), TrainConfig())
+    assert tested["test_accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+    test_line = next(x for x in result.output.splitlines() if x.startswith("on the test split"))
+    if study.best_trial.number == best.number:
+        ours = study.user_attrs["test_metrics"]["test_accuracy"]
+        assert test_line.startswith(
+            f"on the test split: test_accuracy {ours:.4f} (trial #{best.number}) against "
+            f"{tested['test_accuracy']:.4f} (baseline 'linear'): "
+        )
+    else:
+        assert "the baseline 'linear' is the study's best" in test_line
+
+
+def test_the_report_says_how_the_search_did_against_the_best_baseline(workdir):
+    spec = write_spec(workdir, small_spec(baselines=BASELINES[:1], study={"n_trials": 3}))
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 0, result.output
+    summary = [x for x in result.output.splitlines() if x.startswith(("best baseline", "on the"))]
+    assert len(summary) == 2
+    out = workdir / "out"
+    result = CliRunner().invoke(app, ["report", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.md").read_text()
+    row = next(line for line in page.splitlines() if "Against the baselines" in line)
+    assert summary[0] in row and summary[1] in row  # the same words as the summary's

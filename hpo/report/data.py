@@ -31,6 +31,7 @@ class Overview(NamedTuple):
     best_config: dict[str, Any]
     test_metrics: dict[str, float]
     test_trial: int | None
+    baselines: list[str] = []  # the search against its best baseline, on validation and test
 
 
 class FitRow(NamedTuple):
@@ -96,7 +97,9 @@ def _spec_of(study: optuna.Study):
 def _overview(study, trials, spec) -> Overview:
     attrs = study.user_attrs
     data = attrs.get("data", {})
-    from hpo.study import best_or_none, state_counts
+    from hpo.study import best_or_none, compare_with_baselines, state_counts
+
+    compared = compare_with_baselines(study)
 
     states = {k: v for k, v in state_counts(trials).items() if v}
     starts = [t.datetime_start for t in trials if t.datetime_start]
@@ -120,6 +123,7 @@ def _overview(study, trials, spec) -> Overview:
         best_config=best.user_attrs.get("config", best.params) if best else {},
         test_metrics=attrs.get("test_metrics", {}),
         test_trial=attrs.get("test_trial"),
+        baselines=compared.sentences() if compared else [],
     )
 
 

@@ -87,6 +87,8 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
         )
     else:
         rows.append(("Use of the test split", "not used: no trial completed"))
+    if o.baselines:
+        rows.append(("Against the baselines", "; ".join(o.baselines)))
     return rows
 
 
