@@ -269,6 +269,12 @@ def render(results: dict) -> str:
     best = min(ours, default=None)
     if plain and best:
         lines += ["", f"Fastest hpo variant vs the plain script: {plain / best:.1f}x sooner."]
+    elif best and r["target"]:
+        lines += [
+            "",
+            f"Fastest hpo variant vs the plain script: at least {cap / best:.1f}x sooner (the "
+            f"plain script had not reached it when stopped at {cap:.0f} s).",
+        ]
     return "\n".join(lines) + "\n"
 
 

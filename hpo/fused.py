@@ -222,18 +222,20 @@ class _Optimizer:
 
     @torch.no_grad()
     def step(self, params: list[torch.Tensor], lr: torch.Tensor) -> None:
+        """One update of every member. In place where torch's rule allows: the update is a
+        few passes over memory, which is most of a step for a wide net on a CPU."""
         self.steps += 1
         t = self.steps
+        decay = bool((self.hp["weight_decay"] != 0).any())
         for i, p in enumerate(params):
             g = p.grad
             if g is None:
                 continue
             lr_p = lr.view(-1, *([1] * (p.dim() - 1)))
-            wd = self._per("weight_decay", p)
-            if self.name == "adamw":
-                p.mul_(1 - lr_p * wd)
-            else:
-                g = g + wd * p
+            if decay and self.name == "adamw":
+                p.mul_(1 - lr_p * self._per("weight_decay", p))
+            elif decay:
+                g = g.addcmul(p, self._per("weight_decay", p))
             getattr(self, f"_{self.name}")(i, p, g, lr_p, t)
         if self.name == "nadam":
             self.mu_product *= self._mu(t)
@@ -249,31 +251,33 @@ class _Optimizer:
         buf = self.state["buf"][i]
         buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
         self.state["buf"][i] = buf
-        d = g + momentum * buf if self.nesterov else buf
-        p.sub_(lr * d)
+        d = g.addcmul(momentum, buf) if self.nesterov else buf
+        p.addcmul_(d, lr, value=-1)
 
     def _adam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
         b1, b2 = BETAS
         m, v = self._zeros("m", i, p), self._zeros("v", i, p)
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(ADAM_EPS)
-        p.sub_(lr / (1 - b1**t) * m / denom)
+        denom = v.sqrt().div_(math.sqrt(1 - b2**t)).add_(ADAM_EPS)
+        step = torch.div(m, denom, out=denom)  # torch's order: step size x (m / denom)
+        p.addcmul_(step, lr / (1 - b1**t), value=-1)
 
     _adamw = _adam
 
     def _rmsprop(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int):
         sq = self._zeros("v", i, p)
         sq.mul_(RMS_ALPHA).addcmul_(g, g, value=1 - RMS_ALPHA)
-        step = g / sq.sqrt().add_(RMS_EPS)
         buf = self._zeros("buf", i, p)
-        buf.mul_(self._per("momentum", p)).add_(step)  # momentum 0: buf is this step's
-        p.sub_(lr * buf)
+        # momentum 0: buf is this step's
+        buf.mul_(self._per("momentum", p)).addcdiv_(g, sq.sqrt().add_(RMS_EPS))
+        p.addcmul_(buf, lr, value=-1)
 
     def _adagrad(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int):
         total = self._zeros("v", i, p)
         total.addcmul_(g, g)
-        p.sub_(lr * g / total.sqrt().add_(ADAGRAD_EPS))
+        denom = total.sqrt().add_(ADAGRAD_EPS)
+        p.addcmul_(torch.div(g, denom, out=denom), lr, value=-1)
 
     @staticmethod
     def _mu(t: int) -> float:

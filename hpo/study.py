@@ -514,6 +514,10 @@ def run_study(
     return driver.run(study, base_seed, on_start, on_trial_end)
 
 
+# On a CPU, cohorts are formed for nets up to this many parameters (see `_fusing_pays`).
+FUSE_CPU_MAX_PARAMS = 250_000
+
+
 @dataclass
 class _Running:
     """A trial this process is training: its Optuna handle, MLflow run and curve so far."""
@@ -680,7 +684,7 @@ class _Driver:
         if leader is None or k <= 1 or self.spec.study.sampler.name == "grid":
             return [leader] if leader is not None else []
         trial = self.running[leader.number].trial
-        if {"baseline", "retry_of"} & set(trial.user_attrs):
+        if {"baseline", "retry_of"} & set(trial.user_attrs) or not self._fusing_pays(leader):
             return [leader]
         fixed = {n: v for n, v in trial.params.items() if is_structural(n)}
         members, alone = [leader], []
@@ -697,6 +701,15 @@ class _Driver:
             self.running[job.number].trial.set_user_attr("fused_with", numbers)
             self.cohort_of[job.number] = leader.number
         return [CohortJob(members), *alone]
+
+    def _fusing_pays(self, leader: TrialJob) -> bool:
+        """On a CPU a wide net is already bound by its matrix products: stacked, it trains
+        no faster (measured on 2 cores, 4 fused vs one after the other: 784-64-64 2.0x,
+        784-256 1.2x, 784-256-256 1.05x, 784-512-512 0.9x), so such trials train alone."""
+        if self.data.train[0].device.type != "cpu":
+            return True
+        shape = resources.Shape.of(self.data)
+        return resources.of_config(leader.config, shape, True).params <= FUSE_CPU_MAX_PARAMS
 
     def _ask(self, fixed: dict[str, Any] | None = None) -> TrialJob | None:
         """Ask for a trial while the budget has room, counting every process's trials; with
@@ -1000,9 +1013,7 @@ class _Driver:
             weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
             model = self._model(bb.user_attrs["config"], weights)
             cfg = TrainConfig(task=self.data.task, y_scale=self.data.y_scale)
-            tested = {
-                f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()
-            }
+            tested = {f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()}
         else:
             return  # trained before baselines kept their weights
         self.study.set_user_attr("baseline_test_metrics", tested)

@@ -254,3 +254,21 @@ def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
     assert sorted(again) == sorted(t.number for t in cut)  # each cut member ran again
     for t in cut:
         assert again[t.number].params == t.params
+
+
+def test_on_a_cpu_wide_nets_train_alone(workdir, mlflow_uri):
+    """Stacking does not pay for a net bound by its matrix products: no followers for it."""
+    space = {"n_layers": 2, "width": 600, "lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
+    spec = parse_spec(
+        small_spec(
+            search_space=space,
+            training={"max_epochs": 1},
+            study={"n_trials": 3, "fused_trials": 3},
+            tracking={"uri": mlflow_uri, "experiment": "wide"},
+        )
+    )
+    study_run(spec)
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.user_attrs["n_params"] > 250_000 for t in trials)
+    assert not [t for t in trials if "fused_with" in t.user_attrs]
