@@ -4,9 +4,9 @@ A cohort's members share everything that changes the network's shape or the step
 (`STRUCTURAL`: depth, widths, activation, batch norm, batch size, optimizer, Nesterov, schedule)
 and each keeps its own initialisation, learning rate, weight decay, L1, dropout, momentum,
 gradient clipping, early stopping and pruning. Their weights are stacked along a leading member
-dimension, so one step is a handful of batched matrix products for all K instead of K sets of
-tiny kernels: the first layer is a single product of the shared batch with every member's
-weights side by side, the others are batched products.
+dimension (`hpo.model.StackedMLP`), so one step is a handful of batched matrix products for all
+K instead of K sets of tiny kernels: the first layer is a single product of the shared batch
+with every member's weights side by side, the others are batched products.
 
 The optimizers are torch's own formulas written over the stacked tensors, with each member's
 hyperparameters as a vector, so a member follows the curve it would follow trained alone (see
@@ -19,14 +19,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpo.registry import ACTIVATIONS
+from hpo.model import StackedMLP
 from hpo.train import (
     EVAL_BATCH,
     STOP_REASONS,
@@ -55,8 +54,6 @@ FUSABLE_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 # Torch's defaults for the settings the spec does not expose.
 BETAS = (0.9, 0.999)
 ADAM_EPS, RMS_ALPHA, RMS_EPS, ADAGRAD_EPS, NADAM_DECAY = 1e-8, 0.99, 1e-8, 1e-10, 4e-3
-BN_EPS, BN_MOMENTUM = 1e-5, 0.1
-ALPHA_DROPOUT = 1.7580993408473766  # SELU's -alpha' (torch's alpha_dropout)
 
 
 def is_structural(name: str) -> bool:
@@ -80,129 +77,6 @@ def structure(config: dict[str, Any]) -> tuple:
 # (member index, epoch, metrics) -> None or a stop reason, for every member still training.
 EpochHook = Callable[[dict[int, dict[str, float]], int], dict[int, str | None]]
 DoneHook = Callable[[int, TrainResult], None]
-
-
-@dataclass
-class _Layer:
-    """One hidden or output layer of the stack: which tensors it holds."""
-
-    linear: int  # index of its weight in the parameter list (its bias is the next one)
-    bn: int | None = None  # index of its batch norm's weight (bias next), if any
-    prelu: int | None = None  # index of its PReLU slope, if any
-    dropout: bool = False
-
-
-class _Stack:
-    """The members' tensors stacked along dim 0, with the layout of their `nn.Sequential`."""
-
-    def __init__(self, models: list[nn.Sequential], activation: str):
-        self.activation = activation
-        self.act = ACTIVATIONS.load(activation)() if activation != "prelu" else None
-        first = models[0]
-        self.names = [name for name, _ in first.named_parameters()]
-        self.buffer_names = [name for name, b in first.named_buffers() if b.is_floating_point()]
-        self.params = [
-            torch.stack([dict(m.named_parameters())[n].detach() for m in models])
-            .clone()
-            .requires_grad_(True)
-            for n in self.names
-        ]
-        self.buffers = [
-            torch.stack([dict(m.named_buffers())[n] for m in models]).clone()
-            for n in self.buffer_names
-        ]
-        self.layers: list[_Layer] = []
-        index = {n: i for i, n in enumerate(self.names)}
-        for i, module in enumerate(first):
-            if isinstance(module, nn.Linear):
-                self.layers.append(_Layer(index[f"{i}.weight"]))
-            elif isinstance(module, nn.BatchNorm1d):
-                self.layers[-1].bn = index[f"{i}.weight"]
-            elif isinstance(module, nn.PReLU):
-                self.layers[-1].prelu = index[f"{i}.weight"]
-            elif isinstance(module, nn.Dropout | nn.AlphaDropout):
-                self.layers[-1].dropout = True
-        self.bn_buffers = {  # batch norm weight index -> (running mean, running var) indices
-            index[f"{n.rsplit('.', 1)[0]}.weight"]: (
-                self.buffer_names.index(n),
-                self.buffer_names.index(n.replace("running_mean", "running_var")),
-            )
-            for n in self.buffer_names
-            if n.endswith("running_mean")
-        }
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        dropout: torch.Tensor | None,
-        gen: torch.Generator | None,
-        training: bool,
-    ) -> torch.Tensor:
-        """(rows, features) -> (members, rows, outputs). `dropout` is each member's rate."""
-        k = self.params[0].shape[0]
-        h: torch.Tensor | None = None
-        for n, layer in enumerate(self.layers):
-            w, b = self.params[layer.linear], self.params[layer.linear + 1]
-            if h is None:  # the shared batch times every member's first layer, in one product
-                out = w.shape[1]
-                h = torch.addmm(b.reshape(-1), x, w.reshape(k * out, -1).t())
-                h = h.view(len(x), k, out).transpose(0, 1)
-            else:
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            if n == len(self.layers) - 1:
-                return h
-            if layer.bn is not None:
-                h = self._batchnorm(h, layer.bn, training)
-            if self.act is not None:
-                h = self.act(h)
-            else:
-                slope = self.params[layer.prelu].view(k, 1, -1)  # type: ignore[index]
-                h = torch.where(h >= 0, h, slope * h)
-            if layer.dropout and training and dropout is not None:
-                h = self._dropout(h, dropout, gen)
-        assert h is not None
-        return h
-
-    def _batchnorm(self, h: torch.Tensor, at: int, training: bool) -> torch.Tensor:
-        weight, bias = self.params[at], self.params[at + 1]
-        mean_i, var_i = self.bn_buffers[at]
-        running_mean, running_var = self.buffers[mean_i], self.buffers[var_i]
-        if training:
-            mean = h.mean(1)
-            var = h.var(1, unbiased=False)
-            with torch.no_grad():
-                rows = h.shape[1]
-                running_mean.lerp_(mean.detach(), BN_MOMENTUM)
-                running_var.lerp_(var.detach() * rows / max(rows - 1, 1), BN_MOMENTUM)
-        else:
-            mean, var = running_mean, running_var
-        scale = weight * torch.rsqrt(var + BN_EPS)
-        return h * scale.unsqueeze(1) + (bias - mean * scale).unsqueeze(1)
-
-    def _dropout(
-        self, h: torch.Tensor, rate: torch.Tensor, gen: torch.Generator | None
-    ) -> torch.Tensor:
-        p = rate.view(-1, 1, 1)
-        keep = torch.rand(h.shape, device=h.device, generator=gen) >= p
-        if self.activation == "selu":  # alpha dropout: keeps SELU's mean and variance
-            a = 1.0 / torch.sqrt((ALPHA_DROPOUT**2 * p + 1) * (1 - p))
-            return torch.where(keep, h, -ALPHA_DROPOUT) * a + ALPHA_DROPOUT * a * p
-        return h * keep / (1 - p)
-
-    def weights(self) -> list[torch.Tensor]:
-        """The linear layers' weights (L1 skips biases)."""
-        return [self.params[layer.linear] for layer in self.layers]
-
-    def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Member i's state dict (parameters and buffers), as copies."""
-        state = {n: p[i].detach().clone() for n, p in zip(self.names, self.params, strict=True)}
-        state |= {n: b[i].clone() for n, b in zip(self.buffer_names, self.buffers, strict=True)}
-        return state
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Only the members at `rows` stay in the stack."""
-        self.params = [p.detach().index_select(0, rows).requires_grad_(True) for p in self.params]
-        self.buffers = [b.index_select(0, rows) for b in self.buffers]
 
 
 class _Optimizer:
@@ -337,7 +211,7 @@ def _per_member_loss(out: torch.Tensor, y: torch.Tensor, classify: bool) -> torc
     return (out.squeeze(-1) - y).pow(2).mean(1)
 
 
-def evaluate_stack(stack: _Stack, data: Tensors, cfg: TrainConfig) -> list[dict[str, float]]:
+def evaluate_stack(stack: StackedMLP, data: Tensors, cfg: TrainConfig) -> list[dict[str, float]]:
     """Each member's loss and accuracy (or RMSE) over a whole split, in large batches."""
     X, y = data
     k = stack.params[0].shape[0]
@@ -400,7 +274,7 @@ def _train_cohort(
     gen = torch.Generator(device=device).manual_seed(shuffle_seed)
     masks = torch.Generator(device=device).manual_seed(shuffle_seed + 1)
     classify = lead.task == "classification"
-    stack = _Stack(models, activation)
+    stack = StackedMLP(models, activation)
 
     def vector(name: str) -> torch.Tensor:
         return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)

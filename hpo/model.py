@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from hpo.registry import ACTIVATIONS, INITS
@@ -68,6 +70,134 @@ def init_xavier(linears: list[nn.Linear], activation: str) -> None:
             lin.weight, gain=nn.init.calculate_gain(gain_for) if hidden else 1.0
         )
         nn.init.zeros_(lin.bias)
+
+
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm1d's defaults
+ALPHA_DROPOUT = 1.7580993408473766  # SELU's -alpha' (torch's alpha_dropout)
+
+
+@dataclass
+class _StackedLayer:
+    """One hidden or output layer of the stack: which tensors it holds."""
+
+    linear: int  # index of its weight in the parameter list (its bias is the next one)
+    bn: int | None = None  # index of its batch norm's weight (bias next), if any
+    prelu: int | None = None  # index of its PReLU slope, if any
+    dropout: bool = False
+
+
+class StackedMLP:
+    """Several MLPs of one shape (from `build_mlp`) as one: their tensors stacked along a
+    leading member dimension, run together by `forward` on one batch shared by all."""
+
+    def __init__(self, models: list[nn.Sequential], activation: str):
+        self.activation = activation
+        self.act = ACTIVATIONS.load(activation)() if activation != "prelu" else None
+        first = models[0]
+        self.names = [name for name, _ in first.named_parameters()]
+        self.buffer_names = [name for name, b in first.named_buffers() if b.is_floating_point()]
+        self.params = [
+            torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+            .clone()
+            .requires_grad_(True)
+            for n in self.names
+        ]
+        self.buffers = [
+            torch.stack([dict(m.named_buffers())[n] for m in models]).clone()
+            for n in self.buffer_names
+        ]
+        self.layers: list[_StackedLayer] = []
+        index = {n: i for i, n in enumerate(self.names)}
+        for i, module in enumerate(first):
+            if isinstance(module, nn.Linear):
+                self.layers.append(_StackedLayer(index[f"{i}.weight"]))
+            elif isinstance(module, nn.BatchNorm1d):
+                self.layers[-1].bn = index[f"{i}.weight"]
+            elif isinstance(module, nn.PReLU):
+                self.layers[-1].prelu = index[f"{i}.weight"]
+            elif isinstance(module, nn.Dropout | nn.AlphaDropout):
+                self.layers[-1].dropout = True
+        self.bn_buffers = {  # batch norm weight index -> (running mean, running var) indices
+            index[f"{n.rsplit('.', 1)[0]}.weight"]: (
+                self.buffer_names.index(n),
+                self.buffer_names.index(n.replace("running_mean", "running_var")),
+            )
+            for n in self.buffer_names
+            if n.endswith("running_mean")
+        }
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        dropout: torch.Tensor | None,
+        gen: torch.Generator | None,
+        training: bool,
+    ) -> torch.Tensor:
+        """(rows, features) -> (members, rows, outputs). `dropout` is each member's rate."""
+        k = self.params[0].shape[0]
+        h: torch.Tensor | None = None
+        for n, layer in enumerate(self.layers):
+            w, b = self.params[layer.linear], self.params[layer.linear + 1]
+            if h is None:  # the shared batch times every member's first layer, in one product
+                out = w.shape[1]
+                h = torch.addmm(b.reshape(-1), x, w.reshape(k * out, -1).t())
+                h = h.view(len(x), k, out).transpose(0, 1)
+            else:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if n == len(self.layers) - 1:
+                return h
+            if layer.bn is not None:
+                h = self._batchnorm(h, layer.bn, training)
+            if self.act is not None:
+                h = self.act(h)
+            else:
+                slope = self.params[layer.prelu].view(k, 1, -1)  # type: ignore[index]
+                h = torch.where(h >= 0, h, slope * h)
+            if layer.dropout and training and dropout is not None:
+                h = self._dropout(h, dropout, gen)
+        assert h is not None
+        return h
+
+    def _batchnorm(self, h: torch.Tensor, at: int, training: bool) -> torch.Tensor:
+        weight, bias = self.params[at], self.params[at + 1]
+        mean_i, var_i = self.bn_buffers[at]
+        running_mean, running_var = self.buffers[mean_i], self.buffers[var_i]
+        if training:
+            mean = h.mean(1)
+            var = h.var(1, unbiased=False)
+            with torch.no_grad():
+                rows = h.shape[1]
+                running_mean.lerp_(mean.detach(), BN_MOMENTUM)
+                running_var.lerp_(var.detach() * rows / max(rows - 1, 1), BN_MOMENTUM)
+        else:
+            mean, var = running_mean, running_var
+        scale = weight * torch.rsqrt(var + BN_EPS)
+        return h * scale.unsqueeze(1) + (bias - mean * scale).unsqueeze(1)
+
+    def _dropout(
+        self, h: torch.Tensor, rate: torch.Tensor, gen: torch.Generator | None
+    ) -> torch.Tensor:
+        p = rate.view(-1, 1, 1)
+        keep = torch.rand(h.shape, device=h.device, generator=gen) >= p
+        if self.activation == "selu":  # alpha dropout: keeps SELU's mean and variance
+            a = 1.0 / torch.sqrt((ALPHA_DROPOUT**2 * p + 1) * (1 - p))
+            return torch.where(keep, h, -ALPHA_DROPOUT) * a + ALPHA_DROPOUT * a * p
+        return h * keep / (1 - p)
+
+    def weights(self) -> list[torch.Tensor]:
+        """The linear layers' weights (L1 skips biases)."""
+        return [self.params[layer.linear] for layer in self.layers]
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's state dict (parameters and buffers), as copies."""
+        state = {n: p[i].detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+        state |= {n: b[i].clone() for n, b in zip(self.buffer_names, self.buffers, strict=True)}
+        return state
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only the members at `rows` stay in the stack."""
+        self.params = [p.detach().index_select(0, rows).requires_grad_(True) for p in self.params]
+        self.buffers = [b.index_select(0, rows) for b in self.buffers]
 
 
 def count_parameters(model: nn.Module) -> int:

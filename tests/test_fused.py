@@ -272,3 +272,21 @@ def test_on_a_cpu_wide_nets_train_alone(workdir, mlflow_uri):
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.user_attrs["n_params"] > 250_000 for t in trials)
     assert not [t for t in trials if "fused_with" in t.user_attrs]
+
+
+def test_workers_and_fused_trials_together(workdir):
+    """--workers 2 --fused-trials 2: each cohort trains in one worker process, the study
+    counts every member once."""
+    spec = small_spec(study={"n_trials": 6, "pruner": {"name": "none"}})
+    path = write_spec(workdir, spec)
+    proc = hpo_process(["run", path, "--workers", 2, "--fused-trials", 2], workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    cohorts = {tuple(t.user_attrs["fused_with"]) for t in trials}
+    assert sorted(n for c in cohorts for n in c) == list(range(6)) and len(cohorts) == 3
+    for cohort in cohorts:  # trained together: in one worker process
+        assert len({trials[n].user_attrs["worker"] for n in cohort}) == 1
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took a cohort

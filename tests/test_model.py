@@ -56,3 +56,28 @@ def test_bad_arguments_are_rejected_with_the_value():
         build_mlp(4, 2, activation="swish")
     with pytest.raises(ValueError, match="got 1.0"):
         build_mlp(4, 2, dropout=1.0)
+
+
+@pytest.mark.parametrize(
+    "activation, batchnorm", [("relu", False), ("prelu", True), ("selu", False), ("tanh", True)]
+)
+def test_a_stack_of_mlps_computes_what_each_computes(activation, batchnorm):
+    from hpo.model import StackedMLP
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build_mlp(8, 3, (16, 4), activation, 0.0, batchnorm))
+    x = torch.randn(32, 8)
+    stack = StackedMLP(models, activation)
+    for training in (True, False):
+        for m in models:
+            m.train(training)
+        out = stack.forward(x, None, None, training=training)
+        assert out.shape == (3, 32, 3)
+        for i, m in enumerate(models):
+            torch.testing.assert_close(out[i], m(x), rtol=1e-5, atol=1e-6)
+    for i, m in enumerate(models):  # batch norm's running statistics moved alike
+        for name, value in m.state_dict().items():
+            if name.endswith(("running_mean", "running_var")):
+                torch.testing.assert_close(stack.member_state(i)[name], value)
