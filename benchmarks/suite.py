@@ -95,8 +95,8 @@ def overhead_section(device: str, quick: bool) -> list[dict]:
             for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
                 wall = (t.datetime_complete - t.datetime_start).total_seconds()
                 run_id = t.user_attrs["mlflow_run_id"]
-                epochs = sum(m.value for m in client.get_metric_history(run_id, "epoch_seconds"))
-                shares.append((wall - epochs) / wall)
+                inside = sum(m.value for m in client.get_metric_history(run_id, "epoch_seconds"))
+                shares.append((wall - inside) / wall)
             out.append(
                 {
                     "dataset": name,
@@ -121,7 +121,11 @@ def _hpo(args: list, cwd: str, **kw) -> subprocess.Popen | None:
         return subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"hpo {' '.join(map(str, args))} failed:\n{(done.stdout + done.stderr)[-2000:]}"
+        )
     return None
 
 
