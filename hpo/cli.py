@@ -95,6 +95,11 @@ def validate(spec: SpecArg) -> None:
         f"hyperparameters, {loaded.study.n_trials} trials, sampler {loaded.study.sampler.name}, "
         f"pruner {loaded.study.pruner.name}, metric {loaded.study.metric}"
         + (f", {len(loaded.baselines)} baselines first" if loaded.baselines else "")
+        + (
+            f", up to {loaded.study.fused_trials} trials fused"
+            if loaded.study.fused_trials > 1
+            else ""
+        )
     )
     if note:
         typer.echo(f"note: {note}")

@@ -89,6 +89,11 @@ class _Optimizer:
             key: [None] * n for key in ("m", "v", "buf")
         }
         self.mu_product = 1.0  # NAdam
+        self._note_decay()
+
+    def _note_decay(self) -> None:
+        # Known on the host once, not read back from the device every step.
+        self.decay = bool((self.hp["weight_decay"] != 0).any())
 
     def _per(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """A member vector shaped to broadcast over one stacked tensor."""
@@ -100,7 +105,7 @@ class _Optimizer:
         few passes over memory, which is most of a step for a wide net on a CPU."""
         self.steps += 1
         t = self.steps
-        decay = bool((self.hp["weight_decay"] != 0).any())
+        decay = self.decay
         for i, p in enumerate(params):
             g = p.grad
             if g is None:
@@ -172,6 +177,7 @@ class _Optimizer:
         for key, tensors in self.state.items():
             self.state[key] = [None if s is None else s.index_select(0, rows) for s in tensors]
         self.hp = {k: v.index_select(0, rows) for k, v in self.hp.items()}
+        self._note_decay()
 
 
 class _Schedule:
@@ -313,10 +319,12 @@ def _train_cohort(
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device)
-        lr = opt.hp["lr"] * torch.tensor([schedule.factor[i] for i in range(k)], device=device)
-        any_l1 = bool((opt.hp["l1"] > 0).any())
-        any_clip = bool((opt.hp["grad_clip"] > 0).any())
-        any_dropout = bool((opt.hp["dropout"] > 0).any())
+        # Decided on the host from the members' settings: no reads from the device here.
+        rates = [float(cfgs[m].lr) * schedule.factor[row] for row, m in enumerate(members)]
+        lr = opt.hp["lr"] * torch.tensor(schedule.factor[:k], device=device)
+        any_l1 = any(cfgs[m].l1 > 0 for m in members)
+        any_clip = any(cfgs[m].grad_clip > 0 for m in members)
+        any_dropout = any(dropouts[m] > 0 for m in members)
         for start in range(0, n_used, batch):
             if interrupt is not None and interrupt.is_set():
                 break
@@ -352,7 +360,7 @@ def _train_cohort(
             tr = _metrics(both[0][row] / n_used, both[1][row] / n_used, cfgs[m])
             metrics = {f"train_{a}": v for a, v in tr.items()}
             metrics |= {f"val_{a}": v for a, v in val[row].items()}
-            metrics["lr"] = float(lr[row])
+            metrics["lr"] = rates[row]
             metrics["epoch_seconds"] = seconds
             results[m].history.append(metrics)
             bad = [a for a in ("train_loss", "val_loss") if not math.isfinite(metrics[a])]

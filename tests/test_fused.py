@@ -290,3 +290,43 @@ def test_workers_and_fused_trials_together(workdir):
     for cohort in cohorts:  # trained together: in one worker process
         assert len({trials[n].user_attrs["worker"] for n in cohort}) == 1
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took a cohort
+
+
+def test_kill_9_of_a_worker_fails_its_whole_cohort_and_each_member_runs_again(workdir):
+    import os
+
+    spec = small_spec(
+        study={"n_trials": 4, "pruner": {"name": "none"}},
+        training={"max_epochs": 150, "early_stopping": {"patience": 150}},
+    )
+    path = write_spec(workdir, spec)
+    proc = hpo_process(["run", path, "--workers", 2, "--fused-trials", 2], workdir)
+    db = "sqlite:///optuna.db"
+
+    def cohort_training():  # both members RUNNING on one worker, a few epochs in
+        try:
+            study = optuna.load_study(study_name="tiny", storage=db)
+        except KeyError:
+            return None
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in running:
+            if "worker" in t.user_attrs and len(t.intermediate_values) >= 2:
+                mates = [r for r in running if r.number in t.user_attrs.get("fused_with", [])]
+                if len(mates) == 2:
+                    return t
+        return None
+
+    victim = wait_for(cohort_training, "a cohort RUNNING on a worker")
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    study = optuna.load_study(study_name="tiny", storage=db)
+    cohort = victim.user_attrs["fused_with"]
+    for number in cohort:
+        lost = study.trials[number]
+        assert lost.state == TrialState.FAIL and "died (signal 9)" in lost.user_attrs["lost"]
+        again = [t for t in study.trials if t.user_attrs.get("retry_of") == number]
+        assert len(again) == 1 and again[0].state == TrialState.COMPLETE
+        assert again[0].params == lost.params
+    counted = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(counted) == 4 and not study.get_trials(states=(TrialState.RUNNING,))
