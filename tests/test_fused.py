@@ -330,3 +330,37 @@ def test_kill_9_of_a_worker_fails_its_whole_cohort_and_each_member_runs_again(wo
         assert again[0].params == lost.params
     counted = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(counted) == 4 and not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_closing_while_a_cohort_waits_for_its_answers_does_not_hang(digits):
+    """Ctrl-C can land while a worker waits for the answers to its cohort's epochs: the
+    'exit' it reads instead stops every member still waiting, and the worker ends."""
+    import threading
+
+    from hpo.executors import Done, Epoch
+    from hpo.executors.local import ThreadExecutor
+
+    spec = parse_spec(small_spec(training={"max_epochs": 50, "early_stopping": {"patience": 50}}))
+    data = load_data(spec, "cpu")
+    base = with_widths(default_config() | {"n_layers": 1, "width": 16, "batch_size": 64})
+    jobs = [TrialJob(n, base | {"lr": 1e-3 * (n + 1)}, seed=n) for n in range(3)]
+    executor = ThreadExecutor(spec, "cpu")
+    executor.start(data)
+    executor.submit(CohortJob(jobs))
+    epochs: list = []
+    while len(epochs) < 3:  # the cohort's first epoch, reported for each member
+        epochs += [e for e in executor.wait(1.0) if isinstance(e, Epoch)]
+    executor.decide(epochs[0].number, None)  # one answer of three, then Ctrl-C
+    closing = threading.Thread(target=executor.close, kwargs={"interrupt": True})
+    closing.start()
+    closing.join(timeout=120)
+    assert not closing.is_alive(), "the worker still waits for answers"
+    done = [e for e in executor._outbox.queue if isinstance(_event_of(e), Done)]
+    assert sorted(_event_of(e).number for e in done) == [0, 1, 2]
+    assert all(_event_of(e).record.stopped_by == "interrupted" for e in done)
+
+
+def _event_of(message):
+    from hpo.executors.local import _event
+
+    return _event(message)

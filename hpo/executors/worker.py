@@ -78,5 +78,9 @@ def _decisions(
     answers: dict[int, str | None] = {}
     for number in metrics:
         reply = channel.recv()
-        answers[number] = reply[1] if reply[0] == "decision" else "interrupted"
+        if reply[0] != "decision":  # told to exit: every trial still waiting stops here
+            # (without reading on: the driver sends no more answers, and the next "exit" is
+            # for the loop in `serve`)
+            return answers | {n: "interrupted" for n in metrics if n not in answers}
+        answers[number] = reply[1]
     return answers
