@@ -93,37 +93,29 @@ class StackedMLP:
     def __init__(self, models: list[nn.Sequential], activation: str):
         self.activation = activation
         self.act = ACTIVATIONS.load(activation)() if activation != "prelu" else None
-        first = models[0]
-        self.names = [name for name, _ in first.named_parameters()]
-        self.buffer_names = [name for name, b in first.named_buffers() if b.is_floating_point()]
+        # Tensors are matched by their role, not their name: a member without dropout has no
+        # Dropout modules, so its layers sit at other indices than a member with it.
+        layouts = [_layout(m) for m in models]
+        self.names = [names for names, _, _ in layouts]  # per member, in role order
+        self.buffer_names = [buffers for _, buffers, _ in layouts]
+        self.owner = list(range(len(models)))  # the member of each row of the stack
         self.params = [
-            torch.stack([dict(m.named_parameters())[n].detach() for m in models])
-            .clone()
-            .requires_grad_(True)
-            for n in self.names
-        ]
+            torch.stack([dict(m.named_parameters())[names[j]].detach() for m, names in
+                         zip(models, self.names, strict=True)]).clone().requires_grad_(True)
+            for j in range(len(self.names[0]))
+        ]  # fmt: skip
         self.buffers = [
-            torch.stack([dict(m.named_buffers())[n] for m in models]).clone()
-            for n in self.buffer_names
-        ]
-        self.layers: list[_StackedLayer] = []
-        index = {n: i for i, n in enumerate(self.names)}
-        for i, module in enumerate(first):
-            if isinstance(module, nn.Linear):
-                self.layers.append(_StackedLayer(index[f"{i}.weight"]))
-            elif isinstance(module, nn.BatchNorm1d):
-                self.layers[-1].bn = index[f"{i}.weight"]
-            elif isinstance(module, nn.PReLU):
-                self.layers[-1].prelu = index[f"{i}.weight"]
-            elif isinstance(module, nn.Dropout | nn.AlphaDropout):
-                self.layers[-1].dropout = True
+            torch.stack([dict(m.named_buffers())[names[j]] for m, names in
+                         zip(models, self.buffer_names, strict=True)]).clone()
+            for j in range(len(self.buffer_names[0]))
+        ]  # fmt: skip
+        self.layers = layouts[0][2]
+        for _, _, layers in layouts[1:]:  # dropout where any member has it (rate 0 is a no-op)
+            for mine, theirs in zip(self.layers, layers, strict=True):
+                mine.dropout = mine.dropout or theirs.dropout
         self.bn_buffers = {  # batch norm weight index -> (running mean, running var) indices
-            index[f"{n.rsplit('.', 1)[0]}.weight"]: (
-                self.buffer_names.index(n),
-                self.buffer_names.index(n.replace("running_mean", "running_var")),
-            )
-            for n in self.buffer_names
-            if n.endswith("running_mean")
+            layer.bn: (2 * n, 2 * n + 1)
+            for n, layer in enumerate(x for x in self.layers if x.bn is not None)
         }
 
     def forward(
@@ -188,16 +180,42 @@ class StackedMLP:
         """The linear layers' weights (L1 skips biases)."""
         return [self.params[layer.linear] for layer in self.layers]
 
-    def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Member i's state dict (parameters and buffers), as copies."""
-        state = {n: p[i].detach().clone() for n, p in zip(self.names, self.params, strict=True)}
-        state |= {n: b[i].clone() for n, b in zip(self.buffer_names, self.buffers, strict=True)}
+    def member_state(self, row: int) -> dict[str, torch.Tensor]:
+        """The state dict (parameters and buffers) of the member at `row`, as copies, with
+        the names its own `nn.Sequential` uses."""
+        member = self.owner[row]
+        names, buffers = self.names[member], self.buffer_names[member]
+        state = {n: p[row].detach().clone() for n, p in zip(names, self.params, strict=True)}
+        state |= {n: b[row].clone() for n, b in zip(buffers, self.buffers, strict=True)}
         return state
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only the members at `rows` stay in the stack."""
         self.params = [p.detach().index_select(0, rows).requires_grad_(True) for p in self.params]
         self.buffers = [b.index_select(0, rows) for b in self.buffers]
+        self.owner = [self.owner[r] for r in rows.tolist()]
+
+
+def _layout(model: nn.Sequential) -> tuple[list[str], list[str], list[_StackedLayer]]:
+    """A `build_mlp` model's parameter and buffer names in role order (each layer's weight,
+    bias, then its batch norm's weight and bias, then its PReLU slope), and its layers."""
+    names: list[str] = []
+    buffers: list[str] = []
+    layers: list[_StackedLayer] = []
+    for i, module in enumerate(model):
+        if isinstance(module, nn.Linear):
+            layers.append(_StackedLayer(len(names)))
+            names += [f"{i}.weight", f"{i}.bias"]
+        elif isinstance(module, nn.BatchNorm1d):
+            layers[-1].bn = len(names)
+            names += [f"{i}.weight", f"{i}.bias"]
+            buffers += [f"{i}.running_mean", f"{i}.running_var"]
+        elif isinstance(module, nn.PReLU):
+            layers[-1].prelu = len(names)
+            names.append(f"{i}.weight")
+        elif isinstance(module, nn.Dropout | nn.AlphaDropout):
+            layers[-1].dropout = True
+    return names, buffers, layers
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -196,6 +196,11 @@ def limits(spec: Spec) -> tuple[int | None, int | None]:
     return t.max_params, parse_bytes(t.memory_limit) if t.memory_limit is not None else None
 
 
+# On a CPU, cohorts of fused trials are formed for nets up to this many parameters: a wider
+# one is bound by its matrix products and gains nothing stacked (see study._fusing_pays).
+FUSE_CPU_MAX_PARAMS = 250_000
+
+
 def check_fits(
     spec: Spec, shape: Shape, device: Any, concurrent: int = 1, fused: int = 1
 ) -> list[str]:
@@ -212,6 +217,8 @@ def check_fits(
     n_layers, width, batch, optimizer = corner(spec)
     copies = 1 if concurrent == 1 else 1 + concurrent  # worker processes hold their own copy
     big = footprint([(width, n_layers)], shape, batch, optimizer, True, on_cpu, copies)
+    if on_cpu and big.params > FUSE_CPU_MAX_PARAMS:
+        fused = 1  # such a model trains alone (smaller fused ones need less than it)
     need = big.total + (concurrent * fused - 1) * (big.total - big.data)
     free, what = free_memory(device)
     problems = []

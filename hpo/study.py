@@ -514,10 +514,6 @@ def run_study(
     return driver.run(study, base_seed, on_start, on_trial_end)
 
 
-# On a CPU, cohorts are formed for nets up to this many parameters (see `_fusing_pays`).
-FUSE_CPU_MAX_PARAMS = 250_000
-
-
 @dataclass
 class _Running:
     """A trial this process is training: its Optuna handle, MLflow run and curve so far."""
@@ -543,6 +539,8 @@ class _Driver:
         self.base_seed = 0
         self.running: dict[int, _Running] = {}
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
+        self.held: list[TrialJob] = []  # reserved, waiting for a free slot
+        self.submitted: set[int] = set()  # trials handed to the executor
         self._test: Any = None  # the test split, once taken
         self.stopping: str | None = None  # "timeout" once --timeout has passed
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
@@ -635,12 +633,18 @@ class _Driver:
                 fail_stale_trials(self.study)  # trials of dead processes: on_stale
                 self._fail_dead_here()
                 stale_checked = now
+            if (self.stopping or self.exhausted) and self.held:
+                for job in self.held:  # reserved, never started: they run again later
+                    r = self.running[job.number]
+                    record = TrialRecord(job.number, r.config, job.seed, stopped_by="interrupted")
+                    self._on_done(job.number, record)
+                self.held = []
             while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
-                jobs = self._reserve()
-                if not jobs:
+                job = self.held.pop(0) if self.held else self._next_job()
+                if job is None:
                     break
-                for job in jobs:
-                    self.executor.submit(job)
+                self.executor.submit(job)
+                self.submitted |= set(job.numbers)
             if not self.running:
                 if self.stopping or self.exhausted or count_finished(self.study) >= self.total:
                     return
@@ -672,7 +676,13 @@ class _Driver:
 
     def _busy(self) -> int:
         """Executor slots in use: a cohort's trials take one between them."""
-        return len({self.cohort_of.get(n, n) for n in self.running})
+        return len({self.cohort_of.get(n, n) for n in self.running if n in self.submitted})
+
+    def _next_job(self) -> TrialJob | CohortJob | None:
+        """One job for a free slot; trials reserved beside it wait for the next free one."""
+        jobs = self._reserve()
+        self.held += jobs[1:]
+        return jobs[0] if jobs else None
 
     def _reserve(self) -> list[TrialJob | CohortJob]:
         """The next trial to run, or with `study.fused_trials: K` a cohort of up to K: a leader
@@ -698,7 +708,9 @@ class _Driver:
             return [leader, *alone]
         numbers = [j.number for j in members]
         for job in members:
-            self.running[job.number].trial.set_user_attr("fused_with", numbers)
+            trial = self.running[job.number].trial
+            trial.set_user_attr("fused_with", numbers)
+            trial.set_user_attr("batch_seed", leader.seed)  # the batch order it trained on
             self.cohort_of[job.number] = leader.number
         return [CohortJob(members), *alone]
 
@@ -709,7 +721,9 @@ class _Driver:
         if self.data.train[0].device.type != "cpu":
             return True
         shape = resources.Shape.of(self.data)
-        return resources.of_config(leader.config, shape, True).params <= FUSE_CPU_MAX_PARAMS
+        return (
+            resources.of_config(leader.config, shape, True).params <= resources.FUSE_CPU_MAX_PARAMS
+        )
 
     def _ask(self, fixed: dict[str, Any] | None = None) -> TrialJob | None:
         """Ask for a trial while the budget has room, counting every process's trials; with
@@ -768,6 +782,7 @@ class _Driver:
     def _on_done(self, number: int, record: TrialRecord) -> None:
         r = self.running.pop(number)
         self.cohort_of.pop(number, None)
+        self.submitted.discard(number)
         trial, outcome = r.trial, record.outcome
         value = record.value(self.metric) if outcome == "COMPLETE" else None
         if outcome == "COMPLETE" and value is None:
@@ -819,6 +834,7 @@ class _Driver:
         worker twice, say by running out of memory, is failed for good)."""
         r = self.running.pop(number)
         self.cohort_of.pop(number, None)
+        self.submitted.discard(number)
         kills = r.trial.user_attrs.get("kills", 0)
         if kills >= 1:
             r.trial.set_user_attr("fail_reason", f"{reason}, a second time: not run again")

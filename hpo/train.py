@@ -157,7 +157,7 @@ def on_flushing_threads(fn: Callable[[], Any]) -> Any:
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             errors.append(e)
 
-    worker = threading.Thread(target=run, name="hpo-train")
+    worker = threading.Thread(target=run, name="hpo-train", daemon=True)  # Ctrl-C ends it
     worker.start()
     worker.join()
     if errors:

@@ -268,5 +268,9 @@ def run_cohort(
         failure = _out_of_memory_reason(failure, fp, device)
     for i, record in enumerate(records):
         if i not in done:
-            record.failure = failure
+            if out_of_memory and len(jobs) > 1:
+                # K at once did not fit where one may: each runs again, alone
+                record.stopped_by, record.history = "interrupted", []
+            else:
+                record.failure = failure
             on_done(record)

@@ -364,3 +364,54 @@ def _event_of(message):
     from hpo.executors.local import _event
 
     return _event(message)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_members_with_and_without_dropout_share_a_cohort(digits, batchnorm):
+    """Dropout 0 builds no Dropout module, so the members' layers sit at other indices: the
+    stack matches tensors by role, and each member ends with its own model's names."""
+    # sgd: with batch norm an adaptive optimizer turns rounding noise into steps (see above)
+    cfgs = _configs("sgd", epochs=2, members=[MEMBERS[0], MEMBERS[2]])
+    models = []
+    for cfg, rate in zip(cfgs, (0.0, 0.3), strict=True):
+        torch.manual_seed(cfg.seed)
+        models.append(build_mlp(64, 10, (32, 16), "relu", rate, batchnorm))
+    assert set(models[0].state_dict()) != set(models[1].state_dict())
+    alone = _alone(cfgs[:1], digits, batchnorm=batchnorm)
+    fused = train_cohort(models, cfgs, [0.0, 0.3], "relu", *digits)
+    assert [r.stopped_by for r in fused] == ["max_epochs", "max_epochs"]
+    assert _worst(alone, [fused[0].history]) < TOLERANCE  # the one without dropout, as alone
+    rebuilt = build_mlp(64, 10, (32, 16), "relu", 0.3, batchnorm)
+    rebuilt.load_state_dict(models[1].state_dict())  # its own names: loads into its own shape
+
+
+def test_a_follower_of_another_shape_waits_for_a_free_slot(workdir, mlflow_uri):
+    """batchnorm is asked only when init is he: a follower that draws he where its leader
+    drew default gets another shape. It trains alone, after the cohort, in the one slot."""
+    space = {
+        "n_layers": 1,
+        "width": 16,
+        "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        "init": {"type": "categorical", "choices": ["default", "he"]},
+        "batchnorm": {"type": "categorical", "choices": [True, False], "when": {"init": ["he"]}},
+    }
+    spec = parse_spec(
+        small_spec(
+            search_space=space,
+            training={"max_epochs": 2},
+            # seed 1: trial 2 draws he (and batch norm) where its leader, trial 0, drew default
+            study={"n_trials": 9, "fused_trials": 3, "sampler": {"name": "random", "seed": 1}},
+            tracking={"uri": mlflow_uri, "experiment": "shapes"},
+        )
+    )
+    study_run(spec)
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    trials = study.get_trials()
+    assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        mates = t.user_attrs.get("fused_with", [t.number])
+        shapes = {structure(trials[n].user_attrs["config"]) for n in mates}
+        assert len(shapes) == 1
+    # the case this test is for happened: a trial asked as a follower trained alone
+    assert [t.number for t in trials if "fused_with" not in t.user_attrs] == [2]
+    assert trials[0].user_attrs["fused_with"] == [0, 1]

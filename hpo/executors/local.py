@@ -125,9 +125,9 @@ class WorkerSlots:
             self.submit(self._pending.pop(0))
 
     def decide(self, number: int, decision: str | None) -> None:
-        self._send(
-            next(i for i, jobs in enumerate(self._job) if number in jobs), ("decision", decision)
-        )
+        worker = next((i for i, jobs in enumerate(self._job) if number in jobs), None)
+        if worker is not None:  # None: its worker died meanwhile (reported as Lost)
+            self._send(worker, ("decision", decision))
 
     def _receive(self, i: int, message: tuple) -> Event | None:
         """A message from worker `i`: its readiness noted, a finished trial's slot freed."""
