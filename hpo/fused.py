@@ -35,7 +35,7 @@ from hpo.train import (
     TrainResult,
     Watch,
     _metrics,
-    on_flushing_threads,
+    flushing_denormals,
 )
 
 # Hyperparameters a cohort shares: they change the network's shape or the step's code.
@@ -89,6 +89,7 @@ class _Optimizer:
             key: [None] * n for key in ("m", "v", "buf")
         }
         self.mu_product = 1.0  # NAdam
+        self._update = getattr(self, f"_{name}")
         self._note_decay()
 
     def _note_decay(self) -> None:
@@ -115,7 +116,7 @@ class _Optimizer:
                 p.mul_(1 - lr_p * self._per("weight_decay", p))
             elif decay:
                 g = g.addcmul(p, self._per("weight_decay", p))
-            getattr(self, f"_{self.name}")(i, p, g, lr_p, t)
+            self._update(i, p, g, lr_p, t)
         if self.name == "nadam":
             self.mu_product *= self._mu(t)
 
@@ -237,6 +238,7 @@ def evaluate_stack(stack: StackedMLP, data: Tensors, cfg: TrainConfig) -> list[d
     return [_metrics(loss / n, hits / n, cfg) for loss, hits in zip(*both, strict=True)]
 
 
+@flushing_denormals
 def train_cohort(
     models: list[nn.Sequential],
     cfgs: list[TrainConfig],
@@ -254,23 +256,6 @@ def train_cohort(
     a stop reason; `on_done(member, result)` hears of each member as soon as it stops, with
     its model already holding its kept weights.
     """
-    run = lambda: _train_cohort(  # noqa: E731
-        models, cfgs, dropouts, activation, train_data, val_data, on_epoch_end, on_done, interrupt
-    )
-    return on_flushing_threads(run) if train_data[0].device.type == "cpu" else run()
-
-
-def _train_cohort(
-    models: list[nn.Sequential],
-    cfgs: list[TrainConfig],
-    dropouts: list[float],
-    activation: str,
-    train_data: Tensors,
-    val_data: Tensors,
-    on_epoch_end: EpochHook | None,
-    on_done: DoneHook | None,
-    interrupt: Flag | None,
-) -> list[TrainResult]:
     X, y = train_data
     device = X.device
     lead = cfgs[0]

@@ -635,9 +635,7 @@ class _Driver:
                 stale_checked = now
             if (self.stopping or self.exhausted) and self.held:
                 for job in self.held:  # reserved, never started: they run again later
-                    r = self.running[job.number]
-                    record = TrialRecord(job.number, r.config, job.seed, stopped_by="interrupted")
-                    self._on_done(job.number, record)
+                    self._interrupt(job.number, self.stopping or "no more trials to ask for")
                 self.held = []
             while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
                 job = self.held.pop(0) if self.held else self._next_job()
@@ -912,15 +910,19 @@ class _Driver:
 
     def _interrupt_all(self, why: str) -> None:
         for number in list(self.running):
-            r = self.running[number]
-            record = TrialRecord(number, r.config, 0, history=r.history, stopped_by="interrupted")
-            record.failure = why
             try:
-                self._on_done(number, record)
+                self._interrupt(number, why)
             except ServerLost:
                 # Its storage is gone: it stays RUNNING there, and the heartbeat check of the
                 # next process on the study fails it and runs its configuration again.
                 self.running.pop(number, None)
+
+    def _interrupt(self, number: int, why: str) -> None:
+        """Stop one of this process's trials where it is: it runs again later."""
+        r = self.running[number]
+        record = TrialRecord(number, r.config, 0, history=r.history, stopped_by="interrupted")
+        record.failure = why
+        self._on_done(number, record)
 
     def _keep_if_best(
         self, trial: optuna.Trial, value: float, record: TrialRecord, run_id: str

@@ -6,6 +6,7 @@ Knows nothing of Optuna or MLflow: pruning, deadlines and logging reach it throu
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import threading
@@ -141,6 +142,21 @@ def denormals_flushed() -> bool:
     return not bool((tiny @ torch.ones(128, 128)).any())
 
 
+def flushing_denormals(loop: Callable[..., Any]) -> Callable[..., Any]:
+    """A training loop that takes `train_data`, run by `on_flushing_threads` when that data
+    is on a CPU."""
+    signature = inspect.signature(loop)
+
+    @functools.wraps(loop)
+    def run(*args: Any, **kw: Any) -> Any:
+        data = signature.bind(*args, **kw).arguments["train_data"]
+        if data[0].device.type == "cpu":
+            return on_flushing_threads(lambda: loop(*args, **kw))
+        return loop(*args, **kw)
+
+    return run
+
+
 def on_flushing_threads(fn: Callable[[], Any]) -> Any:
     """Run `fn` where denormals are flushed: here, or in a new thread (whose intra-op worker
     threads start afresh, with flushing on) when this thread's were started before it was."""
@@ -212,6 +228,7 @@ def _metrics(loss: float, accuracy: float, cfg: TrainConfig) -> dict[str, float]
     return {"loss": loss, "rmse": math.sqrt(max(loss, 0.0)) * cfg.y_scale}
 
 
+@flushing_denormals
 def train(
     model: nn.Module,
     train_data: Tensors,
@@ -225,21 +242,6 @@ def train(
     `on_epoch_end(epoch, metrics)` runs after each epoch and may return a reason to stop
     ("pruned" or "interrupted"); `interrupt`, once set, stops training at the next step.
     """
-    if train_data[0].device.type == "cpu":
-        return on_flushing_threads(
-            lambda: _train(model, train_data, val_data, cfg, on_epoch_end, interrupt)
-        )
-    return _train(model, train_data, val_data, cfg, on_epoch_end, interrupt)
-
-
-def _train(
-    model: nn.Module,
-    train_data: Tensors,
-    val_data: Tensors,
-    cfg: TrainConfig,
-    on_epoch_end: Callable[[int, dict[str, float]], str | None] | None,
-    interrupt: Flag | None,
-) -> TrainResult:
     X, y = train_data
     n = len(X)
     shuffle_seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
