@@ -28,10 +28,10 @@ BATCH = 512
 ARCHS = {"784-64-64-10": [64, 64], "784-512-512-10": [512, 512]}
 
 
-def hpo_epoch(widths, data, device) -> float:
+def hpo_epoch(widths, data, device, precision="auto") -> float:
     torch.manual_seed(0)
     model = build_mlp(784, 10, widths).to(device)
-    cfg = TrainConfig(batch_size=BATCH, max_epochs=1, lr=1e-3)
+    cfg = TrainConfig(batch_size=BATCH, max_epochs=1, lr=1e-3, precision=precision)
     _sync(device)
     t0 = time.perf_counter()
     train(model, data.train, data.val, cfg)
@@ -40,7 +40,10 @@ def hpo_epoch(widths, data, device) -> float:
 
 
 def dataloader_epoch(widths, data, device) -> float:
-    """The loop most tutorials write: CPU tensors, a DataLoader, .item() per step."""
+    """The loop most tutorials write: CPU tensors, a DataLoader, .item() per step, and torch's
+    default float32 products."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
     torch.manual_seed(0)
     model = build_mlp(784, 10, widths).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -71,6 +74,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def loops(device: str) -> list[tuple[str, str, object]]:
+    """(name, precision of its products, one epoch) of each loop measured."""
+    default = "tf32" if torch.device(device).type == "cuda" else "fp32"
+    return [
+        ("hpo.train", default, hpo_epoch),
+        ("hpo.train bf16", "bf16", lambda *a: hpo_epoch(*a, precision="bf16")),
+        ("DataLoader", "fp32", dataloader_epoch),
+    ]
+
+
 def measure(device: str, repeats: int = 3) -> list[dict]:
     """Median epoch time of each loop on each net, with its FLOP/s (6 x parameters/sample)."""
     spec = parse_spec({"name": "bench", "dataset": {"name": "mnist"}, "search_space": {}})
@@ -83,22 +96,24 @@ def measure(device: str, repeats: int = 3) -> list[dict]:
     rows = []
     for name, widths in ARCHS.items():
         params = count_parameters(build_mlp(784, 10, widths))
-        for loop, fn in (("hpo.train", hpo_epoch), ("DataLoader", dataloader_epoch)):
+        for loop, precision, fn in loops(device):
             fn(widths, data, device)  # warm-up
             sec = statistics.median(fn(widths, data, device) for _ in range(repeats))
             rows.append(
                 {
                     "arch": name,
                     "loop": loop,
+                    "precision": precision,
                     "epoch_s": sec,
                     "samples_per_s": n / sec,
                     "flops": 6 * params * n / sec,
                 }
             )
-            print(f"{name:<16} {loop:<11} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
+            print(f"{name:<16} {loop:<14} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
     for name in ARCHS:
-        ours, base = (r["samples_per_s"] for r in rows if r["arch"] == name)
-        print(f"{name:<16} speed-up {ours / base:.2f}x")
+        speed = {r["loop"]: r["samples_per_s"] for r in rows if r["arch"] == name}
+        for loop in ("hpo.train", "hpo.train bf16"):
+            print(f"{name:<16} {loop:<14} speed-up {speed[loop] / speed['DataLoader']:.2f}x")
     return rows
 
 

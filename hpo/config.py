@@ -23,6 +23,7 @@ from hpo.registry import (
     INITS,
     LR_SCHEDULES,
     OPTIMIZERS,
+    PRECISIONS,
     PRUNERS,
     SAMPLERS,
     did_you_mean,
@@ -122,6 +123,7 @@ class TrainingSpec(_Strict):
     max_epochs: int = 30
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16: how matrix products are computed
     # Opt-ins to search a space whose largest models do not fit: configurations past either
     # limit fail as trials, with the reason, instead of the spec being refused (see resources).
     max_params: int | None = None
@@ -210,6 +212,8 @@ class Spec(_Strict):
         """Hash of what makes trials comparable: data, task, search space and training."""
         keep = self.model_dump(include={"dataset", "task", "search_space", "training"})
         keep["training"].pop("device", None)
+        if keep["training"].get("precision") == "auto":  # studies from before the key
+            keep["training"].pop("precision")
         keep["metric"] = self.study.metric
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -675,6 +679,10 @@ def _check_semantics(spec: Spec) -> list[str]:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
         problems.append(
             f"training.device: must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})"
+        )
+    if t.precision not in PRECISIONS:
+        problems.append(
+            f"training.precision: must be one of {', '.join(PRECISIONS)} (got {t.precision!r})"
         )
 
     st = spec.study

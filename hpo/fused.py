@@ -36,6 +36,7 @@ from hpo.train import (
     Watch,
     _metrics,
     flushing_denormals,
+    matmul_precision,
 )
 
 # Hyperparameters a cohort shares: they change the network's shape or the step's code.
@@ -226,9 +227,11 @@ def evaluate_stack(stack: StackedMLP, data: Tensors, cfg: TrainConfig) -> list[d
     rows = max(256, EVAL_BATCH // k)
     loss_sum = torch.zeros(k, device=X.device)
     correct = torch.zeros(k, device=X.device)
+    cast = matmul_precision(cfg.precision, X.device)
     with torch.inference_mode():
         for start in range(0, len(X), rows):
-            out = stack.forward(X[start : start + rows], None, None, training=False)
+            with cast():
+                out = stack.forward(X[start : start + rows], None, None, training=False)
             yb = y[start : start + rows]
             loss_sum += _per_member_loss(out, yb, classify) * len(yb)
             if classify:
@@ -266,6 +269,7 @@ def train_cohort(
     masks = torch.Generator(device=device).manual_seed(shuffle_seed + 1)
     classify = lead.task == "classification"
     stack = StackedMLP(models, activation)
+    cast = matmul_precision(lead.precision, device)
 
     def vector(name: str) -> torch.Tensor:
         return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)
@@ -315,8 +319,9 @@ def train_cohort(
                 break
             idx = perm[start : min(start + batch, n_used)]
             xb, yb = X.index_select(0, idx), y.index_select(0, idx)
-            out = stack.forward(xb, opt.hp["dropout"] if any_dropout else None, masks, True)
-            losses = _per_member_loss(out, yb, classify)
+            with cast():
+                out = stack.forward(xb, opt.hp["dropout"] if any_dropout else None, masks, True)
+                losses = _per_member_loss(out, yb, classify)
             total = losses.sum()
             if any_l1:
                 l1 = opt.hp["l1"]

@@ -182,6 +182,9 @@ LR_SCHEDULES = Registry(
     ],
 )  # fmt: skip
 
+# training.precision: how matrix products are computed (see hpo.train.matmul_precision).
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
 ALL = {
     "datasets": DATASETS,
     "samplers": SAMPLERS,

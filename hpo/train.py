@@ -6,6 +6,7 @@ Knows nothing of Optuna or MLflow: pruning, deadlines and logging reach it throu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpo.registry import LR_SCHEDULES, OPTIMIZERS
+from hpo.registry import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory stays flat
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_seed: int | None = None  # the batch order's seed, when not `seed` (fused cohorts)
     y_scale: float = 1.0  # regression: RMSE is reported in the target's unit
+    precision: str = "auto"  # a name in PRECISIONS
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **kw: Any) -> TrainConfig:
@@ -181,6 +183,25 @@ def on_flushing_threads(fn: Callable[[], Any]) -> Any:
     return out[0]
 
 
+def matmul_precision(precision: str, device: torch.device) -> Callable[[], Any]:
+    """What `precision` means on `device`, set up: a context to compute a forward pass in.
+    Weights, gradient accumulation and optimizer state stay float32 in every mode.
+
+    auto is TF32 on CUDA (tensor cores, a 10-bit mantissa in the products) and fp32 elsewhere;
+    tf32 exists only on CUDA; bf16 is autocast to bfloat16 products, which pays on GPUs and on
+    CPUs with AMX or AVX-512 BF16 units.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "tf32" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":  # a process-wide switch; every trial of a study sets it alike
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    if precision == "bf16":
+        return functools.partial(torch.autocast, device.type, torch.bfloat16)
+    return contextlib.nullcontext
+
+
 # A learning-rate schedule: built from the optimizer and config, stepped once per epoch with
 # that epoch's metrics; None is a constant rate.
 Schedule = Callable[[dict[str, float]], Any]
@@ -209,9 +230,11 @@ def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, flo
     model.eval()
     loss_sum = torch.zeros((), device=X.device)
     correct = torch.zeros((), device=X.device)
+    cast = matmul_precision(cfg.precision, X.device)
     with torch.inference_mode():
         for start in range(0, len(X), EVAL_BATCH):
-            out = model(X[start : start + EVAL_BATCH])
+            with cast():
+                out = model(X[start : start + EVAL_BATCH])
             yb = y[start : start + EVAL_BATCH]
             if cfg.task == "classification":
                 loss_sum += F.cross_entropy(out, yb, reduction="sum")
@@ -247,6 +270,7 @@ def train(
     shuffle_seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
     gen = torch.Generator(device=X.device).manual_seed(shuffle_seed)
     opt = make_optimizer(model, cfg)
+    cast = matmul_precision(cfg.precision, X.device)
     step_schedule = LR_SCHEDULES.load(cfg.lr_schedule)(opt, cfg)
     classify = cfg.task == "classification"
     weights = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1 skips biases
@@ -268,8 +292,9 @@ def train(
                 break
             idx = perm[start : min(start + cfg.batch_size, n_used)]
             xb, yb = X.index_select(0, idx), y.index_select(0, idx)  # 2x faster than X[idx]
-            out = model(xb)
-            loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
+            with cast():
+                out = model(xb)
+                loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
             total = loss + cfg.l1 * sum(w.abs().sum() for w in weights) if cfg.l1 else loss
             opt.zero_grad(set_to_none=True)
             total.backward()

@@ -117,6 +117,7 @@ def train_config(spec: Spec, data: Data, config: dict[str, Any], seed: int) -> T
         restore_best=es.restore_best,
         seed=seed,
         y_scale=data.y_scale,
+        precision=spec.training.precision,
     )
 
 

@@ -196,6 +196,21 @@ def test_fingerprint_ignores_budget_but_not_search_space():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_precision_auto_keeps_older_studies_fingerprint_and_bf16_changes_it():
+    before = parse_spec(small_spec())
+    auto = parse_spec(small_spec(training={"precision": "auto"}))
+    bf16 = parse_spec(small_spec(training={"precision": "bf16"}))
+    assert before.fingerprint() == auto.fingerprint() != bf16.fingerprint()
+
+
+def test_unknown_precision_is_one_problem_line():
+    with pytest.raises(SpecError) as info:
+        parse_spec(small_spec(training={"precision": "half"}))
+    assert info.value.problems == [
+        "training.precision: must be one of auto, fp32, tf32, bf16 (got 'half')"
+    ]
+
+
 def test_relative_data_path_resolves_against_spec_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.csv").write_text("a,label\n1,x\n3,y\n")

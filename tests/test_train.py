@@ -155,6 +155,33 @@ def test_batchnorm_with_a_last_batch_of_one_row(blobs):
     assert result.failure is None and len(result.history) == 2
 
 
+def test_bf16_precision_computes_products_in_bfloat16_and_keeps_float32_weights(blobs):
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append(output.dtype)
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        torch.manual_seed(0)
+        model = build_mlp(8, 3, widths=[16])
+        model[0].register_forward_hook(record)
+        cfg = TrainConfig(max_epochs=5, batch_size=32, lr=1e-2, precision=precision)
+        runs[precision] = train(model, blobs[0], blobs[1], cfg)
+        assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    fp32, bf16 = (runs[p].history for p in ("fp32", "bf16"))
+    assert [h["train_loss"] for h in fp32] != [h["train_loss"] for h in bf16]
+    assert bf16[-1]["val_accuracy"] > 0.95
+    assert abs(bf16[-1]["val_loss"] - fp32[-1]["val_loss"]) < 0.05
+
+
+def test_unknown_precision_is_refused(blobs):
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, tf32, bf16"):
+        fit(blobs, precision="fp16")
+
+
 DENORMALS = """
 import torch
 from torch.nn import functional as F
