@@ -14,8 +14,6 @@ from typing import Any
 from hpo.outage import DiskFault, Retry, disk_fault
 from hpo.redact import redact
 
-_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-LIVE_EVERY_S = 2.0  # per-epoch metrics reach MLflow at most this long after their epoch
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
 
@@ -53,8 +51,6 @@ class Tracker:
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self._client: Any = None
-        self._pending: dict[str, list[Any]] = {}  # run id -> epoch metrics not yet sent
-        self._sent_at: dict[str, float] = {}
         # Set by the driver once the study is under way: a server that goes away then is
         # waited for (at start, one that does not answer is refused at once instead).
         self.retry: Retry | None = None
@@ -290,21 +286,14 @@ class Tracker:
         return run.info.run_id
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        """One epoch's metrics at step = epoch; sent in batches at most LIVE_EVERY_S late."""
+        """One epoch's metrics at step = epoch, sent as the epoch ends in one call: the MLflow
+        UI draws a running trial's curve, and a killed process loses none of its epochs."""
         from mlflow.entities import Metric
 
         now = _now()
-        self._pending.setdefault(run_id, []).extend(
-            Metric(k, float(v), now, epoch) for k, v in metrics.items() if _finite(v)
-        )
-        if time.monotonic() - self._sent_at.get(run_id, 0.0) >= LIVE_EVERY_S:
-            self._flush(run_id)
-
-    def _flush(self, run_id: str) -> None:
-        metrics = self._pending.pop(run_id, [])
-        for i in range(0, len(metrics), _BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
-        self._sent_at[run_id] = time.monotonic()
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if _finite(v)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
 
     def end_trial(
         self,
@@ -314,11 +303,9 @@ class Tracker:
         final: dict[str, float],
         tags: dict[str, str] | None = None,
     ) -> None:
-        """The epochs not yet sent, params, final metrics and tags; then close the run."""
+        """Params, final metrics and tags; then close the run."""
         from mlflow.entities import Metric, Param, RunTag
 
-        self._flush(run_id)
-        self._sent_at.pop(run_id, None)
         now = _now()
         metrics = [Metric(k, float(v), now, 0) for k, v in final.items() if _finite(v)]
         all_tags = [RunTag("hpo.state", state)] + [

@@ -17,16 +17,18 @@ def test_uri_precedence(workdir, monkeypatch):
     assert resolve_uri(None, None) == f"sqlite:///{workdir / 'mlflow.db'}"
 
 
-def test_trial_run_nests_with_all_epochs_in_batches(mlflow_uri):
+def test_trial_run_nests_with_each_epoch_sent_as_it_ends(mlflow_uri):
     tracker = Tracker(mlflow_uri, "tracking-batches")
     parent = tracker.open_parent(None, "study", {"dataset": "digits"}, {"hpo.study": "s"})
     run_id = tracker.start_trial(7)
     client = MlflowClient(mlflow_uri)
     tracker.log_epoch(run_id, 1, {"train_loss": 1.0, "val_loss": 2.0, "lr": 0.1})
-    live = client.get_metric_history(run_id, "val_loss")  # the first epoch is sent at once
+    live = client.get_metric_history(run_id, "val_loss")
     assert [(m.step, m.value) for m in live] == [(1, 2.0)]
     for e in range(2, 401):
         tracker.log_epoch(run_id, e, {"train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1})
+        if e == 3:  # each epoch is there as soon as it is logged, not only at the end
+            assert len(client.get_metric_history(run_id, "train_loss")) == 3
     tracker.end_trial(run_id, "PRUNED", {"lr": 0.1, "widths": [8, 4]}, {"best_epoch": 3})
     run = client.get_run(run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent
