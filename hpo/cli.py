@@ -61,17 +61,6 @@ def _load(path: Path) -> Spec:
         raise  # unreachable: _fail_spec exits
 
 
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -216,7 +205,8 @@ def run(
     import optuna
 
     from hpo.executors.local import local_executor
-    from hpo.study import Progress, run_study
+    from hpo.progress import StudyDisplay
+    from hpo.study import run_study
     from hpo.tracking import tracker_for
 
     # Our own line per trial replaces Optuna's log (which prints a traceback per failed trial).
@@ -234,51 +224,37 @@ def run(
         _fail_spec(e, "command line")
     tracker = tracker_for(loaded, tracking_uri, study_name)
 
-    def progress(p: Progress) -> None:
-        t = p.trial
-        value = f"{p.trial.value:.4f}" if t.value is not None else "-"
-        epochs = t.user_attrs.get("epochs_run", "?")
-        note = t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL" else ""
-        note = p.note or note
-        state = "INTERRUPTED" if t.user_attrs.get("interrupted") else t.state.name
-        best = (
-            f"best {p.best_value:.4f} (#{p.best_number})" if p.best_value is not None else "best -"
-        )
-        width = len(str(p.total))
-        typer.echo(
-            f"[{p.done:>{width}}/{p.total}] trial {t.number:<3} {state:<8} "
-            f"{loaded.study.metric} {value:<7} {epochs:>3} epochs "
-            f"{_fmt_time(t.duration.total_seconds() if t.duration else None):>5} | {best} | "
-            f"elapsed {_fmt_time(p.elapsed)}, ETA {_fmt_time(p.eta)}"
-            + (f" | {note[:120]}" if note else "")
-        )
+    display = StudyDisplay(loaded.study.metric)
 
     def started(info: dict[str, Any]) -> None:
         d = info["data"]
-        typer.echo(
+        display.print(
             f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
             f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
             f"{info['workers']}"
         )
-        typer.echo(
+        display.print(
             f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "
             f"{info['done']} of {info['total']} trials already done"
         )
+        display.on_start(info)
 
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
     try:
-        result = run_study(
-            loaded,
-            tracker,
-            executor,
-            study_name=study_name,
-            storage=storage,
-            seed=seed,
-            on_trial_end=progress,
-            on_start=started,
-            retry_s=retry_for,
-            on_notice=lambda line: _err(f"warning: {line}"),
-        )
+        with display:
+            result = run_study(
+                loaded,
+                tracker,
+                executor,
+                study_name=study_name,
+                storage=storage,
+                seed=seed,
+                on_trial_end=display.on_trial_end,
+                on_start=started,
+                on_epoch=display.on_epoch,
+                retry_s=retry_for,
+                on_notice=lambda line: _err(f"warning: {line}"),
+            )
     except SpecError as e:
         _fail_spec(e, spec)
     except ServerLost as e:
@@ -313,12 +289,14 @@ def _interrupted(counts: dict[str, int]) -> str:
 
 
 def _summary(r: Any) -> None:
+    from hpo.progress import fmt_time
+
     c = r.counts
     typer.echo("")
     typer.echo(
         f"study {r.study_name!r}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
         f"{c['FAIL']} failed{_interrupted(c)} ({r.new_trials} run now in "
-        f"{_fmt_time(r.wall_time)}, device {r.device})"
+        f"{fmt_time(r.wall_time)}, device {r.device})"
     )
     if any(r.fit_counts.values()):
         fits = ", ".join(f"{n} {label}" for label, n in r.fit_counts.items())

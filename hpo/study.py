@@ -9,6 +9,7 @@ what must happen once happens under the storage's lock (`hpo.storage`).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import socket
 import threading
@@ -273,6 +274,17 @@ class Progress:
 
 
 @dataclass
+class EpochProgress:
+    """What the CLI shows of a running trial after each of its epochs."""
+
+    number: int
+    epoch: int
+    max_epochs: int
+    value: float  # the study's metric at this epoch
+    decision: str | None  # None (goes on), "pruned" or "interrupted"
+
+
+@dataclass
 class StudyResult:
     study_name: str
     storage: str
@@ -422,6 +434,7 @@ def run_study(
     seed: int | None = None,
     on_trial_end: Callable[[Progress], None] | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[EpochProgress], None] | None = None,
     retry_s: float = RETRY_S,
     on_notice: Callable[[str], None] | None = None,
 ) -> StudyResult:
@@ -511,6 +524,7 @@ def run_study(
         driver.close_runs_of_finished_trials(study)
         enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
+    driver.on_epoch = on_epoch
     return driver.run(study, base_seed, on_start, on_trial_end)
 
 
@@ -547,6 +561,7 @@ class _Driver:
         self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
         self.durations: list[float] = []
         self.on_trial_end: Callable[[Progress], None] | None = None
+        self.on_epoch: Callable[[EpochProgress], None] | None = None
         self.started = time.perf_counter()
         self._beat_stop = threading.Event()
         self.retry = Retry("Optuna storage", url, 0.0)  # run_study sets the window
@@ -776,6 +791,10 @@ class _Driver:
                 decision = "pruned"
         self.executor.decide(e.number, decision)  # first, so the worker goes on at once
         self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
+        if self.on_epoch is not None:
+            value = e.metrics.get(self.metric, math.nan)
+            max_epochs = self.spec.training.max_epochs
+            self.on_epoch(EpochProgress(e.number, e.epoch, max_epochs, value, decision))
 
     def _on_done(self, number: int, record: TrialRecord) -> None:
         r = self.running.pop(number)
