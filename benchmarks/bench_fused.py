@@ -5,7 +5,7 @@ members (each its own seed and learning rate) for one epoch, first one after the
 `hpo.train.train`, then as one cohort with `hpo.fused.train_cohort`, and reports samples per
 second (K x training images / wall time) and the ratio. Median of --repeats after a warm-up.
 
-    HPO_DATA_DIR=../shared/data python benchmarks/bench_fused.py [--ks 1 4 8 16 32] [--quick]
+    HPO_DATA_DIR=/path/to/data python benchmarks/bench_fused.py [--ks 1 4 8 16 32] [--quick]
 """
 
 from __future__ import annotations

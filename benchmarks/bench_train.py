@@ -4,7 +4,7 @@ Both do the same work per epoch: a shuffled pass over the 54,000 training images
 512 with Adam, then a pass over the 6,000 validation images. Reports samples per second
 (training images / epoch wall time), median of --repeats runs after a warm-up.
 
-    HPO_DATA_DIR=../shared/data python benchmarks/bench_train.py [--repeats 3] [--device cpu]
+    HPO_DATA_DIR=/path/to/data python benchmarks/bench_train.py [--repeats 3] [--device cpu]
 """
 
 from __future__ import annotations

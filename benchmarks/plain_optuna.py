@@ -6,7 +6,7 @@ batch size, weight decay, optimizer, momentum; cosine schedule). The split is hp
 54,000 / 6,000 images), so the validation accuracies compare. Prints one line per trial and, at
 the end, the seconds until a finished trial first reached the target validation accuracy.
 
-    HPO_DATA_DIR=../shared/data python benchmarks/plain_optuna.py [--timeout 600] [--target 0.98]
+    HPO_DATA_DIR=/path/to/data python benchmarks/plain_optuna.py [--timeout 600] [--target 0.98]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ at the top (absolute times on shared machines are noise):
    for `hpo run search_spaces/mnist.yaml` (with and without its baselines, with and without
    fused trials) and for the plain Optuna script in benchmarks/plain_optuna.py.
 
-    HPO_DATA_DIR=../shared/data python benchmarks/suite.py [--quick] [--device cuda]
+    HPO_DATA_DIR=/path/to/data python benchmarks/suite.py [--quick] [--device cuda]
 
 `--quick` keeps the whole suite under 10 minutes on a 2-core laptop (fewer repeats, K up to 8,
 time to target capped at 75 s a variant); the full suite caps each variant at 15 minutes.
