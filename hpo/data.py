@@ -5,15 +5,12 @@ The test split is held back: `Data.take_test()` hands it out once, for the final
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import gzip
 import hashlib
 import os
 import struct
 import urllib.request
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,16 @@ class RawData:
     y_test: np.ndarray | None = None
     classes: list[str] | None = None  # label names for classification, index = class id
     task: str = "classification"
+    # What a deployed model takes and gives back (see hpo/serving.py): for tables the raw
+    # feature frame (all rows, before encoding), its columns' types and the encoded columns'
+    # names; for images what a row of raw values is; each class's value as in the data.
+    frame: Any = None  # pd.DataFrame of the raw features (tables), rows as in X then X_test
+    columns: list[dict[str, str]] | None = None  # [{"name", "type": double|string|boolean}]
+    encoded: list[str] | None = None
+    input: str = ""  # images: e.g. "28 x 28 pixel values 0-255, row by row"
+    input_divisor: float = 1.0  # raw values were divided by it when loaded (255 for IDX)
+    class_values: list[Any] | None = None
+    target: str | None = None  # tables: the target column's name
 
 
 @dataclass
@@ -49,6 +56,10 @@ class Data:
     info: dict[str, Any]
     # Regression targets are standardised; RMSE is reported in the original unit.
     y_scale: float = 1.0
+    # What turns raw rows into the network's inputs and its outputs into answers (JSON),
+    # and a few raw validation rows to show a deployed model's input.
+    prep: dict[str, Any] = field(default_factory=dict)
+    raw_example: Any = None
     _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def take_test(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +129,33 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
     h = hashlib.sha256()
     for idx in (train_idx, val_idx, test_idx if test_idx is not None else np.array([], int)):
         h.update(np.asarray(idx, dtype=np.int64).tobytes())
+    prep: dict[str, Any] = {
+        "task": task,
+        "n_features": int(raw.X.shape[1]),
+        "n_outputs": n_outputs,
+        "shift": shift.tolist(),
+        "scale": scale.tolist(),
+        "y_mean": y_mean,
+        "y_std": y_std,
+    }
+    if task == "classification":
+        prep["classes"] = raw.class_values or raw.classes or list(range(n_outputs))
+    example_rows = val_idx[:5]
+    if raw.frame is not None:
+        prep |= {
+            "kind": "table",
+            "columns": raw.columns,
+            "encoded": raw.encoded,
+            "target": raw.target,
+        }
+        example = raw.frame.iloc[example_rows].reset_index(drop=True)
+    else:
+        prep |= {
+            "kind": "array",
+            "input": raw.input or f"{raw.X.shape[1]} values a row",
+            "input_divisor": raw.input_divisor,
+        }
+        example = np.rint(raw.X[example_rows] * raw.input_divisor).astype(np.float32)
     info = {
         "dataset": spec.dataset.name,
         "task": task,
@@ -138,6 +176,8 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         val=to_tensors(X_va, y_va),
         info=info,
         y_scale=y_std,
+        prep=prep,
+        raw_example=example,
         _test=to_tensors(X_te, y_te),
     )
 
@@ -196,6 +236,8 @@ def load_digits(spec: Spec) -> RawData:
         X=d.data.astype(np.float32),
         y=d.target.astype(np.int64),
         classes=[str(c) for c in d.target_names],
+        input="8 x 8 pixel values 0-16, row by row",
+        class_values=[int(c) for c in d.target_names],
     )
 
 
@@ -257,23 +299,6 @@ def cache_dir() -> Path:
     return Path(base) / "hpo"
 
 
-class NotLocal(Exception):
-    """Under `offline()`: the dataset would have to be downloaded first."""
-
-
-_offline: contextvars.ContextVar[bool] = contextvars.ContextVar("hpo_offline", default=False)
-
-
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Load only what is on this machine: a download raises `NotLocal` instead (hpo validate)."""
-    token = _offline.set(True)
-    try:
-        yield
-    finally:
-        _offline.reset(token)
-
-
 def find_idx_dir(name: str) -> Path:
     """The folder holding a dataset's four IDX files: $HPO_DATA_DIR/<name>/, then the cache,
     downloading into the cache when a network is there."""
@@ -285,9 +310,6 @@ def find_idx_dir(name: str) -> Path:
     for folder in candidates:
         if all((folder / f).is_file() for f in IDX_FILES.values()):
             return folder
-    if _offline.get():
-        where = " or ".join(str(c) for c in candidates)
-        raise NotLocal(f"the {name} files are not in {where} yet; hpo run downloads them")
     mirror = os.environ.get(f"HPO_{name.upper()}_MIRROR", MIRRORS[name])
     try:
         _download(name, mirror, cached)
@@ -358,7 +380,10 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _load_idx_dataset(name: str, classes: list[str]) -> RawData:
+PIXEL_MAX = 255.0  # IDX images are stored 0-255 and trained on as value / 255
+
+
+def _load_idx_dataset(name: str, classes: list[str], class_values: list[Any]) -> RawData:
     folder = find_idx_dir(name)
     arr = {k: read_idx(folder / f) for k, f in IDX_FILES.items()}
     problems = []
@@ -390,24 +415,28 @@ def _load_idx_dataset(name: str, classes: list[str]) -> RawData:
         )
     if problems:
         raise SpecError(problems)
-    flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / PIXEL_MAX  # noqa: E731
+    rows, cols = arr["train_images"].shape[1:]
     return RawData(
         X=flat(arr["train_images"]),
         y=arr["train_labels"].astype(np.int64),
         X_test=flat(arr["test_images"]),
         y_test=arr["test_labels"].astype(np.int64),
         classes=classes,
+        input=f"{rows} x {cols} pixel values 0-255, row by row",
+        input_divisor=PIXEL_MAX,
+        class_values=class_values,
     )
 
 
 def load_mnist(spec: Spec) -> RawData:
     """MNIST from the IDX files (see `_load_idx_dataset` for where they are looked for)."""
-    return _load_idx_dataset("mnist", [str(i) for i in range(10)])
+    return _load_idx_dataset("mnist", [str(i) for i in range(10)], list(range(10)))
 
 
 def load_fashion_mnist(spec: Spec) -> RawData:
     """Fashion-MNIST from the IDX files."""
-    return _load_idx_dataset("fashion_mnist", FASHION_CLASSES)
+    return _load_idx_dataset("fashion_mnist", FASHION_CLASSES, FASHION_CLASSES)
 
 
 # ---------------------------------------------------------------- tables
@@ -429,22 +458,45 @@ def _from_frame(frame, target: str, task: str, test=None) -> RawData:  # frames:
     if task == "auto":
         task = infer_task(frames[0][target])
     # One-hot columns are derived from all rows so that train and test agree on them.
-    feats = pd.get_dummies(
-        pd.concat([f.drop(columns=[target]) for f in frames], ignore_index=True), dtype=np.float32
-    )
+    raw_feats = pd.concat([f.drop(columns=[target]) for f in frames], ignore_index=True)
+    feats = pd.get_dummies(raw_feats, dtype=np.float32)
     X_all = feats.to_numpy(dtype=np.float32)
-    classes = None
+    classes, class_values = None, None
     if task == "classification":
-        classes_arr, y_codes = np.unique(y_all.astype(str).to_numpy(), return_inverse=True)
+        text = y_all.astype(str).to_numpy()
+        classes_arr, y_codes = np.unique(text, return_inverse=True)
         y_all_arr = y_codes.astype(np.int64)
         classes = [str(c) for c in classes_arr]
+        original = dict(zip(text, y_all.tolist(), strict=True))  # "3" -> 3, "cat" -> "cat"
+        class_values = [original[c] for c in classes]
     else:
         y_all_arr = y_all.to_numpy(dtype=np.float64)
     n = len(frames[0])
-    raw = RawData(X=X_all[:n], y=y_all_arr[:n], classes=classes, task=task)
+    raw = RawData(
+        X=X_all[:n],
+        y=y_all_arr[:n],
+        classes=classes,
+        task=task,
+        frame=raw_feats,
+        columns=[{"name": str(c), "type": _column_type(raw_feats[c])} for c in raw_feats],
+        encoded=[str(c) for c in feats.columns],
+        class_values=class_values,
+        target=str(target),
+    )
     if test is not None:
         raw.X_test, raw.y_test = X_all[n:], y_all_arr[n:]
     return raw
+
+
+def _column_type(column) -> str:  # column: pd.Series
+    """How a deployed model takes a raw feature column: as get_dummies saw it in training."""
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(column):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype):
+        return "double"
+    return "string"
 
 
 def load_table(spec: Spec) -> RawData:
@@ -468,12 +520,8 @@ def load_openml(spec: Spec) -> RawData:
             parser="auto",
             n_retries=2,
             delay=0.5,
-            download_if_missing=not _offline.get(),
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
-        if _offline.get():
-            why = f"openml {ds.openml!r} is not in the cache yet; hpo run fetches it"
-            raise NotLocal(why) from None
         raise SpecError(
             [
                 f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "

@@ -32,6 +32,7 @@ from hpo.fused import is_structural, structure
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.redact import redact
 from hpo.registry import PRUNERS, SAMPLERS
+from hpo.serving import Predictor
 from hpo.space import grid_space, suggest_params
 from hpo.storage import (
     DEFAULT_STORAGE,
@@ -237,18 +238,17 @@ def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
 
 
 def check_data(spec: Spec) -> str:
-    """Load the data as `hpo run` would, without downloading, and check that the largest model
-    fits the device: what `hpo validate` adds to the spec's own checks. Returns a note when
-    the data is not on this machine yet (it is then checked by the run that fetches it)."""
-    from hpo.data import NotLocal, offline
-
-    try:
-        with offline():
-            data = load_data(spec, "cpu")
-    except NotLocal as e:
-        return f"data not checked: {e}"
+    """Load the data as `hpo run` would (a dataset not on this machine yet is downloaded into
+    the cache, as the run would), and check that the largest model fits the device: what
+    `hpo validate` adds to the spec's own checks. Returns what was checked, for the user."""
+    data = load_data(spec, "cpu")
     check_memory(spec, data, [str(resolve_device(spec.training.device))])
-    return ""
+    info = data.info
+    return (
+        f"data: {info['n_train']:,} train / {info['n_val']:,} val / {info['n_test']:,} test, "
+        f"{info['n_features']} features"
+        + (f", {info['n_classes']} classes" if info["n_classes"] else "")
+    )
 
 
 def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
@@ -453,6 +453,7 @@ def run_study(
 
     name = study_name or spec.name
     url = resolve_storage(spec, storage)
+    check_spec(spec)  # the sampler's and pruner's options, before anything is written
     pruner = make_pruner(spec)
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
@@ -958,8 +959,8 @@ class _Driver:
             self.tracker.save_checkpoint(run_id, record.weights, record.config)
             trial.set_user_attr("checkpoint", True)
             if log_all:
-                model = self._model(record.config, record.weights).cpu().eval()
-                self.tracker.log_model(model, self._example(), run_id=run_id)
+                model = self._model(record.config, record.weights)
+                self.tracker.log_model(self._deployable(model), self._example(), run_id=run_id)
             if better:
                 self.best_weights = (trial.number, record.weights)
 
@@ -993,7 +994,12 @@ class _Driver:
         return model
 
     def _example(self) -> Any:
-        return self.data.val[0][:5].detach().cpu().numpy()  # never the test split
+        """A few raw validation rows, as a user would feed them (never the test split)."""
+        return self.data.raw_example
+
+    def _deployable(self, model: torch.nn.Module) -> Predictor:
+        """The network with the data's preprocessing built in (see hpo/serving.py)."""
+        return Predictor(model, self.data.prep)
 
     def _final_evaluation(self) -> tuple[dict[str, float], str]:
         """The best trial's kept weights on the test split, once per best trial, by the last
@@ -1025,7 +1031,8 @@ class _Driver:
             if wanted and self.study.user_attrs.get("model_trial") != best.number:
                 self.tracker.fail_pending_models()  # an upload a Ctrl-C cut short
                 model = model or self._best_model(best)
-                uri = self.tracker.log_model(model.cpu().eval(), self._example())
+                uri = self.tracker.log_model(self._deployable(model), self._example())
+                self.tracker.log_summary({}, {"hpo.model_uri": uri})
                 self.study.set_user_attr("model_uri", uri)
                 self.study.set_user_attr("model_trial", best.number)
         return test, ""

@@ -233,25 +233,42 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in tags.items()],
         )
 
-    def log_model(self, model: Any, input_example: Any, run_id: str | None = None) -> str:
-        """Log a PyTorch model with `mlflow.pytorch` (input example included); return its URI."""
+    def log_model(self, predictor: Any, input_example: Any, run_id: str | None = None) -> str:
+        """Log a deployable model (hpo/serving.py's `Predictor` as an MLflow pyfunc: raw rows
+        in, labels or values in the target's unit out) with its signature and an input
+        example of raw rows; return its URI."""
         import mlflow
-        import mlflow.pytorch
+        import mlflow.pyfunc
+        from mlflow.models import infer_signature
+
+        from hpo import serving
 
         mlflow.set_tracking_uri(self.uri)
         run_id = run_id or self.parent_id
         active = mlflow.active_run()
         if active is not None and active.info.run_id != run_id:
             mlflow.end_run()
-        with warnings.catch_warnings():
+        classify = predictor.prep["task"] == "classification"
+        output = predictor.predict(input_example)
+        params = {"probabilities": False} if classify else None
+        signature = infer_signature(input_example, output, params=params)
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            artifacts = predictor.save(Path(folder))
             mlflow.start_run(run_id=run_id)
             try:
-                info = mlflow.pytorch.log_model(
-                    model,
+                info = mlflow.pyfunc.log_model(
                     name="model",
+                    python_model=serving.__file__,  # the model's code: needs no hpo to serve
+                    artifacts=artifacts,
+                    signature=signature,
                     input_example=input_example,
-                    pip_requirements=[f"torch=={_torch_version()}"],
+                    pip_requirements=[
+                        f"torch=={_torch_version()}",
+                        f"mlflow=={mlflow.__version__}",
+                        "pandas",
+                        "numpy",
+                    ],
                 )
             except Exception as e:
                 fault = disk_fault(e)
@@ -365,6 +382,18 @@ class _Retrying:
         if not callable(attr):
             return attr
         return lambda *args, **kwargs: self._retry(attr, *args, **kwargs)
+
+
+def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """A logged model's `Predictor` (hpo/serving.py), read from the tracking store."""
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(resolve_uri(None, tracking_uri))
+    _quiet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mlflow.pyfunc.load_model(model_uri)
+    return model.unwrap_python_model().predictor
 
 
 def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:

@@ -263,8 +263,10 @@ def test_ctrl_c_during_the_model_upload_is_mended_by_a_rerun(workdir, mlflow_uri
     ]
     assert sorted(m.status.name for m in models) == ["FAILED", "READY"]
     assert parent.info.status == "FINISHED"
-    loaded = mlflow.pytorch.load_model(study.user_attrs["model_uri"])
-    assert sum(p.numel() for p in loaded.parameters()) == study.best_trial.user_attrs["n_params"]
+    from hpo.tracking import load_predictor
+
+    network = load_predictor(study.user_attrs["model_uri"], mlflow_uri).network
+    assert sum(p.numel() for p in network.parameters()) == study.best_trial.user_attrs["n_params"]
 
 
 # ---------------------------------------------------------------- bad options, unreachable servers

@@ -1,0 +1,150 @@
+"""The deployable model: the user's raw inputs in, answers in the user's terms out.
+
+This file is logged with each model as MLflow "model code" and runs where the model is served,
+where hpo may not be installed: it imports only numpy, pandas, torch and mlflow.
+
+A `Predictor` holds the trained network and what the training split taught the data pipeline:
+- tables (csv, parquet, openml): the data file's feature columns, the one-hot encoding of its
+  categorical columns, and each feature's shift and scale;
+- images (mnist, fashion_mnist, digits): raw pixel values (0-255 for MNIST, 0-16 for digits),
+  one row per image, and each pixel's shift and scale;
+then class labels as in the data (strings stay strings, numbers stay numbers), or values in the
+target's own unit, and optionally each class's probability.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROWS_PER_PASS = 8192
+
+
+class Predictor:
+    def __init__(self, network: torch.nn.Module, prep: dict[str, Any]):
+        self.network = network.cpu().eval()
+        self.prep = prep
+        self.shift = np.asarray(prep["shift"], dtype=np.float32)
+        self.scale = np.asarray(prep["scale"], dtype=np.float32)
+
+    @classmethod
+    def load(cls, network_path: str | Path, prep_path: str | Path) -> Predictor:
+        network = torch.load(network_path, map_location="cpu", weights_only=False)
+        return cls(network, json.loads(Path(prep_path).read_text()))
+
+    def save(self, folder: Path) -> dict[str, str]:
+        """The network and the preprocessing as files; their paths by artifact name."""
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.network, folder / "network.pt")
+        (folder / "preprocessing.json").write_text(json.dumps(self.prep, indent=1))
+        return {
+            "network": str(folder / "network.pt"),
+            "preprocessing": str(folder / "preprocessing.json"),
+        }
+
+    # ------------------------------------------------------------ inputs
+
+    @property
+    def columns(self) -> list[str]:
+        """The raw feature columns a table model takes, in order."""
+        return [c["name"] for c in self.prep.get("columns", [])]
+
+    def features(self, data: Any) -> np.ndarray:
+        """Raw rows -> the network's inputs, exactly as the training split was prepared."""
+        if self.prep["kind"] == "table":
+            X = self._encode(data)
+        else:
+            X = np.asarray(data.to_numpy() if isinstance(data, pd.DataFrame) else data)
+            if X.ndim == 1:
+                X = X.reshape(1, -1)
+            X = X.reshape(len(X), -1).astype(np.float32)
+            divisor = self.prep.get("input_divisor", 1.0)
+            if divisor != 1.0:  # as the images were loaded for training: value / 255
+                X = X / divisor
+            if X.shape[1] != len(self.shift):
+                raise ValueError(
+                    f"expected {len(self.shift)} raw values a row "
+                    f"({self.prep.get('input', 'features')}), got {X.shape[1]}"
+                )
+        return np.nan_to_num((X - self.shift) / self.scale)
+
+    def _encode(self, data: Any) -> np.ndarray:
+        frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"missing feature columns: {', '.join(map(str, missing))}")
+        frame = frame[self.columns].copy()
+        for col in self.prep["columns"]:
+            name, kind = col["name"], col["type"]
+            if kind == "string":  # categories as the data file's text
+                frame[name] = frame[name].map(lambda v: v if pd.isna(v) else str(v))
+                frame[name] = frame[name].astype(object)
+            elif kind == "boolean":
+                frame[name] = frame[name].astype(bool)
+            else:
+                values = pd.to_numeric(frame[name], errors="coerce")
+                bad = values.isna() & frame[name].notna()
+                if bad.any():
+                    row = bad.to_numpy().nonzero()[0][0]
+                    raise ValueError(
+                        f"column {name!r}, row {row}: {frame[name].iloc[row]!r} is not a number"
+                    )
+                frame[name] = values.astype(np.float64)
+        strings = [c["name"] for c in self.prep["columns"] if c["type"] == "string"]
+        encoded = pd.get_dummies(frame, columns=strings, dtype=np.float32)
+        encoded = encoded.reindex(columns=self.prep["encoded"], fill_value=0)
+        return encoded.to_numpy(dtype=np.float32)
+
+    # ------------------------------------------------------------ outputs
+
+    def outputs(self, X: np.ndarray) -> torch.Tensor:
+        """The network's outputs for prepared inputs, in large passes without gradients."""
+        x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        with torch.inference_mode():
+            parts = [
+                self.network(x[i : i + ROWS_PER_PASS]) for i in range(0, len(x), ROWS_PER_PASS)
+            ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.prep["n_outputs"])
+
+    def predict(self, data: Any, probabilities: bool = False) -> np.ndarray | pd.DataFrame:
+        """Class labels (or values in the target's unit), one per raw row; with
+        `probabilities`, a frame with the label and one column per class."""
+        out = self.outputs(self.features(data))
+        if self.prep["task"] == "regression":
+            return out.squeeze(1).double().numpy() * self.prep["y_std"] + self.prep["y_mean"]
+        classes = self.prep["classes"]
+        labels = np.empty(len(out), dtype=object)
+        labels[:] = [classes[i] for i in out.argmax(1).tolist()]
+        if not probabilities:
+            return labels
+        proba = torch.softmax(out.float(), 1).numpy()
+        frame = pd.DataFrame(proba, columns=[f"probability_{c}" for c in classes])
+        frame.insert(0, "prediction", labels)
+        return frame
+
+
+try:  # where mlflow is installed (always, where the model is served)
+    import mlflow.pyfunc
+
+    class HpoModel(mlflow.pyfunc.PythonModel):
+        """The pyfunc flavour: `mlflow.pyfunc.load_model(uri).predict(rows)`, and
+        `params={"probabilities": True}` for each class's probability."""
+
+        def load_context(self, context: Any) -> None:
+            a = context.artifacts
+            self.predictor = Predictor.load(a["network"], a["preprocessing"])
+
+        # No type hints here: MLflow would read them as the input's schema.
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            probabilities = bool((params or {}).get("probabilities", False))
+            return self.predictor.predict(model_input, probabilities)
+
+    if __name__.startswith("code_model_"):  # loaded by MLflow as the model's code
+        mlflow.models.set_model(HpoModel())
+except ImportError:  # pragma: no cover - the Predictor works without mlflow
+    pass
