@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,14 +29,14 @@ StorageOpt = Annotated[
         "--storage",
         envvar="HPO_STORAGE",
         help="Optuna storage URL, e.g. postgresql://user:password@host/db (or $HPO_STORAGE, "
-        "which keeps the password off the command line) [default: sqlite:///optuna.db].",
+        "which keeps the password off the command line) \\[default: sqlite:///optuna.db].",
     ),
 ]
 TrackingOpt = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
+        help="MLflow tracking URI \\[default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
     ),
 ]
 
@@ -75,7 +74,7 @@ def validate(spec: SpecArg) -> None:
 
     try:
         check_spec(loaded)
-        note = check_data(loaded)
+        checked = check_data(loaded)
     except SpecError as e:
         _fail_spec(e, spec)
     n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
@@ -90,8 +89,7 @@ def validate(spec: SpecArg) -> None:
             else ""
         )
     )
-    if note:
-        typer.echo(f"note: {note}")
+    typer.echo(f"  {checked}")
 
 
 @app.command()
@@ -126,6 +124,22 @@ def run(
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    max_epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Epochs a trial at most (overrides training.max_epochs): a quick look. It "
+            "changes the study's spec hash: use it with a new --study-name.",
+        ),
+    ] = None,
+    max_samples: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Training-pool samples kept (overrides dataset.max_samples): a quick look on "
+            "a subset. It changes the study's spec hash: use it with a new --study-name.",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the sampler and the trials.")] = None,
     workers: Annotated[
         int | None,
@@ -180,6 +194,8 @@ def run(
         ("study", "timeout", timeout),
         ("study", "fused_trials", fused_trials),
         ("training", "device", device),
+        ("training", "max_epochs", max_epochs),
+        ("dataset", "max_samples", max_samples),
     )
     if any(value is not None for _, _, value in overrides):
         from hpo.config import parse_spec
@@ -188,8 +204,10 @@ def run(
         for section, key, value in overrides:
             if value is not None:
                 raw[section][key] = value
+        # The spec logged with the study is the file as written, unless what trains changed.
+        text = loaded.raw_text if max_epochs is None and max_samples is None else ""
         try:
-            loaded = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
+            loaded = parse_spec(raw, source_dir=loaded.source_dir, raw_text=text)
         except SpecError as e:
             _fail_spec(e, "command line")
     for key, given, cli in (
@@ -406,7 +424,7 @@ def report(
     study: Annotated[str, typer.Argument(help="The study's name.")],
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Folder [default: reports/STUDY].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder \\[default: reports/STUDY].")] = None,
 ) -> None:
     """Write a study report: index.html (opens offline), report.md with PNG figures."""
     from hpo.report import write_report
@@ -415,6 +433,75 @@ def report(
     _check_out(out or Path("reports"))
     folder = write_report(loaded, out, tracking_uri)
     typer.echo(f"report for {study!r}: {folder / 'index.html'} and {folder / 'report.md'}")
+
+
+@app.command()
+def predict(
+    study: Annotated[str, typer.Argument(help="The study's name.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Raw rows: a CSV (or .parquet) with the data file's feature columns (a target "
+            "column is used to score the predictions), or for an image study one row of raw "
+            "pixel values per image."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the predictions here (CSV) \\[default: stdout].")
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option(help="Add each class's probability (classification).")
+    ] = False,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Predict with a study's best model, logged in MLflow: raw rows in, labels out."""
+    import pandas as pd
+
+    from hpo.tracking import load_predictor
+
+    (loaded,) = _load_studies([study], storage)
+    uri = loaded.user_attrs.get("model_uri")
+    if not uri:
+        _err(
+            f"error: study {study!r} has no logged model (tracking.log_model: none, or the "
+            "search has not finished a trial yet)"
+        )
+        raise typer.Exit(code=2)
+    if not data.is_file():
+        _err(f"error: {data}: no such file")
+        raise typer.Exit(code=2)
+    try:
+        frame = pd.read_parquet(data) if data.suffix == ".parquet" else pd.read_csv(data)
+    except Exception as e:  # noqa: BLE001 - a file that is not a table: the user's to fix
+        _err(f"error: {data}: cannot read it as a table ({str(e).splitlines()[0][:200]})")
+        raise typer.Exit(code=2) from None
+    predictor = load_predictor(uri, tracking_uri)
+    target = predictor.prep.get("target")
+    truth = frame.pop(target) if target and target in frame.columns else None
+    try:
+        predicted = predictor.predict(frame, probabilities)
+    except ValueError as e:
+        _err(f"error: {data}: {e}")
+        raise typer.Exit(code=2) from None
+    if isinstance(predicted, pd.DataFrame):
+        table = predicted
+    else:
+        table = pd.DataFrame({"prediction": predicted})
+    if out is None:
+        typer.echo(table.to_csv(index=False), nl=False)
+    else:
+        table.to_csv(out, index=False)
+        typer.echo(f"wrote {len(table)} predictions to {out}")
+    if truth is not None:
+        labels = table["prediction"]
+        if predictor.prep["task"] == "classification":
+            hits = sum(str(a) == str(b) for a, b in zip(labels, truth, strict=True))
+            score = f"accuracy {hits / max(len(truth), 1):.4f} ({hits} of {len(truth)})"
+        else:
+            errors = labels.to_numpy(dtype=float) - truth.to_numpy(dtype=float)
+            score = f"rmse {float((errors**2).mean() ** 0.5):.6g}"
+        _err(f"against the {target!r} column of {data}: {score}")
 
 
 def _check_out(folder: Path) -> None:
@@ -432,7 +519,7 @@ def compare(
     studies: Annotated[list[str], typer.Argument(help="Two or more study names.")],
     storage: StorageOpt = None,
     out: Annotated[
-        Path | None, typer.Option(help="Folder [default: reports/compare-A-B].")
+        Path | None, typer.Option(help="Folder \\[default: reports/compare-A-B].")
     ] = None,
     reseed: Annotated[
         int, typer.Option(min=0, help="Retrain each best configuration K times with new seeds.")
@@ -457,33 +544,61 @@ def compare(
 
 @app.command()
 def ui(
+    study: Annotated[
+        str | None,
+        typer.Argument(
+            help="The study (or MLflow experiment) to show \\[default: the study started last]."
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Open the MLflow UI on the same tracking store, bound to 127.0.0.1."""
-    import subprocess
-
+    """Open the MLflow UI on the same tracking store, bound to 127.0.0.1, and print the URL of
+    a study's runs (trials nested under the study's run; then its trials, best first)."""
+    from hpo.servers import ServerError, check_port, mlflow_ui_command, mlflow_views, serve
     from hpo.tracking import resolve_uri
 
     uri = resolve_uri(None, tracking_uri)
-    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    base = f"http://127.0.0.1:{port}"
     try:
-        code = subprocess.call(cmd)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code=code)
+        check_port(port)
+        views = mlflow_views(uri, study, base)
+    except ServerError as e:
+        _err(f"error: {redact(str(e))}")
+        raise typer.Exit(code=2) from None
+    typer.echo(f"MLflow UI for {redact(uri)} at {base} (Ctrl-C to stop)")
+    for what, url in views:
+        typer.echo(f"  {what}: {url}")
+    if not views:
+        typer.echo(f"  no hpo study in {redact(uri)} yet")
+    raise typer.Exit(code=serve(*mlflow_ui_command(uri, port)))
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+) -> None:
+    """Open Optuna's dashboard (optuna-dashboard) on a study storage, bound to 127.0.0.1."""
+    from hpo.servers import ServerError, check_port, dashboard_command, serve
+    from hpo.storage import DEFAULT_STORAGE
+
+    url = storage or DEFAULT_STORAGE
+    if _missing_sqlite(url):
+        _err(
+            f"error: --storage: no such file: {redact(url)}; give the storage `hpo run` used "
+            "(--storage, $HPO_STORAGE, or run from the folder that has optuna.db)"
+        )
+        raise typer.Exit(code=2)
+    _open_storage(url)  # one line and exit 2 for a URL that cannot be opened
+    try:
+        check_port(port)
+    except ServerError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(code=2) from None
+    shown = f"http://127.0.0.1:{port}/dashboard"
+    typer.echo(f"Optuna dashboard for {redact(url)} at {shown} (Ctrl-C to stop)")
+    raise typer.Exit(code=serve(*dashboard_command(url, port)))
 
 
 def main() -> None:

@@ -60,6 +60,57 @@ def test_run_with_bad_spec_creates_nothing(workdir):
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
 
 
+def test_run_with_a_bad_sampler_option_creates_nothing(workdir):
+    spec = small_spec(study={"sampler": {"name": "tpe", "n_startup": 3}})
+    code, out = invoke("run", write_spec(workdir, spec))
+    assert code == 2 and "study.sampler.n_startup: not an option of the tpe sampler" in out
+    assert "Traceback" not in out
+    assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
+
+
+def test_run_help_shows_the_defaults_of_storage_and_tracking():
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
+    ).stdout
+    out = " ".join(out.replace("│", " ").split())  # the help's box and line breaks
+    assert "[default: sqlite:///optuna.db]" in out
+    assert "[default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]" in out
+
+
+def test_max_epochs_and_max_samples_give_a_quick_look(workdir):
+    spec = small_spec(training={"max_epochs": 6, "early_stopping": {"patience": 6}})
+    path = write_spec(workdir, spec)
+    code, out = invoke("run", path, "--max-epochs", 2, "--max-samples", 300)
+    assert code == 0, out
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    assert {t.user_attrs["epochs_run"] for t in study.trials} == {2}
+    assert study.user_attrs["data"]["n_train"] + study.user_attrs["data"]["n_val"] == 300
+    assert "max_epochs: 2" in study.user_attrs["spec_yaml"]  # what trained, not the file
+    code, out = invoke("run", path)  # the full run is another study: its hash differs
+    assert code == 2 and "--study-name" in out
+
+
+def test_validate_loads_the_data_or_says_why_it_cannot(workdir, monkeypatch):
+    monkeypatch.setenv("HPO_DATA_DIR", str(workdir / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(workdir / "cache"))
+    monkeypatch.setenv("HPO_MNIST_MIRROR", "http://127.0.0.1:9/")  # nothing listens there
+    code, out = invoke("validate", REPO / "search_spaces" / "mnist.yaml")
+    assert code == 2 and "Traceback" not in out
+    assert "dataset.name: mnist files not found in" in out and "download" in out
+    code, out = invoke("validate", REPO / "search_spaces" / "digits.yaml")
+    assert code == 0 and "data: " in out and " test, 64 features, 10 classes" in out
+
+
+@pytest.mark.skipif(not mnist_available(), reason="MNIST not in $HPO_DATA_DIR")
+def test_validate_checks_the_mnist_files(workdir):
+    code, out = invoke("validate", REPO / "search_spaces" / "mnist.yaml")
+    assert code == 0, out
+    assert "data: 54,000 train / 6,000 val / 10,000 test, 784 features, 10 classes" in out
+
+
 def test_run_with_missing_spec_file_and_bad_device(workdir):
     code, out = invoke("run", workdir / "nope.yaml")
     assert code == 2 and "no such spec file" in out
