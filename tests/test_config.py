@@ -196,6 +196,16 @@ def test_fingerprint_ignores_budget_but_not_search_space():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_a_fractional_step_of_an_int_range_is_refused():
+    spec = small_spec()
+    spec["search_space"]["n_layers"] = {"type": "int", "low": 1, "high": 4, "step": 0.5}
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert info.value.problems == [
+        "search_space.n_layers.step: must be a whole number for type: int (got 0.5)"
+    ]
+
+
 def test_precision_auto_keeps_older_studies_fingerprint_and_bf16_changes_it():
     before = parse_spec(small_spec())
     auto = parse_spec(small_spec(training={"precision": "auto"}))
