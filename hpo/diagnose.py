@@ -2,23 +2,44 @@
 
 Plain data in (the history of per-epoch metric dicts), a label and one sentence of evidence out.
 The label describes the weights the trial kept (its best epoch when early stopping restored it).
+
+Why underfitting is judged on the validation loss: hpo's `train_loss` is the running average
+over the epoch, measured with dropout on and while the weights still move, so it overstates how
+badly the kept weights fit their training data, and by how much depends on the dropout rate. A
+trial with dropout 0.5 and its twin without dropout can reach the same validation accuracy
+while their training losses differ by 15-20% of chance. `val_loss` is measured in eval mode,
+on the same footing for every trial: two trials with the same `val_loss` get the same verdict.
+The training curve is still read, but only for what it shows reliably: whether it kept
+falling while `val_loss` rose (overfitting).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from typing import NamedTuple
 
 # Thresholds, as fractions of the chance-level loss (ln K for K classes; 1.0 for standardised
 # regression targets, the MSE of always predicting the mean).
-HIGH_TRAIN_LOSS = 0.35  # kept train_loss above this never fitted its own training data
-PEER_FACTOR = 3.0  # ... or above 3x the median of the other trials' (and above MIN_PEER_LOSS)
-MIN_PEER_LOSS = 0.1
+LITTLE = 0.70  # kept val_loss above this: the model learned little, whatever the others did
+HIGH_VAL_LOSS = 0.35  # kept val_loss above this is underfit, unless the data allows no better:
+FLOOR = 3.0  # ... no earlier trial fit its own training data below val_loss / FLOOR
 GAP = 0.1  # a val - train loss gap above this, and growing, is overfitting
 RISE = 0.10  # val_loss 10% above its minimum while train_loss fell: overfitting
 STEEP = 0.03  # val_loss still falling by 3% or more per epoch at the end: cut short
+
+RULES = (
+    "Labels read each trial's curves at the epoch whose weights it kept; chance is the loss of "
+    "a model that knows nothing (ln K for K classes, 1 for standardised regression). "
+    f"Overfit: val_loss rose more than {RISE:.0%} above its minimum while train_loss kept "
+    f"falling, or the train/validation gap grew past {GAP:.0%} of chance after val_loss "
+    f"stopped improving. Underfit: val_loss above {LITTLE:.0%} of chance; or above "
+    f"{HIGH_VAL_LOSS:.0%} of chance while an earlier trial fit its own training data to under "
+    f"1/{FLOOR:g} of it (proof that this data allows better); or still falling {STEEP:.0%} or "
+    "more per epoch when training stopped. Good otherwise. Underfitting is judged on val_loss, "
+    "measured without dropout: train_loss is averaged over the epoch with dropout on, and "
+    "would call a trial with dropout underfit beside its twin without."
+)
 
 
 class Diagnosis(NamedTuple):
@@ -43,7 +64,10 @@ def diagnose_fit(
     """Label a trial `overfit`, `underfit` or `good` from its train_loss and val_loss curves.
 
     kept_epoch: the epoch whose weights the trial kept (default: the last).
+    peer_train_losses: the kept train_loss of the trials that completed before this one: the
+        lowest says how far this data lets a model's loss go down.
     stopped_by: why training ended: "max_epochs", "early_stopping" or "pruned".
+    The rules, in the order they are checked, are `RULES` (and README, "Fit diagnosis").
     """
     tl = [h["train_loss"] for h in history]
     vl = [h["val_loss"] for h in history]
@@ -51,66 +75,115 @@ def diagnose_fit(
     if n == 0:
         return Diagnosis("underfit", "no epoch finished")
     k = min(kept_epoch or n, n)
-    m = min(range(k), key=vl.__getitem__) + 1  # epoch of the lowest val_loss up to the kept one
-    after = _rise_after(vl, k)
+    finite = [i for i in range(k) if math.isfinite(vl[i])]
+    m = min(finite, key=vl.__getitem__) + 1 if finite else k  # lowest val_loss up to epoch k
+    v, t = vl[k - 1], tl[k - 1]
+    after = _after_kept(vl, k, stopped_by)
 
     # Overfitting in the kept weights: validation loss turned up while training loss kept falling.
-    rise = (vl[k - 1] - vl[m - 1]) / max(vl[m - 1], 1e-12)
-    if m < k and rise > RISE and tl[k - 1] < tl[m - 1]:
+    if m < k and v > vl[m - 1] * (1 + RISE) and t < tl[m - 1]:
         return Diagnosis(
             "overfit",
-            f"val_loss bottomed at epoch {m} ({vl[m - 1]:.3g}) and rose {rise:.0%} by epoch {k} "
-            f"while train_loss fell to {tl[k - 1]:.3g}; final gap {vl[k - 1] - tl[k - 1]:.3g}",
+            f"{_move('val_loss', vl, m, k)} while train_loss fell {tl[m - 1]:.3g} → {t:.3g}",
         )
-    # Underfitting: the model does not fit even its training data.
-    if tl[k - 1] > HIGH_TRAIN_LOSS * chance:
+    falling = _still_falling(vl, k, stopped_by)
+    # Underfitting, plain: the kept weights predict unseen data barely better than chance.
+    if not v < LITTLE * chance:
         return Diagnosis(
             "underfit",
-            f"train_loss stayed high: {tl[k - 1]:.3g} at epoch {k}, "
-            f"{tl[k - 1] / chance:.0%} of the chance level {chance:.3g}" + after,
+            f"learned little: val_loss {v:.3g} at epoch {k} is {_share(v, chance)} of chance "
+            f"({chance:.3g}); train_loss {t:.3g}" + (f"; {falling}" if falling else after),
         )
-    # A growing gap only means overfitting once the model fits its training data.
-    gap, early_gap = vl[k - 1] - tl[k - 1], vl[0] - tl[0]
-    if k >= 3 and gap > GAP * chance and gap > 2 * max(early_gap, 0.0) + 0.02 * chance:
+    # A gap that kept growing after val_loss stopped improving is overfitting, once the model
+    # fits its training data. Not for weights kept at the lowest val_loss: stopping earlier
+    # would not have helped them, and a gap against a train_loss measured with dropout on would
+    # favour trials with dropout.
+    gap, early_gap = v - t, vl[0] - tl[0]
+    if (
+        m < k
+        and t < HIGH_VAL_LOSS * chance
+        and gap > GAP * chance
+        and gap > 2 * max(early_gap, 0.0) + 0.02 * chance
+    ):
         return Diagnosis(
             "overfit",
-            f"train/validation gap grew from {early_gap:.3g} at epoch 1 to {gap:.3g} at epoch {k} "
-            f"(train_loss {tl[k - 1]:.3g}, val_loss {vl[k - 1]:.3g})",
+            f"train/validation gap {early_gap:.3g} at epoch 1 → {gap:.3g} at epoch {k} "
+            f"(train_loss {t:.3g}, val_loss {v:.3g}), while val_loss had stopped improving "
+            f"at epoch {m} ({vl[m - 1]:.3g})",
         )
-    # ... or fits it far worse than the other trials, or was cut off still learning.
-    peers = [p for p in peer_train_losses if math.isfinite(p)]
-    if peers:
-        median = statistics.median(peers)
-        if tl[k - 1] > PEER_FACTOR * median and tl[k - 1] > MIN_PEER_LOSS * chance:
+    # Underfitting against what this data allows: high, and an earlier trial did much better.
+    floor_note = ""
+    if v > HIGH_VAL_LOSS * chance:
+        peers = [p for p in peer_train_losses if math.isfinite(p)]
+        best = min(peers) if peers else None
+        level = f"val_loss {v:.3g} at epoch {k} is {_share(v, chance)} of chance ({chance:.3g})"
+        if best is None:
+            floor_note = f"; {level}, with no earlier trial to show whether the data allows better"
+        elif v > FLOOR * best:
             return Diagnosis(
                 "underfit",
-                f"train_loss {tl[k - 1]:.3g} at epoch {k} is {tl[k - 1] / median:.1f}x the median "
-                f"of the other trials ({median:.3g})" + after,
+                f"{level}, while an earlier trial fit its training data to {best:.3g}: the data "
+                "allows better" + after,
             )
-    if stopped_by != "early_stopping" and k == n and n >= 3:
-        slope = (vl[-3] - vl[-1]) / 2 / max(vl[-3], 1e-12)
-        if slope > STEEP:
-            why = "was pruned" if stopped_by == "pruned" else "ran out of epochs"
-            return Diagnosis(
-                "underfit",
-                f"still improving when it {why}: val_loss fell {slope:.0%} per epoch over the "
-                f"last 2 epochs to {vl[-1]:.3g} at epoch {n}",
+        else:
+            floor_note = (
+                f"; {level}, but the earlier trials fit even their training data only to "
+                f"{best:.3g} at best: the data may allow little better"
             )
+    # ... or was cut off while still learning fast.
+    if falling:
+        return Diagnosis("underfit", falling)
 
     return Diagnosis(
         "good",
-        f"val_loss {vl[k - 1]:.3g} and train_loss {tl[k - 1]:.3g} at kept epoch {k}, "
-        f"gap {gap:.3g}" + after,
+        f"val_loss {v:.3g} and train_loss {t:.3g} at kept epoch {k}, gap {gap:.3g}"
+        + floor_note
+        + after,
     )
 
 
-def _rise_after(vl: Sequence[float], k: int) -> str:
-    """How far validation loss rose after the kept epoch (what early stopping rescued)."""
-    if k >= len(vl):
+def _still_falling(vl: Sequence[float], k: int, stopped_by: str) -> str:
+    """'still improving when it ran out of epochs: ...' when val_loss was still falling by
+    STEEP or more per epoch over the last 2 epochs, the last being the kept one; else ''."""
+    n = len(vl)
+    if stopped_by == "early_stopping" or k != n or n < 3:
         return ""
-    rise = (vl[-1] - vl[k - 1]) / max(vl[k - 1], 1e-12)
-    if rise <= 0:
+    slope = (vl[-3] - vl[-1]) / 2 / max(vl[-3], 1e-12)
+    if not slope > STEEP:
         return ""
+    why = "was pruned" if stopped_by == "pruned" else "ran out of epochs"
     return (
-        f"; early stopping kept epoch {k}, after which val_loss rose {rise:.0%} by epoch {len(vl)}"
+        f"still improving when it {why}: {_move('val_loss', vl, n - 2, n)}, {slope:.0%} per epoch"
     )
+
+
+def _share(value: float, whole: float) -> str:
+    """`value` as a percentage of `whole`."""
+    return f"{value / whole:.0%}"
+
+
+def _change(a: float, b: float) -> str:
+    """The relative change from a to b, never printed as a bare '0%'."""
+    if b == a:
+        return "unchanged"
+    if a == 0 or not (math.isfinite(a) and math.isfinite(b)):
+        return "from zero" if a == 0 else "not finite"
+    pct = (b - a) / abs(a) * 100
+    return f"{pct:+.0f}%" if abs(pct) >= 10 else f"{pct:+.2g}%"
+
+
+def _move(key: str, values: Sequence[float], i: int, j: int) -> str:
+    """'val_loss 0.31 at epoch 12 → 0.45 at epoch 30 (+45%)' for 1-based epochs i and j."""
+    a, b = values[i - 1], values[j - 1]
+    return f"{key} {a:.3g} at epoch {i} → {b:.3g} at epoch {j} ({_change(a, b)})"
+
+
+def _after_kept(vl: Sequence[float], k: int, stopped_by: str) -> str:
+    """What happened after the kept epoch (what early stopping, or restoring, rescued)."""
+    n = len(vl)
+    if k >= n:
+        return ""
+    who = "early stopping kept" if stopped_by == "early_stopping" else "training kept"
+    if abs(vl[-1] - vl[k - 1]) > 0.01 * abs(vl[k - 1]):
+        return f"; {who} epoch {k} of {n}: {_move('val_loss', vl, k, n)}"
+    return f"; {who} epoch {k} of {n} (val_loss {vl[k - 1]:.3g}), within 1% of it at epoch {n}"

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import optuna
 import pytest
 from conftest import small_spec, study_run
+from test_report import _chromium, _rendered_dom
 
 from hpo.config import parse_spec
-from hpo.report.compare import SeedStats, seed_stats, summarise, verdict, write_compare
-from hpo.study import retrain_best
+from hpo.report.compare import (
+    SeedStats,
+    best_so_far_figure,
+    compare_data,
+    metric_groups,
+    seed_stats,
+    summarise,
+    verdict,
+    write_compare,
+)
+from hpo.study import retrain_best, was_interrupted
 
 
 def test_seed_stats_mean_and_t_interval():
@@ -72,3 +84,132 @@ def test_compare_writes_page_and_markdown_with_seed_noise(two_studies, workdir):
     assert md.count("test_accuracy") >= 2 and ("seed noise" in md.splitlines()[-1])
     page = (out / "index.html").read_text()
     assert page.count("Plotly.newPlot") == 1 and "mean ± 95% interval" in page
+
+
+# ---------------------------------------------------------------- what the curves show
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    return optuna.load_study(study_name=name, storage="sqlite:///optuna.db")
+
+
+@pytest.fixture
+def single_and_interrupted(workdir, mlflow_uri):
+    """A study with a single finished trial, and one whose third trial was cut short by Ctrl-C
+    (a KeyboardInterrupt in the middle of its epochs, as a real Ctrl-C lands)."""
+    study_run(
+        parse_spec(small_spec(name="one", study={"n_trials": 1}, tracking={"uri": mlflow_uri}))
+    )
+
+    def ctrl_c(progress):
+        if progress.number == 2 and progress.epoch == 2:
+            raise KeyboardInterrupt
+
+    spec = small_spec(
+        name="cut", study={"n_trials": 4}, training={"max_epochs": 4}, tracking={"uri": mlflow_uri}
+    )
+    result = study_run(parse_spec(spec), on_epoch=ctrl_c)
+    assert result.interrupted
+    return _load("one"), _load("cut")
+
+
+def test_a_single_finished_trial_is_drawn_as_a_point(single_and_interrupted):
+    one, cut = single_and_interrupted
+    d = compare_data([one, cut])
+    assert len(d.studies[0].best_so_far) == 1
+    fig = best_so_far_figure(d)
+    single = [t for t in fig.data if t.name == "one"]
+    assert len(single) == 2 and all(len(t.x) == 1 for t in single)
+    assert all("markers" in t.mode for t in fig.data)  # a lone point is not an invisible line
+
+
+def test_interrupted_trials_are_counted_and_the_page_says_why_they_are_left_out(
+    single_and_interrupted, workdir
+):
+    _, cut = single_and_interrupted
+    assert [t.number for t in cut.trials if was_interrupted(t)] == [2]
+    s = summarise(cut)
+    assert s.interrupted == 1 and s.states["COMPLETE"] == 2
+    assert [p[0] for p in s.best_so_far] == [1, 2]  # the two finished trials, nothing else
+    out = write_compare(list(single_and_interrupted), workdir / "cmp")
+    md = (out / "report.md").read_text()
+    assert "| cut |" in md and " 2 / 0 / 0 / 1 |" in md and " 1 / 0 / 0 / 0 |" in md
+    assert (
+        "cut: 1 interrupted trial (Ctrl-C, --timeout or a lost worker) left out of the curves "
+        "and counts: they never finished, do not count toward n_trials, and hpo runs their "
+        "configurations again." in md
+    )
+    assert "one: 0 interrupted" not in md
+    assert "left out of the curves" in (out / "index.html").read_text()
+
+
+@pytest.fixture
+def accuracy_and_rmse(workdir, mlflow_uri):
+    study_run(
+        parse_spec(small_spec(name="acc", study={"n_trials": 2}, tracking={"uri": mlflow_uri}))
+    )
+    wine = {
+        "name": "csv",
+        "path": str(REPO / "search_spaces" / "data" / "wine.csv"),
+        "target": "alcohol",
+        "split": {"val": 0.2, "test": 0.2, "stratify": False, "seed": 0},
+    }
+    spec = small_spec(
+        name="rmse",
+        dataset=wine,
+        task="regression",
+        study={"n_trials": 2, "metric": "val_rmse"},
+        tracking={"uri": mlflow_uri},
+    )
+    study_run(parse_spec(spec))
+    return _load("acc"), _load("rmse")
+
+
+def test_studies_with_different_metrics_get_a_row_of_panels_each(accuracy_and_rmse, workdir):
+    d = compare_data(list(accuracy_and_rmse))
+    assert [(m, [s.name for s in ss]) for m, ss in metric_groups(d)] == [
+        ("val_accuracy", ["acc"]),
+        ("val_rmse", ["rmse"]),
+    ]
+    fig = best_so_far_figure(d)
+    axes_of = {name: {t.yaxis for t in fig.data if t.name == name} for name in ("acc", "rmse")}
+    assert axes_of == {"acc": {"y", "y2"}, "rmse": {"y3", "y4"}}  # never on one axis
+    assert fig.layout.yaxis.title.text == "best val_accuracy so far (higher is better)"
+    assert fig.layout.yaxis3.title.text == "best val_rmse so far (lower is better)"
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == [
+        "val_accuracy: by finished trial",
+        "val_accuracy: by wall time",
+        "val_rmse: by finished trial",
+        "val_rmse: by wall time",
+    ]
+    out = write_compare(list(accuracy_and_rmse), workdir / "cmp")
+    sentence = (
+        "The studies optimise different metrics, so each has its own row of panels: "
+        "row 1: val_accuracy (acc); row 2: val_rmse (rmse)."
+    )
+    assert sentence in (out / "report.md").read_text()
+    assert sentence in (out / "index.html").read_text()
+
+
+def test_seed_noise_of_different_metrics_is_not_weighed():
+    mixed = [
+        SeedStats("a", "test_accuracy", [0.90, 0.91, 0.90], 0.9033, 0.0),
+        SeedStats("b", "test_rmse", [0.80, 0.81, 0.80], 0.8033, 0.0),
+    ]
+    assert verdict(mixed) == (
+        "a and b are measured on different metrics (test_accuracy, test_rmse): their "
+        "retrainings cannot be weighed against each other."
+    )
+
+
+@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+def test_every_point_is_drawn_in_headless_chromium(single_and_interrupted, workdir):
+    out = write_compare(list(single_and_interrupted), workdir / "cmp")
+    dom = _rendered_dom(out / "index.html", workdir / "chrome")
+    assert "data-script-errors" not in re.search(r"<html[^>]*>", dom).group(0)
+    d = compare_data(list(single_and_interrupted))
+    points = 2 * sum(len(s.best_so_far) for s in d.studies)  # both panels
+    assert dom.count('class="point"') == points == 2 * (1 + 2)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hpo.diagnose import chance_loss, diagnose_fit
+from hpo.diagnose import RULES, _change, chance_loss, diagnose_fit
 from hpo.model import build_mlp
 from hpo.train import TrainConfig, train
 
@@ -31,50 +31,131 @@ def test_chance_level():
 def test_val_loss_rising_while_train_falls_is_overfit_with_evidence():
     fit = diagnose_fit(U_SHAPE, kept_epoch=None, chance=CHANCE)
     assert fit.label == "overfit"
-    assert fit.evidence.startswith("val_loss bottomed at epoch 4 (0.35) and rose 100% by epoch 8")
-    assert "train_loss fell to 0.01" in fit.evidence and "final gap 0.69" in fit.evidence
+    assert fit.evidence == (
+        "val_loss 0.35 at epoch 4 → 0.7 at epoch 8 (+100%) while train_loss fell 0.2 → 0.01"
+    )
 
 
 def test_early_stopping_rescue_is_labelled_by_kept_weights_with_the_rise_noted():
     fit = diagnose_fit(U_SHAPE, kept_epoch=4, chance=CHANCE, stopped_by="early_stopping")
     assert fit.label == "good"
-    assert "early stopping kept epoch 4, after which val_loss rose 100% by epoch 8" in fit.evidence
+    assert fit.evidence.endswith(
+        "; early stopping kept epoch 4 of 8: val_loss 0.35 at epoch 4 → 0.7 at epoch 8 (+100%)"
+    )
 
 
-def test_growing_gap_is_overfit():
+def test_evidence_never_reads_zero_percent():
+    # val_loss 0.4% above the kept epoch's: said as such, or as "within 1%", never "rose 0%"
+    history = curves([1.0, 0.5, 0.3, 0.25, 0.24, 0.23], [1.0, 0.5, 0.3, 0.301, 0.3012, 0.3012])
+    fit = diagnose_fit(history, kept_epoch=3, chance=CHANCE, stopped_by="early_stopping")
+    assert fit.label == "good" and "0%" not in fit.evidence.replace("100%", "")
+    assert fit.evidence.endswith(
+        "early stopping kept epoch 3 of 6 (val_loss 0.3), within 1% of it at epoch 6"
+    )
+    assert _change(0.30, 0.3012) == "+0.4%" and _change(0.31, 0.45) == "+45%"
+    assert _change(0.5, 0.5) == "unchanged" and _change(0.6, 0.36) == "-40%"
+
+
+def test_growing_gap_after_val_loss_stopped_improving_is_overfit():
     history = curves([0.5, 0.3, 0.15, 0.05, 0.01], [0.5, 0.45, 0.42, 0.42, 0.42])
     fit = diagnose_fit(history, chance=CHANCE)
-    assert fit.label == "overfit" and fit.evidence.startswith("train/validation gap grew from 0")
+    assert fit.label == "overfit"
+    assert fit.evidence == (
+        "train/validation gap 0 at epoch 1 → 0.41 at epoch 5 (train_loss 0.01, val_loss 0.42), "
+        "while val_loss had stopped improving at epoch 3 (0.42)"
+    )
+    # the same weights kept at the lowest val_loss (epoch 3): stopping earlier would not help
+    kept = diagnose_fit(history, kept_epoch=3, chance=CHANCE, stopped_by="early_stopping")
+    assert kept.label == "good"
 
 
-def test_train_loss_stuck_near_chance_is_underfit():
+def test_val_loss_stuck_near_chance_is_underfit():
     history = curves([2.3, 2.2, 2.1, 2.1, 2.1], [2.3, 2.2, 2.1, 2.1, 2.1])
     fit = diagnose_fit(history, chance=CHANCE, stopped_by="early_stopping")
-    assert fit.label == "underfit" and fit.evidence.startswith("train_loss stayed high: 2.1")
-    assert "91% of the chance level" in fit.evidence
+    assert fit.label == "underfit"
+    assert fit.evidence == (
+        "learned little: val_loss 2.1 at epoch 5 is 91% of chance (2.3); train_loss 2.1"
+    )
 
 
 def test_a_diverged_trial_is_underfit_not_overfit_whatever_its_gap():
     # seen on MNIST: a first epoch far worse on train than on validation, then stuck at chance
     history = curves([15.0, 3.40, 3.38], [6.5, 3.50, 3.62])
     fit = diagnose_fit(history, chance=CHANCE, stopped_by="pruned")
-    assert fit.label == "underfit" and fit.evidence.startswith("train_loss stayed high: 3.38")
+    assert fit.label == "underfit" and fit.evidence.startswith("learned little: val_loss 3.62")
 
 
-def test_train_loss_far_above_the_other_trials_is_underfit():
-    history = curves([0.9, 0.6, 0.5, 0.5], [0.9, 0.6, 0.5, 0.5])
+def test_high_val_loss_is_underfit_only_where_an_earlier_trial_shows_the_data_allows_better():
+    history = curves([1.2, 1.0, 0.9, 0.9], [1.2, 1.0, 0.9, 0.9])  # 39% of chance, no gap
     fit = diagnose_fit(
         history, chance=CHANCE, peer_train_losses=[0.05, 0.08, 0.1], stopped_by="early_stopping"
     )
-    assert fit.label == "underfit" and "6.2x the median of the other trials (0.08)" in fit.evidence
-    assert diagnose_fit(history, chance=CHANCE, stopped_by="early_stopping").label == "good"
+    assert fit.label == "underfit"
+    assert fit.evidence == (
+        "val_loss 0.9 at epoch 4 is 39% of chance (2.3), while an earlier trial fit its training "
+        "data to 0.05: the data allows better"
+    )
+    # noisy data: the others fit even their training data only to 0.5, a third of 0.9 is 0.3
+    noisy = diagnose_fit(
+        history, chance=CHANCE, peer_train_losses=[0.5, 0.6], stopped_by="early_stopping"
+    )
+    assert noisy.label == "good" and "the data may allow little better" in noisy.evidence
+    first = diagnose_fit(history, chance=CHANCE, stopped_by="early_stopping")
+    assert first.label == "good" and "with no earlier trial to show" in first.evidence
+
+
+def test_twins_with_the_same_val_loss_get_the_same_label_whatever_their_dropout():
+    """The dropout twin's train_loss (averaged with dropout on) is above 35% of chance, its
+    twin's below: the old rule called one underfit and the other good."""
+    val = [1.6, 1.3, 1.15, 1.07, 1.06, 1.065]
+    plain = curves([1.9, 1.2, 0.9, 0.75, 0.69, 0.66], val)
+    dropout = curves([2.0, 1.4, 1.1, 0.95, 0.88, 0.84], val)
+    assert plain[4]["train_loss"] < 0.35 * CHANCE < dropout[4]["train_loss"]
+    fits = [
+        diagnose_fit(h, kept_epoch=5, chance=CHANCE, peer_train_losses=peers, stopped_by=s)
+        for h in (plain, dropout)
+        for peers in ((), (0.69,))
+        for s in ("early_stopping", "max_epochs")
+    ]
+    assert {f.label for f in fits} == {"good"}, fits
+
+
+def test_real_twins_on_noisy_labels_get_the_same_label():
+    """Digits with 15% of the labels replaced at random: the same net with and without dropout
+    reaches the same validation accuracy; their train_loss differs by what dropout adds."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor(y)
+    noisy = torch.where(
+        torch.rand(len(y), generator=g) < 0.15, torch.randint(0, 10, y.shape, generator=g), y
+    )
+    X = torch.tensor((X - X.mean(0)) / (X.std(0) + 1e-8), dtype=torch.float32)
+    train_data, val_data = (X[:1200], noisy[:1200]), (X[1200:], noisy[1200:])
+    results, peers = [], []
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build_mlp(64, 10, widths=[128, 128], dropout=dropout)
+        cfg = TrainConfig(max_epochs=60, batch_size=64, lr=1e-3, patience=8)
+        result = train(model, train_data, val_data, cfg)
+        kept = result.history[result.best_epoch - 1]
+        fit = diagnose_fit(result.history, result.best_epoch, CHANCE, peers, result.stopped_by)
+        results.append((kept, fit))
+        peers.append(kept["train_loss"])
+    (a, fit_a), (b, fit_b) = results
+    assert abs(a["val_accuracy"] - b["val_accuracy"]) < 0.03
+    assert b["train_loss"] - a["train_loss"] > 0.05 * CHANCE  # what dropout adds to train_loss
+    assert a["train_loss"] < 0.35 * CHANCE < b["train_loss"]  # the old rule split them here
+    assert fit_a.label == fit_b.label == "good", (fit_a, fit_b)
 
 
 def test_still_improving_steeply_when_epochs_ran_out_is_underfit():
     history = curves([0.8, 0.6, 0.45, 0.34], [0.8, 0.6, 0.46, 0.36])
     fit = diagnose_fit(history, chance=CHANCE, stopped_by="max_epochs")
-    assert fit.label == "underfit" and fit.evidence.startswith(
-        "still improving when it ran out of epochs"
+    assert fit.label == "underfit" and fit.evidence == (
+        "still improving when it ran out of epochs: val_loss 0.6 at epoch 2 → 0.36 at epoch 4 "
+        "(-40%), 20% per epoch"
     )
     pruned = diagnose_fit(history, chance=CHANCE, stopped_by="pruned")
     assert "when it was pruned" in pruned.evidence
@@ -83,9 +164,14 @@ def test_still_improving_steeply_when_epochs_ran_out_is_underfit():
 def test_converged_curves_are_good():
     history = curves([0.5, 0.2, 0.1, 0.09, 0.085, 0.084], [0.5, 0.22, 0.12, 0.11, 0.108, 0.107])
     fit = diagnose_fit(history, chance=CHANCE)
-    assert fit.label == "good" and fit.evidence.startswith(
-        "val_loss 0.107 and train_loss 0.084 at kept epoch 6"
+    assert fit.label == "good" and fit.evidence == (
+        "val_loss 0.107 and train_loss 0.084 at kept epoch 6, gap 0.023"
     )
+
+
+def test_rules_sentence_names_the_thresholds():
+    assert "val_loss above 70% of chance" in RULES and "above 35% of chance" in RULES
+    assert "under 1/3 of it" in RULES and "dropout" in RULES
 
 
 def test_real_training_made_to_overfit(blobs):

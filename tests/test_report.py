@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 
 import optuna
 import pytest
+import yaml
 from conftest import small_spec, study_run
 from mlflow import MlflowClient
 
 from hpo.config import parse_spec
 from hpo.report import write_report
-from hpo.report.data import param_importances, report_data, search_space_advice
+from hpo.report.data import param_importances, report_data, search_space_advice, yaml_float
+from hpo.report.render import NO_ADVICE, render_markdown
 
 
 def in_memory_study(lrs_and_values, direction="maximize"):
@@ -32,31 +35,145 @@ def in_memory_study(lrs_and_values, direction="maximize"):
     return study
 
 
-def test_advice_flags_a_range_whose_best_values_crowd_an_edge():
-    # the higher the learning rate, the better: the best trials sit at the top of the range
-    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 6e-2, 8e-2, 9e-2, 9.5e-2]
-    study = in_memory_study([(lr, lr) for lr in lrs])
-    space = parse_spec(
-        small_spec(
-            search_space={
-                "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-                "dropout": {"type": "float", "low": 0.0, "high": 0.5},
-            }
+# ---------------------------------------------------------------- search-space advice
+
+ADVICE_SPACE = {
+    "n_layers": 1,
+    "width": 32,
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+}
+N = 16
+EVEN = [0.92 * i / (N - 1) for i in range(N)]  # positions in lr's range, on its log scale
+DROPOUT = [0.5 * ((i * 7) % N) / N for i in range(N)]  # unrelated to lr and to the value
+NOISE = [((i * 5) % N) / N - 0.5 for i in range(N)]  # in [-0.5, 0.5), unrelated to both
+
+
+def stored_study(name, positions, values):
+    """A study in a real SQLite storage, as hpo stores one (the attributes the report reads),
+    its trials made directly: lr at `positions` (0 to 1 on the log scale of [1e-4, 0.1])."""
+    spec = small_spec(name=name, search_space=ADVICE_SPACE)
+    storage = "sqlite:///advice.db"
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study.set_user_attr("spec_yaml", yaml.safe_dump(spec, sort_keys=False))
+    study.set_user_attr("spec_dir", ".")
+    study.set_user_attr("metric", "val_accuracy")
+    study.set_user_attr("data", {"dataset": "digits", "task": "classification"})
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    drop = optuna.distributions.FloatDistribution(0.0, 0.5)
+    for i, (pos, value) in enumerate(zip(positions, values, strict=True)):
+        params = {"lr": min(1e-4 * 1000**pos, 0.1), "dropout": DROPOUT[i]}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={"lr": lr, "dropout": drop},
+                value=value,
+                user_attrs={"config": {**params, "n_layers": 1, "width": 32}, "n_params": 2410},
+            )
         )
-    ).space
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def advice_of(study):
+    d = report_data(study)
+    md = render_markdown(d, {})
+    return d.advice, md[md.index("## Search-space advice") :]
+
+
+def test_advice_raises_the_upper_bound_when_the_metric_keeps_rising_toward_it(workdir):
+    # accuracy rises steadily with lr right up to the top of its range; only 1 of the top 3
+    # trials sits in the outermost tenth, so crowding alone would say nothing
+    values = [0.5 + 0.4 * p + 0.05 * z for p, z in zip(EVEN, NOISE, strict=True)]
+    advice, text = advice_of(stored_study("trend-up", EVEN, values))
+    assert [(a.param, a.edge, a.reasons) for a in advice] == [("lr", "high", ("trend",))]
+    a = advice[0]
+    assert a.share == pytest.approx(1 / 3) and a.trend.n_trials == N and a.trend.rho > 0.95
+    assert a.proposed == pytest.approx((1e-4, 1.0))
+    assert a.snippet == "lr: {type: float, low: 1.0e-4, high: 1.0, log: true}"
+    assert "lr: val_accuracy keeps improving toward the high edge of [0.0001, 0.1]" in text
+    assert "raise the upper bound:" in text and a.snippet in text
+    assert "dropout" not in text.split("A peak inside the range")[1]  # only that advice
+    # the snippet pastes into a spec that validates, with the wider range
+    pasted = yaml.safe_load(a.snippet)["lr"]
+    assert pasted["low"] == 1e-4 and pasted["high"] == 1.0
+    spec = parse_spec(small_spec(search_space={**ADVICE_SPACE, "lr": pasted}))
+    assert (spec.space["lr"].low, spec.space["lr"].high) == (1e-4, 1.0)
+
+
+def test_advice_lowers_the_lower_bound_when_the_metric_keeps_rising_toward_it(workdir):
+    down = [1 - p for p in EVEN]  # lr from the top of the range down to 0.08 of it
+    values = [0.5 + 0.4 * p + 0.05 * z for p, z in zip(EVEN, NOISE, strict=True)]
+    advice, text = advice_of(stored_study("trend-down", down, values))
+    assert [(a.param, a.edge, a.reasons) for a in advice] == [("lr", "low", ("trend",))]
+    assert advice[0].trend.rho < -0.95
+    assert advice[0].snippet == "lr: {type: float, low: 1.0e-5, high: 0.1, log: true}"
+    assert "toward the low edge" in text and "lower the lower bound:" in text
+    assert "raise the upper bound" not in text
+
+
+def test_advice_stays_silent_on_a_peak_inside_the_range(workdir):
+    values = [0.9 - 1.2 * (p - 0.46) ** 2 + 0.05 * z for p, z in zip(EVEN, NOISE, strict=True)]
+    advice, text = advice_of(stored_study("peak", EVEN, values))
+    assert advice == [] and NO_ADVICE in text
+    # a peak at three quarters of the range: rho is high, yet the metric falls past the peak
+    values = [0.9 - 1.2 * (p - 0.75) ** 2 + 0.01 * z for p, z in zip(EVEN, NOISE, strict=True)]
+    study = stored_study("late-peak", EVEN, values)
+    assert (
+        search_space_advice(study, parse_spec(small_spec(search_space=ADVICE_SPACE)).space) == []
+    )
+
+
+def test_advice_stays_silent_when_the_parameter_has_no_effect(workdir):
+    values = [0.8 + 0.1 * z for z in NOISE]
+    advice, text = advice_of(stored_study("no-effect", EVEN, values))
+    assert advice == [] and NO_ADVICE in text
+
+
+def test_advice_still_flags_a_range_whose_best_values_crowd_an_edge():
+    # lr's best values pile up in its top tenth, though the metric has no trend elsewhere
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 8e-2, 9e-2, 9.5e-2, 2e-3, 5e-4]
+    values = [0.5, 0.7, 0.6, 0.55, 0.65, 0.9, 0.92, 0.91, 0.52, 0.68]
+    study = in_memory_study(list(zip(lrs, values, strict=True)))
+    space = parse_spec(small_spec(search_space={"lr": ADVICE_SPACE["lr"]})).space
     advice = search_space_advice(study, space)
     assert [(a.param, a.edge) for a in advice] == [("lr", "high")]
-    assert advice[0].proposed == (1e-4, 1.0) and advice[0].share == 1.0
-    assert advice[0].snippet == "lr: {type: float, low: 0.0001, high: 1, log: true}"
+    assert "crowd" in advice[0].reasons and advice[0].share == 1.0
 
 
-def test_advice_stays_silent_when_the_best_values_are_inside_the_range():
-    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 6e-2, 8e-2, 9e-2, 9.5e-2]
-    study = in_memory_study([(lr, -abs(lr - 3e-3)) for lr in lrs])
-    space = parse_spec(
-        small_spec(search_space={"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}})
-    ).space
-    assert search_space_advice(study, space) == []
+def test_yaml_floats_read_back_as_floats():
+    for v in (1e-4, 1e-5, 2.5e-6, 1.0, 0.5, 1e5, 123.4):
+        text = yaml_float(v)
+        assert isinstance(yaml.safe_load(text), float) and yaml.safe_load(text) == pytest.approx(v)
+    assert yaml_float(1e-4) == "1.0e-4" and yaml_float(1e5) == "1.0e+5" and yaml_float(1) == "1.0"
+
+
+def test_a_real_study_with_a_learning_rate_range_too_low_is_told_to_raise_it(workdir, mlflow_uri):
+    """Plain SGD on digits for 3 epochs with lr in [1e-3, 1e-2]: every trial underfits and the
+    higher the rate, the better (the best rates for this are near 0.1)."""
+    spec = small_spec(
+        name="lr-too-low",
+        search_space={
+            "n_layers": 1,
+            "width": 64,
+            "optimizer": "sgd",
+            "batch_size": 32,
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        },
+        training={"max_epochs": 3, "early_stopping": {"patience": 3}},
+        study={"n_trials": 12},
+        tracking={"uri": mlflow_uri},
+    )
+    study_run(parse_spec(spec))
+    study = optuna.load_study(study_name="lr-too-low", storage="sqlite:///optuna.db")
+    assert {t.user_attrs["fit"] for t in study.trials} == {"underfit"}
+    out = write_report(study, workdir / "rep", mlflow_uri)
+    data = json.loads((out / "report.json").read_text())
+    [advice] = data["advice"]
+    assert advice["param"] == "lr" and advice["edge"] == "high"
+    assert advice["snippet"] == "lr: {type: float, low: 0.001, high: 0.1, log: true}"
+    md = (out / "report.md").read_text()
+    assert "lr: val_accuracy keeps improving toward the high edge of [0.001, 0.01]" in md
+    assert "raise the upper bound:" in md
 
 
 def test_importances_include_the_parameter_count():
@@ -105,7 +222,7 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _rendered_dom(page, profile):
+def _rendered_dom(page, profile, window=(1280, 900)):
     """The page's DOM after headless Chromium ran its scripts (offline: no network flags)."""
     return subprocess.run(
         [
@@ -120,6 +237,7 @@ def _rendered_dom(page, profile):
             "--disable-sync",
             f"--user-data-dir={profile}",
             "--virtual-time-budget=15000",
+            f"--window-size={window[0]},{window[1]}",
             "--dump-dom",
             page.as_uri(),
         ],
@@ -150,3 +268,85 @@ def test_report_and_comparison_render_in_headless_chromium_without_script_errors
     dom = _rendered_dom(cmp / "index.html", workdir / "chrome")
     assert "data-script-errors" not in re.search(r"<html[^>]*>", dom).group(0)
     assert dom.count('class="main-svg"') >= 1
+
+
+# ---------------------------------------------------------------- the page fits its column
+
+WIDE_SPACE = {
+    "n_layers": {"type": "int", "low": 1, "high": 2},
+    "width": {"type": "int", "low": 16, "high": 64, "log": True},
+    "activation": {"type": "categorical", "choices": ["relu", "tanh"]},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.3},
+    "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+    "batch_size": {"type": "categorical", "choices": [32, 64]},
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+    "momentum": {"type": "float", "low": 0.0, "high": 0.9},
+}
+
+
+@pytest.fixture
+def wide_study(workdir, mlflow_uri):
+    """Nine searched hyperparameters: Optuna's slice chart would be 2,700 px wide."""
+    spec = small_spec(
+        name="wide",
+        search_space=WIDE_SPACE,
+        training={"max_epochs": 2},
+        study={"n_trials": 4},
+        tracking={"uri": mlflow_uri},
+    )
+    study_run(parse_spec(spec))
+    return optuna.load_study(study_name="wide", storage="sqlite:///optuna.db")
+
+
+def test_every_figure_fits_the_column_and_slices_wrap_into_rows(wide_study, workdir, mlflow_uri):
+    from PIL import Image
+
+    from hpo.report.render import COLUMN_PX, SLICE_COLS, plotly_figures
+
+    d = report_data(wide_study, mlflow_uri)
+    figs = plotly_figures(wide_study, d)
+    assert {"history", "parallel", "slice", "curves"} <= set(figs)
+    for key, fig in figs.items():
+        assert fig.layout.width is None or fig.layout.width <= COLUMN_PX, key
+    sliced = figs["slice"]
+    panels = [a for a in sliced.layout if a.startswith("xaxis")]
+    assert len(panels) == 9  # one per hyperparameter
+    starts = {round(sliced.layout[a].domain[0], 3) for a in panels}
+    tops = {round(sliced.layout["y" + a[1:]].domain[1], 3) for a in panels}
+    assert len(starts) == SLICE_COLS == 3 and len(tops) == 3  # three rows of three
+    titles = {a.text for a in sliced.layout.annotations}
+    assert set(WIDE_SPACE) <= titles  # each panel names its parameter
+    out = write_report(wide_study, workdir / "rep", mlflow_uri)
+    with Image.open(out / "slice.png") as png:
+        assert png.width <= COLUMN_PX and png.height > png.width / 2  # rows, not one strip
+
+
+@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+def test_report_page_has_no_horizontal_scroll_in_headless_chromium(
+    wide_study, workdir, mlflow_uri
+):
+    out = write_report(wide_study, workdir / "rep", mlflow_uri)
+    page = (out / "index.html").read_text()
+    measure = """<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var el = document.documentElement;
+  el.setAttribute('data-scroll-width', String(el.scrollWidth));
+  el.setAttribute('data-inner-width', String(window.innerWidth));
+  var widest = 0;
+  document.querySelectorAll('.main-svg').forEach(function (svg) {
+    widest = Math.max(widest, svg.getBoundingClientRect().width); });
+  el.setAttribute('data-widest-chart', String(widest));
+}, 2000); });
+</script></body>"""
+    measured = out / "measured.html"
+    measured.write_text(page.replace("</body>", measure))
+    for window in ((1280, 900), (1000, 800)):
+        dom = _rendered_dom(measured, workdir / "chrome", window)
+        html_tag = re.search(r"<html[^>]*>", dom).group(0)
+        assert "data-script-errors" not in html_tag, html_tag
+        scroll = int(re.search(r'data-scroll-width="(\d+)"', html_tag).group(1))
+        inner = int(re.search(r'data-inner-width="(\d+)"', html_tag).group(1))
+        widest = float(re.search(r'data-widest-chart="([\d.]+)"', html_tag).group(1))
+        assert inner == window[0] and scroll <= inner, (window, scroll, inner)
+        assert 0 < widest <= min(1100, inner), (window, widest)

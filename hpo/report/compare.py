@@ -26,6 +26,7 @@ class StudySummary(NamedTuple):
     time_to_best_s: float | None
     wall_time_s: float
     best_so_far: list[tuple[int, float, float]]  # (finished trial index, elapsed s, best value)
+    interrupted: int = 0  # cut-short trials, left out of everything above (see `summarise`)
 
 
 class SeedStats(NamedTuple):
@@ -43,7 +44,12 @@ class CompareData(NamedTuple):
 
 
 def summarise(study: optuna.Study) -> StudySummary:
-    """One study's side of the comparison."""
+    """One study's side of the comparison.
+
+    Interrupted trials (Ctrl-C, --timeout, a lost worker) are left out of the curves and the
+    counts, as they are out of n_trials: they never finished, and hpo runs their configurations
+    again. Only their number is kept, for the page to say so.
+    """
     from hpo.study import best_or_none, state_counts, was_interrupted
 
     maximize = study.direction.name == "MAXIMIZE"
@@ -80,6 +86,7 @@ def summarise(study: optuna.Study) -> StudySummary:
         time_to_best_s=best_at[1] if best_at else None,
         wall_time_s=best_so_far[-1][1] if best_so_far else 0.0,
         best_so_far=best_so_far,
+        interrupted=sum(was_interrupted(t) for t in study.get_trials(deepcopy=False)),
     )
 
 
@@ -104,6 +111,11 @@ def verdict(reseed: list[SeedStats]) -> str:
     from scipy import stats
 
     a, b = reseed[0], reseed[1]
+    if a.key != b.key:
+        return (
+            f"{a.name} and {b.name} are measured on different metrics ({a.key}, {b.key}): "
+            "their retrainings cannot be weighed against each other."
+        )
     if len(a.values) < 2 or len(b.values) < 2:
         return "Too few successful retrainings to estimate the seed noise."
     diff = a.mean - b.mean
@@ -152,7 +164,7 @@ def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
         "trials to best",
         "time to best",
         "wall time",
-        "complete / pruned / failed",
+        "complete / pruned / failed / interrupted",
         "good / overfit / underfit",
     ]
     rows = []
@@ -166,7 +178,8 @@ def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
                 str(s.trials_to_best or "-"),
                 f"{s.time_to_best_s:.0f}s" if s.time_to_best_s is not None else "-",
                 f"{s.wall_time_s:.0f}s",
-                " / ".join(str(s.states[k]) for k in ("COMPLETE", "PRUNED", "FAIL")),
+                " / ".join(str(s.states[k]) for k in ("COMPLETE", "PRUNED", "FAIL"))
+                + f" / {s.interrupted}",
                 " / ".join(str(s.fit_counts[k]) for k in ("good", "overfit", "underfit")),
             ]
         )
@@ -186,26 +199,86 @@ def _seed_rows(d: CompareData) -> list[list[str]]:
     ]
 
 
+def metric_groups(d: CompareData) -> list[tuple[str, list[StudySummary]]]:
+    """The studies by the metric they optimise, in order of first appearance: one row of
+    panels each, as accuracy and RMSE cannot share an axis."""
+    groups: dict[str, list[StudySummary]] = {}
+    for s in d.studies:
+        groups.setdefault(s.metric, []).append(s)
+    return list(groups.items())
+
+
+def _axis_title(metric: str, studies: list[StudySummary]) -> str:
+    better = "higher" if studies[0].maximize else "lower"
+    return f"best {metric} so far ({better} is better)"
+
+
+def notes(d: CompareData) -> list[str]:
+    """What the page says about its curves: which metric each row shows, what was left out."""
+    groups = metric_groups(d)
+    if len(groups) > 1:
+        rows = "; ".join(
+            f"row {i}: {m} ({', '.join(s.name for s in ss)})"
+            for i, (m, ss) in enumerate(groups, 1)
+        )
+        out = [
+            f"The studies optimise different metrics, so each has its own row of panels: {rows}."
+        ]
+    else:
+        out = [f"Both panels show the best {groups[0][0]} so far." if groups else ""]
+    out += [
+        f"{s.name}: {s.interrupted} interrupted trial{'s' if s.interrupted != 1 else ''} "
+        "(Ctrl-C, --timeout or a lost worker) left out of the curves and counts: they never "
+        "finished, do not count toward n_trials, and hpo runs their configurations again."
+        for s in d.studies
+        if s.interrupted
+    ]
+    return [line for line in out if line]
+
+
+def best_so_far_figure(d: CompareData):
+    """Best value so far by finished trial and by wall time: one row of two panels per metric,
+    a marker on every finished trial (a study with one finished trial is one point)."""
+    import plotly.graph_objects as go
+    from plotly.colors import DEFAULT_PLOTLY_COLORS as COLORS
+    from plotly.subplots import make_subplots
+
+    groups = metric_groups(d)
+    titles = [f"{m}: {by}" for m, _ in groups for by in ("by finished trial", "by wall time")]
+    fig = make_subplots(
+        rows=max(len(groups), 1), cols=2, subplot_titles=titles, vertical_spacing=0.15
+    )
+    colour = {s.name: COLORS[i % len(COLORS)] for i, s in enumerate(d.studies)}
+    for row, (metric, studies) in enumerate(groups, start=1):
+        for s in studies:
+            xs = [p[0] for p in s.best_so_far]
+            ts = [p[1] for p in s.best_so_far]
+            ys = [p[2] for p in s.best_so_far]
+            common = {
+                "mode": "lines+markers",
+                "name": s.name,
+                "legendgroup": s.name,
+                "line": {"color": colour[s.name]},
+                "marker": {"size": 7},
+            }
+            fig.add_trace(go.Scatter(x=xs, y=ys, **common), row, 1)
+            fig.add_trace(go.Scatter(x=ts, y=ys, showlegend=False, **common), row, 2)
+        fig.update_yaxes(title_text=_axis_title(metric, studies), row=row, col=1)
+        most = max((len(s.best_so_far) for s in studies), default=1)
+        step = max(1, math.ceil(most / 10))  # whole trials only
+        fig.update_xaxes(title_text="finished trial", dtick=step, row=row, col=1)
+        fig.update_xaxes(title_text="wall time (s)", row=row, col=2)
+    fig.update_layout(title="Best value so far", height=150 + 330 * max(len(groups), 1))
+    return fig
+
+
 def render_compare_html(d: CompareData) -> str:
     """A self-contained page: the table, best-so-far curves by trial and by time, seed noise."""
-    import plotly.graph_objects as go
     from plotly.offline import get_plotlyjs
-    from plotly.subplots import make_subplots
 
     from hpo.report.render import _ERROR_HOOK, _STYLE
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("by finished trial", "by wall time (s)"))
-    from plotly.colors import DEFAULT_PLOTLY_COLORS as COLORS
-
-    for i, s in enumerate(d.studies):
-        line = {"color": COLORS[i % len(COLORS)]}  # one colour per study in both panels
-        xs = [p[0] for p in s.best_so_far]
-        ts = [p[1] for p in s.best_so_far]
-        ys = [p[2] for p in s.best_so_far]
-        common = {"mode": "lines", "name": s.name, "legendgroup": s.name, "line": line}
-        fig.add_trace(go.Scatter(x=xs, y=ys, **common), 1, 1)
-        fig.add_trace(go.Scatter(x=ts, y=ys, showlegend=False, **common), 1, 2)
-    fig.update_layout(title="Best value so far")
+    fig = best_so_far_figure(d)
     e = html.escape
     header, rows = _table(d)
     parts = [
@@ -217,7 +290,13 @@ def render_compare_html(d: CompareData) -> str:
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
         *["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows],
         "</table>",
-        fig.to_html(full_html=False, include_plotlyjs=False, div_id="chart-best-so-far"),
+        *[f"<p class='note'>{e(line)}</p>" for line in notes(d)],
+        fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id="chart-best-so-far",
+            config={"responsive": True},
+        ),
         "<h2>Seed noise</h2>",
     ]
     if d.reseed:
@@ -241,6 +320,7 @@ def render_compare_markdown(d: CompareData, image: str | None) -> str:
         "|" + " --- |" * len(header),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", *notes(d)]
     if image:
         lines += ["", f"![Best value so far]({image})"]
     lines += ["", "## Seed noise", ""]
@@ -264,13 +344,23 @@ def write_compare(studies: list[optuna.Study], out: Path, reseed: int = 0) -> Pa
 
     d = compare_data(studies, reseed)
     out.mkdir(parents=True, exist_ok=True)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for s in d.studies:
-        a1.plot([p[0] for p in s.best_so_far], [p[2] for p in s.best_so_far], label=s.name)
-        a2.plot([p[1] for p in s.best_so_far], [p[2] for p in s.best_so_far], label=s.name)
-    a1.set(xlabel="finished trial", ylabel="best value so far")
-    a2.set(xlabel="wall time (s)")
-    a1.legend()
+    groups = metric_groups(d)
+    fig, axes = plt.subplots(
+        max(len(groups), 1), 2, figsize=(11, 0.5 + 3.5 * max(len(groups), 1)), squeeze=False
+    )
+    from matplotlib.ticker import MaxNLocator
+
+    colour = {s.name: f"C{i % 10}" for i, s in enumerate(d.studies)}  # the same in every row
+    for (metric, members), (a1, a2) in zip(groups, axes, strict=False):
+        a1.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for s in members:
+            ys = [p[2] for p in s.best_so_far]
+            style = {"marker": "o", "markersize": 4, "label": s.name, "color": colour[s.name]}
+            a1.plot([p[0] for p in s.best_so_far], ys, **style)
+            a2.plot([p[1] for p in s.best_so_far], ys, **style)
+        a1.set(xlabel="finished trial", ylabel=_axis_title(metric, members), title=metric)
+        a2.set(xlabel="wall time (s)", title=metric)
+        a1.legend()
     fig.tight_layout()
     fig.savefig(out / "best_so_far.png", dpi=80)
     plt.close("all")

@@ -1,4 +1,20 @@
-"""Report data: plain values computed from a study (and its MLflow runs), nothing drawn yet."""
+"""Report data: plain values computed from a study (and its MLflow runs), nothing drawn yet.
+
+Search-space advice (`search_space_advice`) flags a numeric range, with a wider range to paste,
+for either of two reasons (`ADVICE_RULES` says it in words, for the page):
+
+- crowding: half or more of the top 20% of complete trials sit in the range's outer 10%;
+- a trend: the metric keeps improving toward one edge. Over at least 8 complete trials,
+  Spearman's rank correlation between the parameter and the metric (sign turned so that
+  positive means better) is 0.5 or more in size with p < 0.05; the best trial sits in the third
+  of the range nearest that edge; and a quadratic fitted to the metric against the position
+  over the better half of the trials does not peak inside the range short of that edge's outer
+  10%, so a peak inside the range is not mistaken for a trend. Positions are on the log scale
+  for log ranges.
+
+A range whose best values sit inside it (a peak in the middle), or a parameter with no effect,
+is not flagged. Baseline trials are left out: they are not samples of the search space.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +30,21 @@ EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) count
 CROWD = 0.5  # flag a range when half or more of the top trials sit in one edge
 TOP = 0.2  # the top 20% of complete trials (at least 3) are "the best values"
 FLAT = 0.05  # importance below 5%: the parameter barely matters here
+TREND_MIN = 8  # complete trials a trend needs
+TREND_RHO = 0.5  # |Spearman rho| of the metric against the parameter, at least
+TREND_P = 0.05  # ... and significant at 5%
+TREND_NEAR = 1 / 3  # the best trial within the third of the range nearest the edge
+
+ADVICE_RULES = (
+    f"A numeric range is flagged when half or more of the top {TOP:.0%} of complete trials sit "
+    f"in its outer {EDGE:.0%}, or when the metric keeps improving toward one edge: over at "
+    f"least {TREND_MIN} complete trials, Spearman's rank correlation between the parameter and "
+    f"the metric is {TREND_RHO:g} or more in size (p < {TREND_P:g}), the best trial sits in "
+    "the third of the range nearest that edge, and a quadratic fitted to the better half of "
+    "the trials does not peak inside the range short of that edge's outer "
+    f"{EDGE:.0%}. Positions are on the log scale for log ranges; baselines are left out. A peak "
+    "inside the range, or no effect, is not flagged."
+)
 
 
 class Overview(NamedTuple):
@@ -42,6 +73,15 @@ class FitRow(NamedTuple):
     evidence: str
 
 
+class Trend(NamedTuple):
+    """The metric against one parameter over the complete trials."""
+
+    rho: float  # Spearman's, with the metric's sign turned so that positive means better
+    p_value: float
+    n_trials: int
+    best_at: float  # the parameter's value in the best trial
+
+
 class Advice(NamedTuple):
     param: str
     edge: str  # "low" or "high"
@@ -49,6 +89,19 @@ class Advice(NamedTuple):
     current: tuple[float, float]
     proposed: tuple[float, float]
     snippet: str  # ready-to-paste YAML
+    reasons: tuple[str, ...] = ("crowd",)  # "crowd" and/or "trend"
+    trend: Trend | None = None
+    metric: str = "value"
+
+
+class BaselineRow(NamedTuple):
+    name: str
+    number: int
+    state: str
+    value: float | None
+    config: dict[str, Any]
+    fit: str | None
+    evidence: str | None
 
 
 class ReportData(NamedTuple):
@@ -60,6 +113,7 @@ class ReportData(NamedTuple):
     flat: list[str]  # parameters that barely matter
     curves: dict[int, dict[str, list[float]]]  # trial number -> metric -> per-epoch values
     curve_roles: dict[int, str]  # trial number -> why it is shown (best, overfit, underfit)
+    baselines: list[BaselineRow] = []  # each baseline trial, in the order they ran
 
 
 def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportData:
@@ -82,7 +136,32 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
     searched = spec.space if spec else {}
     advice = search_space_advice(study, searched)
     flat = [p for p, v in importances.items() if v < FLAT and p != "n_params"]
-    return ReportData(overview, fit_rows, fit_counts, importances, advice, flat, curves, roles)
+    baselines = baseline_rows(trials)
+    return ReportData(
+        overview, fit_rows, fit_counts, importances, advice, flat, curves, roles, baselines
+    )
+
+
+def baseline_rows(trials) -> list[BaselineRow]:
+    """The baselines' trials: one row per baseline, its finished run (the last, when a cut-short
+    one ran again)."""
+    from hpo.study import was_interrupted
+
+    rows: dict[str, BaselineRow] = {}
+    for t in trials:
+        name = t.user_attrs.get("baseline")
+        if name is None or not t.state.is_finished() or was_interrupted(t):
+            continue
+        rows[name] = BaselineRow(
+            name,
+            t.number,
+            t.state.name,
+            t.value,
+            t.user_attrs.get("config", {}),
+            t.user_attrs.get("fit"),
+            t.user_attrs.get("fit_evidence"),
+        )
+    return sorted(rows.values(), key=lambda r: r.number)
 
 
 def _spec_of(study: optuna.Study):
@@ -143,8 +222,13 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
 def importance_study(study: optuna.Study) -> optuna.Study | None:
     """An in-memory copy of the complete trials, restricted to the parameters every one of them
     has, plus the parameter count as a derived parameter (per-layer widths and n_layers alone
-    say little about model size)."""
-    complete = list(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    say little about model size). Baselines are left out: they have no sampled parameters,
+    and one of them would leave no parameter common to all."""
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "baseline" not in t.user_attrs
+    ]
     if len(complete) < 3:
         return None
     derived = optuna.create_study(direction=study.direction)
@@ -162,37 +246,106 @@ def importance_study(study: optuna.Study) -> optuna.Study | None:
 
 
 def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advice]:
-    """Numeric ranges whose best values crowd against an edge, with a wider range to paste."""
+    """Numeric ranges whose best values crowd against an edge, or toward whose edge the metric
+    keeps improving, each with a wider range to paste (rules: the module's docstring)."""
+    maximize = study.direction.name == "MAXIMIZE"
     complete = sorted(
-        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+        (
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "baseline" not in t.user_attrs and t.value is not None and math.isfinite(t.value)
+        ),
         key=lambda t: t.value,
-        reverse=study.direction.name == "MAXIMIZE",
+        reverse=maximize,
     )
     if len(complete) < 5:
         return []
+    metric = study.user_attrs.get("metric", "value")
     top = complete[: max(3, round(TOP * len(complete)))]
     out = []
     for name, d in space.items():
         if not isinstance(d, Distribution) or d.type == "categorical" or d.per_layer:
-            continue
-        values = [t.params[name] for t in top if name in t.params]
-        if len(values) < 3:
             continue
         low, high = float(d.low), float(d.high)
         scale = (lambda v: math.log(v)) if d.log else (lambda v: v)
         span = scale(high) - scale(low)
         if span <= 0:
             continue
-        pos = [(scale(v) - scale(low)) / span for v in values]
-        for edge, share in (
-            ("low", sum(p <= EDGE for p in pos) / len(pos)),
-            ("high", sum(p >= 1 - EDGE for p in pos) / len(pos)),
-        ):
-            if share >= CROWD:
-                new = _widen(name, d, edge)
-                if new != (low, high):
-                    out.append(Advice(name, edge, share, (low, high), new, _snippet(name, d, new)))
+
+        def position(v: float, scale=scale, low=low, span=span) -> float:
+            return (scale(float(v)) - scale(low)) / span
+
+        flagged: dict[str, dict[str, Any]] = {}
+        pos = [position(t.params[name]) for t in top if name in t.params]
+        if len(pos) >= 3:
+            for edge, share in (
+                ("low", sum(p <= EDGE for p in pos) / len(pos)),
+                ("high", sum(p >= 1 - EDGE for p in pos) / len(pos)),
+            ):
+                if share >= CROWD:
+                    flagged[edge] = {"share": share, "reasons": ("crowd",)}
+        have = [t for t in complete if name in t.params]  # best first
+        points = [(position(t.params[name]), t.value if maximize else -t.value) for t in have]
+        found = metric_trend(points)
+        if found is not None:
+            edge, (rho, p_value) = found
+            trend = Trend(rho, p_value, len(points), float(have[0].params[name]))
+            entry = flagged.setdefault(edge, {"reasons": ()})
+            entry["reasons"] += ("trend",)
+            entry["trend"] = trend
+            if "share" not in entry:
+                entry["share"] = sum(
+                    (p <= EDGE if edge == "low" else p >= 1 - EDGE) for p in pos
+                ) / max(len(pos), 1)
+        for edge, entry in flagged.items():
+            new = _widen(name, d, edge)
+            if new != (low, high):
+                out.append(
+                    Advice(
+                        name,
+                        edge,
+                        entry["share"],
+                        (low, high),
+                        new,
+                        _snippet(name, d, new),
+                        entry["reasons"],
+                        entry.get("trend"),
+                        metric,
+                    )
+                )
     return out
+
+
+def metric_trend(points: list[tuple[float, float]]) -> tuple[str, tuple[float, float]] | None:
+    """The edge ("low" or "high") toward which the score keeps improving, with Spearman's rho
+    and its p-value, or None. `points` are (position in the range, 0 to 1; score, higher is
+    better), best first."""
+    from scipy import stats
+
+    if len(points) < TREND_MIN:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if len(set(xs)) < 3 or len(set(ys)) < 2:
+        return None
+    rho, p_value = (float(v) for v in stats.spearmanr(xs, ys))
+    if not (math.isfinite(rho) and abs(rho) >= TREND_RHO and p_value < TREND_P):
+        return None
+    edge = "high" if rho > 0 else "low"
+    best = xs[0]
+    if (best < 1 - TREND_NEAR) if edge == "high" else (best > TREND_NEAR):
+        return None  # the best values are not near that edge
+    # A quadratic through the better half of the trials (the worse half, failed trials among
+    # them, would only bend it): a peak inside the range, short of the edge's outer tenth, is a
+    # peak and not a trend (the metric would not keep improving past it).
+    import numpy as np
+
+    better = points[: max(4, len(points) // 2)]  # best first
+    c2, c1, _ = np.polyfit([p[0] for p in better], [p[1] for p in better], 2)
+    if c2 < 0:
+        peak = -c1 / (2 * c2)
+        if (peak < 1 - EDGE) if edge == "high" else (peak > EDGE):
+            return None
+    return edge, (rho, p_value)
 
 
 def _widen(name: str, d: Distribution, edge: str) -> tuple[float, float]:
@@ -217,9 +370,24 @@ def _widen(name: str, d: Distribution, edge: str) -> tuple[float, float]:
 
 
 def _snippet(name: str, d: Distribution, new: tuple[float, float]) -> str:
-    fmt = (lambda v: str(int(v))) if d.type == "int" else (lambda v: f"{v:.3g}")
+    fmt = (lambda v: str(int(v))) if d.type == "int" else yaml_float
     extra = ", log: true" if d.log else ""
     return f"{name}: {{type: {d.type}, low: {fmt(new[0])}, high: {fmt(new[1])}{extra}}}"
+
+
+def yaml_float(v: float) -> str:
+    """A float as YAML's safe_load reads back as a float: 1.0e-4, not 1e-04 (a string there)."""
+    v = float(v)
+    if v == 0:
+        return "0.0"
+    if 1e-3 <= abs(v) < 1e4:
+        text = f"{v:.4g}"
+        return text if "." in text else text + ".0"
+    mantissa, exponent = f"{v:.3e}".split("e")
+    mantissa = mantissa.rstrip("0")
+    if mantissa.endswith("."):
+        mantissa += "0"
+    return f"{mantissa}e{int(exponent):+d}"
 
 
 def _curve_roles(study, complete, fit_rows) -> dict[int, str]:

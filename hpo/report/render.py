@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,12 @@ from typing import Any
 
 import optuna
 
-from hpo.report.data import ReportData, importance_study
+from hpo.diagnose import RULES
+from hpo.report.data import ADVICE_RULES, ReportData, importance_study
+
+COLUMN_PX = 1100  # the page's column (body max-width): no figure may be wider
+SLICE_COLS = 3  # slice panels per row
+TRIAL_COLOURS = ["#c6dbef", "#08306b"]  # slice markers, first trial to last: all visible
 
 # Collects script errors on the page so that a headless browser check can read them off the DOM.
 _ERROR_HOOK = """<script>
@@ -23,7 +29,8 @@ window.addEventListener('error', function (e) {
 </script>"""
 _STYLE = """<style>
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #222; }
+       padding: 0 1em; color: #222; box-sizing: border-box; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; }
 table { border-collapse: collapse; margin: 1em 0; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } code, pre { background: #f6f6f6; padding: 2px 4px; }
@@ -117,8 +124,90 @@ def optuna_charts(study: optuna.Study, d: ReportData, vis: Any) -> dict[str, Cal
         charts["importances"] = lambda: vis.plot_param_importances(derived, evaluator=known)
     if len(complete) >= 2:
         charts["parallel"] = lambda: vis.plot_parallel_coordinate(study, target_name=target)
-        charts["slice"] = lambda: vis.plot_slice(study, target_name=target)
     return charts
+
+
+def slice_data(study: optuna.Study, d: ReportData) -> list[tuple[str, str, list[Any]]]:
+    """What the slice chart shows: (parameter, axis "linear" | "log" | "category", complete
+    trials that have it), parameters by importance. Baselines are left out (no params)."""
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.params and t.value is not None
+    ]
+    if len(complete) < 2:
+        return []
+    names = sorted({k for t in complete for k in t.params})
+    rank = {k: i for i, k in enumerate(d.importances)}
+    names.sort(key=lambda k: (rank.get(k, len(rank)), k))
+    out = []
+    for name in names:
+        have = [t for t in complete if name in t.params]
+        dist = have[0].distributions[name]
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            axis = "category"
+        else:
+            axis = "log" if getattr(dist, "log", False) else "linear"
+        out.append((name, axis, have))
+    return out
+
+
+def _slice_x(axis: str, trials: list[Any], name: str) -> list[Any]:
+    return [str(t.params[name]) if axis == "category" else t.params[name] for t in trials]
+
+
+def slice_figure(study: optuna.Study, d: ReportData) -> Any | None:
+    """The metric against each parameter, one small panel each, SLICE_COLS to a row, as wide
+    as the page's column and no wider (Optuna's own puts them all in one row, 300 px each)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = slice_data(study, d)
+    if not panels:
+        return None
+    cols = min(SLICE_COLS, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[name for name, _, _ in panels],
+        horizontal_spacing=0.08,
+        vertical_spacing=min(0.3 / rows, 0.12) if rows > 1 else 0.1,
+    )
+    for i, (name, axis, trials) in enumerate(panels):
+        row, col = i // cols + 1, i % cols + 1
+        fig.add_trace(
+            go.Scatter(
+                x=_slice_x(axis, trials, name),
+                y=[t.value for t in trials],
+                mode="markers",
+                marker={
+                    "color": [t.number for t in trials],
+                    "coloraxis": "coloraxis",
+                    "size": 7,
+                    "line": {"width": 0.5, "color": "grey"},
+                },
+                customdata=[t.number for t in trials],
+                hovertemplate=f"trial #%{{customdata}}<br>{name} = %{{x}}<br>"
+                f"{d.overview.metric} = %{{y:.4g}}<extra></extra>",
+                showlegend=False,
+            ),
+            row,
+            col,
+        )
+        fig.update_xaxes(type=axis, row=row, col=col, tickfont={"size": 10})
+    fig.update_yaxes(title_text=d.overview.metric, col=1, tickfont={"size": 10})
+    fig.update_layout(
+        title=f"{d.overview.metric} against each parameter (colour: trial number)",
+        height=110 + 250 * rows,
+        coloraxis={
+            "colorscale": [[0, TRIAL_COLOURS[0]], [1, TRIAL_COLOURS[1]]],
+            "colorbar": {"title": {"text": "trial"}},
+        },
+        margin={"l": 60, "r": 20, "t": 80, "b": 40},
+    )
+    fig.update_annotations(font_size=12)
+    return fig
 
 
 def plotly_figures(study: optuna.Study, d: ReportData) -> dict[str, Any]:
@@ -127,6 +216,12 @@ def plotly_figures(study: optuna.Study, d: ReportData) -> dict[str, Any]:
     from optuna import visualization as vis
 
     figs: dict[str, Any] = {key: draw() for key, draw in optuna_charts(study, d, vis).items()}
+    sliced = slice_figure(study, d)
+    if sliced is not None:
+        figs["slice"] = sliced
+    for fig in figs.values():  # as wide as the column, whatever a chart asked for
+        if fig.layout.width is not None and fig.layout.width > COLUMN_PX:
+            fig.update_layout(width=None)
     if d.curves:
         fig = go.Figure()
         for number, curves in d.curves.items():
@@ -161,7 +256,12 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
     def chart(key: str) -> str:
         if key not in figs:
             return "<p><em>Not enough complete trials for this chart.</em></p>"
-        return figs[key].to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{key}")
+        return figs[key].to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"chart-{key}",
+            config={"responsive": True},
+        )
 
     e = html.escape
     parts = [
@@ -175,6 +275,7 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
         "<h2>At a glance</h2><table>",
         *[f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts(d)],
         "</table>",
+        *_baselines_html(d),
         "<h2>Optimisation history</h2>",
         chart("history"),
         "<h2>What mattered</h2>",
@@ -187,6 +288,7 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
         chart("slice"),
         "<h2>Fit diagnosis</h2>",
         f"<p>{e(_fit_sentence(d))}</p>",
+        f"<p class='rules'>{e(RULES)}</p>",
         chart("curves"),
         "<table><tr><th>trial</th><th>state</th><th>value</th><th>fit</th><th>evidence</th></tr>",
         *[
@@ -204,24 +306,83 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
 
 def _fit_sentence(d: ReportData) -> str:
     c = d.fit_counts
-    return f"{c['good']} good, {c['overfit']} overfit, {c['underfit']} underfit (rules: README)."
+    return f"{c['good']} good, {c['overfit']} overfit, {c['underfit']} underfit."
+
+
+def _baseline_model(config: dict[str, Any]) -> str:
+    widths = config.get("widths") or []
+    if not widths:
+        model = "no hidden layer (linear model)"
+    else:
+        model = f"hidden layers {'x'.join(str(w) for w in widths)} ({config.get('activation')})"
+    return f"{model}; {config.get('optimizer')}, lr {_fmt(config.get('lr'))}"
+
+
+def baseline_table(d: ReportData) -> tuple[list[str], list[list[str]]]:
+    """The baselines, one row each: header and cells."""
+    header = ["baseline", "trial", "model", d.overview.metric, "fit"]
+    rows = [
+        [
+            b.name,
+            f"#{b.number}",
+            _baseline_model(b.config),
+            f"{b.value:.4f}" if b.state == "COMPLETE" and b.value is not None else b.state.lower(),
+            f"{b.fit}: {b.evidence}" if b.fit else "-",
+        ]
+        for b in d.baselines
+    ]
+    return header, rows
+
+
+def _baselines_html(d: ReportData) -> list[str]:
+    if not d.baselines:
+        return []
+    e = html.escape
+    header, rows = baseline_table(d)
+    return [
+        "<h3>Baselines</h3>",
+        "<p>Fixed configurations trained first, the reference points the search has to beat.</p>",
+        "<table id='baselines'><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
+        *[
+            f"<tr><td>{e(r[0])}</td><td>{e(r[1])}</td><td>{e(r[2])}</td><td>{e(r[3])}</td>"
+            f"<td class='{e(b.fit or '')}'>{e(r[4])}</td></tr>"
+            for r, b in zip(rows, d.baselines, strict=True)
+        ],
+        "</table>",
+    ]
 
 
 def _advice_lines(d: ReportData) -> list[str]:
     lines = []
     for a in d.advice:
-        lines.append(
-            f"{a.param}: {a.share:.0%} of the best trials sit at the {a.edge} edge of "
-            f"[{_fmt(a.current[0])}, {_fmt(a.current[1])}]; try a wider range:"
-        )
+        where = f"[{_fmt(a.current[0])}, {_fmt(a.current[1])}]"
+        parts = []
+        if a.trend is not None:
+            t = a.trend
+            parts.append(
+                f"{a.metric} keeps improving toward the {a.edge} edge of {where} (Spearman "
+                f"rho = {t.rho:+.2f} over {t.n_trials} trials, p = {t.p_value:.2g}; the best "
+                f"trial has {a.param} = {_fmt(t.best_at)})"
+            )
+        if "crowd" in a.reasons:
+            parts.append(
+                f"{a.share:.0%} of the best trials sit at the {a.edge} edge"
+                + ("" if parts else f" of {where}")
+            )
+        todo = "raise the upper bound" if a.edge == "high" else "lower the lower bound"
+        lines.append(f"{a.param}: {'; '.join(parts)}; {todo}:")
     return lines
+
+
+NO_ADVICE = "No numeric range has its best values crowded against an edge or a metric still "
+NO_ADVICE += "improving toward one."
 
 
 def _advice_html(d: ReportData) -> list[str]:
     e = html.escape
-    out = []
+    out = [f"<p class='rules'>{e(ADVICE_RULES)}</p>"]
     if not d.advice:
-        out.append("<p>No numeric range has its best values crowded against an edge.</p>")
+        out.append(f"<p>{NO_ADVICE}</p>")
     for line, a in zip(_advice_lines(d), d.advice, strict=True):
         out.append(f"<p>{e(line)}</p><pre>{e(a.snippet)}</pre>")
     if d.flat:
@@ -233,6 +394,11 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
     """The same report as Markdown, with the PNG figures beside it."""
     lines = [f"# Study {d.overview.study}", "", "## At a glance", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in facts(d)]
+    if d.baselines:
+        header, rows = baseline_table(d)
+        lines += ["", "### Baselines", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     for title, key in (
         ("Optimisation history", "history"),
         ("What mattered", "importances"),
@@ -246,7 +412,7 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
     if d.importances:
         lines += ["", "| parameter | importance |", "| --- | --- |"]
         lines += [f"| {k} | {v:.3f} |" for k, v in d.importances.items()]
-    lines += ["", "## Fit diagnosis", "", _fit_sentence(d), ""]
+    lines += ["", "## Fit diagnosis", "", _fit_sentence(d), "", RULES, ""]
     if "curves" in images:
         lines += [f"![Learning curves]({images['curves']})", ""]
     lines += ["| trial | state | value | fit | evidence |", "| --- | --- | --- | --- | --- |"]
@@ -254,9 +420,9 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
         f"| {r.number} | {r.state} | {_value(r.value)} | {r.label} | {r.evidence} |"
         for r in d.fit_rows
     ]
-    lines += ["", "## Search-space advice", ""]
+    lines += ["", "## Search-space advice", "", ADVICE_RULES, ""]
     if not d.advice:
-        lines.append("No numeric range has its best values crowded against an edge.")
+        lines.append(NO_ADVICE)
     for line, a in zip(_advice_lines(d), d.advice, strict=True):
         lines += [line, "", "```yaml", a.snippet, "```", ""]
     if d.flat:
@@ -286,6 +452,8 @@ def write_pngs(study: optuna.Study, d: ReportData, out: Path) -> dict[str, str]:
             plt.savefig(out / f"{key}.png", dpi=80)
         plt.close("all")
         made[key] = f"{key}.png"
+    if _slice_png(study, d, out / "slice.png"):
+        made["slice"] = "slice.png"
     if d.curves:
         fig, ax = plt.subplots(figsize=(10, 5))
         for number, curves in d.curves.items():
@@ -307,8 +475,69 @@ def write_pngs(study: optuna.Study, d: ReportData, out: Path) -> dict[str, str]:
     return made
 
 
+def _slice_png(study: optuna.Study, d: ReportData, path: Path) -> bool:
+    """The slice chart as a PNG: SLICE_COLS panels to a row, 800 px wide."""
+    import matplotlib.pyplot as plt
+
+    panels = slice_data(study, d)
+    if not panels:
+        return False
+    cols = min(SLICE_COLS, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
+
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 0.6 + 2.8 * rows), squeeze=False)
+    numbers = [t.number for _, _, ts in panels for t in ts]
+    norm = plt.Normalize(min(numbers), max(numbers))
+    cmap = LinearSegmentedColormap.from_list("trials", TRIAL_COLOURS)
+    dots = None
+    for ax, (name, axis, trials) in zip(axes.flat, panels, strict=False):
+        xs = _slice_x(axis, trials, name)
+        dots = ax.scatter(
+            xs,
+            [t.value for t in trials],
+            c=[t.number for t in trials],
+            cmap=cmap,
+            norm=norm,
+            edgecolors="grey",
+            linewidths=0.5,
+        )
+        if axis == "log":  # four labelled ticks, none of matplotlib's crowded minor labels
+            ax.set_xscale("log")
+            lo, hi = min(xs), max(xs)
+            ticks = [lo] if lo == hi else [lo * (hi / lo) ** (i / 3) for i in range(4)]
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_major_formatter(lambda v, _: f"{v:.2g}")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        elif axis == "linear" and all(isinstance(x, int) for x in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(d.overview.metric, fontsize=9)
+    fig.suptitle(f"{d.overview.metric} against each parameter (colour: trial number)")
+    fig.tight_layout()
+    if dots is not None:
+        fig.colorbar(dots, ax=axes.ravel().tolist(), label="trial", shrink=0.8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def to_json(d: ReportData) -> str:
-    """The report data as JSON, for scripts."""
-    return json.dumps(
-        d._asdict(), default=lambda o: o._asdict() if hasattr(o, "_asdict") else str(o), indent=1
-    )
+    """The report data as JSON, for scripts: named tuples become objects with their names."""
+
+    def plain(o: Any) -> Any:
+        if hasattr(o, "_asdict"):
+            return {k: plain(v) for k, v in o._asdict().items()}
+        if isinstance(o, dict):
+            return {str(k): plain(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [plain(v) for v in o]
+        return o
+
+    return json.dumps(plain(d), default=str, indent=1)
