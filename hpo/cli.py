@@ -472,11 +472,15 @@ def predict(
         _err(f"error: {data}: no such file")
         raise typer.Exit(code=2)
     try:
-        frame = pd.read_parquet(data) if data.suffix == ".parquet" else pd.read_csv(data)
-    except Exception as e:  # noqa: BLE001 - a file that is not a table: the user's to fix
-        _err(f"error: {data}: cannot read it as a table ({str(e).splitlines()[0][:200]})")
+        predictor = load_predictor(uri, tracking_uri or _study_tracking_uri(loaded))
+    except Exception as e:  # noqa: BLE001 - a store that moved, an older model: one line
+        _err(f"error: cannot load the model {uri} of study {study!r}: {_first_line(e)}")
         raise typer.Exit(code=2) from None
-    predictor = load_predictor(uri, tracking_uri)
+    try:
+        frame = predictor.read_table(data)
+    except Exception as e:  # noqa: BLE001 - a file that is not a table: the user's to fix
+        _err(f"error: {data}: cannot read it as a table ({_first_line(e)})")
+        raise typer.Exit(code=2) from None
     target = predictor.prep.get("target")
     truth = frame.pop(target) if target and target in frame.columns else None
     try:
@@ -502,6 +506,18 @@ def predict(
             errors = labels.to_numpy(dtype=float) - truth.to_numpy(dtype=float)
             score = f"rmse {float((errors**2).mean() ** 0.5):.6g}"
         _err(f"against the {target!r} column of {data}: {score}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return redact(text.splitlines()[0][:200]) if text else type(e).__name__
+
+
+def _study_tracking_uri(study: Any) -> str | None:
+    """The tracking store a study was run with, where it was recorded in full (a URL with a
+    password is recorded redacted: then the command line or $MLFLOW_TRACKING_URI must say)."""
+    uri = study.user_attrs.get("tracking_uri")
+    return uri if uri and "***" not in uri else None
 
 
 def _check_out(folder: Path) -> None:

@@ -149,6 +149,9 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
             "target": raw.target,
         }
         example = raw.frame.iloc[example_rows].reset_index(drop=True)
+        for column in raw.columns or []:  # numbers as double: an int column may hold a blank
+            if column["type"] == "double":
+                example[column["name"]] = example[column["name"]].astype(np.float64)
     else:
         prep |= {
             "kind": "array",
@@ -167,6 +170,10 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         "test_source": "official" if test_idx is None else f"split.test={sp.test}",
         "split_hash": h.hexdigest()[:16],
         "classes": raw.classes,
+        # the training split's class frequencies: the fit diagnosis's chance level
+        "class_counts": np.bincount(y_tr, minlength=n_outputs).tolist()
+        if task == "classification"
+        else None,
     }
     return Data(
         task=task,

@@ -22,20 +22,23 @@ from typing import NamedTuple
 # Thresholds, as fractions of the chance-level loss (ln K for K classes; 1.0 for standardised
 # regression targets, the MSE of always predicting the mean).
 LITTLE = 0.70  # kept val_loss above this: the model learned little, whatever the others did
-HIGH_VAL_LOSS = 0.35  # kept val_loss above this is underfit, unless the data allows no better:
-FLOOR = 3.0  # ... no earlier trial fit its own training data below val_loss / FLOOR
+HIGH_VAL_LOSS = 0.35  # kept val_loss above this is underfit, when the data allows better:
+FLOOR = 3.0  # ... an earlier trial's val_loss below val_loss / FLOOR, and this trial's
+#               train_loss above that too (it did not fit even its training data as well)
 GAP = 0.1  # a val - train loss gap above this, and growing, is overfitting
 RISE = 0.10  # val_loss 10% above its minimum while train_loss fell: overfitting
 STEEP = 0.03  # val_loss still falling by 3% or more per epoch at the end: cut short
 
 RULES = (
     "Labels read each trial's curves at the epoch whose weights it kept; chance is the loss of "
-    "a model that knows nothing (ln K for K classes, 1 for standardised regression). "
+    "a model that knows only the class frequencies (the entropy of the training split's "
+    "classes: ln K for K balanced classes; 1 for standardised regression). "
     f"Overfit: val_loss rose more than {RISE:.0%} above its minimum while train_loss kept "
     f"falling, or the train/validation gap grew past {GAP:.0%} of chance after val_loss "
     f"stopped improving. Underfit: val_loss above {LITTLE:.0%} of chance; or above "
-    f"{HIGH_VAL_LOSS:.0%} of chance while an earlier trial fit its own training data to under "
-    f"1/{FLOOR:g} of it (proof that this data allows better); or still falling {STEEP:.0%} or "
+    f"{HIGH_VAL_LOSS:.0%} of chance while an earlier trial reached a val_loss under 1/{FLOOR:g} "
+    "of it and this trial's train_loss stayed above that (proof that this data allows better "
+    f"and that the trial did not fit it); or still falling {STEEP:.0%} or "
     "more per epoch when training stopped. Good otherwise. Underfitting is judged on val_loss, "
     "measured without dropout: train_loss is averaged over the epoch with dropout on, and "
     "would call a trial with dropout underfit beside its twin without."
@@ -47,25 +50,32 @@ class Diagnosis(NamedTuple):
     evidence: str
 
 
-def chance_loss(task: str, n_classes: int | None) -> float:
-    """Loss of a model that knows nothing: ln K for K classes, 1.0 for standardised regression."""
-    if task == "classification" and n_classes and n_classes > 1:
+def chance_loss(
+    task: str, n_classes: int | None, class_counts: Sequence[int] | None = None
+) -> float:
+    """Loss of a model that knows only the class frequencies: their entropy (ln K for K
+    balanced classes; 0.2 for a 95/5 split), 1.0 for standardised regression."""
+    if task != "classification" or not n_classes or n_classes < 2:
+        return 1.0
+    total = sum(class_counts or ())
+    if not total:
         return math.log(n_classes)
-    return 1.0
+    entropy = -sum(c / total * math.log(c / total) for c in class_counts or () if c)
+    return entropy if entropy > 0 else math.log(n_classes)
 
 
 def diagnose_fit(
     history: Sequence[dict[str, float]],
     kept_epoch: int | None = None,
     chance: float = 1.0,
-    peer_train_losses: Sequence[float] = (),
+    peer_val_losses: Sequence[float] = (),
     stopped_by: str = "max_epochs",
 ) -> Diagnosis:
     """Label a trial `overfit`, `underfit` or `good` from its train_loss and val_loss curves.
 
     kept_epoch: the epoch whose weights the trial kept (default: the last).
-    peer_train_losses: the kept train_loss of the trials that completed before this one: the
-        lowest says how far this data lets a model's loss go down.
+    peer_val_losses: the kept val_loss of the trials that completed before this one: the
+        lowest says how far this data lets a model's loss on unseen data go down.
     stopped_by: why training ended: "max_epochs", "early_stopping" or "pruned".
     The rules, in the order they are checked, are `RULES` (and README, "Fit diagnosis").
     """
@@ -114,21 +124,26 @@ def diagnose_fit(
     # Underfitting against what this data allows: high, and an earlier trial did much better.
     floor_note = ""
     if v > HIGH_VAL_LOSS * chance:
-        peers = [p for p in peer_train_losses if math.isfinite(p)]
+        peers = [p for p in peer_val_losses if math.isfinite(p)]
         best = min(peers) if peers else None
         level = f"val_loss {v:.3g} at epoch {k} is {_share(v, chance)} of chance ({chance:.3g})"
         if best is None:
             floor_note = f"; {level}, with no earlier trial to show whether the data allows better"
-        elif v > FLOOR * best:
+        elif v > FLOOR * best and t > best:
             return Diagnosis(
                 "underfit",
-                f"{level}, while an earlier trial fit its training data to {best:.3g}: the data "
-                "allows better" + after,
+                f"{level} and train_loss {t:.3g}, while an earlier trial reached val_loss "
+                f"{best:.3g}: the data allows better" + after,
+            )
+        elif v > FLOOR * best:
+            floor_note = (
+                f"; {level}, though an earlier trial reached val_loss {best:.3g}, but its "
+                f"train_loss {t:.3g} is lower than that: it fits its training data"
             )
         else:
             floor_note = (
-                f"; {level}, but the earlier trials fit even their training data only to "
-                f"{best:.3g} at best: the data may allow little better"
+                f"; {level}, but no earlier trial did better than val_loss {best:.3g}: the "
+                "data may allow little better"
             )
     # ... or was cut off while still learning fast.
     if falling:

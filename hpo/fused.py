@@ -35,8 +35,9 @@ from hpo.train import (
     TrainResult,
     Watch,
     _metrics,
-    flushing_denormals,
     matmul_precision,
+    products,
+    training_loop,
 )
 
 # Hyperparameters a cohort shares: they change the network's shape or the step's code.
@@ -228,7 +229,7 @@ def evaluate_stack(stack: StackedMLP, data: Tensors, cfg: TrainConfig) -> list[d
     loss_sum = torch.zeros(k, device=X.device)
     correct = torch.zeros(k, device=X.device)
     cast = matmul_precision(cfg.precision, X.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), products(cfg.precision, X.device):
         for start in range(0, len(X), rows):
             with cast():
                 out = stack.forward(X[start : start + rows], None, None, training=False)
@@ -241,7 +242,7 @@ def evaluate_stack(stack: StackedMLP, data: Tensors, cfg: TrainConfig) -> list[d
     return [_metrics(loss / n, hits / n, cfg) for loss, hits in zip(*both, strict=True)]
 
 
-@flushing_denormals
+@training_loop
 def train_cohort(
     models: list[nn.Sequential],
     cfgs: list[TrainConfig],

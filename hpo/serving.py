@@ -85,7 +85,7 @@ class Predictor:
                 frame[name] = frame[name].map(lambda v: v if pd.isna(v) else str(v))
                 frame[name] = frame[name].astype(object)
             elif kind == "boolean":
-                frame[name] = frame[name].astype(bool)
+                frame[name] = [_boolean(v, name, row) for row, v in enumerate(frame[name])]
             else:
                 values = pd.to_numeric(frame[name], errors="coerce")
                 bad = values.isna() & frame[name].notna()
@@ -99,6 +99,19 @@ class Predictor:
         encoded = pd.get_dummies(frame, columns=strings, dtype=np.float32)
         encoded = encoded.reindex(columns=self.prep["encoded"], fill_value=0)
         return encoded.to_numpy(dtype=np.float32)
+
+    def read_table(self, path: str | Path) -> pd.DataFrame:
+        """Raw rows from a CSV or Parquet file, read as the training file was: categorical
+        columns as text (so that "007" stays "007"); an image row of values, header or not."""
+        path = Path(path)
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if self.prep["kind"] == "table":
+            text = {c["name"]: str for c in self.prep["columns"] if c["type"] == "string"}
+            return pd.read_csv(path, dtype=text, keep_default_na=True)
+        first = pd.read_csv(path, header=None, nrows=1)
+        numbers = all(pd.to_numeric(first.iloc[0], errors="coerce").notna())
+        return pd.read_csv(path, header=None if numbers else "infer")
 
     # ------------------------------------------------------------ outputs
 
@@ -126,6 +139,19 @@ class Predictor:
         frame = pd.DataFrame(proba, columns=[f"probability_{c}" for c in classes])
         frame.insert(0, "prediction", labels)
         return frame
+
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _boolean(value: Any, column: str, row: int) -> bool:
+    """A boolean feature: True/False, 1/0 or their text; anything else is an error."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"column {column!r}, row {row}: {value!r} is not true or false")
 
 
 try:  # where mlflow is installed (always, where the model is served)

@@ -775,7 +775,7 @@ class _Driver:
             return None
         trial.set_user_attr("config", running.config)
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        peers = [t.user_attrs["metrics"]["train_loss"] for t in done if "metrics" in t.user_attrs]
+        peers = [t.user_attrs["metrics"]["val_loss"] for t in done if "metrics" in t.user_attrs]
         return TrialJob(trial.number, running.config, seed, peers)
 
     def _on_epoch(self, e: Epoch) -> None:
@@ -1017,7 +1017,11 @@ class _Driver:
                 test = attrs["test_metrics"]  # this model already had its one look at the test
             else:
                 model = self._best_model(best)
-                cfg = TrainConfig(task=self.data.task, y_scale=self.data.y_scale)
+                cfg = TrainConfig(
+                    task=self.data.task,
+                    y_scale=self.data.y_scale,
+                    precision=self.spec.training.precision,
+                )
                 tested = evaluate(model, self._test_split(), cfg)
                 test = {f"test_{k}": v for k, v in tested.items()}
                 self.study.set_user_attr("test_metrics", test)
@@ -1056,7 +1060,11 @@ class _Driver:
         elif bb.user_attrs.get("checkpoint"):
             weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
             model = self._model(bb.user_attrs["config"], weights)
-            cfg = TrainConfig(task=self.data.task, y_scale=self.data.y_scale)
+            cfg = TrainConfig(
+                task=self.data.task,
+                y_scale=self.data.y_scale,
+                precision=self.spec.training.precision,
+            )
             tested = {f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()}
         else:
             return  # trained before baselines kept their weights

@@ -252,6 +252,10 @@ class Tracker:
         output = predictor.predict(input_example)
         params = {"probabilities": False} if classify else None
         signature = infer_signature(input_example, output, params=params)
+        if predictor.prep["kind"] != "table":
+            # Raw pixel values come as uint8, int64 or float arrays, one image a row or a
+            # single image: a tensor schema would accept only the example's exact dtype.
+            signature.inputs = None
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             artifacts = predictor.save(Path(folder))
@@ -388,12 +392,21 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
     """A logged model's `Predictor` (hpo/serving.py), read from the tracking store."""
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(resolve_uri(None, tracking_uri))
+    uri = resolve_uri(None, tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise FileNotFoundError(f"no tracking store {uri} (give --tracking-uri)")
+    mlflow.set_tracking_uri(uri)
     _quiet()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = mlflow.pyfunc.load_model(model_uri)
-    return model.unwrap_python_model().predictor
+        try:
+            return model.unwrap_python_model().predictor
+        except Exception:  # noqa: BLE001 - not hpo's pyfunc model
+            raise ValueError(
+                "it is not a model hpo can read raw rows with (an older hpo logged plain "
+                "mlflow.pytorch models: load it with mlflow.pytorch.load_model)"
+            ) from None
 
 
 def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:

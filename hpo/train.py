@@ -12,7 +12,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -144,17 +144,23 @@ def denormals_flushed() -> bool:
     return not bool((tiny @ torch.ones(128, 128)).any())
 
 
-def flushing_denormals(loop: Callable[..., Any]) -> Callable[..., Any]:
-    """A training loop that takes `train_data`, run by `on_flushing_threads` when that data
-    is on a CPU."""
+def training_loop(loop: Callable[..., Any]) -> Callable[..., Any]:
+    """A training loop that takes `train_data` and a `cfg` (or `cfgs`, a cohort's): run by
+    `on_flushing_threads` when that data is on a CPU, with its matrix products' precision
+    set for the whole loop, backward passes included (see `products`)."""
     signature = inspect.signature(loop)
 
     @functools.wraps(loop)
     def run(*args: Any, **kw: Any) -> Any:
-        data = signature.bind(*args, **kw).arguments["train_data"]
-        if data[0].device.type == "cpu":
-            return on_flushing_threads(lambda: loop(*args, **kw))
-        return loop(*args, **kw)
+        bound = signature.bind(*args, **kw).arguments
+        device = bound["train_data"][0].device
+        cfg = bound["cfg"] if "cfg" in bound else bound["cfgs"][0]
+
+        def within() -> Any:
+            with products(cfg.precision, device):
+                return loop(*args, **kw)
+
+        return on_flushing_threads(within) if device.type == "cpu" else within()
 
     return run
 
@@ -183,21 +189,43 @@ def on_flushing_threads(fn: Callable[[], Any]) -> Any:
     return out[0]
 
 
-def matmul_precision(precision: str, device: torch.device) -> Callable[[], Any]:
-    """What `precision` means on `device`, set up: a context to compute a forward pass in.
-    Weights, gradient accumulation and optimizer state stay float32 in every mode.
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """What `precision` means on `device`: fp32, tf32 or bf16.
 
     auto is TF32 on CUDA (tensor cores, a 10-bit mantissa in the products) and fp32 elsewhere;
     tf32 exists only on CUDA; bf16 is autocast to bfloat16 products, which pays on GPUs and on
-    CPUs with AMX or AVX-512 BF16 units.
+    CPUs with AMX or AVX-512 BF16 units. Weights, gradient accumulation and optimizer state
+    stay float32 in every mode.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        precision = "tf32" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":  # a process-wide switch; every trial of a study sets it alike
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    if precision == "bf16":
+        return "tf32" if device.type == "cuda" else "fp32"
+    if precision == "tf32" and device.type != "cuda":
+        return "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def products(precision: str, device: torch.device) -> Iterator[None]:
+    """CUDA's float32 products as `precision` says (TF32 or IEEE) while inside, forward and
+    backward alike; the process-wide switch is put back on the way out."""
+    resolved = resolved_precision(precision, device)
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if resolved == "tf32" else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def matmul_precision(precision: str, device: torch.device) -> Callable[[], Any]:
+    """A context to compute a forward pass in: bf16 autocast, or nothing to change."""
+    if resolved_precision(precision, device) == "bf16":
         return functools.partial(torch.autocast, device.type, torch.bfloat16)
     return contextlib.nullcontext
 
@@ -231,7 +259,7 @@ def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, flo
     loss_sum = torch.zeros((), device=X.device)
     correct = torch.zeros((), device=X.device)
     cast = matmul_precision(cfg.precision, X.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), products(cfg.precision, X.device):
         for start in range(0, len(X), EVAL_BATCH):
             with cast():
                 out = model(X[start : start + EVAL_BATCH])
@@ -251,7 +279,7 @@ def _metrics(loss: float, accuracy: float, cfg: TrainConfig) -> dict[str, float]
     return {"loss": loss, "rmse": math.sqrt(max(loss, 0.0)) * cfg.y_scale}
 
 
-@flushing_denormals
+@training_loop
 def train(
     model: nn.Module,
     train_data: Tensors,

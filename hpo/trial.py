@@ -40,7 +40,7 @@ class TrialJob:
     number: int
     config: dict[str, Any]
     seed: int
-    peer_train_losses: list[float] = field(default_factory=list)  # for the fit diagnosis
+    peer_val_losses: list[float] = field(default_factory=list)  # for the fit diagnosis
 
     @property
     def numbers(self) -> list[int]:
@@ -197,9 +197,9 @@ def _recorded(
         record.kept_epoch = result.best_epoch
         record.weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if record.outcome in ("COMPLETE", "PRUNED"):
-        chance = chance_loss(data.task, data.n_outputs)
+        chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
         fit = diagnose_fit(
-            record.history, record.kept_epoch, chance, job.peer_train_losses, record.stopped_by
+            record.history, record.kept_epoch, chance, job.peer_val_losses, record.stopped_by
         )
         record.fit, record.fit_evidence = fit.label, fit.evidence
     return record

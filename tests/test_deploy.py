@@ -71,6 +71,7 @@ def _table_study(workdir, mlflow_uri, regression: bool):
 
 FRESH = """
 import json, sys
+sys.modules["hpo"] = None  # serving the model must not need hpo: importing it now fails
 import mlflow, pandas as pd
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
@@ -182,7 +183,57 @@ def test_an_image_model_takes_raw_pixel_values(workdir, mlflow_uri):
     assert raw.max() > 1 and set(np.unique(raw)) <= set(range(17))
     scaled = predictor.features(raw)
     assert np.array_equal(scaled, data.val[0][: len(raw)].numpy())  # built-in scaling, exact
-    assert predictor.predict(raw).tolist() == predictor.outputs(scaled).argmax(1).tolist()
+    labels = predictor.predict(raw).tolist()
+    assert labels == predictor.outputs(scaled).argmax(1).tolist()
+    # Through MLflow's pyfunc, as users call it: integer pixels of any dtype, one image alone.
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pyfunc.load_model(study.user_attrs["model_uri"])
+    for pixels in (raw.astype(np.uint8), raw.astype(np.int64), pd.DataFrame(raw)):
+        assert list(model.predict(pixels)) == labels
+    assert list(model.predict(raw[0].astype(np.uint8))) == labels[:1]
+
+
+def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
+    """A code such as "007" is a category, not the number 7, even in a file of predictions
+    where every code looks like a number; a boolean column takes true/false, 1/0 or their
+    text, and nothing else."""
+    import torch
+
+    from hpo.serving import Predictor
+
+    rows = pd.DataFrame(
+        {
+            "code": ["007", "A1", "007", "A1", "B2", "007"] * 5,
+            "member": [True, False, True, True, False, False] * 5,
+            "x": np.arange(30, dtype=float),
+            "label": ["yes", "no", "yes", "no", "no", "yes"] * 5,
+        }
+    )
+    rows.to_csv(workdir / "train.csv", index=False)
+    spec = parse_spec(
+        small_spec(
+            dataset={"name": "csv", "path": str(workdir / "train.csv"), "target": "label"},
+            search_space={},
+        )
+    )
+    data = load_data(spec)
+    assert [c["type"] for c in data.prep["columns"]] == ["string", "boolean", "double"]
+    torch.manual_seed(0)
+    predictor = Predictor(torch.nn.Linear(data.n_features, 2), data.prep)
+    (workdir / "new.csv").write_text("code,member,x\n007,true,3\n007,0,4\n")
+    new = predictor.read_table(workdir / "new.csv")
+    assert new["code"].tolist() == ["007", "007"]
+    X = predictor.features(new)
+    i = data.prep["encoded"].index("code_007")
+    present = np.float32(
+        (np.float32(1) - np.float32(data.prep["shift"][i])) / data.prep["scale"][i]
+    )
+    assert X[:, i].tolist() == [present, present]  # the one-hot column of "007" is set
+    (workdir / "bad.csv").write_text("code,member,x\nA1,maybe,3\n")
+    with pytest.raises(ValueError, match="column 'member', row 0: 'maybe' is not true or false"):
+        predictor.features(predictor.read_table(workdir / "bad.csv"))
 
 
 def test_mlflow_models_serve_answers_a_request(workdir, mlflow_uri):

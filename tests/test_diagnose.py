@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from hpo.diagnose import RULES, _change, chance_loss, diagnose_fit
@@ -88,20 +89,46 @@ def test_a_diverged_trial_is_underfit_not_overfit_whatever_its_gap():
 def test_high_val_loss_is_underfit_only_where_an_earlier_trial_shows_the_data_allows_better():
     history = curves([1.2, 1.0, 0.9, 0.9], [1.2, 1.0, 0.9, 0.9])  # 39% of chance, no gap
     fit = diagnose_fit(
-        history, chance=CHANCE, peer_train_losses=[0.05, 0.08, 0.1], stopped_by="early_stopping"
+        history, chance=CHANCE, peer_val_losses=[0.1, 0.2, 0.25], stopped_by="early_stopping"
     )
     assert fit.label == "underfit"
     assert fit.evidence == (
-        "val_loss 0.9 at epoch 4 is 39% of chance (2.3), while an earlier trial fit its training "
-        "data to 0.05: the data allows better"
+        "val_loss 0.9 at epoch 4 is 39% of chance (2.3) and train_loss 0.9, while an earlier "
+        "trial reached val_loss 0.1: the data allows better"
     )
-    # noisy data: the others fit even their training data only to 0.5, a third of 0.9 is 0.3
+    # noisy data: the others reached only 0.5 on unseen data, and a third of 0.9 is 0.3
     noisy = diagnose_fit(
-        history, chance=CHANCE, peer_train_losses=[0.5, 0.6], stopped_by="early_stopping"
+        history, chance=CHANCE, peer_val_losses=[0.5, 0.6], stopped_by="early_stopping"
     )
     assert noisy.label == "good" and "the data may allow little better" in noisy.evidence
     first = diagnose_fit(history, chance=CHANCE, stopped_by="early_stopping")
     assert first.label == "good" and "with no earlier trial to show" in first.evidence
+
+
+def test_a_peer_that_memorised_its_training_data_does_not_make_others_underfit():
+    """Only a peer's loss on unseen data says what the data allows: an earlier trial's training
+    loss near zero (memorised) is no evidence, and a trial that fits its own training data
+    below the best peer's val_loss is not underfit either."""
+    history = curves([1.2, 1.0, 0.9, 0.9], [1.2, 1.0, 0.9, 0.9])
+    memorised = diagnose_fit(
+        history, chance=CHANCE, peer_val_losses=[0.85], stopped_by="early_stopping"
+    )
+    assert memorised.label == "good"
+    fits_train = curves([1.0, 0.5, 0.2, 0.05], [1.2, 1.0, 0.9, 0.9])
+    fit = diagnose_fit(
+        fits_train, chance=CHANCE, peer_val_losses=[0.1], stopped_by="early_stopping"
+    )
+    assert fit.label != "underfit", fit
+
+
+def test_chance_is_the_entropy_of_the_class_frequencies():
+    assert chance_loss("classification", 2, [50, 50]) == pytest.approx(math.log(2))
+    assert chance_loss("classification", 2, [95, 5]) == pytest.approx(0.1985, abs=1e-4)
+    assert chance_loss("classification", 10) == pytest.approx(math.log(10))
+    # A model that only predicts the prior on 95/5 data learned nothing: underfit.
+    prior = curves([0.2, 0.199, 0.199], [0.2, 0.199, 0.199])
+    fit = diagnose_fit(prior, chance=chance_loss("classification", 2, [95, 5]))
+    assert fit.label == "underfit" and fit.evidence.startswith("learned little")
 
 
 def test_twins_with_the_same_val_loss_get_the_same_label_whatever_their_dropout():
@@ -112,7 +139,7 @@ def test_twins_with_the_same_val_loss_get_the_same_label_whatever_their_dropout(
     dropout = curves([2.0, 1.4, 1.1, 0.95, 0.88, 0.84], val)
     assert plain[4]["train_loss"] < 0.35 * CHANCE < dropout[4]["train_loss"]
     fits = [
-        diagnose_fit(h, kept_epoch=5, chance=CHANCE, peer_train_losses=peers, stopped_by=s)
+        diagnose_fit(h, kept_epoch=5, chance=CHANCE, peer_val_losses=peers, stopped_by=s)
         for h in (plain, dropout)
         for peers in ((), (0.69,))
         for s in ("early_stopping", "max_epochs")

@@ -177,6 +177,34 @@ def test_bf16_precision_computes_products_in_bfloat16_and_keeps_float32_weights(
     assert abs(bf16[-1]["val_loss"] - fp32[-1]["val_loss"]) < 0.05
 
 
+def test_tf32_is_set_for_cuda_training_only_while_it_lasts():
+    """The switch is process-wide: a study's precision must not leak into the caller's code.
+    (Setting it needs no GPU, so this runs on any machine.)"""
+    from hpo.train import products, resolved_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [resolved_precision(p, cuda) for p in ("auto", "fp32", "tf32", "bf16")] == [
+        "tf32",
+        "fp32",
+        "tf32",
+        "bf16",
+    ]
+    assert [resolved_precision(p, cpu) for p in ("auto", "fp32", "tf32", "bf16")] == [
+        "fp32",
+        "fp32",
+        "fp32",
+        "bf16",
+    ]
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with products("auto", cuda):
+        assert matmul.fp32_precision == "tf32"
+        with products("fp32", cuda):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+
+
 def test_unknown_precision_is_refused(blobs):
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, tf32, bf16"):
         fit(blobs, precision="fp16")
