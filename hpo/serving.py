@@ -165,8 +165,9 @@ try:  # where mlflow is installed (always, where the model is served)
             a = context.artifacts
             self.predictor = Predictor.load(a["network"], a["preprocessing"])
 
-        # No type hints here: MLflow would read them as the input's schema.
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        # A DataFrame hint is one MLflow neither warns about nor enforces: rows arrive as
+        # the signature (tables) or the caller (images) gives them.
+        def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> Any:
             probabilities = bool((params or {}).get("probabilities", False))
             return self.predictor.predict(model_input, probabilities)
 
