@@ -481,6 +481,10 @@ def run_study(
             direction=metric_direction(spec.study.metric),
             load_if_exists=True,
         )
+        if study.metric_names != [spec.study.metric]:  # optuna-dashboard's axis title
+            with warnings.catch_warnings():  # experimental since optuna 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([spec.study.metric])
         attrs = study.user_attrs
         if "spec_hash" not in attrs:
             for k, v in {

@@ -37,6 +37,7 @@ def test_study_tracks_every_trial_and_evaluates_best_once(workdir, mlflow_uri):
     assert attrs["test_trial"] == study.best_trial.number == result.best_number
     assert 0.5 < attrs["test_metrics"]["test_accuracy"] <= 1.0
     assert attrs["data"]["n_test"] == 360 and len(attrs["data"]["split_hash"]) == 16
+    assert study.metric_names == ["val_accuracy"]  # optuna-dashboard names its axis with it
 
     client, runs = child_runs(mlflow_uri, result)
     parent = client.get_run(result.parent_run_id)
