@@ -458,6 +458,7 @@ def predict(
     """Predict with a study's best model, logged in MLflow: raw rows in, labels out."""
     import pandas as pd
 
+    from hpo.serving import read_rows
     from hpo.tracking import load_predictor
 
     (loaded,) = _load_studies([study], storage)
@@ -477,7 +478,7 @@ def predict(
         _err(f"error: cannot load the model {uri} of study {study!r}: {_first_line(e)}")
         raise typer.Exit(code=2) from None
     try:
-        frame = predictor.read_table(data)
+        frame = read_rows(data, predictor.prep)
     except Exception as e:  # noqa: BLE001 - a file that is not a table: the user's to fix
         _err(f"error: {data}: cannot read it as a table ({_first_line(e)})")
         raise typer.Exit(code=2) from None

@@ -100,19 +100,6 @@ class Predictor:
         encoded = encoded.reindex(columns=self.prep["encoded"], fill_value=0)
         return encoded.to_numpy(dtype=np.float32)
 
-    def read_table(self, path: str | Path) -> pd.DataFrame:
-        """Raw rows from a CSV or Parquet file, read as the training file was: categorical
-        columns as text (so that "007" stays "007"); an image row of values, header or not."""
-        path = Path(path)
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        if self.prep["kind"] == "table":
-            text = {c["name"]: str for c in self.prep["columns"] if c["type"] == "string"}
-            return pd.read_csv(path, dtype=text, keep_default_na=True)
-        first = pd.read_csv(path, header=None, nrows=1)
-        numbers = all(pd.to_numeric(first.iloc[0], errors="coerce").notna())
-        return pd.read_csv(path, header=None if numbers else "infer")
-
     # ------------------------------------------------------------ outputs
 
     def outputs(self, X: np.ndarray) -> torch.Tensor:
@@ -139,6 +126,21 @@ class Predictor:
         frame = pd.DataFrame(proba, columns=[f"probability_{c}" for c in classes])
         frame.insert(0, "prediction", labels)
         return frame
+
+
+def read_rows(path: str | Path, prep: dict[str, Any]) -> pd.DataFrame:
+    """Raw rows from a CSV or Parquet file, read as the training file was: categorical
+    columns as text (so that "007" stays "007"); image rows of values, with a header or not."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if prep["kind"] == "table":
+        text = {c["name"]: str for c in prep["columns"] if c["type"] == "string"}
+        return pd.read_csv(path, dtype=text)
+    first = pd.to_numeric(pd.read_csv(path, header=None, nrows=1).iloc[0], errors="coerce")
+    counting = first.tolist() in (list(range(len(first))), list(range(1, len(first) + 1)))
+    pixels = bool(first.notna().all()) and not counting  # a header "0,1,2,..." is a header
+    return pd.read_csv(path, header=None if pixels else "infer")
 
 
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}

@@ -193,6 +193,19 @@ def test_an_image_model_takes_raw_pixel_values(workdir, mlflow_uri):
     for pixels in (raw.astype(np.uint8), raw.astype(np.int64), pd.DataFrame(raw)):
         assert list(model.predict(pixels)) == labels
     assert list(model.predict(raw[0].astype(np.uint8))) == labels[:1]
+    # hpo predict on a CSV of pixel rows, with pandas' "0,1,2,..." header or without one
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    pd.DataFrame(raw.astype(int)).to_csv(workdir / "header.csv", index=False)
+    pd.DataFrame(raw.astype(int)).to_csv(workdir / "bare.csv", index=False, header=False)
+    for name in ("header.csv", "bare.csv"):
+        done = CliRunner().invoke(
+            app, ["predict", "deploy-digits", name, "--tracking-uri", mlflow_uri]
+        )
+        assert done.exit_code == 0, done.output
+        assert done.output.split() == ["prediction"] + [str(label) for label in labels]
 
 
 def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
@@ -201,7 +214,7 @@ def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
     text, and nothing else."""
     import torch
 
-    from hpo.serving import Predictor
+    from hpo.serving import Predictor, read_rows
 
     rows = pd.DataFrame(
         {
@@ -223,7 +236,7 @@ def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
     torch.manual_seed(0)
     predictor = Predictor(torch.nn.Linear(data.n_features, 2), data.prep)
     (workdir / "new.csv").write_text("code,member,x\n007,true,3\n007,0,4\n")
-    new = predictor.read_table(workdir / "new.csv")
+    new = read_rows(workdir / "new.csv", data.prep)
     assert new["code"].tolist() == ["007", "007"]
     X = predictor.features(new)
     i = data.prep["encoded"].index("code_007")
@@ -233,7 +246,7 @@ def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
     assert X[:, i].tolist() == [present, present]  # the one-hot column of "007" is set
     (workdir / "bad.csv").write_text("code,member,x\nA1,maybe,3\n")
     with pytest.raises(ValueError, match="column 'member', row 0: 'maybe' is not true or false"):
-        predictor.features(predictor.read_table(workdir / "bad.csv"))
+        predictor.features(read_rows(workdir / "bad.csv", data.prep))
 
 
 def test_mlflow_models_serve_answers_a_request(workdir, mlflow_uri):
