@@ -162,3 +162,19 @@ def test_the_report_says_how_the_search_did_against_the_best_baseline(workdir):
     page = (out / "report.md").read_text()
     row = next(line for line in page.splitlines() if "Against the baselines" in line)
     assert summary[0] in row and summary[1] in row  # the same words as the summary's
+
+
+@pytest.mark.parametrize("example", ["mnist.yaml", "fashion_mnist.yaml"])
+def test_the_image_examples_start_from_textbook_mlps_and_the_perceptron(example):
+    from conftest import REPO
+
+    from hpo.config import load_spec
+
+    spec = load_spec(REPO / "search_spaces" / example)
+    assert [b["name"] for b in spec.baselines] == [
+        "mlp-784-128-64-10",
+        "keras-784-1000-10",
+        "perceptron",
+    ]
+    assert spec.baseline_config("perceptron")["widths"] == []  # depth 0: a linear model
+    assert spec.baseline_config("keras-784-1000-10")["batch_size"] == 1024

@@ -60,11 +60,16 @@ def test_depth_0_cannot_fit_xor_and_one_hidden_layer_can(workdir, mlflow_uri):
     out = write_report(study, workdir / "rep", mlflow_uri)
     md = (out / "report.md").read_text()
     row = re.search(r"^\| perceptron \| #\d+ \| (.+?) \| ([\d.]+) \| (\w+):", md, re.M)
-    assert row.group(1) == "no hidden layer (linear model); adam, lr 0.03"
+    assert (
+        row.group(1) == "depth 0, the perceptron: no hidden layer (a linear model); adam, lr 0.03"
+    )
     assert 0.4 <= float(row.group(2)) <= 0.8 and row.group(3) == "underfit"
     row = re.search(r"^\| one-hidden-layer \| #\d+ \| (.+?) \| ([\d.]+) \| (\w+):", md, re.M)
     assert row.group(1) == "hidden layers 8 (tanh); adam, lr 0.03"
     assert float(row.group(2)) >= 0.95 and row.group(3) == "good"
     page = (out / "index.html").read_text()
-    assert "<h3>Baselines</h3>" in page and "no hidden layer (linear model)" in page
+    assert (
+        "<h3>Baselines</h3>" in page
+        and "depth 0, the perceptron: no hidden layer (a linear model)" in page
+    )
     assert study.user_attrs["test_metrics"]["test_accuracy"] >= 0.95

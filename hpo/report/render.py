@@ -312,7 +312,7 @@ def _fit_sentence(d: ReportData) -> str:
 def _baseline_model(config: dict[str, Any]) -> str:
     widths = config.get("widths") or []
     if not widths:
-        model = "no hidden layer (linear model)"
+        model = "depth 0, the perceptron: no hidden layer (a linear model)"
     else:
         model = f"hidden layers {'x'.join(str(w) for w in widths)} ({config.get('activation')})"
     return f"{model}; {config.get('optimizer')}, lr {_fmt(config.get('lr'))}"
