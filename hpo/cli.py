@@ -583,6 +583,8 @@ def ui(
     except ServerError as e:
         _err(f"error: {redact(str(e))}")
         raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:  # Ctrl-C while the study is looked up: nothing started yet
+        raise typer.Exit(code=130) from None
     typer.echo(f"MLflow UI for {redact(uri)} at {base} (Ctrl-C to stop)")
     for what, url in views:
         typer.echo(f"  {what}: {url}")
