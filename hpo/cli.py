@@ -74,7 +74,7 @@ def validate(spec: SpecArg) -> None:
 
     try:
         check_spec(loaded)
-        checked = check_data(loaded)
+        checked, warning = check_data(loaded)
     except SpecError as e:
         _fail_spec(e, spec)
     n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
@@ -89,7 +89,10 @@ def validate(spec: SpecArg) -> None:
             else ""
         )
     )
-    typer.echo(f"  {checked}")
+    if checked:
+        typer.echo(f"  {checked}")
+    if warning:
+        _err(f"warning: {warning}")
 
 
 @app.command()

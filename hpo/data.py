@@ -306,6 +306,11 @@ def cache_dir() -> Path:
     return Path(base) / "hpo"
 
 
+class NotDownloaded(SpecError):
+    """A dataset that is not on this machine and could not be downloaded (no network): `hpo
+    run` fails with it, `hpo validate` warns that the data was not checked."""
+
+
 def find_idx_dir(name: str) -> Path:
     """The folder holding a dataset's four IDX files: $HPO_DATA_DIR/<name>/, then the cache,
     downloading into the cache when a network is there."""
@@ -322,7 +327,7 @@ def find_idx_dir(name: str) -> Path:
         _download(name, mirror, cached)
     except OSError as e:
         where = " or ".join(str(c) for c in candidates)
-        raise SpecError(
+        raise NotDownloaded(
             [
                 f"dataset.name: {name} files not found in {where}, and the download from {mirror} "
                 f"failed ({e}); put the four IDX .gz files ({', '.join(IDX_FILES.values())}) in "
@@ -529,7 +534,7 @@ def load_openml(spec: Spec) -> RawData:
             delay=0.5,
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
-        raise SpecError(
+        raise NotDownloaded(
             [
                 f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "
                 "it is downloaded once into the cache, so a network is needed the first time"

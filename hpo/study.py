@@ -237,18 +237,26 @@ def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
         raise SpecError(problems)
 
 
-def check_data(spec: Spec) -> str:
+def check_data(spec: Spec) -> tuple[str, str]:
     """Load the data as `hpo run` would (a dataset not on this machine yet is downloaded into
     the cache, as the run would), and check that the largest model fits the device: what
-    `hpo validate` adds to the spec's own checks. Returns what was checked, for the user."""
-    data = load_data(spec, "cpu")
+    `hpo validate` adds to the spec's own checks. Returns (what was checked, a warning): the
+    warning says why the data could not be checked, when it is not here and no download
+    could fetch it (the spec itself is sound; `hpo run` will need the files or a network)."""
+    from hpo.data import NotDownloaded
+
+    try:
+        data = load_data(spec, "cpu")
+    except NotDownloaded as e:
+        return "", f"data not checked: {e.problems[0]}"
     check_memory(spec, data, [str(resolve_device(spec.training.device))])
     info = data.info
-    return (
+    checked = (
         f"data: {info['n_train']:,} train / {info['n_val']:,} val / {info['n_test']:,} test, "
         f"{info['n_features']} features"
         + (f", {info['n_classes']} classes" if info["n_classes"] else "")
     )
+    return checked, ""
 
 
 def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:

@@ -93,13 +93,15 @@ def test_max_epochs_and_max_samples_give_a_quick_look(workdir):
     assert code == 2 and "--study-name" in out
 
 
-def test_validate_loads_the_data_or_says_why_it_cannot(workdir, monkeypatch):
+def test_validate_loads_the_data_or_warns_why_it_could_not(workdir, monkeypatch):
     monkeypatch.setenv("HPO_DATA_DIR", str(workdir / "empty"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(workdir / "cache"))
     monkeypatch.setenv("HPO_MNIST_MIRROR", "http://127.0.0.1:9/")  # nothing listens there
     code, out = invoke("validate", REPO / "search_spaces" / "mnist.yaml")
-    assert code == 2 and "Traceback" not in out
-    assert "dataset.name: mnist files not found in" in out and "download" in out
+    # The spec is sound; the data is not here and cannot be fetched: validate says so plainly.
+    assert code == 0 and "Traceback" not in out and "\n  data: " not in out
+    assert "warning: data not checked: dataset.name: mnist files not found in" in out
+    assert "the download from http://127.0.0.1:9/ failed" in out
     code, out = invoke("validate", REPO / "search_spaces" / "digits.yaml")
     assert code == 0 and "data: " in out and " test, 64 features, 10 classes" in out
 
