@@ -1,4 +1,5 @@
-"""The `hpo` command: run, validate, studies, ui. The only module that prints or exits."""
+"""The `hpo` command and its subcommands. The only module that exits; it prints, and so does
+its terminal display (hpo/progress.py)."""
 
 from __future__ import annotations
 

@@ -32,16 +32,13 @@ class RawData:
     y_test: np.ndarray | None = None
     classes: list[str] | None = None  # label names for classification, index = class id
     task: str = "classification"
-    # What a deployed model takes and gives back (see hpo/serving.py): for tables the raw
-    # feature frame (all rows, before encoding), its columns' types and the encoded columns'
-    # names; for images what a row of raw values is; each class's value as in the data.
-    frame: Any = None  # pd.DataFrame of the raw features (tables), rows as in X then X_test
-    columns: list[dict[str, str]] | None = None  # [{"name", "type": double|string|boolean}]
-    encoded: list[str] | None = None
-    input: str = ""  # images: e.g. "28 x 28 pixel values 0-255, row by row"
-    input_divisor: float = 1.0  # raw values were divided by it when loaded (255 for IDX)
-    class_values: list[Any] | None = None
-    target: str | None = None  # tables: the target column's name
+    # What a deployed model takes (see hpo/serving.py), merged into `Data.prep`: for tables
+    # {"kind": "table", "columns": [{"name", "type": double|string|boolean}], "encoded":
+    # [one-hot column names], "target"}; for arrays {"kind": "array", "input": what a row is,
+    # "input_divisor": what raw values were divided by when loaded (255 for IDX images)}.
+    inputs: dict[str, Any] = field(default_factory=dict)
+    frame: Any = None  # tables: pd.DataFrame of the raw features, rows as in X then X_test
+    class_values: list[Any] | None = None  # each class as in the data (classes are text)
 
 
 @dataclass
@@ -141,24 +138,17 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
     if task == "classification":
         prep["classes"] = raw.class_values or raw.classes or list(range(n_outputs))
     example_rows = val_idx[:5]
-    if raw.frame is not None:
-        prep |= {
-            "kind": "table",
-            "columns": raw.columns,
-            "encoded": raw.encoded,
-            "target": raw.target,
-        }
+    prep |= raw.inputs or {"kind": "array", "input": f"{raw.X.shape[1]} values a row"}
+    if prep["kind"] == "table":
         example = raw.frame.iloc[example_rows].reset_index(drop=True)
-        for column in raw.columns or []:  # numbers as double: an int column may hold a blank
+        for column in prep["columns"]:  # numbers as double: an int column may hold a blank
             if column["type"] == "double":
                 example[column["name"]] = example[column["name"]].astype(np.float64)
     else:
-        prep |= {
-            "kind": "array",
-            "input": raw.input or f"{raw.X.shape[1]} values a row",
-            "input_divisor": raw.input_divisor,
-        }
-        example = np.rint(raw.X[example_rows] * raw.input_divisor).astype(np.float32)
+        divisor = prep.get("input_divisor", 1.0)  # raw values as the user has them
+        example = raw.X[example_rows].astype(np.float32)
+        if divisor != 1.0:
+            example = np.rint(example * divisor)
     info = {
         "dataset": spec.dataset.name,
         "task": task,
@@ -243,7 +233,7 @@ def load_digits(spec: Spec) -> RawData:
         X=d.data.astype(np.float32),
         y=d.target.astype(np.int64),
         classes=[str(c) for c in d.target_names],
-        input="8 x 8 pixel values 0-16, row by row",
+        inputs={"kind": "array", "input": "8 x 8 pixel values 0-16, row by row"},
         class_values=[int(c) for c in d.target_names],
     )
 
@@ -435,8 +425,11 @@ def _load_idx_dataset(name: str, classes: list[str], class_values: list[Any]) ->
         X_test=flat(arr["test_images"]),
         y_test=arr["test_labels"].astype(np.int64),
         classes=classes,
-        input=f"{rows} x {cols} pixel values 0-255, row by row",
-        input_divisor=PIXEL_MAX,
+        inputs={
+            "kind": "array",
+            "input": f"{rows} x {cols} pixel values 0-255, row by row",
+            "input_divisor": PIXEL_MAX,
+        },
         class_values=class_values,
     )
 
@@ -489,11 +482,14 @@ def _from_frame(frame, target: str, task: str, test=None) -> RawData:  # frames:
         y=y_all_arr[:n],
         classes=classes,
         task=task,
+        inputs={
+            "kind": "table",
+            "columns": [{"name": str(c), "type": _column_type(raw_feats[c])} for c in raw_feats],
+            "encoded": [str(c) for c in feats.columns],
+            "target": str(target),
+        },
         frame=raw_feats,
-        columns=[{"name": str(c), "type": _column_type(raw_feats[c])} for c in raw_feats],
-        encoded=[str(c) for c in feats.columns],
         class_values=class_values,
-        target=str(target),
     )
     if test is not None:
         raw.X_test, raw.y_test = X_all[n:], y_all_arr[n:]

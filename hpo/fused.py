@@ -232,7 +232,7 @@ def evaluate_stack(stack: StackedMLP, data: Tensors, cfg: TrainConfig) -> list[d
     with torch.inference_mode(), products(cfg.precision, X.device):
         for start in range(0, len(X), rows):
             with cast():
-                out = stack.forward(X[start : start + rows], None, None, training=False)
+                out = stack.forward(X[start : start + rows], None, None, training=False).float()
             yb = y[start : start + rows]
             loss_sum += _per_member_loss(out, yb, classify) * len(yb)
             if classify:

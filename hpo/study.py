@@ -1029,13 +1029,7 @@ class _Driver:
                 test = attrs["test_metrics"]  # this model already had its one look at the test
             else:
                 model = self._best_model(best)
-                cfg = TrainConfig(
-                    task=self.data.task,
-                    y_scale=self.data.y_scale,
-                    precision=self.spec.training.precision,
-                )
-                tested = evaluate(model, self._test_split(), cfg)
-                test = {f"test_{k}": v for k, v in tested.items()}
+                test = self._on_test(model)
                 self.study.set_user_attr("test_metrics", test)
                 self.study.set_user_attr("test_trial", best.number)
                 self.tracker.log_summary(
@@ -1052,6 +1046,13 @@ class _Driver:
                 self.study.set_user_attr("model_uri", uri)
                 self.study.set_user_attr("model_trial", best.number)
         return test, ""
+
+    def _on_test(self, model: torch.nn.Module) -> dict[str, float]:
+        """A model's test_* metrics, computed as its validation metrics were."""
+        cfg = TrainConfig(
+            task=self.data.task, y_scale=self.data.y_scale, precision=self.spec.training.precision
+        )
+        return {f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()}
 
     def _test_split(self) -> Any:
         """The test split, taken once for this process: the best trial's and the best
@@ -1072,12 +1073,7 @@ class _Driver:
         elif bb.user_attrs.get("checkpoint"):
             weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
             model = self._model(bb.user_attrs["config"], weights)
-            cfg = TrainConfig(
-                task=self.data.task,
-                y_scale=self.data.y_scale,
-                precision=self.spec.training.precision,
-            )
-            tested = {f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()}
+            tested = self._on_test(model)
         else:
             return  # trained before baselines kept their weights
         self.study.set_user_attr("baseline_test_metrics", tested)

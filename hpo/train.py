@@ -262,7 +262,7 @@ def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, flo
     with torch.inference_mode(), products(cfg.precision, X.device):
         for start in range(0, len(X), EVAL_BATCH):
             with cast():
-                out = model(X[start : start + EVAL_BATCH])
+                out = model(X[start : start + EVAL_BATCH]).float()  # the loss in float32
             yb = y[start : start + EVAL_BATCH]
             if cfg.task == "classification":
                 loss_sum += F.cross_entropy(out, yb, reduction="sum")

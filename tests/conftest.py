@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,30 @@ def tmpfs(folder: Path, size: str):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def kill_a_worker_training(study_name: str, storage: str, alongside: int = 1):
+    """Wait for a trial RUNNING on a worker process, a few epochs in (with `alongside` - 1
+    cohort mates RUNNING too), kill -9 that worker, and return the trial."""
+    import optuna
+    from optuna.trial import TrialState
+
+    def training():
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:  # not created yet
+            return None
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in running:
+            if "worker" in t.user_attrs and len(t.intermediate_values) >= 2:
+                cohort = t.user_attrs.get("fused_with", [t.number])
+                if sum(r.number in cohort for r in running) >= alongside:
+                    return t
+        return None
+
+    victim = wait_for(training, f"{alongside} trial(s) of a cohort RUNNING on a worker")
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    return victim
 
 
 def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05):

@@ -9,7 +9,14 @@ from dataclasses import replace
 import optuna
 import pytest
 import torch
-from conftest import hpo_process, small_spec, study_run, wait_for, write_spec
+from conftest import (
+    hpo_process,
+    kill_a_worker_training,
+    small_spec,
+    study_run,
+    wait_for,
+    write_spec,
+)
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sklearn.datasets import load_digits
@@ -306,7 +313,6 @@ def test_workers_and_fused_trials_together(workdir):
 
 
 def test_kill_9_of_a_worker_fails_its_whole_cohort_and_each_member_runs_again(workdir):
-    import os
 
     spec = small_spec(
         study={"n_trials": 4, "pruner": {"name": "none"}},
@@ -316,21 +322,7 @@ def test_kill_9_of_a_worker_fails_its_whole_cohort_and_each_member_runs_again(wo
     proc = hpo_process(["run", path, "--workers", 2, "--fused-trials", 2], workdir)
     db = "sqlite:///optuna.db"
 
-    def cohort_training():  # both members RUNNING on one worker, a few epochs in
-        try:
-            study = optuna.load_study(study_name="tiny", storage=db)
-        except KeyError:
-            return None
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in running:
-            if "worker" in t.user_attrs and len(t.intermediate_values) >= 2:
-                mates = [r for r in running if r.number in t.user_attrs.get("fused_with", [])]
-                if len(mates) == 2:
-                    return t
-        return None
-
-    victim = wait_for(cohort_training, "a cohort RUNNING on a worker")
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    victim = kill_a_worker_training("tiny", db, alongside=2)  # both members of a cohort
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     study = optuna.load_study(study_name="tiny", storage=db)

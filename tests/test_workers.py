@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 
 import optuna
 import pytest
-from conftest import PG_PASSWORD, hpo_process, small_spec, study_run, wait_for, write_spec
+from conftest import (
+    PG_PASSWORD,
+    hpo_process,
+    kill_a_worker_training,
+    small_spec,
+    study_run,
+    write_spec,
+)
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -181,18 +187,7 @@ def test_kill_9_of_a_worker_fails_its_trial_and_runs_it_again_once(tmp_path, pos
     proc = hpo_process(["run", path, "--storage", storage, "--tracking-uri", mlflow_server,
                         "--workers", 2], tmp_path)  # fmt: skip
 
-    def training():  # a trial RUNNING on a known worker, a few epochs in
-        try:
-            study = optuna.load_study(study_name="killed", storage=storage)
-        except KeyError:  # not created yet
-            return None
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "worker" in t.user_attrs and len(t.intermediate_values) >= 2:
-                return t
-        return None
-
-    victim = wait_for(training, "a trial RUNNING on a worker")
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    victim = kill_a_worker_training("killed", storage)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     assert "died (signal 9)" in out
