@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpo.model import train_forward
 from hpo.registry import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -301,7 +302,8 @@ def train(
     cast = matmul_precision(cfg.precision, X.device)
     step_schedule = LR_SCHEDULES.load(cfg.lr_schedule)(opt, cfg)
     classify = cfg.task == "classification"
-    weights = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1 skips biases
+    params = list(model.parameters())
+    weights = [p for p in params if p.dim() > 1]  # L1 skips biases
     watch = Watch(cfg)
     best_state: dict[str, torch.Tensor] | None = None
     result = TrainResult()
@@ -321,10 +323,11 @@ def train(
             idx = perm[start : min(start + cfg.batch_size, n_used)]
             xb, yb = X.index_select(0, idx), y.index_select(0, idx)  # 2x faster than X[idx]
             with cast():
-                out = model(xb)
+                out = train_forward(model, xb)
                 loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
             total = loss + cfg.l1 * sum(w.abs().sum() for w in weights) if cfg.l1 else loss
-            opt.zero_grad(set_to_none=True)
+            for p in params:  # what opt.zero_grad(set_to_none=True) does, in a tenth the time
+                p.grad = None
             total.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpo.model import build_mlp, count_parameters
+from hpo.model import RATE_STEPS, build_mlp, count_parameters, dropout, keep_mask, train_forward
 from hpo.registry import ACTIVATIONS
 
 
@@ -81,3 +81,68 @@ def test_a_stack_of_mlps_computes_what_each_computes(activation, batchnorm):
         for name, value in m.state_dict().items():
             if name.endswith(("running_mean", "running_var")):
                 torch.testing.assert_close(stack.member_state(i)[name], value)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.3, 0.5, 0.9])
+def test_keep_mask_keeps_each_element_with_probability_one_minus_the_rate(rate):
+    gen = torch.Generator().manual_seed(0)
+    keep = keep_mask(torch.Size([1000, 1001]), rate, torch.device("cpu"), gen).float()
+    sigma = (rate * (1 - rate) / keep.numel()) ** 0.5
+    assert abs(keep.mean().item() - (1 - rate)) <= 5 * sigma + 1 / RATE_STEPS
+    # Every 16-bit lane of the random words is uniform: no column of 4 is biased.
+    lanes = keep.flatten()[: keep.numel() // 4 * 4].view(-1, 4).mean(0)
+    assert (lanes - (1 - rate)).abs().max().item() <= 5 * 2 * sigma + 1 / RATE_STEPS
+
+
+def test_keep_mask_takes_one_rate_per_member_and_repeats_with_its_seed():
+    rates = torch.tensor([0.0, 0.2, 0.7]).view(3, 1, 1)
+    shape = torch.Size([3, 500, 400])
+
+    def draw() -> torch.Tensor:
+        return keep_mask(shape, rates, torch.device("cpu"), torch.Generator().manual_seed(7))
+
+    keep = draw()
+    assert torch.equal(keep, draw())
+    kept = keep.float().mean((1, 2))
+    assert kept[0].item() == 1.0
+    assert kept[1:].tolist() == pytest.approx([0.8, 0.3], abs=0.01)
+
+
+def test_dropout_scales_what_it_keeps_and_its_gradient_is_the_mask():
+    torch.manual_seed(0)
+    h = torch.randn(400, 500, requires_grad=True)
+    out = dropout(h, 0.25)
+    kept = out != 0
+    assert torch.allclose(out[kept], h[kept] / 0.75)
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
+    out.sum().backward()
+    assert torch.allclose(h.grad, kept.float() / 0.75)
+
+
+def test_alpha_dropout_keeps_selus_mean_and_variance():
+    torch.manual_seed(0)
+    h = torch.randn(1000, 1000)  # SELU's fixed point: mean 0, variance 1
+    out = dropout(h, 0.2, alpha=True)
+    assert out.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert out.var().item() == pytest.approx(1.0, abs=0.01)
+    assert (out == h).float().mean().item() < 0.01  # every element is transformed
+
+
+@pytest.mark.parametrize("activation", ["relu", "selu"])
+def test_train_forward_drops_in_training_and_is_the_model_otherwise(activation):
+    torch.manual_seed(0)
+    model = build_mlp(20, 3, widths=[64, 64], activation=activation, dropout=0.5)
+    x = torch.randn(256, 20)
+    model.train()
+    torch.manual_seed(1)
+    first = train_forward(model, x)
+    torch.manual_seed(1)
+    assert torch.equal(first, train_forward(model, x))  # the seed fixes the masks
+    assert not torch.allclose(first, train_forward(model, x))  # the next draw differs
+    model.eval()
+    assert torch.equal(train_forward(model, x), model(x))
+    model.train()
+    for module in model:
+        if isinstance(module, nn.Dropout | nn.AlphaDropout):
+            module.p = 0.0
+    assert torch.equal(train_forward(model, x), model(x))  # rate 0: nothing dropped
