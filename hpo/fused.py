@@ -35,6 +35,7 @@ from hpo.train import (
     TrainResult,
     Watch,
     _metrics,
+    add_l1_gradient,
     matmul_precision,
     products,
     training_loop,
@@ -323,13 +324,11 @@ def train_cohort(
             with cast():
                 out = stack.forward(xb, opt.hp["dropout"] if any_dropout else None, masks, True)
                 losses = _per_member_loss(out, yb, classify)
-            total = losses.sum()
-            if any_l1:
-                l1 = opt.hp["l1"]
-                total = total + sum((l1 * w.abs().sum((1, 2))).sum() for w in stack.weights())
             for p in stack.params:
                 p.grad = None
-            total.backward()
+            losses.sum().backward()
+            if any_l1:
+                add_l1_gradient(stack.weights(), opt.hp["l1"].view(-1, 1, 1))
             if any_clip:
                 _clip(stack.params, opt.hp["grad_clip"])
             opt.step(stack.params, lr)

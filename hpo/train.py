@@ -137,6 +137,20 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return cls(model.parameters(), **{k: v for k, v in settings.items() if k in takes})
 
 
+@torch.no_grad()
+def add_l1_gradient(weights: list[torch.Tensor], l1: float | torch.Tensor) -> None:
+    """Add the gradient of the L1 penalty `l1 * sum(|w|)` (`l1` a float, or one rate per
+    member of a stack, shaped to broadcast) to the weights' gradients: `l1 * sign(w)`, as
+    autograd would give for the penalty added to the loss, without its graph (a third of a
+    wide net's step)."""
+    for w in weights:
+        assert w.grad is not None
+        if isinstance(l1, torch.Tensor):
+            w.grad.addcmul_(w.sign(), l1)
+        else:
+            w.grad.add_(w.sign(), alpha=l1)
+
+
 def denormals_flushed() -> bool:
     """Whether this thread's matrix products flush denormal floats to zero, on every worker
     thread they use: a product of denormals comes out exactly zero only then."""
@@ -325,12 +339,13 @@ def train(
             with cast():
                 out = train_forward(model, xb)
                 loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
-            total = loss + cfg.l1 * sum(w.abs().sum() for w in weights) if cfg.l1 else loss
             for p in params:  # what opt.zero_grad(set_to_none=True) does, in a tenth the time
                 p.grad = None
-            total.backward()
+            loss.backward()
+            if cfg.l1:
+                add_l1_gradient(weights, cfg.l1)
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             # Running sums stay on the device: no host sync inside the step loop.
             loss_sum += loss.detach() * len(idx)

@@ -9,7 +9,7 @@ import torch
 
 from hpo.model import build_mlp
 from hpo.registry import LR_SCHEDULES, OPTIMIZERS
-from hpo.train import TrainConfig, evaluate, make_optimizer, train
+from hpo.train import TrainConfig, add_l1_gradient, evaluate, make_optimizer, train
 
 
 def fit(blobs, **kw):
@@ -101,6 +101,24 @@ def test_l1_shrinks_weights(blobs):
     plain, _, _ = fit(blobs)
     sparse, _, _ = fit(blobs, l1=1e-2)
     assert sparse[0].weight.abs().sum() < 0.7 * plain[0].weight.abs().sum()
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_the_l1_gradient_is_autograds_for_the_penalty_in_the_loss(per_member):
+    torch.manual_seed(0)
+    model = build_mlp(8, 3, widths=[16, 16])
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    weights[0].data[0, :4] = 0.0  # |w| at 0: autograd's subgradient there is 0, as sign's
+    l1 = 3e-3
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    (loss + l1 * sum(w.abs().sum() for w in weights)).backward()
+    expected = [w.grad.clone() for w in weights]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    add_l1_gradient(weights, torch.tensor(l1) if per_member else l1)
+    for w, want in zip(weights, expected, strict=True):
+        torch.testing.assert_close(w.grad, want, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS.names)
