@@ -2,7 +2,8 @@
 
 Both do the same work per epoch: a shuffled pass over the 54,000 training images at batch size
 512 with Adam, then a pass over the 6,000 validation images. Reports samples per second
-(training images / epoch wall time), median of --repeats runs after a warm-up.
+(training images / epoch wall time), median of --repeats rounds after a warm-up round; each
+round runs one epoch of every loop, so the loops are measured side by side.
 
     HPO_DATA_DIR=/path/to/data python benchmarks/bench_train.py [--repeats 3] [--device cpu]
 """
@@ -102,9 +103,16 @@ def measure(device: str, repeats: int = 3) -> list[dict]:
     rows = []
     for name, net in ARCHS.items():
         params = count_parameters(build_mlp(784, 10, net[0]))
-        for loop, precision, fn in loops(device):
-            fn(net, data, device)  # warm-up
-            sec = statistics.median(fn(net, data, device) for _ in range(repeats))
+        # Interleaved (one epoch of each loop per round): a machine that slows down or speeds
+        # up over the run weighs on every loop alike.
+        times: dict[str, list[float]] = {loop: [] for loop, _, _ in loops(device)}
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for loop, _, fn in loops(device):
+                sec = fn(net, data, device)
+                if round_:
+                    times[loop].append(sec)
+        for loop, precision, _ in loops(device):
+            sec = statistics.median(times[loop])
             rows.append(
                 {
                     "arch": name,
