@@ -319,6 +319,29 @@ def test_ray_runs_a_study_with_two_workers(workdir):
     assert count_finished(study) == 4 and study.user_attrs["test_metrics"]["test_accuracy"] > 0.5
 
 
+def test_ray_workers_train_fused_cohorts(workdir):
+    """--ray with --fused-trials 2: each cohort trains in one Ray task, every member is its
+    own complete trial."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path = write_spec(workdir, small_spec(study={"n_trials": 4}))
+        code, out = invoke("run", path, "--ray", "auto", "--workers", 2, "--fused-trials", 2)
+    finally:
+        ray.shutdown()
+    assert code == 0, out
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    cohorts = {tuple(t.user_attrs["fused_with"]) for t in trials}
+    assert sorted(n for c in cohorts for n in c) == [0, 1, 2, 3] and len(cohorts) == 2
+    for cohort in cohorts:  # trained together, in one Ray worker, on one structure
+        assert len({trials[n].user_attrs["worker"] for n in cohort}) == 1
+        assert len({trials[n].params["lr"] for n in cohort}) == 2
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert str(os.getpid()) not in {w.rsplit(":", 1)[1] for w in workers}
+
+
 # ---------------------------------------------------------------- deploy/
 
 
