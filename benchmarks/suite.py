@@ -10,7 +10,9 @@ at the top (absolute times on shared machines are noise):
 3. platform overhead: a trial's wall time minus the time inside its epochs, as a share of it;
 4. time to target: seconds until a finished trial first reaches 98% MNIST validation accuracy,
    for `hpo run search_spaces/mnist.yaml` (with and without its baselines, with and without
-   fused trials) and for the plain Optuna script in benchmarks/plain_optuna.py.
+   fused trials) and for the plain Optuna script in benchmarks/plain_optuna.py;
+5. what each search-space option costs: an epoch with it against one with ReLU and Adam
+   (benchmarks/bench_options.py).
 
     HPO_DATA_DIR=/path/to/data python benchmarks/suite.py [--quick] [--device cuda]
 
@@ -37,6 +39,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_fused  # noqa: E402
+import bench_options  # noqa: E402
 import bench_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,6 +337,18 @@ def render(results: dict) -> str:
             f"Fastest hpo variant vs the plain script: at least {cap / best:.1f}x sooner (the "
             f"plain script had not reached it when stopped at {cap:.0f} s).",
         ]
+    if r["options"]:
+        lines += [
+            "",
+            "## 5. What each option costs (one MNIST epoch of 784-512-512-10, batch 128)",
+            "",
+            "| option | epoch | against ReLU with Adam |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row['option']} | {row['epoch_s']:.3f} s | {row['ratio']:.2f}x |"
+            for row in r["options"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -343,7 +358,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "reports"))
     parser.add_argument(
-        "--only", nargs="+", choices=["trainer", "fused", "overhead", "target"], default=None
+        "--only",
+        nargs="+",
+        choices=["trainer", "fused", "overhead", "target", "options"],
+        default=None,
     )
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -353,7 +371,7 @@ def main() -> None:
         if gpu
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    only = set(args.only or ["trainer", "fused", "overhead", "target"])
+    only = set(args.only or ["trainer", "fused", "overhead", "target", "options"])
     results: dict = {
         "device": device,
         "torch": torch.__version__,
@@ -364,6 +382,7 @@ def main() -> None:
         "fused": [],
         "overhead": [],
         "target": [],
+        "options": [],
     }
     repeats = 1 if args.quick else 3
     if "trainer" in only:
@@ -375,6 +394,8 @@ def main() -> None:
         results["overhead"] = overhead_section(args.device, args.quick)
     if "target" in only:
         results["target"] = target_section(args.device, args.quick)
+    if "options" in only:
+        results["options"] = bench_options.measure(args.device, repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
