@@ -12,7 +12,7 @@ import typer
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost
-from hpo.redact import redact
+from hpo.redact import first_line, recorded_uri, redact
 
 app = typer.Typer(
     add_completion=False,
@@ -349,16 +349,12 @@ def _summary(r: Any) -> None:
         )
 
 
-def _missing_sqlite(url: str) -> bool:
-    """A SQLite URL whose file does not exist (opening it would create an empty one)."""
-    return url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists()
-
-
 def _open_storage(url: str) -> Any:
     """The Optuna storage at `url` (None for a SQLite file that does not exist), or exit 2."""
-    if _missing_sqlite(url):
+    from hpo.storage import missing_sqlite, open_storage
+
+    if missing_sqlite(url):
         return None
-    from hpo.storage import open_storage
 
     try:
         return open_storage(url)
@@ -477,14 +473,15 @@ def predict(
         _err(f"error: {data}: no such file")
         raise typer.Exit(code=2)
     try:
-        predictor = load_predictor(uri, tracking_uri or _study_tracking_uri(loaded))
+        recorded = recorded_uri(loaded.user_attrs.get("tracking_uri"))
+        predictor = load_predictor(uri, tracking_uri or recorded)
     except Exception as e:  # noqa: BLE001 - a store that moved, an older model: one line
-        _err(f"error: cannot load the model {uri} of study {study!r}: {_first_line(e)}")
+        _err(f"error: cannot load the model {uri} of study {study!r}: {first_line(e, 200)}")
         raise typer.Exit(code=2) from None
     try:
         frame = read_rows(data, predictor.prep)
     except Exception as e:  # noqa: BLE001 - a file that is not a table: the user's to fix
-        _err(f"error: {data}: cannot read it as a table ({_first_line(e)})")
+        _err(f"error: {data}: cannot read it as a table ({first_line(e, 200)})")
         raise typer.Exit(code=2) from None
     target = predictor.prep.get("target")
     truth = frame.pop(target) if target and target in frame.columns else None
@@ -511,18 +508,6 @@ def predict(
             errors = labels.to_numpy(dtype=float) - truth.to_numpy(dtype=float)
             score = f"rmse {float((errors**2).mean() ** 0.5):.6g}"
         _err(f"against the {target!r} column of {data}: {score}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return redact(text.splitlines()[0][:200]) if text else type(e).__name__
-
-
-def _study_tracking_uri(study: Any) -> str | None:
-    """The tracking store a study was run with, where it was recorded in full (a URL with a
-    password is recorded redacted: then the command line or $MLFLOW_TRACKING_URI must say)."""
-    uri = study.user_attrs.get("tracking_uri")
-    return uri if uri and "***" not in uri else None
 
 
 def _check_out(folder: Path) -> None:
@@ -604,10 +589,10 @@ def dashboard(
 ) -> None:
     """Open Optuna's dashboard (optuna-dashboard) on a study storage, bound to 127.0.0.1."""
     from hpo.servers import ServerError, check_port, dashboard_command, serve
-    from hpo.storage import DEFAULT_STORAGE
+    from hpo.storage import DEFAULT_STORAGE, missing_sqlite
 
     url = storage or DEFAULT_STORAGE
-    if _missing_sqlite(url):
+    if missing_sqlite(url):
         _err(
             f"error: --storage: no such file: {redact(url)}; give the storage `hpo run` used "
             "(--storage, $HPO_STORAGE, or run from the folder that has optuna.db)"

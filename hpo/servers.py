@@ -212,11 +212,10 @@ def mlflow_views(uri: str, study: str | None, base: str) -> list[tuple[str, str]
     hpo stores on the experiment (tags mlflow.sharedViewState.hpo-*), where the store lets it.
     Raises ServerError for a `study` that is neither a study nor an experiment there.
     """
-    from hpo.redact import redact
-    from hpo.storage import sqlite_path
+    from hpo.redact import first_line, redact
+    from hpo.storage import missing_sqlite
 
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():  # opening it would create it
+    if missing_sqlite(uri):  # opening it would create it
         if study is not None:
             raise ServerError(f"no study or experiment {study!r} in {redact(uri)} (no such file)")
         return []
@@ -225,8 +224,7 @@ def mlflow_views(uri: str, study: str | None, base: str) -> list[tuple[str, str]
     except ServerError:
         raise
     except Exception as e:  # noqa: BLE001 - not an MLflow store, an old schema, a server away
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ServerError(f"cannot read the MLflow store {redact(uri)}: {redact(msg)}") from None
+        raise ServerError(f"cannot read the MLflow store {redact(uri)}: {first_line(e)}") from None
 
 
 def _views(client: Any, uri: str, study: str | None, base: str) -> list[tuple[str, str]]:

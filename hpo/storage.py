@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial
 
 from hpo.config import SpecError
 from hpo.outage import Retry
-from hpo.redact import redact
+from hpo.redact import first_line, redact
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 # A running trial writes a heartbeat to the storage; one silent for GRACE_S seconds belonged to
@@ -49,6 +49,12 @@ def sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///") or url in ("sqlite:///", "sqlite:///:memory:"):
         return None
     return Path(url[len("sqlite:///") :].split("?")[0])
+
+
+def missing_sqlite(url: str) -> bool:
+    """A sqlite:/// URL whose file does not exist (opening it would create an empty one)."""
+    path = sqlite_path(url)
+    return path is not None and not path.exists()
 
 
 def check_driver(url: str, where: str = "storage") -> None:
@@ -182,8 +188,7 @@ def open_storage(
     except SpecError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed URL, no server, bad credentials
-        msg = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        raise SpecError([f"storage: cannot open {redact(url)!r}: {msg[:300]}"]) from None
+        raise SpecError([f"storage: cannot open {redact(url)!r}: {first_line(e)}"]) from None
 
 
 class _Resilient(BaseStorage, BaseHeartbeat):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo.outage import DiskFault, Retry, disk_fault
-from hpo.redact import redact
+from hpo.redact import first_line, redact
 
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -133,9 +133,8 @@ class Tracker:
                         self.client.restore_experiment(exp.experiment_id)
                     self.experiment_id = exp.experiment_id
         except Exception as e:  # noqa: BLE001 - a malformed URI or an unreachable server
-            msg = redact(str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             raise SpecError(
-                [f"tracking.uri: cannot open MLflow store {redact(self.uri)!r}: {msg}"]
+                [f"tracking.uri: cannot open MLflow store {redact(self.uri)!r}: {first_line(e)}"]
             ) from None
 
     def _create_experiment(self) -> str:
@@ -392,8 +391,10 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
     """A logged model's `Predictor` (hpo/serving.py), read from the tracking store."""
     import mlflow.pyfunc
 
+    from hpo.storage import missing_sqlite
+
     uri = resolve_uri(None, tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+    if missing_sqlite(uri):
         raise FileNotFoundError(f"no tracking store {uri} (give --tracking-uri)")
     mlflow.set_tracking_uri(uri)
     _quiet()

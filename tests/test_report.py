@@ -49,7 +49,7 @@ DROPOUT = [0.5 * ((i * 7) % N) / N for i in range(N)]  # unrelated to lr and to 
 NOISE = [((i * 5) % N) / N - 0.5 for i in range(N)]  # in [-0.5, 0.5), unrelated to both
 
 
-def stored_study(name, positions, values):
+def stored_study(name, positions, values, run_ids=False):
     """A study in a real SQLite storage, as hpo stores one (the attributes the report reads),
     its trials made directly: lr at `positions` (0 to 1 on the log scale of [1e-4, 0.1])."""
     spec = small_spec(name=name, search_space=ADVICE_SPACE)
@@ -68,7 +68,11 @@ def stored_study(name, positions, values):
                 params=params,
                 distributions={"lr": lr, "dropout": drop},
                 value=value,
-                user_attrs={"config": {**params, "n_layers": 1, "width": 32}, "n_params": 2410},
+                user_attrs={
+                    "config": {**params, "n_layers": 1, "width": 32},
+                    "n_params": 2410,
+                    **({"mlflow_run_id": f"run{i}"} if run_ids else {}),
+                },
             )
         )
     return optuna.load_study(study_name=name, storage=storage)
@@ -350,3 +354,15 @@ window.addEventListener('load', function () { setTimeout(function () {
         widest = float(re.search(r'data-widest-chart="([\d.]+)"', html_tag).group(1))
         assert inner == window[0] and scroll <= inner, (window, scroll, inner)
         assert 0 < widest <= min(1100, inner), (window, widest)
+
+
+def test_a_study_tracked_at_a_redacted_url_is_reported_without_connecting_to_it(workdir):
+    """A password is never stored: a study tracked at postgresql://u:***@... cannot be
+    reached from its record, so the report is written without its curves."""
+    from conftest import _free_port
+
+    study = stored_study("redacted", EVEN, [0.5 + 0.4 * p for p in EVEN], run_ids=True)
+    study.set_user_attr("tracking_uri", f"postgresql://hpo:***@127.0.0.1:{_free_port()}/mlflow")
+    assert report_data(study).curves == {}
+    out = write_report(study, workdir / "out")
+    assert (out / "index.html").is_file() and (out / "report.md").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 
 from hpo.config import folder_name
+from hpo.redact import recorded_uri
 from hpo.report.data import ReportData, report_data
 from hpo.report.render import render_html, render_markdown, to_json, write_pngs
 
@@ -20,7 +21,7 @@ def write_report(
     MLflow parent run. Returns the folder."""
     out = Path(out_dir or Path("reports") / folder_name(study.study_name))
     out.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or study.user_attrs.get("tracking_uri")
+    uri = tracking_uri or recorded_uri(study.user_attrs.get("tracking_uri"))
     data = report_data(study, uri)
     images = write_pngs(study, data, out)
     (out / "report.md").write_text(render_markdown(data, images))

@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.config import Distribution, SpecError
+from hpo.redact import recorded_uri
 
 EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) counts as its edge
 CROWD = 0.5  # flag a range when half or more of the top trials sit in one edge
@@ -131,7 +132,7 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
     fit_counts = {k: sum(r.label == k for r in fit_rows) for k in ("good", "overfit", "underfit")}
     importances = param_importances(study)
     roles = _curve_roles(study, complete, fit_rows)
-    uri = tracking_uri or attrs.get("tracking_uri")
+    uri = tracking_uri or recorded_uri(attrs.get("tracking_uri"))
     curves = _curves(trials, roles, uri) if uri else {}
     searched = spec.space if spec else {}
     advice = search_space_advice(study, searched)
