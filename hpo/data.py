@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hpo.config import Spec, SpecError, infer_task
+from hpo.redact import first_line
 from hpo.registry import DATASETS
 
 
@@ -529,13 +530,15 @@ def load_openml(spec: Spec) -> RawData:
             n_retries=2,
             delay=0.5,
         )
-    except Exception as e:  # noqa: BLE001 - offline, unknown name: the user's to fix
+    except OSError as e:  # offline, or OpenML's server away: not the spec's fault
         raise NotDownloaded(
             [
                 f"dataset.openml: cannot fetch {ds.openml!r} ({e}); "
                 "it is downloaded once into the cache, so a network is needed the first time"
             ]
         ) from None
+    except Exception as e:  # noqa: BLE001 - an unknown name or id, a dataset without a target
+        raise SpecError([f"dataset.openml: {ds.openml!r}: {first_line(e)}"]) from None
     frame = bunch.frame
     target = ds.target or bunch.target_names[0]
     if target not in frame.columns:

@@ -32,7 +32,6 @@ from hpo.fused import is_structural, structure
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.redact import redact
 from hpo.registry import PRUNERS, SAMPLERS
-from hpo.serving import Predictor
 from hpo.space import grid_space, suggest_params
 from hpo.storage import (
     DEFAULT_STORAGE,
@@ -972,7 +971,8 @@ class _Driver:
             trial.set_user_attr("checkpoint", True)
             if log_all:
                 model = self._model(record.config, record.weights)
-                self.tracker.log_model(self._deployable(model), self._example(), run_id=run_id)
+                example = self.data.raw_example
+                self.tracker.log_model(self._deployable(model), example, run_id=run_id)
             if better:
                 self.best_weights = (trial.number, record.weights)
 
@@ -1005,12 +1005,10 @@ class _Driver:
         model.load_state_dict(weights)
         return model
 
-    def _example(self) -> Any:
-        """A few raw validation rows, as a user would feed them (never the test split)."""
-        return self.data.raw_example
-
-    def _deployable(self, model: torch.nn.Module) -> Predictor:
+    def _deployable(self, model: torch.nn.Module) -> Any:
         """The network with the data's preprocessing built in (see hpo/serving.py)."""
+        from hpo.serving import Predictor  # imports mlflow.pyfunc: only when a model is logged
+
         return Predictor(model, self.data.prep)
 
     def _final_evaluation(self) -> tuple[dict[str, float], str]:
@@ -1041,7 +1039,7 @@ class _Driver:
             if wanted and self.study.user_attrs.get("model_trial") != best.number:
                 self.tracker.fail_pending_models()  # an upload a Ctrl-C cut short
                 model = model or self._best_model(best)
-                uri = self.tracker.log_model(self._deployable(model), self._example())
+                uri = self.tracker.log_model(self._deployable(model), self.data.raw_example)
                 self.tracker.log_summary({}, {"hpo.model_uri": uri})
                 self.study.set_user_attr("model_uri", uri)
                 self.study.set_user_attr("model_trial", best.number)
