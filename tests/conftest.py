@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,32 @@ def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05):
             return value
         time.sleep(every)
     raise AssertionError(f"never saw: {what}")
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered_dom(page, profile, window=(1280, 900)):
+    """The page's DOM after headless Chromium ran its scripts (offline: no network flags)."""
+    return subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=15000",
+            f"--window-size={window[0]},{window[1]}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout

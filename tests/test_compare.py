@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import optuna
 import pytest
-from conftest import small_spec, study_run
-from test_report import _chromium, _rendered_dom
+from conftest import REPO, chromium, rendered_dom, small_spec, study_run
 
 from hpo.config import parse_spec
 from hpo.report.compare import (
@@ -88,8 +86,6 @@ def test_compare_writes_page_and_markdown_with_seed_noise(two_studies, workdir):
 
 # ---------------------------------------------------------------- what the curves show
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _load(name):
     return optuna.load_study(study_name=name, storage="sqlite:///optuna.db")
@@ -131,7 +127,7 @@ def test_interrupted_trials_are_counted_and_the_page_says_why_they_are_left_out(
     _, cut = single_and_interrupted
     assert [t.number for t in cut.trials if was_interrupted(t)] == [2]
     s = summarise(cut)
-    assert s.interrupted == 1 and s.states["COMPLETE"] == 2
+    assert s.states["INTERRUPTED"] == 1 and s.states["COMPLETE"] == 2
     assert [p[0] for p in s.best_so_far] == [1, 2]  # the two finished trials, nothing else
     out = write_compare(list(single_and_interrupted), workdir / "cmp")
     md = (out / "report.md").read_text()
@@ -205,10 +201,10 @@ def test_seed_noise_of_different_metrics_is_not_weighed():
     )
 
 
-@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+@pytest.mark.skipif(not chromium(), reason="chromium not installed")
 def test_every_point_is_drawn_in_headless_chromium(single_and_interrupted, workdir):
     out = write_compare(list(single_and_interrupted), workdir / "cmp")
-    dom = _rendered_dom(out / "index.html", workdir / "chrome")
+    dom = rendered_dom(out / "index.html", workdir / "chrome")
     assert "data-script-errors" not in re.search(r"<html[^>]*>", dom).group(0)
     d = compare_data(list(single_and_interrupted))
     points = 2 * sum(len(s.best_so_far) for s in d.studies)  # both panels

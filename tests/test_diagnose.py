@@ -169,7 +169,7 @@ def test_real_twins_on_noisy_labels_get_the_same_label():
         kept = result.history[result.best_epoch - 1]
         fit = diagnose_fit(result.history, result.best_epoch, CHANCE, peers, result.stopped_by)
         results.append((kept, fit))
-        peers.append(kept["train_loss"])
+        peers.append(kept["val_loss"])
     (a, fit_a), (b, fit_b) = results
     assert abs(a["val_accuracy"] - b["val_accuracy"]) < 0.03
     assert b["train_loss"] - a["train_loss"] > 0.05 * CHANCE  # what dropout adds to train_loss

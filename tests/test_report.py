@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 
 import optuna
 import pytest
 import yaml
-from conftest import small_spec, study_run
+from conftest import chromium, rendered_dom, small_spec, study_run
 from mlflow import MlflowClient
 
 from hpo.config import parse_spec
@@ -222,36 +220,7 @@ def test_report_files_are_self_contained_and_logged_to_mlflow(finished_study, wo
     assert {"report/index.html", "report/report.md", "report/curves.png"} <= logged
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _rendered_dom(page, profile, window=(1280, 900)):
-    """The page's DOM after headless Chromium ran its scripts (offline: no network flags)."""
-    return subprocess.run(
-        [
-            _chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=15000",
-            f"--window-size={window[0]},{window[1]}",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-
-
-@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+@pytest.mark.skipif(not chromium(), reason="chromium not installed")
 def test_report_and_comparison_render_in_headless_chromium_without_script_errors(
     finished_study, workdir, mlflow_uri
 ):
@@ -261,7 +230,7 @@ def test_report_and_comparison_render_in_headless_chromium_without_script_errors
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     again = optuna.load_study(study_name="reported", storage=storage)
     out = write_report(again, other / "rep", mlflow_uri)
-    dom = _rendered_dom(out / "index.html", workdir / "chrome")
+    dom = rendered_dom(out / "index.html", workdir / "chrome")
     html_tag = re.search(r"<html[^>]*>", dom).group(0)
     assert "data-script-errors" not in html_tag, html_tag  # the page's error hook saw nothing
     assert dom.count('class="main-svg"') >= 5  # every chart drew its SVG
@@ -269,7 +238,7 @@ def test_report_and_comparison_render_in_headless_chromium_without_script_errors
     from hpo.report.compare import write_compare
 
     cmp = write_compare([finished_study, again], other / "cmp")
-    dom = _rendered_dom(cmp / "index.html", workdir / "chrome")
+    dom = rendered_dom(cmp / "index.html", workdir / "chrome")
     assert "data-script-errors" not in re.search(r"<html[^>]*>", dom).group(0)
     assert dom.count('class="main-svg"') >= 1
 
@@ -326,7 +295,7 @@ def test_every_figure_fits_the_column_and_slices_wrap_into_rows(wide_study, work
         assert png.width <= COLUMN_PX and png.height > png.width / 2  # rows, not one strip
 
 
-@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+@pytest.mark.skipif(not chromium(), reason="chromium not installed")
 def test_report_page_has_no_horizontal_scroll_in_headless_chromium(
     wide_study, workdir, mlflow_uri
 ):
@@ -346,7 +315,7 @@ window.addEventListener('load', function () { setTimeout(function () {
     measured = out / "measured.html"
     measured.write_text(page.replace("</body>", measure))
     for window in ((1280, 900), (1000, 800)):
-        dom = _rendered_dom(measured, workdir / "chrome", window)
+        dom = rendered_dom(measured, workdir / "chrome", window)
         html_tag = re.search(r"<html[^>]*>", dom).group(0)
         assert "data-script-errors" not in html_tag, html_tag
         scroll = int(re.search(r'data-scroll-width="(\d+)"', html_tag).group(1))
@@ -366,3 +335,19 @@ def test_a_study_tracked_at_a_redacted_url_is_reported_without_connecting_to_it(
     assert report_data(study).curves == {}
     out = write_report(study, workdir / "out")
     assert (out / "index.html").is_file() and (out / "report.md").is_file()
+
+
+def test_baselines_are_left_out_of_the_importances(workdir):
+    """A baseline has no sampled parameters: counted in, it would leave none common to all."""
+    from hpo.report.data import importance_study
+
+    study = stored_study("with-baseline", EVEN, [0.5 + 0.4 * p for p in EVEN])
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={}, distributions={}, value=0.99, user_attrs={"baseline": "b", "n_params": 9}
+        )
+    )
+    derived = importance_study(study)
+    assert len(derived.trials) == N
+    assert {"lr", "dropout"} <= set(derived.trials[0].params)
+    assert param_importances(study)["lr"] > param_importances(study)["dropout"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import yaml
 from conftest import REPO, study_run
 
 from hpo.config import parse_spec
+from hpo.diagnose import RULES
 from hpo.report import write_report
 from hpo.report.data import report_data
 
@@ -68,6 +70,7 @@ def test_depth_0_cannot_fit_xor_and_one_hidden_layer_can(workdir, mlflow_uri):
     assert row.group(1) == "hidden layers 8 (tanh); adam, lr 0.03"
     assert float(row.group(2)) >= 0.95 and row.group(3) == "good"
     page = (out / "index.html").read_text()
+    assert RULES in md and html.escape(RULES) in page  # the fit rules beside the table
     assert (
         "<h3>Baselines</h3>" in page
         and "depth 0, the perceptron: no hidden layer (a linear model)" in page

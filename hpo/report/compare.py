@@ -26,7 +26,6 @@ class StudySummary(NamedTuple):
     time_to_best_s: float | None
     wall_time_s: float
     best_so_far: list[tuple[int, float, float]]  # (finished trial index, elapsed s, best value)
-    interrupted: int = 0  # cut-short trials, left out of everything above (see `summarise`)
 
 
 class SeedStats(NamedTuple):
@@ -53,10 +52,11 @@ def summarise(study: optuna.Study) -> StudySummary:
     from hpo.study import best_or_none, state_counts, was_interrupted
 
     maximize = study.direction.name == "MAXIMIZE"
+    trials = study.get_trials(deepcopy=False)
     finished = sorted(
         (
             t
-            for t in study.get_trials(deepcopy=False)
+            for t in trials
             if t.state.is_finished() and t.datetime_complete and not was_interrupted(t)
         ),  # the trials that count toward n_trials, in the order they finished
         key=lambda t: t.datetime_complete,
@@ -80,13 +80,12 @@ def summarise(study: optuna.Study) -> StudySummary:
         best_value=best_value,
         best_number=best.number if best else None,
         test_metrics=study.user_attrs.get("test_metrics", {}),
-        states=state_counts(finished),
+        states=state_counts(trials),  # INTERRUPTED apart
         fit_counts={k: fits.count(k) for k in ("good", "overfit", "underfit")},
         trials_to_best=best_at[0] if best_at else None,
         time_to_best_s=best_at[1] if best_at else None,
         wall_time_s=best_so_far[-1][1] if best_so_far else 0.0,
         best_so_far=best_so_far,
-        interrupted=sum(was_interrupted(t) for t in study.get_trials(deepcopy=False)),
     )
 
 
@@ -178,8 +177,9 @@ def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
                 str(s.trials_to_best or "-"),
                 f"{s.time_to_best_s:.0f}s" if s.time_to_best_s is not None else "-",
                 f"{s.wall_time_s:.0f}s",
-                " / ".join(str(s.states[k]) for k in ("COMPLETE", "PRUNED", "FAIL"))
-                + f" / {s.interrupted}",
+                " / ".join(
+                    str(s.states[k]) for k in ("COMPLETE", "PRUNED", "FAIL", "INTERRUPTED")
+                ),
                 " / ".join(str(s.fit_counts[k]) for k in ("good", "overfit", "underfit")),
             ]
         )
@@ -227,11 +227,11 @@ def notes(d: CompareData) -> list[str]:
     else:
         out = [f"Both panels show the best {groups[0][0]} so far." if groups else ""]
     out += [
-        f"{s.name}: {s.interrupted} interrupted trial{'s' if s.interrupted != 1 else ''} "
+        f"{s.name}: {n} interrupted trial{'s' if n != 1 else ''} "
         "(Ctrl-C, --timeout or a lost worker) left out of the curves and counts: they never "
         "finished, do not count toward n_trials, and hpo runs their configurations again."
         for s in d.studies
-        if s.interrupted
+        if (n := s.states["INTERRUPTED"])
     ]
     return [line for line in out if line]
 

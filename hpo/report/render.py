@@ -219,9 +219,6 @@ def plotly_figures(study: optuna.Study, d: ReportData) -> dict[str, Any]:
     sliced = slice_figure(study, d)
     if sliced is not None:
         figs["slice"] = sliced
-    for fig in figs.values():  # as wide as the column, whatever a chart asked for
-        if fig.layout.width is not None and fig.layout.width > COLUMN_PX:
-            fig.update_layout(width=None)
     if d.curves:
         fig = go.Figure()
         for number, curves in d.curves.items():
@@ -446,7 +443,7 @@ def write_pngs(study: optuna.Study, d: ReportData, out: Path) -> dict[str, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             draw()
-            wide = key in ("slice", "parallel") and n_params > 4
+            wide = key == "parallel" and n_params > 4
             plt.gcf().set_size_inches(max(10, 2.4 * n_params) if wide else 10, 5)
             plt.tight_layout()
             plt.savefig(out / f"{key}.png", dpi=80)
