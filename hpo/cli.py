@@ -208,12 +208,14 @@ def run(
         for section, key, value in overrides:
             if value is not None:
                 raw[section][key] = value
-        # The spec logged with the study is the file as written, unless what trains changed.
-        text = loaded.raw_text if max_epochs is None and max_samples is None else ""
         try:
-            loaded = parse_spec(raw, source_dir=loaded.source_dir, raw_text=text)
+            new = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
         except SpecError as e:
             _fail_spec(e, "command line")
+        # The spec logged with the study is the file as written, unless what trains changed.
+        if new.fingerprint() != loaded.fingerprint():
+            new = new.model_copy(update={"raw_text": ""})
+        loaded = new
     for key, given, cli in (
         ("study.storage", loaded.study.storage, storage),
         ("tracking.uri", loaded.tracking.uri, tracking_uri),

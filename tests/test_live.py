@@ -81,13 +81,11 @@ def test_on_a_terminal_the_display_shows_each_running_trials_epoch_and_bar(workd
     )
     out = io.StringIO()
     display = StudyDisplay("val_accuracy", Console(file=out, force_terminal=True, width=120))
-    panels = []
     real_epoch = display.on_epoch
 
     def on_epoch(e):  # draw the panel after each epoch, as the live refresh would
         real_epoch(e)
         display.console.print(display)
-        panels.append(out.getvalue())
 
     with display:
         result = study_run(
