@@ -579,10 +579,8 @@ def _check_distribution(path: str, name: str, d: Distribution, space: dict[str, 
                 problems.append(f"{path}.step: cannot be combined with log: true")
             if d.step <= 0:
                 problems.append(f"{path}.step: must be > 0 (got {d.step})")
-            elif d.type == "int" and d.step != int(d.step):
-                problems.append(
-                    f"{path}.step: must be a whole number for type: int (got {d.step})"
-                )
+            elif d.type == "int" and not float(d.step).is_integer():
+                problems.append(f"{path}.step: must be an integer for type: int (got {d.step})")
     if d.per_layer and name != "width":
         problems.append(f"{path}.per_layer: only width can be per layer (got it on {name})")
     if d.when is not None:

@@ -536,8 +536,7 @@ def run_study(
         driver.close_runs_of_finished_trials(study)
         enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
-    driver.on_epoch = on_epoch
-    return driver.run(study, base_seed, on_start, on_trial_end)
+    return driver.run(study, base_seed, on_start, on_trial_end, on_epoch)
 
 
 @dataclass
@@ -587,8 +586,10 @@ class _Driver:
         base_seed: int,
         on_start: Callable[[dict[str, Any]], None] | None,
         on_trial_end: Callable[[Progress], None] | None,
+        on_epoch: Callable[[EpochProgress], None] | None,
     ) -> StudyResult:
-        self.study, self.base_seed, self.on_trial_end = study, base_seed, on_trial_end
+        self.study, self.base_seed = study, base_seed
+        self.on_trial_end, self.on_epoch = on_trial_end, on_epoch
         if on_start is not None:
             on_start(
                 {

@@ -202,7 +202,7 @@ def test_a_fractional_step_of_an_int_range_is_refused():
     with pytest.raises(SpecError) as info:
         parse_spec(spec)
     assert info.value.problems == [
-        "search_space.n_layers.step: must be a whole number for type: int (got 0.5)"
+        "search_space.n_layers.step: must be an integer for type: int (got 0.5)"
     ]
 
 

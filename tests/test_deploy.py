@@ -244,6 +244,16 @@ def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
         (np.float32(1) - np.float32(data.prep["shift"][i])) / data.prep["scale"][i]
     )
     assert X[:, i].tolist() == [present, present]  # the one-hot column of "007" is set
+    # A category never seen in training sets none of the code's columns; a column the model
+    # does not take is ignored.
+    (workdir / "unseen.csv").write_text("code,member,x,note\nZ9,true,3,hello\n")
+    X = predictor.features(read_rows(workdir / "unseen.csv", data.prep))
+    codes = [j for j, name in enumerate(data.prep["encoded"]) if name.startswith("code_")]
+    absent = [
+        np.float32((np.float32(0) - np.float32(data.prep["shift"][j])) / data.prep["scale"][j])
+        for j in codes
+    ]
+    assert X.shape == (1, data.n_features) and X[0, codes].tolist() == absent
     (workdir / "bad.csv").write_text("code,member,x\nA1,maybe,3\n")
     with pytest.raises(ValueError, match="column 'member', row 0: 'maybe' is not true or false"):
         predictor.features(read_rows(workdir / "bad.csv", data.prep))

@@ -120,9 +120,13 @@ def as_spec(text: str) -> str:
 
 @pytest.fixture
 def spec_folder(tmp_path, monkeypatch):
-    """A fresh working folder with `data` -> search_spaces/data."""
+    """A fresh working folder with `data` -> search_spaces/data; validate's downloads go
+    nowhere (a warning where $HPO_DATA_DIR lacks the files) and never into the real cache."""
     (tmp_path / "data").symlink_to(REPO / "search_spaces" / "data", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for mirror in ("HPO_MNIST_MIRROR", "HPO_FASHION_MNIST_MIRROR"):
+        monkeypatch.setenv(mirror, "http://127.0.0.1:9/")  # nothing listens there
     return tmp_path
 
 
