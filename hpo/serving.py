@@ -59,7 +59,7 @@ class Predictor:
         if self.prep["kind"] == "table":
             X = self._encode(data)
         else:
-            X = np.asarray(data.to_numpy() if isinstance(data, pd.DataFrame) else data)
+            X = np.asarray(data)
             if X.ndim == 1:
                 X = X.reshape(1, -1)
             X = X.reshape(len(X), -1).astype(np.float32)

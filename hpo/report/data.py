@@ -1,19 +1,9 @@
 """Report data: plain values computed from a study (and its MLflow runs), nothing drawn yet.
 
 Search-space advice (`search_space_advice`) flags a numeric range, with a wider range to paste,
-for either of two reasons (`ADVICE_RULES` says it in words, for the page):
-
-- crowding: half or more of the top 20% of complete trials sit in the range's outer 10%;
-- a trend: the metric keeps improving toward one edge. Over at least 8 complete trials,
-  Spearman's rank correlation between the parameter and the metric (sign turned so that
-  positive means better) is 0.5 or more in size with p < 0.05; the best trial sits in the third
-  of the range nearest that edge; and a quadratic fitted to the metric against the position
-  over the better half of the trials does not peak inside the range short of that edge's outer
-  10%, so a peak inside the range is not mistaken for a trend. Positions are on the log scale
-  for log ranges.
-
-A range whose best values sit inside it (a peak in the middle), or a parameter with no effect,
-is not flagged. Baseline trials are left out: they are not samples of the search space.
+when the top trials crowd one of its edges or the metric keeps improving toward one; the rules,
+with their thresholds, are `ADVICE_RULES`, which the report page states beside the advice.
+Baseline trials are left out: they are not samples of the search space.
 """
 
 from __future__ import annotations
@@ -248,7 +238,7 @@ def importance_study(study: optuna.Study) -> optuna.Study | None:
 
 def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advice]:
     """Numeric ranges whose best values crowd against an edge, or toward whose edge the metric
-    keeps improving, each with a wider range to paste (rules: the module's docstring)."""
+    keeps improving, each with a wider range to paste (rules: `ADVICE_RULES`)."""
     maximize = study.direction.name == "MAXIMIZE"
     complete = sorted(
         (
