@@ -266,41 +266,34 @@ def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advi
         def position(v: float, scale=scale, low=low, span=span) -> float:
             return (scale(float(v)) - scale(low)) / span
 
-        flagged: dict[str, dict[str, Any]] = {}
         pos = [position(t.params[name]) for t in top if name in t.params]
-        if len(pos) >= 3:
-            for edge, share in (
-                ("low", sum(p <= EDGE for p in pos) / len(pos)),
-                ("high", sum(p >= 1 - EDGE for p in pos) / len(pos)),
-            ):
-                if share >= CROWD:
-                    flagged[edge] = {"share": share, "reasons": ("crowd",)}
+        shares = {
+            "low": sum(p <= EDGE for p in pos) / max(len(pos), 1),
+            "high": sum(p >= 1 - EDGE for p in pos) / max(len(pos), 1),
+        }
         have = [t for t in complete if name in t.params]  # best first
         points = [(position(t.params[name]), t.value if maximize else -t.value) for t in have]
         found = metric_trend(points)
+        trend = None
         if found is not None:
-            edge, (rho, p_value) = found
+            rho, p_value = found[1]
             trend = Trend(rho, p_value, len(points), float(have[0].params[name]))
-            entry = flagged.setdefault(edge, {"reasons": ()})
-            entry["reasons"] += ("trend",)
-            entry["trend"] = trend
-            if "share" not in entry:
-                entry["share"] = sum(
-                    (p <= EDGE if edge == "low" else p >= 1 - EDGE) for p in pos
-                ) / max(len(pos), 1)
-        for edge, entry in flagged.items():
+        for edge, share in shares.items():
+            crowded = len(pos) >= 3 and share >= CROWD
+            trending = found is not None and found[0] == edge
+            reasons = ("crowd",) * crowded + ("trend",) * trending
             new = _widen(name, d, edge)
-            if new != (low, high):
+            if reasons and new != (low, high):
                 out.append(
                     Advice(
                         name,
                         edge,
-                        entry["share"],
+                        share,
                         (low, high),
                         new,
                         _snippet(name, d, new),
-                        entry["reasons"],
-                        entry.get("trend"),
+                        reasons,
+                        trend if trending else None,
                         metric,
                     )
                 )
