@@ -15,7 +15,7 @@ import threading
 import urllib.request
 
 import pytest
-from conftest import _free_port, hpo_process, small_spec, study_run, wait_for
+from conftest import _free_port, chromium, hpo_process, small_spec, study_run, wait_for
 
 from hpo.config import parse_spec
 
@@ -125,10 +125,6 @@ class Server:
             self.proc.wait(timeout=30)
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def _rendered_text(url: str, profile, wanted: str, tries: int = 3) -> str:
     """The text of the page at `url` once headless Chromium ran its scripts; tried again while
     `wanted` is not in it (a live page may still be fetching when the time budget ends)."""
@@ -136,7 +132,7 @@ def _rendered_text(url: str, profile, wanted: str, tries: int = 3) -> str:
     for _ in range(tries):
         dom = subprocess.run(
             [
-                _chromium(),
+                chromium(),
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
@@ -212,13 +208,40 @@ def test_ui_prints_the_study_runs_view(mlflow_ui, stores):
     assert view["searchFilter"].startswith("tags.`mlflow.parentRunId` = ")
     for column in ("metrics.`best_val_accuracy`", "metrics.`test_accuracy`", "tags.`hpo.state`"):
         assert column in view["selectedColumns"]
+    # the hyperparameters that vary across the trials, not the fixed ones
+    trial_runs = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != ''")
+    lrs = {r.data.params["lr"] for r in trial_runs}
+    assert len(trial_runs) == 3 and len(lrs) == 3 and "params.`lr`" in view["selectedColumns"]
+    assert {r.data.params["batch_size"] for r in trial_runs} == {"64"}
+    assert "params.`batch_size`" not in view["selectedColumns"]
     nested_view = json.loads(exp.tags["mlflow.sharedViewState.hpo-runs-served"])
     assert (
         nested_view["orderByKey"] == "attributes.start_time" and "searchFilter" not in nested_view
     )
 
 
-@pytest.mark.skipif(not _chromium(), reason="chromium not installed")
+def test_without_a_study_name_the_views_are_of_the_study_started_last(stores, tmp_path):
+    """A second study in the same MLflow store, started after the fixture's: hpo ui without
+    a name shows it; with the first study's name, the first."""
+    from mlflow import MlflowClient
+
+    from hpo.servers import mlflow_views
+
+    uri = f"sqlite:///{stores / 'mlflow.db'}"
+    spec = small_spec(
+        name="later",
+        study={"storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": 1},
+        tracking={"uri": uri},
+    )
+    study_run(parse_spec(spec))
+    client = MlflowClient(uri)
+    later, first = (client.get_experiment_by_name(n).experiment_id for n in ("later", STUDY))
+    for name, exp_id in ((None, later), ("later", later), (STUDY, first)):
+        urls = [url for _, url in mlflow_views(uri, name, "http://h")]
+        assert len(urls) == 2 and all(f"/#/experiments/{exp_id}/runs?" in u for u in urls), name
+
+
+@pytest.mark.skipif(not chromium(), reason="chromium not installed")
 def test_ui_views_show_the_runs_in_headless_chromium(mlflow_ui, tmp_path):
     nested, trials = _views(mlflow_ui.output)
     text = _rendered_text(nested, tmp_path / "chrome-nested", "best_val_accuracy")
@@ -266,7 +289,7 @@ def test_dashboard_serves_the_storage_and_sigterm_stops_it(stores, tmp_path):
         names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
         assert names == [STUDY]
         assert f"at http://127.0.0.1:{port}/dashboard" in server.output
-        if _chromium():  # the page itself, rendered
+        if chromium():  # the page itself, rendered
             page = f"http://127.0.0.1:{port}/dashboard"
             text = _rendered_text(page, tmp_path / "chrome", STUDY)
             assert STUDY in text and "MAXIMIZE" in text, text[:2000]
