@@ -104,11 +104,30 @@ def dropout(
 ) -> torch.Tensor:  # fmt: skip
     """Inverted dropout of `h` at `rate` in training (`nn.Dropout`'s), or alpha dropout
     (`nn.AlphaDropout`'s, which keeps SELU's mean and variance), with `keep_mask`'s masks."""
-    keep = keep_mask(h.shape, rate, h.device, generator)
+    return apply_mask(h, keep_mask(h.shape, rate, h.device, generator), rate, alpha)
+
+
+def apply_mask(
+    h: torch.Tensor, keep: torch.Tensor, rate: float | torch.Tensor, alpha: bool
+) -> torch.Tensor:
+    """`h` with dropout's mask `keep` applied at `rate`, scaled as `dropout` says."""
     if alpha:
-        a = ((ALPHA_DROPOUT**2 * rate + 1) * (1 - rate)) ** -0.5
+        a = _alpha_scale(rate)
         return torch.where(keep, h, -ALPHA_DROPOUT) * a + ALPHA_DROPOUT * a * rate
-    return h * keep.to(h.dtype).div_(1 - rate)
+    return h * mask_gradient(keep, rate, alpha, h.dtype)
+
+
+def mask_gradient(
+    keep: torch.Tensor, rate: float | torch.Tensor, alpha: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """What `apply_mask` multiplies its input's gradient by: the scaled mask."""
+    if alpha:
+        return keep.to(dtype).mul_(_alpha_scale(rate))
+    return keep.to(dtype).div_(1 - rate)
+
+
+def _alpha_scale(rate: float | torch.Tensor) -> float | torch.Tensor:
+    return ((ALPHA_DROPOUT**2 * rate + 1) * (1 - rate)) ** -0.5
 
 
 def train_forward(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpo.backprop import manual_step
 from hpo.model import train_forward
 from hpo.registry import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 
@@ -135,6 +136,51 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if "fused" in takes and device.type in ("cpu", "cuda"):
         settings["fused"] = True  # one kernel per step for all parameters, not one per tensor
     return cls(model.parameters(), **{k: v for k, v in settings.items() if k in takes})
+
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")  # Adam's state per parameter
+
+
+def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], Any]:
+    """`opt.step`, but for a fused Adam or AdamW on a CPU, whose kernel is called directly
+    once the first step has made its state: the same update without the optimizer's Python
+    bookkeeping (50 us a step, 4% of a 784-64-64-10 step at batch 512 on a 2-core CPU)."""
+    group = opt.param_groups[0]
+    params: list[torch.Tensor] = group["params"]
+    if not (
+        isinstance(opt, torch.optim.Adam)
+        and len(opt.param_groups) == 1
+        and group["fused"]
+        and all(p.device.type == "cpu" for p in params)
+        and not any(group[k] for k in ("amsgrad", "maximize", "capturable", "differentiable"))
+    ):
+        return opt.step
+    kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+    state: list[list[torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step() -> None:
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            opt.step()  # which skips a parameter without a gradient
+            return
+        if not state:
+            opt.step()  # makes the state
+            count = opt.state[params[0]]["step"]  # the parameters step together: one counter
+            for p in params:
+                opt.state[p]["step"] = count
+            state[:] = [[opt.state[p][k] for p in params] for k in STATE_KEYS]
+            return
+        exp_avgs, exp_avg_sqs, steps = state
+        steps[0].add_(1)
+        beta1, beta2 = group["betas"]
+        kernel(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
+            beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+            maximize=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+
+    return step
 
 
 @torch.no_grad()
@@ -315,8 +361,11 @@ def train(
     opt = make_optimizer(model, cfg)
     cast = matmul_precision(cfg.precision, X.device)
     step_schedule = LR_SCHEDULES.load(cfg.lr_schedule)(opt, cfg)
+    opt_step = optimizer_step(opt)  # after the schedule, which wraps opt.step
     classify = cfg.task == "classification"
     params = list(model.parameters())
+    # The backward pass written out where it can be (float32 on a CPU), autograd elsewhere.
+    written_out = manual_step(model, cfg.task, resolved_precision(cfg.precision, X.device))
     weights = [p for p in params if p.dim() > 1]  # L1 skips biases
     watch = Watch(cfg)
     best_state: dict[str, torch.Tensor] | None = None
@@ -336,17 +385,20 @@ def train(
                 break
             idx = perm[start : min(start + cfg.batch_size, n_used)]
             xb, yb = X.index_select(0, idx), y.index_select(0, idx)  # 2x faster than X[idx]
-            with cast():
-                out = train_forward(model, xb)
-                loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
-            for p in params:  # what opt.zero_grad(set_to_none=True) does, in a tenth the time
-                p.grad = None
-            loss.backward()
+            if written_out is not None:
+                loss, out = written_out(xb, yb)
+            else:
+                with cast():
+                    out = train_forward(model, xb)
+                    loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
+                for p in params:  # opt.zero_grad(set_to_none=True) in a tenth the time
+                    p.grad = None
+                loss.backward()
             if cfg.l1:
                 add_l1_gradient(weights, cfg.l1)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            opt_step()
             # Running sums stay on the device: no host sync inside the step loop.
             loss_sum += loss.detach() * len(idx)
             if classify:
