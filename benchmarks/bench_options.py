@@ -3,9 +3,10 @@ size 128 with the option set, against the same epoch with ReLU and Adam.
 
 The options are measured in interleaved rounds (one epoch of each per round), so a machine
 that slows down over the run weighs on every option alike; each figure is the median over
---repeats rounds after a warm-up round. One row trains with `nn.Dropout`'s own masks
-(`bernoulli_`), as hpo did before it drew its own: the ratio of the two dropout rows is what
-hpo's masks save.
+--repeats rounds after a warm-up round. Three rows train with autograd's backward pass instead
+of hpo's written-out one (`hpo/backprop.py`), one of them with `nn.Dropout`'s own masks
+(`bernoulli_`) as hpo did before it drew its own: against their twins, they show what the
+written-out backward and hpo's masks save.
 
     HPO_DATA_DIR=/path/to/data python benchmarks/bench_options.py [--repeats 3] [--device cpu]
 """
@@ -29,10 +30,12 @@ from hpo.train import TrainConfig, train
 
 WIDTHS, BATCH = [512, 512], 128
 BASE = "relu, adam"
-TORCH_DROPOUT = "dropout 0.2 with nn.Dropout's masks"
+AUTOGRAD = ", autograd's backward"
+TORCH_DROPOUT = "dropout 0.2, autograd's backward, nn.Dropout's masks"
 # name -> (build_mlp keywords, TrainConfig keywords)
 OPTIONS: dict[str, tuple[dict, dict]] = {
     BASE: ({}, {}),
+    BASE + AUTOGRAD: ({}, {}),
     "sgd, Nesterov momentum 0.9": ({}, {"optimizer": "sgd", "momentum": 0.9, "nesterov": True}),
     "sigmoid": ({"activation": "sigmoid"}, {}),
     "elu": ({"activation": "elu"}, {}),
@@ -40,6 +43,7 @@ OPTIONS: dict[str, tuple[dict, dict]] = {
     "prelu": ({"activation": "prelu"}, {}),
     "batchnorm": ({"batchnorm": True}, {}),
     "dropout 0.2": ({"dropout": 0.2}, {}),
+    "dropout 0.2" + AUTOGRAD: ({"dropout": 0.2}, {}),
     TORCH_DROPOUT: ({"dropout": 0.2}, {}),
     "l1 1e-5": ({}, {"l1": 1e-5}),
     "grad_clip 1.0": ({}, {"grad_clip": 1.0}),
@@ -54,12 +58,11 @@ def epoch(name: str, data, device: str) -> float:
     torch.manual_seed(0)
     model = build_mlp(784, 10, WIDTHS, **model_kw).to(device)
     cfg = TrainConfig(batch_size=BATCH, max_epochs=1, lr=1e-3, **train_kw)
-    patch = (
-        mock.patch("hpo.train.train_forward", lambda model, x: model(x))
-        if name == TORCH_DROPOUT
-        else contextlib.nullcontext()
-    )
-    with patch:
+    with contextlib.ExitStack() as patches:
+        if AUTOGRAD in name:
+            patches.enter_context(mock.patch("hpo.train.manual_step", lambda *a: None))
+        if name == TORCH_DROPOUT:
+            patches.enter_context(mock.patch("hpo.train.train_forward", lambda m, x: m(x)))
         t0 = time.perf_counter()
         train(model, data.train, data.val, cfg)
         if torch.device(device).type == "cuda":
