@@ -51,8 +51,10 @@ class _Activation:
 
     BACKWARD: dict[
         type, Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    ] = {  # noqa: E501
-        nn.ReLU: lambda m, g, z, out: aten.threshold_backward(g, out, 0),
+    ] = {
+        # In place: g is the step's own (a Linear's or dropout's backward made it), and so is
+        # z, which the forward pass overwrites with its output.
+        nn.ReLU: lambda m, g, z, out: aten.threshold_backward.grad_input(g, out, 0, grad_input=g),
         nn.LeakyReLU: lambda m, g, z, out: aten.leaky_relu_backward(g, z, m.negative_slope, False),
         nn.ELU: lambda m, g, z, out: aten.elu_backward(g, m.alpha, 1, 1, False, z),
         nn.SELU: lambda m, g, z, out: aten.elu_backward(g, SELU_ALPHA, SELU_SCALE, 1, False, z),
@@ -64,7 +66,7 @@ class _Activation:
 
     def __init__(self, module: nn.Module):
         self.module, self.grad = module, self.BACKWARD[type(module)]
-        self.relu = type(module) is nn.ReLU  # in place, forward and backward: z is not needed
+        self.relu = type(module) is nn.ReLU
         self.z = self.out = torch.empty(0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -72,8 +74,6 @@ class _Activation:
         return self.out
 
     def backward(self, g: torch.Tensor) -> torch.Tensor:
-        if self.relu:  # g is this step's own: a Linear's or dropout's backward made it
-            return aten.threshold_backward.grad_input(g, self.out, 0, grad_input=g)
         return self.grad(self.module, g, self.z, self.out)
 
 
