@@ -273,11 +273,16 @@ def train_cohort(
     stack = StackedMLP(models, activation)
     cast = matmul_precision(lead.precision, device)
 
-    def vector(name: str) -> torch.Tensor:
-        return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)
+    dtype = stack.params[0].dtype  # the members' rates in the weights' own precision
 
-    hp = {k: vector(k) for k in ("lr", "weight_decay", "momentum", "l1", "grad_clip")}
-    hp["dropout"] = torch.tensor([float(d) for d in dropouts], device=device)
+    def vector(values: list[float]) -> torch.Tensor:
+        return torch.tensor([float(v) for v in values], device=device, dtype=dtype)
+
+    hp = {
+        k: vector([getattr(c, k) for c in cfgs])
+        for k in ("lr", "weight_decay", "momentum", "l1", "grad_clip")
+    }
+    hp["dropout"] = vector(dropouts)
     opt = _Optimizer(lead.optimizer, lead.nesterov, hp, len(stack.params))
     schedule = _Schedule(lead.lr_schedule, lead.max_epochs, len(models))
     members = list(range(len(models)))  # original index of each row of the stack
@@ -312,7 +317,7 @@ def train_cohort(
         correct = torch.zeros(k, device=device)
         # Decided on the host from the members' settings: no reads from the device here.
         rates = [float(cfgs[m].lr) * schedule.factor[row] for row, m in enumerate(members)]
-        lr = opt.hp["lr"] * torch.tensor(schedule.factor[:k], device=device)
+        lr = opt.hp["lr"] * vector(schedule.factor[:k])
         any_l1 = any(cfgs[m].l1 > 0 for m in members)
         any_clip = any(cfgs[m].grad_clip > 0 for m in members)
         any_dropout = any(dropouts[m] > 0 for m in members)

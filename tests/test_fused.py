@@ -28,18 +28,31 @@ from hpo.model import build_mlp
 from hpo.train import TrainConfig, train
 from hpo.trial import CohortJob, TrialJob, run_cohort
 
-# Relative difference allowed between a member's per-epoch losses fused and alone: the stacked
-# products add in another order, so the curves agree to float rounding, which training then
-# amplifies slowly (measured: 1e-7 to 2e-4 over 5 epochs at these learning rates).
-TOLERANCE = 1e-3
+# Relative difference allowed between a member's per-epoch losses fused and alone. The stacked
+# products add in another order, so the two differ by rounding, which some configurations
+# amplify chaotically: in float32, ReLU units at the edge of dying and adaptive optimizers (which
+# scale a gradient of rounding noise up to a full step) took a member 1e-7 apart after one epoch
+# to 1e-2 after five on one CPU (AMD EPYC; 2e-4 on an Intel Xeon). So the curves are compared in
+# float64, where that noise starts 1e9 times smaller: they then agree to the float32 running
+# sums of the epoch metrics (measured: 1e-7 to 2e-7 for every case below).
+TOLERANCE = 1e-5
+
+
+def _digits(dtype):
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=dtype) / 16
+    y = torch.tensor(d.target)
+    return (X[:1400], y[:1400]), (X[1400:], y[1400:])
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = load_digits()
-    X = torch.tensor(d.data, dtype=torch.float32) / 16
-    y = torch.tensor(d.target)
-    return (X[:1400], y[:1400]), (X[1400:], y[1400:])
+    return _digits(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def digits32():
+    return _digits(torch.float32)
 
 
 MEMBERS = [  # each member's own hyperparameters
@@ -66,11 +79,11 @@ def _configs(optimizer, schedule="none", nesterov=False, epochs=5, patience=100,
     ]
 
 
-def _models(cfgs, activation="relu", batchnorm=False, widths=(32, 16)):
+def _models(cfgs, activation="relu", batchnorm=False, widths=(32, 16), dtype=torch.float64):
     models = []
     for cfg in cfgs:
         torch.manual_seed(cfg.seed)
-        models.append(build_mlp(64, 10, widths, activation, 0.0, batchnorm))
+        models.append(build_mlp(64, 10, widths, activation, 0.0, batchnorm).to(dtype))
     return models
 
 
@@ -123,16 +136,16 @@ def test_each_member_follows_its_curve_trained_alone(
         assert kept["loss"] == pytest.approx(result.best["val_loss"], rel=1e-5)
 
 
-def test_bf16_members_follow_their_bf16_curves_alone(digits):
+def test_bf16_members_follow_their_bf16_curves_alone(digits32):
     """With bf16 products the rounding is coarser, so the curves agree less closely, but a
     member fused still trains as it does alone (measured: 1.1e-2 apart over 5 epochs, where
     bf16 and fp32 runs of one member are 2.5e-2 apart)."""
     cfgs = [replace(c, precision="bf16") for c in _configs("adam")]
-    alone = _alone(cfgs, digits)
-    fused = train_cohort(_models(cfgs), cfgs, [0.0] * 3, "relu", *digits)
+    alone = _alone(cfgs, digits32, dtype=torch.float32)
+    fused = train_cohort(_models(cfgs, dtype=torch.float32), cfgs, [0.0] * 3, "relu", *digits32)
     assert _worst(alone, [r.history for r in fused]) < 5e-2
-    fp32 = _alone(_configs("adam"), digits)
-    assert _worst(fp32, [r.history for r in fused]) > TOLERANCE  # bf16 products did change them
+    fp32 = _alone(_configs("adam"), digits32, dtype=torch.float32)
+    assert _worst(fp32, [r.history for r in fused]) > 1e-3  # bf16 products did change them
 
 
 def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
@@ -173,14 +186,15 @@ def test_a_non_finite_loss_fails_that_member_only(digits):
     cfgs = _configs("sgd", epochs=4, members=members)
     alone = _alone([cfgs[0], cfgs[2]], digits)
     fused = train_cohort(_models(cfgs), cfgs, [0.0] * 3, "relu", *digits)
-    assert fused[1].stopped_by == "diverged" and "became nan" in (fused[1].failure or "")
+    assert fused[1].stopped_by == "diverged"
+    assert any(f"train_loss became {x}" in (fused[1].failure or "") for x in ("nan", "inf"))
     assert [fused[0].stopped_by, fused[2].stopped_by] == ["max_epochs", "max_epochs"]
     assert _worst(alone, [fused[0].history, fused[2].history]) < TOLERANCE
 
 
 def test_members_get_their_own_dropout_masks(digits):
     cfgs = _configs("adam", epochs=1, members=[MEMBERS[0], MEMBERS[0]])
-    models = [build_mlp(64, 10, (32, 16), "relu", 0.3) for _ in range(2)]
+    models = [build_mlp(64, 10, (32, 16), "relu", 0.3).double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())  # identical twins but for dropout
     fused = train_cohort(models, cfgs, [0.3, 0.3], "relu", *digits)
     assert fused[0].history[0]["train_loss"] != fused[1].history[0]["train_loss"]
@@ -380,7 +394,7 @@ def test_members_with_and_without_dropout_share_a_cohort(digits, batchnorm):
     models = []
     for cfg, rate in zip(cfgs, (0.0, 0.3), strict=True):
         torch.manual_seed(cfg.seed)
-        models.append(build_mlp(64, 10, (32, 16), "relu", rate, batchnorm))
+        models.append(build_mlp(64, 10, (32, 16), "relu", rate, batchnorm).double())
     assert set(models[0].state_dict()) != set(models[1].state_dict())
     alone = _alone(cfgs[:1], digits, batchnorm=batchnorm)
     fused = train_cohort(models, cfgs, [0.0, 0.3], "relu", *digits)
