@@ -201,6 +201,25 @@ class _Resilient(BaseStorage, BaseHeartbeat):
         """Drop the database session (after Ctrl-C cut a write short: its lock goes too)."""
         self._rdb.remove_session()
 
+    def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Several user attributes of a running trial in one transaction: one commit, not
+        one each (on SQLite 9 attributes take 6 ms instead of 16)."""
+        self._retry(self._write_user_attrs, trial_id, attrs)
+
+    def _write_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        try:  # Optuna's own per-attribute write, without its commit
+            from optuna.storages._rdb.models import TrialUserAttributeModel
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            write = self._rdb._set_trial_attr_without_commit
+        except (ImportError, AttributeError):  # an Optuna without them: one at a time
+            for key, value in attrs.items():
+                self._rdb.set_trial_user_attr(trial_id, key, value)
+            return
+        with _create_scoped_session(self._rdb.scoped_session, True) as session:
+            for key, value in attrs.items():
+                write(session, TrialUserAttributeModel, trial_id, key, value)
+
 
 def _through_retry(name: str) -> Callable[..., Any]:
     def call(self: _Resilient, *args: Any, **kwargs: Any) -> Any:
@@ -214,6 +233,18 @@ for _name, _value in {**vars(BaseHeartbeat), **vars(BaseStorage)}.items():
     if callable(_value) and not _name.startswith("__") and _name != "remove_session":
         setattr(_Resilient, _name, _through_retry(_name))
 _Resilient.__abstractmethods__ = frozenset()
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """`trial.set_user_attr` for each of `attrs`, in one transaction where the storage is
+    `open_storage`'s."""
+    storage = trial.storage
+    if not isinstance(storage, _Resilient) or not hasattr(trial, "_cached_frozen_trial"):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    storage.set_trial_user_attrs(trial._trial_id, attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what trial.user_attrs reads
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

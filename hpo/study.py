@@ -40,6 +40,7 @@ from hpo.storage import (
     check_storage_writable,
     fail_stale_trials,
     open_storage,
+    set_user_attrs,
     storage_lock,
 )
 from hpo.tracking import STATUS, Tracker
@@ -665,12 +666,7 @@ class _Driver:
                 for job in self.held:  # reserved, never started: they run again later
                     self._interrupt(job.number, self.stopping or "no more trials to ask for")
                 self.held = []
-            while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
-                job = self.held.pop(0) if self.held else self._next_job()
-                if job is None:
-                    break
-                self.executor.submit(job)
-                self.submitted |= set(job.numbers)
+            self._fill_slots()
             if not self.running:
                 if self.stopping or self.exhausted or count_finished(self.study) >= self.total:
                     return
@@ -685,9 +681,27 @@ class _Driver:
                 elif isinstance(event, Epoch):
                     self._on_epoch(event)
                 elif isinstance(event, Done):
-                    self._on_done(event.number, event.record)
+                    # The next trial starts before this one's MLflow run is closed and its
+                    # line printed: the worker waits only for what the sampler needs (tell).
+                    rest = self._told(event.number, event.record)
+                    try:
+                        self._fill_slots()
+                    finally:
+                        rest()
                 elif isinstance(event, Lost):
                     self._on_lost(event.number, event.reason)
+
+    def _fill_slots(self) -> None:
+        """Hand jobs to free executor slots, then open their trials' MLflow runs (the worker
+        trains meanwhile: it needs no run id)."""
+        while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
+            job = self.held.pop(0) if self.held else self._next_job()
+            if job is None:
+                break
+            self.executor.submit(job)
+            self.submitted |= set(job.numbers)
+            for number in job.numbers:
+                self._open_run(number)
 
     def _beat(self) -> None:
         storage = self.study._storage
@@ -734,9 +748,9 @@ class _Driver:
             return [leader, *alone]
         numbers = [j.number for j in members]
         for job in members:
-            trial = self.running[job.number].trial
-            trial.set_user_attr("fused_with", numbers)
-            trial.set_user_attr("batch_seed", leader.seed)  # the batch order it trained on
+            # batch_seed: the batch order it trained on
+            attrs = {"fused_with": numbers, "batch_seed": leader.seed}
+            set_user_attrs(self.running[job.number].trial, attrs)
             self.cohort_of[job.number] = leader.number
         return [CohortJob(members), *alone]
 
@@ -766,29 +780,38 @@ class _Driver:
                 warnings.simplefilter("ignore", UserWarning)
                 trial = self.study.ask()  # an enqueued retry first, if there is one
             self.study._storage.record_heartbeat(trial._trial_id)
-            trial.set_user_attr("driver", self.me)
-        seed = self.base_seed * 100_003 + trial.number
-        trial.set_user_attr("seed", seed)  # torch seed: retraining with it repeats the trial
+            seed = self.base_seed * 100_003 + trial.number
+            # seed: the torch seed; retraining with it repeats the trial
+            set_user_attrs(trial, {"driver": self.me, "seed": seed})
         self.running[trial.number] = running = _Running(trial, None, {})
-        retry_of = trial.user_attrs.get("retry_of")
         baseline = trial.user_attrs.get("baseline")
-        tags = {"hpo.retry_of": str(retry_of)} if retry_of is not None else {}
-        if baseline is not None:
-            tags["hpo.baseline"] = baseline
-        running.run_id = self.tracker.start_trial(trial.number, tags or None)
-        trial.set_user_attr("mlflow_run_id", running.run_id)
         try:
             if baseline is not None:  # fixed: the sampler is not asked, so params stay empty
                 running.config = self.spec.baseline_config(baseline)
             else:
                 running.config = suggest_params(trial, self.spec.space)
         except Exception as e:  # noqa: BLE001 - a sampler's error fails this trial only
+            self._open_run(trial.number)  # its run shows why
             self._on_done(trial.number, TrialRecord(trial.number, {}, seed, failure=str(e)))
             return None
         trial.set_user_attr("config", running.config)
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         peers = [t.user_attrs["metrics"]["val_loss"] for t in done if "metrics" in t.user_attrs]
         return TrialJob(trial.number, running.config, seed, peers)
+
+    def _open_run(self, number: int) -> None:
+        """The trial's MLflow child run, once it is handed to a worker (a trial reserved and
+        never started gets none)."""
+        r = self.running.get(number)
+        if r is None or r.run_id is not None:
+            return
+        retry_of = r.trial.user_attrs.get("retry_of")
+        baseline = r.trial.user_attrs.get("baseline")
+        tags = {"hpo.retry_of": str(retry_of)} if retry_of is not None else {}
+        if baseline is not None:
+            tags["hpo.baseline"] = baseline
+        r.run_id = self.tracker.start_trial(number, tags or None)
+        r.trial.set_user_attr("mlflow_run_id", r.run_id)
 
     def _on_epoch(self, e: Epoch) -> None:
         r = self.running.get(e.number)
@@ -797,12 +820,18 @@ class _Driver:
             return
         r.history.append(e.metrics)
         decision = "interrupted" if self.stopping else None
+        # A baseline is a reference point: it trains to the end, never pruned. A trial that
+        # cannot be pruned goes on before its value is stored, not after.
+        prunable = "baseline" not in r.trial.user_attrs and not isinstance(
+            self.study.pruner, optuna.pruners.NopPruner
+        )
+        if decision is not None or not prunable:
+            self.executor.decide(e.number, decision)
         if decision is None:
             r.trial.report(e.metrics[self.metric], e.epoch)
-            # A baseline is a reference point: it trains to the end, never pruned.
-            if "baseline" not in r.trial.user_attrs and r.trial.should_prune():
-                decision = "pruned"
-        self.executor.decide(e.number, decision)  # first, so the worker goes on at once
+            if prunable:
+                decision = "pruned" if r.trial.should_prune() else None
+                self.executor.decide(e.number, decision)  # before logging: the worker waits
         self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
         if self.on_epoch is not None:
             value = e.metrics.get(self.metric, math.nan)
@@ -810,6 +839,11 @@ class _Driver:
             self.on_epoch(EpochProgress(e.number, e.epoch, max_epochs, value, decision))
 
     def _on_done(self, number: int, record: TrialRecord) -> None:
+        self._told(number, record)()
+
+    def _told(self, number: int, record: TrialRecord) -> Callable[[], None]:
+        """Store a finished trial's result and tell Optuna; what is left (closing its MLflow
+        run, the progress line) comes back to be called once the next trial has started."""
         r = self.running.pop(number)
         self.cohort_of.pop(number, None)
         self.submitted.discard(number)
@@ -840,8 +874,7 @@ class _Driver:
             attrs["fail_reason"] = tags["hpo.fail_reason"] = record.failure or "unknown error"
         elif outcome == "INTERRUPTED":
             attrs["interrupted"] = True
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        set_user_attrs(trial, attrs)
         if outcome == "COMPLETE" and r.run_id is not None:
             assert value is not None
             self._keep_if_best(trial, value, record, r.run_id)
@@ -854,10 +887,15 @@ class _Driver:
             self._retry(self.study, trial, trial.user_attrs.get("kills", 0))
         mlflow_state = "KILLED" if outcome == "INTERRUPTED" else outcome
         params = {k: v for k, v in r.config.items() if k != "width"}  # widths lists them
-        if r.run_id is not None:
-            self.tracker.end_trial(r.run_id, mlflow_state, params, final, tags)
-        if frozen is not None:
-            self._progress(frozen, "interrupted: runs again" if outcome == "INTERRUPTED" else "")
+
+        def rest() -> None:
+            if r.run_id is not None:
+                self.tracker.end_trial(r.run_id, mlflow_state, params, final, tags)
+            if frozen is not None:
+                note = "interrupted: runs again" if outcome == "INTERRUPTED" else ""
+                self._progress(frozen, note)
+
+        return rest
 
     def _on_lost(self, number: int, reason: str) -> None:
         """Its worker died: failed, and run again once (a configuration that kills its

@@ -257,3 +257,24 @@ def test_regression_study_minimises_rmse_and_reports_test_rmse(workdir, mlflow_u
     assert study.direction.name == "MINIMIZE"
     assert result.best_value == min(t.value for t in study.trials)
     assert 0 < result.test_metrics["test_rmse"] < 5  # target std is about 7.5
+
+
+def test_user_attrs_set_together_are_one_transaction(tmp_path):
+    """The driver stores a finished trial's attributes in one commit: all of them land, the
+    trial sees them, and one that cannot be stored leaves none half-written."""
+    from hpo.outage import Retry
+    from hpo.storage import open_storage, set_user_attrs
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    storage = open_storage(url, retry=Retry("Optuna storage", url, 0.0))
+    study = optuna.create_study(study_name="attrs", storage=storage)
+    trial = study.ask()
+    attrs = {"n_params": 1234, "metrics": {"val_loss": 0.25}, "fit": "good", "fused_with": [3, 4]}
+    set_user_attrs(trial, attrs)
+    assert trial.user_attrs == attrs  # what the driver reads back
+    stored = optuna.load_study(study_name="attrs", storage=url).trials[0].user_attrs
+    assert stored == attrs  # another process's view
+    with pytest.raises(TypeError):  # not JSON: the whole transaction is dropped
+        set_user_attrs(trial, {"epochs_run": 7, "bad": object()})
+    stored = optuna.load_study(study_name="attrs", storage=url).trials[0].user_attrs
+    assert "epochs_run" not in stored and stored == attrs
