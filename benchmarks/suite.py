@@ -331,7 +331,11 @@ def render(results: dict) -> str:
             f"| {row['dataset']} | {row['epochs']} | {row['trials']} | "
             f"{row['overhead_share_median']:.1%} | "
             f"{row['overhead_share_max']:.1%} | "
-            + (f"{median_out:.3f} s | {first_out:.3f} s | " if median_out else "- | - | ")
+            + (
+                f"{median_out:.3f} s | {first_out:.3f} s | "
+                if median_out is not None
+                else "- | - | "  # a JSON from before these columns
+            )
             + f"{epoch_s or 0:.3f} s | {live} |"
         )
     cap = r["target_cap_s"]

@@ -214,7 +214,7 @@ class _Resilient(BaseStorage, BaseHeartbeat):
             write = self._rdb._set_trial_attr_without_commit
         except (ImportError, AttributeError):  # an Optuna without them: one at a time
             for key, value in attrs.items():
-                self._rdb.set_trial_user_attr(trial_id, key, value)
+                self._inner.set_trial_user_attr(trial_id, key, value)
             return
         with _create_scoped_session(self._rdb.scoped_session, True) as session:
             for key, value in attrs.items():

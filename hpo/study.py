@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.pruners import NopPruner
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import __version__, resources
@@ -819,19 +820,19 @@ class _Driver:
             self.executor.decide(e.number, "interrupted")
             return
         r.history.append(e.metrics)
-        decision = "interrupted" if self.stopping else None
-        # A baseline is a reference point: it trains to the end, never pruned. A trial that
-        # cannot be pruned goes on before its value is stored, not after.
-        prunable = "baseline" not in r.trial.user_attrs and not isinstance(
-            self.study.pruner, optuna.pruners.NopPruner
-        )
-        if decision is not None or not prunable:
+        # The worker waits for the decision: it is sent as soon as it is known. A baseline is
+        # a reference point: it trains to the end, never pruned.
+        decision = None
+        if self.stopping:
+            decision = "interrupted"
             self.executor.decide(e.number, decision)
-        if decision is None:
+        elif "baseline" in r.trial.user_attrs or isinstance(self.study.pruner, NopPruner):
+            self.executor.decide(e.number, None)  # before its value is stored, not after
             r.trial.report(e.metrics[self.metric], e.epoch)
-            if prunable:
-                decision = "pruned" if r.trial.should_prune() else None
-                self.executor.decide(e.number, decision)  # before logging: the worker waits
+        else:
+            r.trial.report(e.metrics[self.metric], e.epoch)
+            decision = "pruned" if r.trial.should_prune() else None
+            self.executor.decide(e.number, decision)
         self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
         if self.on_epoch is not None:
             value = e.metrics.get(self.metric, math.nan)
