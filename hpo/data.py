@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import struct
 import urllib.request
@@ -185,8 +186,6 @@ def _split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split off `frac` of `idx` (stratified when asked); a split that cannot be made is a
     `SpecError` naming `dataset.KEY` and the counts."""
-    from sklearn.model_selection import train_test_split
-
     strat = y[idx] if stratify else None
     if strat is not None and np.min(np.unique(strat, return_counts=True)[1]) < 2:
         strat = None  # a class with a single sample cannot be stratified
@@ -200,11 +199,51 @@ def _split(
                 f"{len(idx) - n_out:,} on the other; each side needs at least one {need}"
             ]
         )
-    try:
-        a, b = train_test_split(idx, test_size=frac, random_state=seed, stratify=strat)
-    except ValueError as e:
-        raise SpecError([f"dataset.{key}: cannot split {len(idx):,} rows: {e}"]) from None
-    return np.sort(a), np.sort(b)
+    a, b = _shuffle_split(len(idx), n_out, seed, strat)
+    return np.sort(idx[a]), np.sort(idx[b])
+
+
+def _shuffle_split(
+    n: int, n_test: int, seed: int, strat: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions, the very ones scikit-learn's `train_test_split(...,
+    test_size=frac, random_state=seed, stratify=strat)` picks, so a study's split stays what it
+    was, without importing scikit-learn (2 s of every `hpo run`'s start on a small CPU);
+    tests/test_data.py holds the two to the same output."""
+    rng = np.random.RandomState(seed)
+    n_train = n - n_test
+    if strat is None:  # ShuffleSplit
+        perm = rng.permutation(n)
+        return perm[n_test : n_test + n_train], perm[:n_test]
+    # StratifiedShuffleSplit: each class's share drawn by the approximate hypergeometric mode
+    _, y_indices, counts = np.unique(strat, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(counts)[:-1])
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(counts)):
+        perm = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(perm[: n_i[i]])
+        test.extend(perm[n_i[i] : n_i[i] + t_i[i]])
+    return np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)
+
+
+def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's `_approximate_mode`: draws per class, ties broken by `rng`."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def _fit_scaler(X: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
@@ -226,16 +265,21 @@ def _fit_scaler(X: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_digits(spec: Spec) -> RawData:
-    """scikit-learn's bundled 8x8 digits."""
-    from sklearn import datasets
-
-    d = datasets.load_digits()
+    """scikit-learn's bundled 8x8 digits, read from its file the way `load_digits` reads it
+    (without importing scikit-learn, which takes seconds)."""
+    spec_ = importlib.util.find_spec("sklearn")  # finds the package without running it
+    if spec_ is None or not spec_.submodule_search_locations:
+        raise SpecError(["dataset.name: digits needs scikit-learn: pip install scikit-learn"])
+    path = Path(list(spec_.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    classes = list(range(10))
     return RawData(
-        X=d.data.astype(np.float32),
-        y=d.target.astype(np.int64),
-        classes=[str(c) for c in d.target_names],
+        X=data[:, :-1].astype(np.float32),
+        y=data[:, -1].astype(np.int64),
+        classes=[str(c) for c in classes],
         inputs={"kind": "array", "input": "8 x 8 pixel values 0-16, row by row"},
-        class_values=[int(c) for c in d.target_names],
+        class_values=classes,
     )
 
 

@@ -218,7 +218,7 @@ def test_a_killed_process_loses_only_its_running_trial(workdir, where):
     proc = hpo_process(["run", path], workdir)
     db = workdir / "optuna.db"
 
-    def two_done_and_one_training() -> bool:  # a state, not a number of seconds
+    def one_done_and_one_training() -> bool:  # a state, not a number of seconds
         try:  # plain SQL: opening an Optuna storage here would race hpo to create the tables
             if _running_with_heartbeat(db) != 1:
                 return False
@@ -228,9 +228,9 @@ def test_a_killed_process_loses_only_its_running_trial(workdir, where):
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         # a few epochs into its 200: far from its end, whatever the machine's speed
         epochs = [len(t.intermediate_values) for t in running]
-        return count_finished(study) >= 2 and len(epochs) == 1 and 1 <= epochs[0] <= 50
+        return count_finished(study) >= 1 and len(epochs) == 1 and 1 <= epochs[0] <= 50
 
-    wait_for(two_done_and_one_training, "two trials done and a third RUNNING")
+    wait_for(one_done_and_one_training, "a trial done and the next RUNNING")
     proc.kill()
     proc.communicate(timeout=60)
     dead_pid = proc.pid
@@ -247,7 +247,7 @@ def test_a_killed_process_loses_only_its_running_trial(workdir, where):
     killed = [t.number for t in study.trials if t.state == TrialState.RUNNING]
     assert len(killed) == 1
     finished = count_finished(study)
-    assert finished >= 2
+    assert finished >= 1
 
     proc = hpo_process(["run", path, "--n-trials", finished + 1], workdir)
     out, _ = proc.communicate(timeout=300)

@@ -30,6 +30,51 @@ def test_digits_split_sizes_stratified_and_hash_stable():
     assert load_data(other).info["split_hash"] != info["split_hash"]
 
 
+def test_splits_are_the_ones_scikit_learn_makes():
+    """hpo splits without importing scikit-learn; a study split by an earlier hpo (which
+    called train_test_split) must get the very same rows, or it could not be resumed."""
+    from sklearn.model_selection import train_test_split
+
+    from hpo.data import _split
+
+    rng = np.random.default_rng(0)
+    cases = 0
+    for n in (10, 37, 150, 1797):
+        for frac in (0.1, 0.15, 0.2, 0.33, 0.5):
+            for seed in (0, 1, 7, 123):
+                for weights in (None, [0.5, 0.3, 0.2], [0.05] * 4 + [0.8]):
+                    idx = np.sort(rng.choice(5 * n, size=n, replace=False))
+                    y = np.zeros(5 * n, dtype=np.int64)
+                    if weights is not None:
+                        y[idx] = rng.choice(len(weights), size=n, p=weights)
+                    try:
+                        a, b = _split(idx, y, frac, seed, weights is not None, "split.val")
+                    except SpecError:
+                        continue  # a split that cannot be made: a clear error, not a split
+                    strat = y[idx] if weights is not None else None
+                    if strat is not None and np.unique(strat, return_counts=True)[1].min() < 2:
+                        strat = None  # hpo's rule: a class of one row cannot be stratified
+                    ea, eb = train_test_split(
+                        idx, test_size=frac, random_state=seed, stratify=strat
+                    )
+                    assert a.tolist() == sorted(ea.tolist()), (n, frac, seed, weights)
+                    assert b.tolist() == sorted(eb.tolist()), (n, frac, seed, weights)
+                    cases += 1
+    assert cases > 150
+
+
+def test_digits_are_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from hpo.data import DATASETS
+
+    raw = DATASETS.load("digits")(parse_spec(small_spec()))
+    d = load_digits()
+    assert np.array_equal(raw.X, d.data.astype(np.float32))
+    assert np.array_equal(raw.y, d.target)
+    assert raw.classes == [str(c) for c in d.target_names]
+
+
 def test_scaler_is_fitted_on_train_only():
     data = load_data(parse_spec(small_spec()))
     X_tr, X_va = data.train[0], data.val[0]
