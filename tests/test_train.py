@@ -245,11 +245,13 @@ print(denormals_flushed(), seen)
 def test_training_flushes_denormals_on_worker_threads_started_before_it():
     """Denormal floats are tens of times slower on x86: training moves to a thread whose
     intra-op workers flush them when the caller's workers were started without flushing."""
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # intra-op worker threads, whatever the suite's
     out = subprocess.run(
-        [sys.executable, "-c", DENORMALS], capture_output=True, text=True, check=True
+        [sys.executable, "-c", DENORMALS], capture_output=True, text=True, check=True, env=env
     ).stdout.split(maxsplit=1)
     caller_flushes, in_training = out[0] == "True", out[1].strip()
     assert in_training == "[True]", (caller_flushes, in_training)
