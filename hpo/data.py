@@ -211,14 +211,13 @@ def _shuffle_split(
     was, without importing scikit-learn (2 s of every `hpo run`'s start on a small CPU);
     tests/test_data.py holds the two to the same output."""
     rng = np.random.RandomState(seed)
-    n_train = n - n_test
     if strat is None:  # ShuffleSplit
         perm = rng.permutation(n)
-        return perm[n_test : n_test + n_train], perm[:n_test]
+        return perm[n_test:], perm[:n_test]
     # StratifiedShuffleSplit: each class's share drawn by the approximate hypergeometric mode
     _, y_indices, counts = np.unique(strat, return_inverse=True, return_counts=True)
     class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(counts)[:-1])
-    n_i = _approximate_mode(counts, n_train, rng)
+    n_i = _approximate_mode(counts, n - n_test, rng)
     t_i = _approximate_mode(counts - n_i, n_test, rng)
     train: list[int] = []
     test: list[int] = []
@@ -267,10 +266,11 @@ def _fit_scaler(X: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
 def load_digits(spec: Spec) -> RawData:
     """scikit-learn's bundled 8x8 digits, read from its file the way `load_digits` reads it
     (without importing scikit-learn, which takes seconds)."""
-    spec_ = importlib.util.find_spec("sklearn")  # finds the package without running it
-    if spec_ is None or not spec_.submodule_search_locations:
+    package = importlib.util.find_spec("sklearn")  # found, not run
+    if package is None or not package.submodule_search_locations:
         raise SpecError(["dataset.name: digits needs scikit-learn: pip install scikit-learn"])
-    path = Path(list(spec_.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    folder = Path(list(package.submodule_search_locations)[0])
+    path = folder / "datasets" / "data" / "digits.csv.gz"
     with gzip.open(path, "rt") as f:
         data = np.loadtxt(f, delimiter=",")
     classes = list(range(10))
