@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp, count_parameters
-from hpo.train import TrainConfig, train
+from hpo.train import TrainConfig, bf16_native, train
 
 BATCH = 512
 # name -> (hidden widths, dropout). The dropout row is a net from mnist.yaml's search space:
@@ -82,17 +83,28 @@ def _sync(device) -> None:
 
 
 def loops(device: str) -> list[tuple[str, str, object]]:
-    """(name, precision of its products, one epoch) of each loop measured."""
-    default = "tf32" if torch.device(device).type == "cuda" else "fp32"
+    """(name, precision of its products, one epoch) of each loop measured. bf16 only where
+    the device has bfloat16 units: elsewhere it is emulated (18x slower than fp32 for the
+    wide net on an AVX2 CPU), which `hpo run` warns about, and would take most of the run."""
+    dev = torch.device(device)
+    default = "tf32" if dev.type == "cuda" else "fp32"
+    bf16 = [("hpo.train bf16", "bf16", lambda *a: hpo_epoch(*a, precision="bf16"))]
     return [
         ("hpo.train", default, hpo_epoch),
-        ("hpo.train bf16", "bf16", lambda *a: hpo_epoch(*a, precision="bf16")),
+        *(bf16 if bf16_native(dev) else []),
         ("DataLoader", "fp32", dataloader_epoch),
     ]
 
 
-def measure(device: str, repeats: int = 3) -> list[dict]:
-    """Median epoch time of each loop on each net, with its FLOP/s (6 x parameters/sample)."""
+def measure(
+    device: str, repeats: int = 3, peak: Callable[[str], float] | None = None
+) -> list[dict]:
+    """Median epoch time of each loop on each net, with its FLOP/s (6 x parameters/sample).
+
+    With `peak` (precision -> FLOP/s of the device's products, measured when called), each
+    round measures the peak too, just before its epochs, and a loop's share of the peak is
+    the median over rounds of its FLOP/s over that round's peak: on a shared machine whose
+    speed drifts, a peak taken minutes apart from the epochs is off by as much as 40%."""
     spec = parse_spec({"name": "bench", "dataset": {"name": "mnist"}, "search_space": {}})
     data = load_data(spec, device)
     n = len(data.train[0])
@@ -106,28 +118,34 @@ def measure(device: str, repeats: int = 3) -> list[dict]:
         # Interleaved (one epoch of each loop per round): a machine that slows down or speeds
         # up over the run weighs on every loop alike.
         times: dict[str, list[float]] = {loop: [] for loop, _, _ in loops(device)}
+        shares: dict[str, list[float]] = {loop: [] for loop, _, _ in loops(device)}
         for round_ in range(repeats + 1):  # round 0 warms up
-            for loop, _, fn in loops(device):
+            peaks = {p: peak(p) for p in {p for _, p, _ in loops(device)}} if peak else {}
+            for loop, precision, fn in loops(device):
                 sec = fn(net, data, device)
                 if round_:
                     times[loop].append(sec)
+                    if peak:
+                        shares[loop].append(6 * params * n / sec / peaks[precision])
         for loop, precision, _ in loops(device):
             sec = statistics.median(times[loop])
-            rows.append(
-                {
-                    "arch": name,
-                    "loop": loop,
-                    "precision": precision,
-                    "epoch_s": sec,
-                    "samples_per_s": n / sec,
-                    "flops": 6 * params * n / sec,
-                }
-            )
+            row = {
+                "arch": name,
+                "loop": loop,
+                "precision": precision,
+                "epoch_s": sec,
+                "samples_per_s": n / sec,
+                "flops": 6 * params * n / sec,
+            }
+            if peak:
+                row["fraction_of_peak"] = statistics.median(shares[loop])
+            rows.append(row)
             print(f"{name:<26} {loop:<14} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
     for name in ARCHS:
         speed = {r["loop"]: r["samples_per_s"] for r in rows if r["arch"] == name}
-        for loop in ("hpo.train", "hpo.train bf16"):
-            print(f"{name:<26} {loop:<14} speed-up {speed[loop] / speed['DataLoader']:.2f}x")
+        for loop in speed:
+            if loop != "DataLoader":
+                print(f"{name:<26} {loop:<14} speed-up {speed[loop] / speed['DataLoader']:.2f}x")
     return rows
 
 

@@ -75,7 +75,7 @@ def validate(spec: SpecArg) -> None:
 
     try:
         check_spec(loaded)
-        checked, warning = check_data(loaded)
+        checked, warnings = check_data(loaded)
     except SpecError as e:
         _fail_spec(e, spec)
     n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
@@ -92,7 +92,7 @@ def validate(spec: SpecArg) -> None:
     )
     if checked:
         typer.echo(f"  {checked}")
-    if warning:
+    for warning in warnings:
         _err(f"warning: {warning}")
 
 

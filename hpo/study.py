@@ -45,7 +45,7 @@ from hpo.storage import (
     storage_lock,
 )
 from hpo.tracking import STATUS, Tracker
-from hpo.train import TrainConfig, evaluate, train
+from hpo.train import TrainConfig, evaluate, precision_warning, train
 from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
@@ -238,26 +238,30 @@ def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
         raise SpecError(problems)
 
 
-def check_data(spec: Spec) -> tuple[str, str]:
+def check_data(spec: Spec) -> tuple[str, list[str]]:
     """Load the data as `hpo run` would (a dataset not on this machine yet is downloaded into
     the cache, as the run would), and check that the largest model fits the device: what
-    `hpo validate` adds to the spec's own checks. Returns (what was checked, a warning): the
-    warning says why the data could not be checked, when it is not here and no download
-    could fetch it (the spec itself is sound; `hpo run` will need the files or a network)."""
+    `hpo validate` adds to the spec's own checks. Returns (what was checked, warnings): why
+    the data could not be checked, when it is not here and no download could fetch it (the
+    spec itself is sound; `hpo run` will need the files or a network), and a precision this
+    device would emulate."""
     from hpo.data import NotDownloaded
 
+    device = resolve_device(spec.training.device)
+    slow = precision_warning(spec.training.precision, device)
+    warnings = [slow] if slow else []
     try:
         data = load_data(spec, "cpu")
     except NotDownloaded as e:
-        return "", f"data not checked: {e.problems[0]}"
-    check_memory(spec, data, [str(resolve_device(spec.training.device))])
+        return "", [f"data not checked: {e.problems[0]}", *warnings]
+    check_memory(spec, data, [str(device)])
     info = data.info
     checked = (
         f"data: {info['n_train']:,} train / {info['n_val']:,} val / {info['n_test']:,} test, "
         f"{info['n_features']} features"
         + (f", {info['n_classes']} classes" if info["n_classes"] else "")
     )
-    return checked, ""
+    return checked, warnings
 
 
 def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
@@ -469,7 +473,12 @@ def run_study(
     executor = executor or ThreadExecutor(spec, str(device))
 
     # Everything that can refuse the run does so before the study or any run is written.
-    check_memory(spec, data, getattr(executor, "devices", [str(device)]))
+    devices = getattr(executor, "devices", [str(device)])
+    check_memory(spec, data, devices)
+    for dev in sorted(set(devices)):
+        slow = precision_warning(spec.training.precision, torch.device(dev))
+        if slow and on_notice is not None:
+            on_notice(slow)
     fingerprint = spec.fingerprint()
     given = "study.storage" if spec.study.storage else "--storage" if storage else "storage"
     check_storage_writable(url, given)

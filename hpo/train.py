@@ -267,6 +267,32 @@ def resolved_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 products in hardware: a CUDA GPU that supports them,
+    or a CPU with AVX-512 BF16 or AMX units. Elsewhere bf16 autocast is emulated: measured on
+    2 AVX2 cores (AMD EPYC), 784-512-512-10 trained 18x slower than in float32."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.5 counted no emulation
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return True  # mps and others: not known to be slower
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """A line for the user when `precision` will be slow on `device`."""
+    if resolved_precision(precision, device) != "bf16" or bf16_native(device):
+        return None
+    where = "a CPU without AVX-512 BF16 or AMX units" if device.type == "cpu" else str(device)
+    return (
+        f"training.precision: bf16 on {where} is emulated, many times slower than fp32 "
+        "(measured: 18x for 784-512-512-10 on an AVX2 CPU); auto or fp32 trains faster here"
+    )
+
+
 @contextlib.contextmanager
 def products(precision: str, device: torch.device) -> Iterator[None]:
     """CUDA's float32 products as `precision` says (TF32 or IEEE) while inside, forward and
