@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 
 from hpo.config import default_config, parse_spec, with_widths
 from hpo.data import load_data
-from hpo.fused import structure, train_cohort
+from hpo.fused import _MemberKernels, _Optimizer, structure, train_cohort
 from hpo.model import build_mlp
 from hpo.train import TrainConfig, train
 from hpo.trial import CohortJob, TrialJob, run_cohort
@@ -190,6 +190,42 @@ def test_a_non_finite_loss_fails_that_member_only(digits):
     assert any(f"train_loss became {x}" in (fused[1].failure or "") for x in ("nan", "inf"))
     assert [fused[0].stopped_by, fused[2].stopped_by] == ["max_epochs", "max_epochs"]
     assert _worst(alone, [fused[0].history, fused[2].history]) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "optimizer, nesterov",
+    [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True), ("adagrad", False)],
+)
+def test_the_update_over_the_whole_stack_is_torchs_kernel(optimizer, nesterov):
+    """On a CPU each member is updated by torch's fused kernel (`_MemberKernels`); CUDA uses
+    the update written over the whole stack (`_Optimizer`), which no CPU cohort runs for these
+    optimizers: here both take the same gradients, with a member dropped half way."""
+    torch.manual_seed(0)
+    shapes = [(3, 5, 4), (3, 5)]
+    hp = {
+        "lr": torch.tensor([0.1, 0.01, 0.003]),
+        "weight_decay": torch.tensor([0.0, 1e-2, 1e-3]),
+        "momentum": torch.tensor([0.0, 0.9, 0.5]),
+    }
+    hp = {k: v.double() for k, v in hp.items()}
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    params = {kind: [p.clone() for p in start] for kind in (_Optimizer, _MemberKernels)}
+    opts = {kind: kind(optimizer, nesterov, dict(hp), len(shapes)) for kind in params}
+    rows = torch.tensor([0, 2])
+    for step in range(6):
+        grads = [torch.randn(p.shape, dtype=torch.float64) for p in params[_Optimizer]]
+        for kind, opt in opts.items():
+            for p, g in zip(params[kind], grads, strict=True):
+                p.grad = g.clone()
+            opt.step(params[kind], opt.hp["lr"], opt.hp["lr"].tolist())
+            if step == 2:  # the middle member stops
+                params[kind] = [p.index_select(0, rows) for p in params[kind]]
+                opt.keep(rows)
+    for vectorized, kernel in zip(params[_Optimizer], params[_MemberKernels], strict=True):
+        assert vectorized.shape[0] == 2
+        torch.testing.assert_close(vectorized, kernel, rtol=1e-12, atol=1e-14)
+    moved = [p.index_select(0, rows) for p in start]
+    assert all((a - b).abs().min() > 0 for a, b in zip(params[_Optimizer], moved, strict=True))
 
 
 def test_members_get_their_own_dropout_masks(digits):
