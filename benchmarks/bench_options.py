@@ -70,13 +70,14 @@ def epoch(name: str, data, device: str) -> float:
         return time.perf_counter() - t0
 
 
-def measure(device: str, repeats: int = 3) -> list[dict]:
-    """Median epoch time of each option and its ratio to the ReLU/Adam epoch."""
+def measure(device: str, repeats: int = 3, warm_all: bool = True) -> list[dict]:
+    """Median epoch time of each option and its ratio to the ReLU/Adam epoch. A first round
+    warms up every option, or with `warm_all` False the base one alone."""
     spec = parse_spec({"name": "bench", "dataset": {"name": "mnist"}, "search_space": {}})
     data = load_data(spec, device)
     times: dict[str, list[float]] = {name: [] for name in OPTIONS}
     for round_ in range(repeats + 1):  # round 0 warms up
-        for name in OPTIONS:
+        for name in OPTIONS if round_ or warm_all else [BASE]:
             sec = epoch(name, data, device)
             if round_:
                 times[name].append(sec)

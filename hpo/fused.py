@@ -11,8 +11,9 @@ with every member's weights side by side, the others are batched products.
 The optimizers are torch's own: on a CPU its fused kernels, called on each member's rows of the
 stacked tensors (`_MemberKernels`); elsewhere its formulas written over the stacked tensors,
 with each member's hyperparameters as a vector (`_Optimizer`). Either way a member follows the
-curve it would follow trained alone (see `tests/test_fused.py`). A member that stops (early stopping, pruning, a non-finite loss) is
-handed back at once with its best weights and dropped from the stack; the others go on.
+curve it would follow trained alone (see `tests/test_fused.py`). A member that stops (early
+stopping, pruning, a non-finite loss) is handed back at once with its best weights and dropped
+from the stack; the others go on.
 """
 
 from __future__ import annotations
