@@ -91,6 +91,9 @@ def trainer_section(device: str, repeats: int) -> dict:
     return {"matmul_peak_flops": medians["fp32"], "matmul_peaks": medians, "rows": rows}
 
 
+# ------------------------------------------------------------------ platform overhead
+
+
 def overhead_section(device: str, quick: bool) -> list[dict]:
     """Run a small study per dataset and compare each trial's wall time with its epochs'."""
     import optuna

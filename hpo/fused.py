@@ -105,11 +105,14 @@ class _Optimizer:
         """A member vector shaped to broadcast over one stacked tensor."""
         return self.hp[name].view(-1, *([1] * (like.dim() - 1)))
 
+    def set_rates(self, rates: list[float]) -> None:
+        """Each member's learning rate from now on (an epoch's, schedule applied)."""
+        self.lr = self.hp["lr"].new_tensor(rates)  # on the device once, not every step
+
     @torch.no_grad()
-    def step(self, params: list[torch.Tensor], lr: torch.Tensor, rates: list[float]) -> None:
-        """One update of every member (`lr`: their rates on the device; `rates`: on the
-        host). In place where torch's rule allows: the update is a few passes over memory,
-        which is most of a step for a wide net on a CPU."""
+    def step(self, params: list[torch.Tensor]) -> None:
+        """One update of every member. In place where torch's rule allows: the update is a
+        few passes over memory, which is most of a step for a wide net on a CPU."""
         self.steps += 1
         t = self.steps
         decay = self.decay
@@ -117,7 +120,7 @@ class _Optimizer:
             g = p.grad
             if g is None:
                 continue
-            lr_p = lr.view(-1, *([1] * (p.dim() - 1)))
+            lr_p = self.lr.view(-1, *([1] * (p.dim() - 1)))
             if decay and self.name == "adamw":
                 p.mul_(1 - lr_p * self._per("weight_decay", p))
             elif decay:
@@ -219,8 +222,11 @@ class _MemberKernels(_Optimizer):
         """Each state tensor split into its members' rows, made (zeros) on first use."""
         return [self._zeros(key, i, p).unbind(0) for i, p in enumerate(params)]
 
+    def set_rates(self, rates: list[float]) -> None:
+        self.rates = rates  # the kernels take each member's rate as a number
+
     @torch.no_grad()
-    def step(self, params: list[torch.Tensor], lr: torch.Tensor, rates: list[float]) -> None:
+    def step(self, params: list[torch.Tensor]) -> None:
         self.steps += 1
         self.count.fill_(self.steps)
         first = self.steps == 1
@@ -234,7 +240,7 @@ class _MemberKernels(_Optimizer):
             m = self._rows("v", params)
         elif any(self.host["momentum"]):
             m = self._rows("buf", params)
-        for k, rate in enumerate(rates):
+        for k, rate in enumerate(self.rates):
             own = ([w[k] for w in weights], [g[k] for g in grads])
             if self.name in ("adam", "adamw"):
                 b1, b2 = BETAS
@@ -395,7 +401,7 @@ def train_cohort(
         correct = torch.zeros(k, device=device)
         # Decided on the host from the members' settings: no reads from the device here.
         rates = [float(cfgs[m].lr) * schedule.factor[row] for row, m in enumerate(members)]
-        lr = opt.hp["lr"] * vector(schedule.factor[:k])
+        opt.set_rates(rates)
         any_l1 = any(cfgs[m].l1 > 0 for m in members)
         any_clip = any(cfgs[m].grad_clip > 0 for m in members)
         any_dropout = any(dropouts[m] > 0 for m in members)
@@ -414,7 +420,7 @@ def train_cohort(
                 add_l1_gradient(stack.weights(), opt.hp["l1"].view(-1, 1, 1))
             if any_clip:
                 _clip(stack.params, opt.hp["grad_clip"])
-            opt.step(stack.params, lr, rates)
+            opt.step(stack.params)
             steps += 1
             loss_sum += losses.detach() * len(idx)
             if classify:

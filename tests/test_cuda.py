@@ -2,7 +2,8 @@
 few times rather than once a step, and a member fused on the GPU follows its curve alone.
 
 Skipped where there is no GPU (`make test` on a GPU machine runs them). Self-contained (no
-conftest), so they also run where only torch and pydantic are installed:
+conftest): they import only torch, NumPy, PyYAML and pydantic, and read scikit-learn's bundled
+digits file, so they also run without the rest of the install:
 
     python -m pytest -c /dev/null --noconftest tests/test_cuda.py
 """

@@ -217,7 +217,8 @@ def test_the_update_over_the_whole_stack_is_torchs_kernel(optimizer, nesterov):
         for kind, opt in opts.items():
             for p, g in zip(params[kind], grads, strict=True):
                 p.grad = g.clone()
-            opt.step(params[kind], opt.hp["lr"], opt.hp["lr"].tolist())
+            opt.set_rates(opt.hp["lr"].tolist())
+            opt.step(params[kind])
             if step == 2:  # the middle member stops
                 params[kind] = [p.index_select(0, rows) for p in params[kind]]
                 opt.keep(rows)
