@@ -79,7 +79,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError([f"training.device: {device!r} asked for, but no CUDA GPU is available"])
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise SpecError(
+            [f"training.device: {device!r} asked for, but this machine has {count} CUDA GPU(s), "
+             f"cuda:0 to cuda:{count - 1}"]
+        )  # fmt: skip
+    return dev
 
 
 def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:

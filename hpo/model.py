@@ -221,8 +221,11 @@ class StackedMLP:
         mean_i, var_i = self.bn_buffers[at]
         running_mean, running_var = self.buffers[mean_i], self.buffers[var_i]
         if training:
-            mean = h.mean(1)
-            var = h.var(1, unbiased=False)
+            # In float32 at least, as nn.BatchNorm1d keeps them, under bf16 autocast too (where
+            # h comes out of the products in bfloat16, and the running buffers take only float32).
+            stats = h.to(torch.promote_types(h.dtype, torch.float32))
+            mean = stats.mean(1)
+            var = stats.var(1, unbiased=False)
             with torch.no_grad():
                 rows = h.shape[1]
                 running_mean.lerp_(mean.detach(), BN_MOMENTUM)

@@ -272,10 +272,7 @@ def bf16_native(device: torch.device) -> bool:
     or a CPU with AVX-512 BF16 or AMX units. Elsewhere bf16 autocast is emulated: measured on
     2 AVX2 cores (AMD EPYC), 784-512-512-10 trained 18x slower than in float32."""
     if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before 2.5 counted no emulation
-            return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
@@ -296,18 +293,30 @@ def precision_warning(precision: str, device: torch.device) -> str | None:
 @contextlib.contextmanager
 def products(precision: str, device: torch.device) -> Iterator[None]:
     """CUDA's float32 products as `precision` says (TF32 or IEEE) while inside, forward and
-    backward alike; the process-wide switch is put back on the way out."""
+    backward alike; the process-wide switches are put back on the way out.
+
+    Set with `torch.set_float32_matmul_precision`, which keeps torch's legacy switch and its
+    new ones (`torch.backends.*.matmul.fp32_precision`) in agreement: setting only a new one
+    makes every reader of the legacy one raise (`torch.get_float32_matmul_precision`,
+    `matmul.allow_tf32`, TunableOp's float32 GEMMs)."""
     resolved = resolved_precision(precision, device)
     if device.type != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32" if resolved == "tf32" else "ieee"
+    switches = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [switch.fp32_precision for switch in switches]
+    try:
+        legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller had already set the two apart
+        legacy = None
+    torch.set_float32_matmul_precision("high" if resolved == "tf32" else "highest")
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for switch, value in zip(switches, before, strict=True):
+            switch.fp32_precision = value
 
 
 def matmul_precision(precision: str, device: torch.device) -> Callable[[], Any]:

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from hpo.config import parse_spec
+from hpo.config import SpecError, parse_spec
 from hpo.data import load_data, resolve_device
 from hpo.fused import train_cohort
 from hpo.model import build_mlp
@@ -49,6 +49,17 @@ def test_auto_is_the_gpu_and_the_data_lives_there():
     assert resolve_device("auto").type == "cuda"
     (X, y), (Xv, yv) = _digits()
     assert {t.device.type for t in (X, y, Xv, yv)} == {"cuda"}
+
+
+def test_a_gpu_the_machine_lacks_is_refused_by_name():
+    count = torch.cuda.device_count()
+    assert resolve_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
+    with pytest.raises(SpecError) as refused:
+        resolve_device(f"cuda:{count}")
+    assert refused.value.problems == [
+        f"training.device: 'cuda:{count}' asked for, but this machine has {count} CUDA GPU(s), "
+        f"cuda:0 to cuda:{count - 1}"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,22 @@ def test_bf16_members_follow_their_bf16_curves_alone(digits32):
     assert _worst(fp32, [r.history for r in fused]) > 1e-3  # bf16 products did change them
 
 
+def test_bf16_members_with_batch_norm_keep_float32_statistics(digits32):
+    """Under bf16 autocast the stacked products come out in bfloat16; batch norm's statistics
+    and running buffers stay float32, as nn.BatchNorm1d's do, and each member trains as it
+    does alone (before, updating the buffers from bfloat16 statistics failed every step)."""
+    cfgs = [replace(c, precision="bf16", max_epochs=3) for c in _configs("adam")]
+    alone = _alone(cfgs, digits32, batchnorm=True, dtype=torch.float32)
+    models = _models(cfgs, batchnorm=True, dtype=torch.float32)
+    fused = train_cohort(models, cfgs, [0.0] * 3, "relu", *digits32)
+    assert [r.failure for r in fused] == [None] * 3
+    assert _worst(alone, [r.history for r in fused]) < 5e-2
+    for model in models:
+        stats = [b for name, b in model.state_dict().items() if "running" in name]
+        assert stats and all(b.dtype == torch.float32 and b.isfinite().all() for b in stats)
+        assert any(b.abs().max() > 0.1 for b in stats)  # they did move from their start
+
+
 def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
     cfgs = _configs("adam", epochs=6)
     alone = _alone(cfgs, digits)

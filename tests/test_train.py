@@ -214,13 +214,17 @@ def test_tf32_is_set_for_cuda_training_only_while_it_lasts():
         "bf16",
     ]
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    before = matmul.fp32_precision, torch.get_float32_matmul_precision()
     with products("auto", cuda):
         assert matmul.fp32_precision == "tf32"
+        # torch's legacy switch agrees: reading it raises when the two were set apart
+        assert torch.get_float32_matmul_precision() == "high" and matmul.allow_tf32
         with products("fp32", cuda):
             assert matmul.fp32_precision == "ieee"
+            assert torch.get_float32_matmul_precision() == "highest"
         assert matmul.fp32_precision == "tf32"
-    assert matmul.fp32_precision == before
+    assert (matmul.fp32_precision, torch.get_float32_matmul_precision()) == before
+    assert not matmul.allow_tf32
 
 
 def test_unknown_precision_is_refused(blobs):
