@@ -51,7 +51,7 @@ def dataloader_epoch(net, data, device) -> float:
     """The loop most tutorials write: CPU tensors, a DataLoader, .item() per step, and torch's
     default float32 products, nn.Dropout."""
     if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.set_float32_matmul_precision("highest")  # IEEE float32, torch's default
     torch.manual_seed(0)
     model = build_mlp(784, 10, net[0], dropout=net[1]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -97,14 +97,15 @@ def loops(device: str) -> list[tuple[str, str, object]]:
 
 
 def measure(
-    device: str, repeats: int = 3, peak: Callable[[str], float] | None = None
+    device: str, repeats: int = 3, peak: Callable[[str], tuple[float, float]] | None = None
 ) -> list[dict]:
     """Median epoch time of each loop on each net, with its FLOP/s (6 x parameters/sample).
 
-    With `peak` (precision -> FLOP/s of the device's products, measured when called), each
-    round measures the peak too, just before its epochs, and a loop's share of the peak is
-    the median over rounds of its FLOP/s over that round's peak: on a shared machine whose
-    speed drifts, a peak taken minutes apart from the epochs is off by as much as 40%."""
+    With `peak` (precision -> (sustained, burst) FLOP/s of the device's products, measured when
+    called), each round measures the peak too, just before its epochs, and a loop's share of
+    the peak is the median over rounds of its FLOP/s over that round's sustained peak (and
+    over its burst peak): on a shared machine whose speed drifts, a peak taken minutes apart
+    from the epochs is off by as much as 40%."""
     spec = parse_spec({"name": "bench", "dataset": {"name": "mnist"}, "search_space": {}})
     data = load_data(spec, device)
     n = len(data.train[0])
@@ -119,6 +120,7 @@ def measure(
         # up over the run weighs on every loop alike.
         times: dict[str, list[float]] = {loop: [] for loop, _, _ in loops(device)}
         shares: dict[str, list[float]] = {loop: [] for loop, _, _ in loops(device)}
+        burst_shares: dict[str, list[float]] = {loop: [] for loop, _, _ in loops(device)}
         for round_ in range(repeats + 1):  # round 0 warms up
             peaks = {p: peak(p) for p in {p for _, p, _ in loops(device)}} if peak else {}
             for loop, precision, fn in loops(device):
@@ -126,7 +128,9 @@ def measure(
                 if round_:
                     times[loop].append(sec)
                     if peak:
-                        shares[loop].append(6 * params * n / sec / peaks[precision])
+                        sustained, burst = peaks[precision]
+                        shares[loop].append(6 * params * n / sec / sustained)
+                        burst_shares[loop].append(6 * params * n / sec / burst)
         for loop, precision, _ in loops(device):
             sec = statistics.median(times[loop])
             row = {
@@ -139,6 +143,7 @@ def measure(
             }
             if peak:
                 row["fraction_of_peak"] = statistics.median(shares[loop])
+                row["fraction_of_burst_peak"] = statistics.median(burst_shares[loop])
             rows.append(row)
             print(f"{name:<26} {loop:<14} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
     for name in ARCHS:
