@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp, count_parameters
-from hpo.train import TrainConfig, bf16_native, train
+from hpo.train import TrainConfig, bf16_native, products, train
 
 BATCH = 512
 # name -> (hidden widths, dropout). The dropout row is a net from mnist.yaml's search space:
@@ -50,31 +50,30 @@ def hpo_epoch(net, data, device, precision="auto") -> float:
 def dataloader_epoch(net, data, device) -> float:
     """The loop most tutorials write: CPU tensors, a DataLoader, .item() per step, and torch's
     default float32 products, nn.Dropout."""
-    if torch.device(device).type == "cuda":
-        torch.set_float32_matmul_precision("highest")  # IEEE float32, torch's default
-    torch.manual_seed(0)
-    model = build_mlp(784, 10, net[0], dropout=net[1]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_ds = TensorDataset(data.train[0].cpu(), data.train[1].cpu())
-    val_ds = TensorDataset(data.val[0].cpu(), data.val[1].cpu())
-    _sync(device)
-    t0 = time.perf_counter()
-    model.train()
-    running = 0.0
-    for xb, yb in DataLoader(train_ds, batch_size=BATCH, shuffle=True):
-        xb, yb = xb.to(device), yb.to(device)
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        running += loss.item() * len(xb)
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for xb, yb in DataLoader(val_ds, batch_size=BATCH):
-            correct += (model(xb.to(device)).argmax(1) == yb.to(device)).sum().item()
-    _sync(device)
-    return time.perf_counter() - t0
+    with products("fp32", torch.device(device)):  # IEEE float32, torch's default
+        torch.manual_seed(0)
+        model = build_mlp(784, 10, net[0], dropout=net[1]).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train_ds = TensorDataset(data.train[0].cpu(), data.train[1].cpu())
+        val_ds = TensorDataset(data.val[0].cpu(), data.val[1].cpu())
+        _sync(device)
+        t0 = time.perf_counter()
+        model.train()
+        running = 0.0
+        for xb, yb in DataLoader(train_ds, batch_size=BATCH, shuffle=True):
+            xb, yb = xb.to(device), yb.to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            running += loss.item() * len(xb)
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for xb, yb in DataLoader(val_ds, batch_size=BATCH):
+                correct += (model(xb.to(device)).argmax(1) == yb.to(device)).sum().item()
+        _sync(device)
+        return time.perf_counter() - t0
 
 
 def _sync(device) -> None:

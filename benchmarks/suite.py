@@ -45,7 +45,7 @@ import bench_fused  # noqa: E402
 import bench_options  # noqa: E402
 import bench_train  # noqa: E402
 
-from hpo.train import bf16_native  # noqa: E402
+from hpo.train import bf16_native, products  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,29 +83,28 @@ def matmul_peak(device: str, precision: str = "fp32") -> Peak:
     """The peak of `device`'s matrix products with `precision`'s products (fp32, tf32 on CUDA,
     bf16)."""
     gpu = torch.device(device).type == "cuda"
-    if gpu:
-        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     queued = 8 if gpu else 1  # products timed together: one wait for the GPU per 8
     sustained = burst = 0.0
-    for m, k, n in peak_shapes(device):
-        flops = 2 * m * k * n
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        out = torch.empty(m, n, device=device, dtype=dtype)
-        for _ in range(2):  # warm-up
-            torch.mm(a, b, out=out)
-        bench_train._sync(device)
-        calls, fastest, start = 0, float("inf"), time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < PEAK_SECONDS:
-            t0 = time.perf_counter()
-            for _ in range(queued):
+    with products(precision, torch.device(device)):
+        for m, k, n in peak_shapes(device):
+            flops = 2 * m * k * n
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            out = torch.empty(m, n, device=device, dtype=dtype)
+            for _ in range(2):  # warm-up
                 torch.mm(a, b, out=out)
             bench_train._sync(device)
-            fastest = min(fastest, (time.perf_counter() - t0) / queued)
-            calls += queued
-        sustained = max(sustained, flops * calls / elapsed)
-        burst = max(burst, flops / fastest)
+            calls, fastest, start = 0, float("inf"), time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < PEAK_SECONDS:
+                t0 = time.perf_counter()
+                for _ in range(queued):
+                    torch.mm(a, b, out=out)
+                bench_train._sync(device)
+                fastest = min(fastest, (time.perf_counter() - t0) / queued)
+                calls += queued
+            sustained = max(sustained, flops * calls / elapsed)
+            burst = max(burst, flops / fastest)
     return Peak(sustained, burst)
 
 
