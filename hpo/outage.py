@@ -4,14 +4,22 @@
 retried with backoff for up to `window_s` seconds, and then `ServerLost` is raised, which the
 driver turns into a clean stop: its trials interrupted, a rerun continuing the study. Any other
 error (a bad request, a missing row) passes straight through.
+
+Ctrl-C must not cut a call to a server in two either: on SQLite, a write cut short leaves its
+connection outside the pool still holding the database's lock, and every later write (the
+clean-up's first) then waits on it. Under `stop_signals_between_calls`, a stop signal that
+comes during a call in the main thread is raised as soon as the call is through; a second one
+does not wait.
 """
 
 from __future__ import annotations
 
 import errno
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from hpo.redact import redact
@@ -136,7 +144,8 @@ class Retry:
         delay = 0.5
         while True:
             try:
-                result = fn(*args, **kwargs)
+                with _whole_call():
+                    result = fn(*args, **kwargs)
             except Exception as e:
                 fault = disk_fault(e)
                 if fault:
@@ -176,3 +185,46 @@ class Retry:
     def _say(self, line: str) -> None:
         if self.notify is not None:
             self.notify(redact(line))
+
+
+class _Calls:
+    """The main thread's calls to a server under way, and whether a stop signal came in one."""
+
+    depth = 0
+    pending = False
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    if _Calls.depth and not _Calls.pending:
+        _Calls.pending = True  # raised when the call is through (`_whole_call`)
+        return
+    raise KeyboardInterrupt  # between calls, or a second signal: at once
+
+
+@contextmanager
+def stop_signals_between_calls() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the main thread, but never inside a call
+    made through a `Retry` (see the module docstring)."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _on_stop_signal) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _Calls.pending = False
+
+
+@contextmanager
+def _whole_call() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only ever raised in the main thread
+        return
+    _Calls.depth += 1
+    try:
+        yield
+    finally:
+        _Calls.depth -= 1
+        if not _Calls.depth and _Calls.pending:
+            _Calls.pending = False
+            raise KeyboardInterrupt

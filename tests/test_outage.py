@@ -3,12 +3,15 @@ waited for; one gone for longer than --retry-for stops the run cleanly, and a re
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 import sqlalchemy.exc
 from conftest import (
     PG_PASSWORD,
@@ -20,9 +23,11 @@ from conftest import (
     write_spec,
 )
 from mlflow import MlflowClient
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from hpo.outage import Retry, ServerLost
+from hpo.outage import Retry, ServerLost, stop_signals_between_calls
+from hpo.storage import open_storage
 from hpo.study import count_finished, was_interrupted
 
 # Trials of a few seconds each (200 epochs, no early stop), so a server can be stopped while
@@ -292,3 +297,60 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_removed_not_left_half_wri
     assert str(e.value).startswith("no space left on device")
     assert f"writing the checkpoint of run {run_id}; stopped" in str(e.value)
     assert list(folder.rglob("checkpoint")) == [] and list(folder.rglob("weights.pt")) == []
+
+
+def _ctrl_c_inside_the_next_write(storage, times: int, at: str = "before_cursor_execute"):
+    """Send this process `times` SIGINTs from inside the storage's next write, where a user's
+    Ctrl-C lands when it comes mid-write: as a statement runs, or just before the commit."""
+    left = [times]
+
+    def ctrl_c(*args):
+        while left[0]:
+            left[0] -= 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sqlalchemy.event.listen(storage._rdb.engine, at, ctrl_c)
+
+
+def _sqlite_storage_with_a_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url, retry=Retry("Optuna storage", url, 0.0))
+    trial_id = storage.create_new_trial(storage.create_new_study([StudyDirection.MAXIMIZE], "s"))
+    return storage, trial_id
+
+
+def _attrs_and_no_lock(db) -> dict:
+    """The trials' user attributes, read by a writer that will not wait for a lock."""
+    con = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")  # "database is locked" if a write was left holding it
+        rows = con.execute("SELECT key, value_json FROM trial_user_attributes").fetchall()
+        con.execute("ROLLBACK")
+        return dict(rows)
+    finally:
+        con.close()
+
+
+# Cut short before its commit, a write used to leave the database locked for every later one:
+# the clean-up after Ctrl-C then waited a minute a write (SQLite's busy timeout).
+@pytest.mark.parametrize("at", ["before_cursor_execute", "commit"])
+def test_ctrl_c_during_a_storage_write_stops_after_it_and_leaves_no_lock(tmp_path, at):
+    storage, trial_id = _sqlite_storage_with_a_trial(tmp_path)
+    before = signal.getsignal(signal.SIGINT)
+    with stop_signals_between_calls():
+        _ctrl_c_inside_the_next_write(storage, times=1, at=at)
+        with pytest.raises(KeyboardInterrupt):
+            storage.set_trial_user_attrs(trial_id, {"a": 1, "b": 2})
+    # The write went through whole, then Ctrl-C stopped the caller; the handler is put back.
+    assert _attrs_and_no_lock(tmp_path / "optuna.db") == {"a": "1", "b": "2"}
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_ctrl_c_during_a_storage_write_does_not_wait_for_it(tmp_path):
+    storage, trial_id = _sqlite_storage_with_a_trial(tmp_path)
+    with stop_signals_between_calls():
+        _ctrl_c_inside_the_next_write(storage, times=2)
+        with pytest.raises(KeyboardInterrupt):
+            storage.set_trial_user_attrs(trial_id, {"a": 1})
+        storage.remove_session()  # as the driver does after a Ctrl-C
+    assert _attrs_and_no_lock(tmp_path / "optuna.db") == {}
