@@ -358,14 +358,11 @@ def train_cohort(
 
     dtype = stack.params[0].dtype  # the members' rates in the weights' own precision
 
-    def vector(values: list[float]) -> torch.Tensor:
-        return torch.tensor([float(v) for v in values], device=device, dtype=dtype)
-
-    hp = {
-        k: vector([getattr(c, k) for c in cfgs])
-        for k in ("lr", "weight_decay", "momentum", "l1", "grad_clip")
-    }
-    hp["dropout"] = vector(dropouts)
+    names = ("lr", "weight_decay", "momentum", "l1", "grad_clip")
+    table = [[float(getattr(c, k)) for c in cfgs] for k in names] + [[float(d) for d in dropouts]]
+    # One copy to the device for all the vectors: each copy waits for the device on a GPU.
+    vectors = torch.tensor(table, device=device, dtype=dtype).unbind(0)
+    hp = dict(zip((*names, "dropout"), vectors, strict=True))
     kind = _MemberKernels if _MemberKernels.fits(lead.optimizer, device) else _Optimizer
     opt = kind(lead.optimizer, lead.nesterov, hp, len(stack.params))
     schedule = _Schedule(lead.lr_schedule, lead.max_epochs, len(models))
