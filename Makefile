@@ -33,11 +33,12 @@ run: install
 # Two test processes (pytest-xdist): most of the suite's time goes to starting hpo processes,
 # MLflow servers and PostgreSQL, which overlap; one intra-op thread each keeps the two from
 # oversubscribing a 2-core machine (17.7 -> 25 CPU minutes with torch's default threads).
-# TEST_JOBS=1: one process.
+# TEST_JOBS=1: one process. loadgroup: tests that share a costly server or study (marked
+# xdist_group) run in one process, which starts it once.
 TEST_JOBS ?= 2
 
 test: install postgres
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check hpo tests benchmarks

@@ -189,10 +189,15 @@ def mlflow_ui(stores, tmp_path_factory):
         server.kill()
 
 
+# One test process starts `hpo ui` on the study for all of them (see test_workers.ON_THE_SERVER).
+IN_THE_UI = pytest.mark.xdist_group("hpo_ui")
+
+
 def _views(output: str) -> list[str]:
     return re.findall(r"^  .*?: (http://\S+)$", output, flags=re.M)
 
 
+@IN_THE_UI
 def test_ui_prints_the_study_runs_view(mlflow_ui, stores):
     from mlflow import MlflowClient
 
@@ -220,6 +225,7 @@ def test_ui_prints_the_study_runs_view(mlflow_ui, stores):
     )
 
 
+@IN_THE_UI
 def test_without_a_study_name_the_views_are_of_the_study_started_last(stores, tmp_path):
     """A second study in the same MLflow store, started after the fixture's: hpo ui without
     a name shows it; with the first study's name, the first."""
@@ -242,6 +248,7 @@ def test_without_a_study_name_the_views_are_of_the_study_started_last(stores, tm
 
 
 @pytest.mark.skipif(not chromium(), reason="chromium not installed")
+@IN_THE_UI
 def test_ui_views_show_the_runs_in_headless_chromium(mlflow_ui, tmp_path):
     nested, trials = _views(mlflow_ui.output)
     text = _rendered_text(nested, tmp_path / "chrome-nested", "best_val_accuracy")
@@ -254,6 +261,7 @@ def test_ui_views_show_the_runs_in_headless_chromium(mlflow_ui, tmp_path):
     assert "best_val_accuracy" in text and "3 matching runs" in text
 
 
+@IN_THE_UI
 def test_sigterm_to_hpo_ui_stops_the_whole_mlflow_server_tree(mlflow_ui):
     pids, code = mlflow_ui.stop(signal.SIGTERM)
     assert len(pids) >= 3, pids  # mlflow ui, uvicorn and its workers at least
@@ -261,6 +269,7 @@ def test_sigterm_to_hpo_ui_stops_the_whole_mlflow_server_tree(mlflow_ui):
     assert _port_closed(mlflow_ui.port)
 
 
+@IN_THE_UI
 def test_ui_refuses_a_study_that_is_not_there(stores, tmp_path):
     port = _free_port()
     uri = f"sqlite:///{stores / 'mlflow.db'}"
@@ -280,6 +289,7 @@ def test_ui_refuses_a_study_that_is_not_there(stores, tmp_path):
 # ---------------------------------------------------------------- Optuna's dashboard
 
 
+@IN_THE_UI
 def test_dashboard_serves_the_storage_and_sigterm_stops_it(stores, tmp_path):
     port = _free_port()
     storage = f"sqlite:///{stores / 'optuna.db'}"
@@ -349,6 +359,7 @@ def test_dashboard_refuses_a_bad_storage_in_one_line(tmp_path, storage, says):
     assert list(tmp_path.iterdir()) == []  # no database file created
 
 
+@IN_THE_UI
 def test_dashboard_refuses_a_port_in_use(stores, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

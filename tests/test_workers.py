@@ -27,6 +27,10 @@ from hpo.config import parse_spec
 from hpo.study import FINISHED, count_finished, state_counts, was_interrupted
 
 runner = CliRunner()
+# The tests on the session's `mlflow server` and the module's shared study run in one test
+# process (`make test` runs pytest-xdist with --dist loadgroup): each process would otherwise
+# start its own server and train the 16 trials of `shared` again (110 s each on 2 cores).
+ON_THE_SERVER = pytest.mark.xdist_group("mlflow_server")
 LONG = {"max_epochs": 300, "early_stopping": {"patience": 300}}  # trials of seconds
 
 
@@ -71,6 +75,7 @@ def shared(postgres, mlflow_server, tmp_path_factory):
     return folder, storage, mlflow_server, outputs
 
 
+@ON_THE_SERVER
 def test_four_processes_run_exactly_n_trials_under_one_parent_run(shared):
     folder, storage, uri, outputs = shared
     study = optuna.load_study(study_name="shared", storage=storage)
@@ -105,6 +110,7 @@ def test_four_processes_run_exactly_n_trials_under_one_parent_run(shared):
     assert "[16/16]" in "".join(outputs)
 
 
+@ON_THE_SERVER
 def test_the_database_password_appears_nowhere(shared):
     folder, storage, uri, outputs = shared
     code, out = invoke("report", "shared", "--storage", storage, "--tracking-uri", uri, "--out",
@@ -155,6 +161,7 @@ def test_three_processes_started_together_on_a_fresh_folder_and_database(tmp_pat
         assert len(parents) == 1 and len(children) == 6
 
 
+@ON_THE_SERVER
 def test_an_experiment_created_by_another_process_meanwhile_is_used(mlflow_server):
     """A tracking server takes no lock of ours: if another process creates the experiment
     between our lookup and our create, we use theirs rather than fail (seen in CI)."""
@@ -180,6 +187,7 @@ def test_two_workers_on_the_default_local_storage(workdir):
 # ---------------------------------------------------------------- faults
 
 
+@ON_THE_SERVER
 def test_kill_9_of_a_worker_fails_its_trial_and_runs_it_again_once(tmp_path, postgres,
                                                                    mlflow_server):  # fmt: skip
     storage = postgres.create_database("killed")
