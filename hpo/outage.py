@@ -7,14 +7,15 @@ error (a bad request, a missing row) passes straight through.
 
 Ctrl-C must not cut a call to a server in two either: on SQLite, a write cut short leaves its
 connection outside the pool still holding the database's lock, and every later write (the
-clean-up's first) then waits on it. Under `stop_signals_between_calls`, a stop signal that
-comes during a call in the main thread is raised as soon as the call is through; a second one
-does not wait.
+clean-up's first) then waits on it. Under `stop_signals_between_calls`, the first stop signal
+that comes during a call in the main thread is raised as soon as the call is through; a second
+one does not wait.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import threading
 import time
@@ -144,7 +145,7 @@ class Retry:
         delay = 0.5
         while True:
             try:
-                with _whole_call():
+                with uncut():
                     result = fn(*args, **kwargs)
             except Exception as e:
                 fault = disk_fault(e)
@@ -188,35 +189,43 @@ class Retry:
 
 
 class _Calls:
-    """The main thread's calls to a server under way, and whether a stop signal came in one."""
+    """The main thread's calls to a server under way, and the stop signals received."""
 
     depth = 0
-    pending = False
+    pending = False  # a stop signal came during a call: raised when the call is through
+    signals = 0
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
-    if _Calls.depth and not _Calls.pending:
-        _Calls.pending = True  # raised when the call is through (`_whole_call`)
+    _Calls.signals += 1
+    if _Calls.depth and _Calls.signals == 1:
+        _Calls.pending = True
+        os.write(2, b"\nstopping once the current write is through (Ctrl-C again: now)\n")
         return
+    _Calls.pending = False
     raise KeyboardInterrupt  # between calls, or a second signal: at once
 
 
 @contextmanager
 def stop_signals_between_calls() -> Iterator[None]:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the main thread, but never inside a call
-    made through a `Retry` (see the module docstring)."""
-    stops = (signal.SIGINT, signal.SIGTERM)
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the main thread, but the first one never
+    inside a call made through a `Retry` or under `uncut` (see the module docstring). A signal
+    this process was started ignoring (`hpo run &` in a script) stays ignored."""
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
     previous = {s: signal.signal(s, _on_stop_signal) for s in stops}
+    _Calls.signals = 0
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _Calls.pending = False
+        _Calls.depth, _Calls.pending, _Calls.signals = 0, False, 0
 
 
 @contextmanager
-def _whole_call() -> Iterator[None]:
+def uncut() -> Iterator[None]:
+    """A block of calls to a server that the first stop signal does not cut in two: it is
+    raised when the block is through (under `stop_signals_between_calls`)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals are only ever raised in the main thread
         return

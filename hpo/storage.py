@@ -122,6 +122,8 @@ def storage_lock(url: str, key: str, retry: Retry | None = None) -> Iterator[Non
         number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         engine = sqlalchemy.create_engine(url, poolclass=NullPool)
 
+        taken: list[Any] = []
+
         def lock() -> Any:
             conn = engine.connect()
             try:
@@ -129,10 +131,16 @@ def storage_lock(url: str, key: str, retry: Retry | None = None) -> Iterator[Non
             except BaseException:
                 conn.close()
                 raise
+            taken.append(conn)
             return conn
 
         try:
-            conn = retry(lock) if retry is not None else lock()
+            try:
+                conn = retry(lock) if retry is not None else lock()
+            except BaseException:  # Ctrl-C while waiting, raised once the lock was granted
+                for conn in taken:
+                    conn.close()  # which releases it
+                raise
             try:
                 yield
             finally:
@@ -198,8 +206,10 @@ class _Resilient(BaseStorage, BaseHeartbeat):
         self._inner, self._rdb, self._retry = inner, rdb, retry
 
     def remove_session(self) -> None:
-        """Drop the database session (after Ctrl-C cut a write short: its lock goes too)."""
+        """Drop the database session and the pool's connections (after a second Ctrl-C cut a
+        write short: a connection back in the pool may still hold its lock)."""
         self._rdb.remove_session()
+        self._rdb.engine.dispose()
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes of a running trial in one transaction: one commit, not

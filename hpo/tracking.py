@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hpo.outage import DiskFault, Retry, disk_fault
+from hpo.outage import DiskFault, Retry, disk_fault, uncut
 from hpo.redact import first_line, redact
 
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
@@ -124,7 +124,8 @@ class Tracker:
         from hpo.storage import storage_lock
 
         try:
-            with storage_lock(self.uri, "hpo:mlflow"):  # store migrations run once
+            # Not cut in two by Ctrl-C: a write cut short leaves a SQLite store locked.
+            with uncut(), storage_lock(self.uri, "hpo:mlflow"):  # store migrations run once
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
                     self.experiment_id = self._create_experiment()
@@ -258,29 +259,30 @@ class Tracker:
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             artifacts = predictor.save(Path(folder))
-            mlflow.start_run(run_id=run_id)
-            try:
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=serving.__file__,  # the model's code: needs no hpo to serve
-                    artifacts=artifacts,
-                    signature=signature,
-                    input_example=input_example,
-                    pip_requirements=[
-                        f"torch=={_torch_version()}",
-                        f"mlflow=={mlflow.__version__}",
-                        "pandas",
-                        "numpy",
-                    ],
-                )
-            except Exception as e:
-                fault = disk_fault(e)
-                if fault is None:
-                    raise
-                raise DiskFault("model of run", run_id, fault) from None
-            finally:
-                # end_run marks the run FINISHED; close_parent/end_trial set the final status.
-                mlflow.end_run()
+            with uncut():  # as in `open`
+                mlflow.start_run(run_id=run_id)
+                try:
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=serving.__file__,  # the model's code: needs no hpo to serve
+                        artifacts=artifacts,
+                        signature=signature,
+                        input_example=input_example,
+                        pip_requirements=[
+                            f"torch=={_torch_version()}",
+                            f"mlflow=={mlflow.__version__}",
+                            "pandas",
+                            "numpy",
+                        ],
+                    )
+                except Exception as e:
+                    fault = disk_fault(e)
+                    if fault is None:
+                        raise
+                    raise DiskFault("model of run", run_id, fault) from None
+                finally:
+                    # end_run marks the run FINISHED; close_parent/end_trial set the final status.
+                    mlflow.end_run()
         self.client.update_run(run_id, status="RUNNING")
         return info.model_uri
 

@@ -346,11 +346,22 @@ def test_ctrl_c_during_a_storage_write_stops_after_it_and_leaves_no_lock(tmp_pat
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_a_second_ctrl_c_during_a_storage_write_does_not_wait_for_it(tmp_path):
+@pytest.mark.parametrize("at", ["before_cursor_execute", "commit"])
+def test_a_second_ctrl_c_during_a_storage_write_does_not_wait_for_it(tmp_path, at):
     storage, trial_id = _sqlite_storage_with_a_trial(tmp_path)
     with stop_signals_between_calls():
-        _ctrl_c_inside_the_next_write(storage, times=2)
+        _ctrl_c_inside_the_next_write(storage, times=2, at=at)
         with pytest.raises(KeyboardInterrupt):
             storage.set_trial_user_attrs(trial_id, {"a": 1})
-        storage.remove_session()  # as the driver does after a Ctrl-C
+        storage.remove_session()  # as the driver does after a Ctrl-C: no lock is left behind
     assert _attrs_and_no_lock(tmp_path / "optuna.db") == {}
+
+
+def test_a_stop_signal_ignored_from_the_start_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `hpo run &` in a script
+    try:
+        with stop_signals_between_calls():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGINT, before)
