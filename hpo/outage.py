@@ -14,13 +14,13 @@ one does not wait.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from hpo.redact import redact
@@ -200,13 +200,14 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     _Calls.signals += 1
     if _Calls.depth and _Calls.signals == 1:
         _Calls.pending = True
-        os.write(2, b"\nstopping once the current write is through (Ctrl-C again: now)\n")
+        with contextlib.suppress(OSError):  # no stderr (`2>&-`): stop all the same
+            os.write(2, b"\nstopping once the current write is through (Ctrl-C again: now)\n")
         return
     _Calls.pending = False
     raise KeyboardInterrupt  # between calls, or a second signal: at once
 
 
-@contextmanager
+@contextlib.contextmanager
 def stop_signals_between_calls() -> Iterator[None]:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt in the main thread, but the first one never
     inside a call made through a `Retry` or under `uncut` (see the module docstring). A signal
@@ -222,7 +223,7 @@ def stop_signals_between_calls() -> Iterator[None]:
         _Calls.depth, _Calls.pending, _Calls.signals = 0, False, 0
 
 
-@contextmanager
+@contextlib.contextmanager
 def uncut() -> Iterator[None]:
     """A block of calls to a server that the first stop signal does not cut in two: it is
     raised when the block is through (under `stop_signals_between_calls`)."""

@@ -138,8 +138,8 @@ def storage_lock(url: str, key: str, retry: Retry | None = None) -> Iterator[Non
             try:
                 conn = retry(lock) if retry is not None else lock()
             except BaseException:  # Ctrl-C while waiting, raised once the lock was granted
-                for conn in taken:
-                    conn.close()  # which releases it
+                for held in taken:
+                    held.close()  # which releases it
                 raise
             try:
                 yield
