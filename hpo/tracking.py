@@ -35,6 +35,29 @@ def _quiet() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # With a tracking server, MLflow prints "View run ... at: URL" to stdout as each run ends:
+    # two lines a trial through hpo's progress, the URL's password with them, and one more
+    # request to the server to get the run's name. hpo prints where to browse the runs once.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def _health(uri: str) -> None:
+    """GET the server's /health; a user and password in the URL go as HTTP basic auth, as
+    MLflow's own requests send them (urllib would take them for part of the host name)."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+    headers = {}
+    if url.username is not None or url.password is not None:
+        user, password = (urllib.parse.unquote(x or "") for x in (url.username, url.password))
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        url = url._replace(netloc=url.netloc.rsplit("@", 1)[1])
+    request = urllib.request.Request(urllib.parse.urlunsplit(url), headers=headers)
+    with urllib.request.urlopen(request, timeout=10):
+        pass
 
 
 class Tracker:
@@ -72,11 +95,8 @@ class Tracker:
 
         scheme = self.uri.split("://", 1)[0].lower() if "://" in self.uri else "file"
         if scheme in ("http", "https"):
-            import urllib.request
-
             try:
-                with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=10):
-                    pass
+                _health(self.uri)
             except Exception as e:  # noqa: BLE001 - refused, timed out, not an MLflow server
                 raise SpecError(
                     [

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
+import threading
+
+import pytest
 import torch
 from mlflow import MlflowClient
 
+from hpo.config import SpecError
 from hpo.tracking import Tracker, resolve_uri
 
 
@@ -66,3 +72,37 @@ def test_checkpoint_roundtrip(mlflow_uri):
     tracker.save_checkpoint(run_id, state, {"widths": [3]})
     loaded = tracker.load_checkpoint(run_id)
     assert torch.equal(loaded["w"], state["w"])
+
+
+def test_a_server_url_with_a_user_and_password_is_checked_with_basic_auth():
+    """`hpo run --tracking-uri http://user:pass@host` first asks the server's /health, with the
+    user and password as HTTP basic auth (as MLflow's requests send them); a refusal is told
+    without the password."""
+    expected = "Basic " + base64.b64encode(b"alice:p@ss:word").decode()
+    heard = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            heard.append((self.path, self.headers.get("Authorization")))
+            ok = self.path == "/health" and self.headers.get("Authorization") == expected
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        Tracker(f"http://alice:p%40ss:word@127.0.0.1:{port}/", "x").check()
+        assert heard == [("/health", expected)]
+        with pytest.raises(SpecError) as e:
+            Tracker(f"http://alice:wrong-Secret@127.0.0.1:{port}", "x").check()
+        [line] = e.value.problems
+        assert line.startswith(
+            f"tracking.uri: no MLflow server answers at http://alice:***@127.0.0.1:{port}: "
+        )
+        assert "401" in line and "wrong-Secret" not in line
+    finally:
+        server.shutdown()

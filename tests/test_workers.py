@@ -32,6 +32,9 @@ runner = CliRunner()
 # start its own server and train the 16 trials of `shared` again (110 s each on 2 cores).
 ON_THE_SERVER = pytest.mark.xdist_group("mlflow_server")
 LONG = {"max_epochs": 300, "early_stopping": {"patience": 300}}  # trials of seconds
+# A user and password in a tracking server's URL are sent as HTTP basic auth (the session's
+# server takes any): like the database's, the password must appear nowhere.
+TRACKING_PASSWORD = "track-Secret-51c2"
 
 
 def invoke(*args):
@@ -61,13 +64,16 @@ def assert_exact(study, total):
 
 @pytest.fixture(scope="module")
 def shared(postgres, mlflow_server, tmp_path_factory):
-    """3 plain `hpo run` processes and a 4th with --workers 2 on one study of 16 trials."""
+    """3 plain `hpo run` processes and a 4th with --workers 2 on one study of 16 trials; the
+    4th gives the tracking server's URL with a user and password."""
     folder = tmp_path_factory.mktemp("shared")
     storage = postgres.create_database("shared16")
     spec = small_spec(name="shared", study={"n_trials": 16}, tracking={"log_model": "best"})
     path = write_spec(folder, spec)
     args = ["run", path, "--storage", storage, "--tracking-uri", mlflow_server]
     procs = [hpo_process(args, folder) for _ in range(3)]
+    with_password = mlflow_server.replace("://", f"://hpo:{TRACKING_PASSWORD}@")
+    args[-1] = with_password
     procs.append(hpo_process([*args, "--workers", 2], folder))
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
@@ -132,8 +138,12 @@ def test_the_database_password_appears_nowhere(shared):
         if f.is_file():
             texts.append(f.read_bytes().decode("utf-8", errors="replace"))
     assert parents[0].data.tags["hpo.storage"].startswith("postgresql://hpo:***@")
-    leaks = [t[max(0, t.find(PG_PASSWORD) - 80) :][:160] for t in texts if PG_PASSWORD in t]
-    assert not leaks, leaks
+    assert "mlflow http://hpo:***@127.0.0.1" in outputs[3]
+    for password in (PG_PASSWORD, TRACKING_PASSWORD):
+        leaks = [t[max(0, t.find(password) - 80) :][:160] for t in texts if password in t]
+        assert not leaks, leaks
+    # nor MLflow's own "View run ... at: URL" lines, two a trial through hpo's progress
+    assert not [out for out in outputs if "View run" in out]
 
 
 def test_three_processes_started_together_on_a_fresh_folder_and_database(tmp_path, postgres):
