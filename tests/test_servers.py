@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import _free_port, chromium, hpo_process, small_spec, study_run, wait_for
@@ -51,6 +52,13 @@ def _tree(pid: int) -> tuple[set[int], set[int]]:
                 found.add(child)
                 todo.append(child)
     return found, {table[p][1] for p in found} - {table[pid][1]}
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:  # gone since
+        return ""
 
 
 def _gone(pids: set[int], sessions: set[int]) -> bool:
@@ -263,6 +271,9 @@ def test_ui_views_show_the_runs_in_headless_chromium(mlflow_ui, tmp_path):
 
 @IN_THE_UI
 def test_sigterm_to_hpo_ui_stops_the_whole_mlflow_server_tree(mlflow_ui):
+    commands = [_command(pid) for pid in _tree(mlflow_ui.proc.pid)[0]]
+    # MLflow's job runner and its huey consumers (GenAI jobs) are not started
+    assert not [c for c in commands if "huey" in c or "jobs" in c], commands
     pids, code = mlflow_ui.stop(signal.SIGTERM)
     assert len(pids) >= 3, pids  # mlflow ui, uvicorn and its workers at least
     assert code == 0, mlflow_ui.output[-3000:]
