@@ -30,9 +30,10 @@ from hpo.outage import Retry, ServerLost, stop_signals_between_calls
 from hpo.storage import open_storage
 from hpo.study import count_finished, was_interrupted
 
-# Trials of a few seconds each (200 epochs, no early stop), so a server can be stopped while
-# one is training, whatever the speed of the machine.
-LONG = {"max_epochs": 200, "early_stopping": {"patience": 200}}
+# Trials of a second or more (100 epochs, no early stop), so a server can be stopped while one
+# is training, whatever the speed of the machine: the tests wait for one to be 1 to 50 epochs
+# in (a state, not a time), which leaves 50 at least to notice the fault in.
+LONG = {"max_epochs": 100, "early_stopping": {"patience": 100}}
 RUNNING_SQL = (
     "SELECT count(*) FROM trials t JOIN trial_intermediate_values v ON v.trial_id = t.trial_id"
     " WHERE t.state = 'RUNNING' GROUP BY t.trial_id"
@@ -83,7 +84,7 @@ def test_a_database_restart_mid_study_is_waited_for(tmp_path, own_postgres):
     path = write_spec(tmp_path, small_spec(name="restart", study={"n_trials": 1}, training=LONG))
     proc = hpo_process(["run", path, "--storage", storage, "--retry-for", 600], tmp_path)
     out = Output(proc)
-    # one trial a few epochs into its 200 (a state, not a number of seconds)
+    # one trial a few epochs into its 100 (a state, not a number of seconds)
     wait_for(lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training")
     own_postgres.stop()  # fast: every open connection is cut, as in a restart or failover
     wait_for(lambda: out.has("unreachable: retrying for up to 600 s"), "the outage noticed")
@@ -96,7 +97,7 @@ def test_a_database_restart_mid_study_is_waited_for(tmp_path, own_postgres):
     study = optuna.load_study(study_name="restart", storage=storage)
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE]  # the trial went on training
-    assert len(study.trials[0].intermediate_values) == 200
+    assert len(study.trials[0].intermediate_values) == 100
     assert study.user_attrs["test_metrics"]["test_accuracy"] > 0.8
 
 
