@@ -74,29 +74,43 @@ def test_checkpoint_roundtrip(mlflow_uri):
     assert torch.equal(loaded["w"], state["w"])
 
 
-def test_a_server_url_with_a_user_and_password_is_checked_with_basic_auth():
-    """`hpo run --tracking-uri http://user:pass@host` first asks the server's /health, with the
-    user and password as HTTP basic auth (as MLflow's requests send them); a refusal is told
-    without the password."""
+def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth():
+    """`hpo run --tracking-uri http://user:pass@host` first asks the server's /health, then
+    MLflow's client talks to it: both send the user and password as HTTP basic auth (which a
+    server behind a proxy or MLflow's basic-auth app checks); a refusal is told without the
+    password."""
     expected = "Basic " + base64.b64encode(b"alice:p@ss:word").decode()
     heard = []
 
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server name
+    class Server(http.server.BaseHTTPRequestHandler):
+        def answer(self):
             heard.append((self.path, self.headers.get("Authorization")))
-            ok = self.path == "/health" and self.headers.get("Authorization") == expected
-            self.send_response(200 if ok else 401)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.end_headers()
+                return
+            body = b"{}" if self.path == "/health" else b'{"experiments": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer  # noqa: N815 - the http.server names
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
+    uri = f"http://alice:p%40ss:word@127.0.0.1:{port}/"
     try:
-        Tracker(f"http://alice:p%40ss:word@127.0.0.1:{port}/", "x").check()
+        Tracker(uri, "x").check()
         assert heard == [("/health", expected)]
+        assert MlflowClient(uri).search_experiments() == []
+        assert heard[1] == ("/api/2.0/mlflow/experiments/search", expected)
         with pytest.raises(SpecError) as e:
             Tracker(f"http://alice:wrong-Secret@127.0.0.1:{port}", "x").check()
         [line] = e.value.problems
