@@ -8,12 +8,41 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
 from hpo.redact import first_line, recorded_uri, redact
 
+# click's error class, wherever this typer keeps click (its own copy since 0.25, else click)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Bad command lines are told as everything else bad is: `error: ...` on one line of
+    stderr, exit status 2, instead of typer's boxed usage message."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kw)
+        try:
+            code = super().main(*args, standalone_mode=False, **kw)
+        except _CLICK_ERROR as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            message = " ".join(redact(e.format_message()).split()).rstrip(".")
+            message = message[:1].lower() + message[1:]
+            help_hint = f" ({ctx.command_path} --help)" if ctx is not None else ""
+            _err(f"error: {where}{message}{help_hint}")
+            raise SystemExit(e.exit_code) from None
+        except typer.Abort:
+            _err("aborted")
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -118,10 +147,10 @@ def names(
 def run(
     spec: SpecArg,
     n_trials: Annotated[
-        int | None, typer.Option(min=1, help="Total trials (overrides study.n_trials).")
+        int | None, typer.Option(help="Total trials (overrides study.n_trials).")
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option(min=1, help="Seconds for this invocation.")
+        float | None, typer.Option(help="Seconds for this invocation (> 0).")
     ] = None,
     study_name: Annotated[str | None, typer.Option(help="Study name (overrides name:).")] = None,
     storage: StorageOpt = None,
@@ -130,7 +159,6 @@ def run(
     max_epochs: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="Epochs a trial at most (overrides training.max_epochs): a quick look. It "
             "changes the study's spec hash: use it with a new --study-name.",
         ),
@@ -138,12 +166,14 @@ def run(
     max_samples: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="Training-pool samples kept (overrides dataset.max_samples): a quick look on "
             "a subset. It changes the study's spec hash: use it with a new --study-name.",
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for the sampler and the trials.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed for the sampler and the trials (0 to 2**32 - 1)."),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -157,7 +187,6 @@ def run(
     fused_trials: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="Trials trained together as one stacked model in each worker (overrides "
             "study.fused_trials): they share depth, widths, activation, batch norm, batch size, "
             "optimizer and schedule; each has its own learning rate, regularisation and seed.",
@@ -191,6 +220,9 @@ def run(
     if study_name is not None and (problem := name_problem(study_name, "--study-name")):
         _err(f"error: {problem}")
         raise typer.Exit(code=2)
+    if seed is not None and not 0 <= seed < 2**32:
+        _err(f"error: --seed: must be from 0 to 4294967295 (got {seed})")
+        raise typer.Exit(code=2)
     loaded = _load(spec)
     overrides = (
         ("study", "n_trials", n_trials),
@@ -209,8 +241,12 @@ def run(
                 raw[section][key] = value
         try:
             new = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
-        except SpecError as e:
-            _fail_spec(e, "command line")
+        except SpecError as e:  # told by the option that set the value
+            flags = {f"{section}.{key}:": f"--{key.replace('_', '-')}:" for section, key, _ in
+                     overrides}  # fmt: skip
+            problems = [next((p.replace(k, v, 1) for k, v in flags.items() if p.startswith(k)),
+                             p) for p in e.problems]  # fmt: skip
+            _fail_spec(SpecError(problems), None)
         # The spec logged with the study is the file as written, unless what trains changed.
         if new.fingerprint() != loaded.fingerprint():
             new = new.model_copy(update={"raw_text": ""})

@@ -2,10 +2,11 @@
 (`hpo dashboard`).
 
 A server runs as a child process in a session of its own: `mlflow ui` alone is a tree of
-processes (uvicorn and its workers; a dozen with MLflow's job runner, if turned on). When hpo gets SIGTERM,
-SIGINT (Ctrl-C) or SIGHUP, the whole tree is stopped: SIGTERM to its process group and to any
-process of the tree that left the group, then SIGKILL to what is still there after a grace
-period (a second signal to hpo skips the wait). Only a SIGKILL of hpo itself leaves it behind.
+processes (uvicorn and its workers; a dozen with MLflow's job runner, if turned on). When hpo
+gets SIGTERM, SIGINT (Ctrl-C) or SIGHUP, the whole tree is stopped: SIGTERM to its process
+group and to any process of the tree that left the group, then SIGKILL to what is still there
+after a grace period (a second signal to hpo skips the wait). Only a SIGKILL of hpo itself
+leaves it behind.
 
 `python -m hpo.servers dashboard --port N` is the dashboard's child process: it reads the
 storage URL from the environment, so that a password in it never shows in the process list.

@@ -26,7 +26,7 @@ runner = CliRunner()
 
 
 def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
+    result = runner.invoke(app, [str(a) for a in args], prog_name="hpo")
     return result.exit_code, result.output
 
 
@@ -141,9 +141,30 @@ def test_run_with_missing_spec_file_and_bad_device(workdir):
     assert code == 2 and "no such spec file" in out
     code, out = invoke("run", write_spec(workdir, small_spec()), "--device", "tpu")
     assert (
-        code == 2 and "training.device: must be auto, cpu, cuda, cuda:N or mps (got 'tpu')" in out
+        code == 2 and "error: --device: must be auto, cpu, cuda, cuda:N or mps (got 'tpu')" in out
     )
     assert not (workdir / "optuna.db").exists()
+
+
+def test_bad_command_lines_are_one_line_errors_naming_the_option(workdir):
+    path = write_spec(workdir, small_spec())
+    for args, expected in (
+        (["run", path, "--n-trials", 0], "error: --n-trials: must be >= 1 (got 0)"),
+        (["run", path, "--fused-trials", -1], "error: --fused-trials: must be >= 1 (got -1)"),
+        (["run", path, "--max-epochs", 0], "error: --max-epochs: must be >= 1 (got 0)"),
+        (["run", path, "--timeout", 0], "error: --timeout: must be > 0 seconds or null (got 0.0)"),
+        (["run", path, "--seed", -1], "error: --seed: must be from 0 to 4294967295 (got -1)"),
+        (["run", path, "--n-trials", "x"], "error: hpo run: invalid value for '--n-trials': "),
+        (["run", path, "--bogus"], "error: hpo run: no such option: --bogus (hpo run --help)"),
+        (["run"], "error: hpo run: missing argument 'spec' (hpo run --help)"),
+        (["bogus"], "error: hpo: no such command 'bogus' (hpo --help)"),
+    ):
+        code, out = invoke(*args)
+        assert code == 2 and out.startswith(expected), (args, out)
+        assert len(out.strip().splitlines()) == 1, (args, out)
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
+    code, out = invoke("run", path, "--timeout", 0.5, "--n-trials", 1)  # any time > 0
+    assert code == 0, out
 
 
 def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
