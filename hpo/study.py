@@ -790,8 +790,9 @@ class _Driver:
                 warnings.simplefilter("ignore", UserWarning)
                 trial = self.study.ask()  # an enqueued retry first, if there is one
             self.study._storage.record_heartbeat(trial._trial_id)
-            seed = self.base_seed * 100_003 + trial.number
-            # seed: the torch seed; retraining with it repeats the trial
+            # seed: the torch seed; retraining with it repeats the trial (a retry has the seed
+            # of the trial it runs again, queued with it)
+            seed = trial.user_attrs.get("seed", self.base_seed * 100_003 + trial.number)
             set_user_attrs(trial, {"driver": self.me, "seed": seed})
         self.running[trial.number] = running = _Running(trial, None, {})
         baseline = trial.user_attrs.get("baseline")
@@ -807,7 +808,9 @@ class _Driver:
         trial.set_user_attr("config", running.config)
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         peers = [t.user_attrs["metrics"]["val_loss"] for t in done if "metrics" in t.user_attrs]
-        return TrialJob(trial.number, running.config, seed, peers)
+        return TrialJob(
+            trial.number, running.config, seed, peers, trial.user_attrs.get("batch_seed")
+        )
 
     def _open_run(self, number: int) -> None:
         """The trial's MLflow child run, once it is handed to a worker (a trial reserved and
@@ -944,10 +947,12 @@ class _Driver:
 
     @staticmethod
     def _retry(study: optuna.Study, trial: optuna.Trial | FrozenTrial, kills: int) -> None:
-        """Queue a cut-short trial's configuration to run again (a baseline stays one)."""
+        """Queue a cut-short trial to run again: its configuration, its seed and batch order
+        (an interrupted study's trials train as they would have), a baseline stays one."""
         attrs = {"retry_of": trial.number, "kills": kills}
-        if "baseline" in trial.user_attrs:
-            attrs["baseline"] = trial.user_attrs["baseline"]
+        for name in ("baseline", "seed", "batch_seed"):
+            if name in trial.user_attrs:
+                attrs[name] = trial.user_attrs[name]
         study.enqueue_trial(trial.params, user_attrs=attrs)
 
     def on_stale(self, study: optuna.Study, frozen: FrozenTrial) -> None:

@@ -41,6 +41,9 @@ class TrialJob:
     config: dict[str, Any]
     seed: int
     peer_val_losses: list[float] = field(default_factory=list)  # for the fit diagnosis
+    # the batch order's seed when not `seed`: a retry of a member of a fused cohort repeats
+    # the cohort's batch order
+    shuffle_seed: int | None = None
 
     @property
     def numbers(self) -> list[int]:
@@ -173,6 +176,7 @@ def run_trial(
         model = build_model(job.config, data, device)
         record.n_params = count_parameters(model)
         cfg = train_config(spec, data, job.config, job.seed)
+        cfg.shuffle_seed = job.shuffle_seed
         result = train(model, data.train, data.val, cfg, on_epoch_end, interrupt)
     except Exception as e:  # noqa: BLE001 - one configuration's error fails that trial only
         record.failure = f"{type(e).__name__}: {e}"

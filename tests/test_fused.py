@@ -339,8 +339,11 @@ def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
     assert len(done) == 6 and not study.get_trials(states=(TrialState.RUNNING,))
     again = {t.user_attrs["retry_of"]: t for t in done if "retry_of" in t.user_attrs}
     assert sorted(again) == sorted(t.number for t in cut)  # each cut member ran again
-    for t in cut:
+    for t in cut:  # alone, with its seed and its cohort's batch order
         assert again[t.number].params == t.params
+        assert "fused_with" not in again[t.number].user_attrs
+        for name in ("seed", "batch_seed"):
+            assert again[t.number].user_attrs[name] == t.user_attrs[name]
 
 
 def test_on_a_cpu_wide_nets_train_alone(workdir, mlflow_uri):

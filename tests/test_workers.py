@@ -243,6 +243,17 @@ def test_timeout_stops_a_trial_at_its_next_epoch_and_a_rerun_runs_it_again(workd
     assert_exact(study, 1)
     again = [t for t in study.trials if t.user_attrs.get("retry_of") == cut[0].number]
     assert len(again) == 1 and again[0].params == cut[0].params
+    # run again as it ran: same seed, so the epochs it had are the same again
+    assert again[0].user_attrs["seed"] == cut[0].user_attrs["seed"]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    by_number = {r.data.tags.get("hpo.trial_number"): r.info.run_id for r in runs}
+    curves = [
+        [m.value for m in client.get_metric_history(by_number[str(t.number)], "val_loss")]
+        for t in (cut[0], again[0])
+    ]
+    assert len(curves[0]) == cut[0].user_attrs["epochs_run"] > 0
+    assert curves[1][: len(curves[0])] == pytest.approx(curves[0])
 
 
 def test_ctrl_c_during_the_model_upload_is_mended_by_a_rerun(workdir, mlflow_uri, monkeypatch):
