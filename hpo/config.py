@@ -305,6 +305,15 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# `lr: 1e-3` is a number, as in YAML 1.2 and every other config format (YAML 1.1, which PyYAML
+# follows, wants `1.0e-3` and reads `1e-3` as a string)
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _count_values(value: Any, limit: int) -> int:
     """How many values a loaded document holds once its aliases are expanded, counting no
     further than just past `limit` (an alias bomb is never walked in full)."""

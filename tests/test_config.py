@@ -228,3 +228,22 @@ def test_relative_data_path_resolves_against_spec_folder(tmp_path):
         tmp_path / "sub", small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"})
     )
     assert load_spec(path).data_path("path") == tmp_path / "sub" / "d.csv"
+
+
+def test_numbers_in_exponent_form_without_a_dot_are_numbers(tmp_path):
+    """`1e-3` is a number as in YAML 1.2 (PyYAML's YAML 1.1 reads it as a string); a quoted
+    one stays a string and is refused where a number is wanted."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "name: exp\ndataset: {name: digits}\nsearch_space:\n  lr: 1e-3\n"
+        "  weight_decay: {type: categorical, choices: [0, 1E-5, 2.5e-4]}\n"
+        "  l1: {type: float, low: 1e-7, high: 1e-4, log: true}\n"
+    )
+    space = load_spec(path).space
+    assert space["lr"] == 1e-3 and type(space["lr"]) is float
+    assert space["weight_decay"].choices == [0, 1e-5, 2.5e-4]
+    assert (space["l1"].low, space["l1"].high) == (1e-7, 1e-4)
+    path.write_text(path.read_text().replace("lr: 1e-3", 'lr: "1e-3"'))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert e.value.problems == ["search_space.lr: must be a number (got '1e-3')"]
