@@ -41,6 +41,10 @@ def _quiet() -> None:
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def _health(uri: str) -> None:
     """GET the server's /health; a user and password in the URL go as HTTP basic auth, as
     MLflow's own requests send them (urllib would take them for part of the host name)."""
@@ -109,6 +113,17 @@ class Tracker:
                 [
                     f"tracking.uri: unknown kind of MLflow store {redact(self.uri)!r}; "
                     f"allowed: http(s)://HOST:PORT, sqlite:///FILE, postgresql://..., file:///DIR"
+                ]
+            )
+        elif scheme == "file" and not _env_true("MLFLOW_ALLOW_FILE_STORE"):
+            # MLflow 3 refuses its folder store unless told, with a paragraph about it
+            raise SpecError(
+                [
+                    f"tracking.uri: {redact(self.uri)!r} is a folder store, which MLflow 3 no "
+                    "longer opens (maintenance mode); give sqlite:///FILE.db (the default: "
+                    "sqlite:///mlflow.db), a database or a server, or set "
+                    "MLFLOW_ALLOW_FILE_STORE=true to use the folder anyway (`mlflow "
+                    "migrate-filestore` converts it)"
                 ]
             )
         else:

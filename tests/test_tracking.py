@@ -120,3 +120,20 @@ def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth():
         assert "401" in line and "wrong-Secret" not in line
     finally:
         server.shutdown()
+
+
+def test_a_folder_store_is_refused_in_one_line_unless_mlflow_is_told_to_allow_it(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in (str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
+        with pytest.raises(SpecError) as e:
+            Tracker(uri, "x").check()
+        [line] = e.value.problems
+        assert line.startswith(f"tracking.uri: {uri!r} is a folder store, which MLflow 3 no")
+        assert "MLFLOW_ALLOW_FILE_STORE=true" in line
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # then MLflow opens it, and so does hpo
+    tracker = Tracker(str(tmp_path / "mlruns"), "folder")
+    tracker.check()
+    tracker.open()
+    assert MlflowClient(str(tmp_path / "mlruns")).get_experiment_by_name("folder") is not None
