@@ -607,12 +607,17 @@ def ui(
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:  # Ctrl-C while the study is looked up: nothing started yet
         raise typer.Exit(code=130) from None
-    typer.echo(f"MLflow UI for {redact(uri)} at {base} (Ctrl-C to stop)")
-    for what, url in views:
-        typer.echo(f"  {what}: {url}")
-    if not views:
-        typer.echo(f"  no hpo study in {redact(uri)} yet")
-    raise typer.Exit(code=serve(*mlflow_ui_command(uri, port)))
+    typer.echo(f"MLflow UI for {redact(uri)}: starting at {base} (Ctrl-C to stop)")
+
+    def where_to_look() -> None:  # once it answers: a link opened then shows the page
+        typer.echo(f"MLflow UI at {base}")
+        for what, url in views:
+            typer.echo(f"  {what}: {url}")
+        if not views:
+            typer.echo(f"  no hpo study in {redact(uri)} yet")
+
+    code = serve(*mlflow_ui_command(uri, port), ready=(f"{base}/health", where_to_look))
+    raise typer.Exit(code=code)
 
 
 @app.command()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 HOST = "127.0.0.1"
@@ -65,9 +65,16 @@ def check_port(port: int) -> None:
             ) from None
 
 
-def serve(cmd: Sequence[str], env: dict[str, str] | None = None, grace: float = GRACE_S) -> int:
+def serve(
+    cmd: Sequence[str],
+    env: dict[str, str] | None = None,
+    grace: float = GRACE_S,
+    ready: tuple[str, Callable[[], None]] | None = None,
+) -> int:
     """Run the server `cmd` until it exits (its exit status is returned) or hpo gets SIGTERM,
-    SIGINT or SIGHUP: then its whole process tree is stopped (see the module) and 0 returned."""
+    SIGINT or SIGHUP: then its whole process tree is stopped (see the module) and 0 returned.
+    `ready`: (URL, call): the call is made once the URL answers (to print where to look only
+    once there is something to see)."""
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
@@ -76,8 +83,11 @@ def serve(cmd: Sequence[str], env: dict[str, str] | None = None, grace: float = 
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         while not stop.count:
             try:
-                code = proc.wait(timeout=0.1)
+                code = proc.wait(timeout=0.1 if ready is None else 0.25)
             except subprocess.TimeoutExpired:
+                if ready is not None and _answers(ready[0]):
+                    ready, call = None, ready[1]
+                    call()
                 continue
             stop_tree(proc, grace)  # what it may have left running
             return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell
@@ -86,6 +96,16 @@ def serve(cmd: Sequence[str], env: dict[str, str] | None = None, grace: float = 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:  # not listening yet (or an HTTP error: it is not up as it should be)
+        return False
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = GRACE_S, hurry: _Stop | None = None) -> None:
@@ -204,8 +224,11 @@ def mlflow_ui_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
     MLflow's job runner is off unless the environment turns it on: it serves GenAI features
     hpo does not use, and starts 8 more processes that keep 2 cores busy for 12 s or so."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", HOST, "--port", str(port)]
-    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=uri)
+    # The registry in the same store (MLflow prints a line to say so when it is not given);
+    # deprecation warnings of MLflow's web stack are not the user's to act on.
+    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_REGISTRY_STORE_URI=uri)
     env.setdefault(*NO_JOBS)
+    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     return cmd, env
 
 

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -344,19 +345,21 @@ def test_ui_serves_the_mlflow_store_on_localhost(workdir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = hpo_process(["ui", "--port", port], workdir, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
     try:
-        deadline, body = time.monotonic() + 90, ""
-        while time.monotonic() < deadline and not body:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    body = r.read().decode()
-            except OSError:
-                time.sleep(0.5)
-        assert body.strip() == "OK"
+        # what it prints once the server answers (an empty store: no study to link to)
+        wait_for(lambda: proc.poll() is not None or any("no hpo study in" in x for x in lines),
+                 "hpo ui saying where to look", limit=240, every=0.2)  # fmt: skip
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.read().decode().strip() == "OK", lines
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert "no hpo study in sqlite:///" in out and "mlflow.db yet" in out  # an empty store
+        proc.wait(timeout=30)
+    assert lines[0].startswith("MLflow UI for sqlite:///") and "starting at http://" in lines[0]
+    at = lines.index(f"MLflow UI at http://127.0.0.1:{port}\n")  # the server's log between
+    assert lines[at + 1].startswith("  no hpo study in sqlite:///"), lines
+    assert "mlflow.db yet" in lines[at + 1]
 
 
 def test_unusable_storage_url_is_a_clear_error(workdir):

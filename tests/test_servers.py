@@ -191,7 +191,12 @@ def mlflow_ui(stores, tmp_path_factory):
     )
     server.port = port
     try:
-        server.wait_until_it_answers(f"http://127.0.0.1:{port}/health")
+        # where to look is printed once the server answers, so that a link opened then works
+        wait_for(lambda: server.proc.poll() is not None or "MLflow UI at " in server.output,
+                 "hpo ui saying where to look", limit=240, every=0.2)  # fmt: skip
+        assert _answers(f"http://127.0.0.1:{port}/health") == "OK", server.output
+        first = server.output.splitlines()[0]
+        assert first.startswith("MLflow UI for sqlite:///") and "starting at http://" in first
         yield server
     finally:
         server.kill()
