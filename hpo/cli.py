@@ -291,6 +291,7 @@ def run(
             f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
             f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
             f"{info['workers']}"
+            + (f", up to {k} trials fused a cohort" if (k := info["fused_trials"]) > 1 else "")
         )
         display.print(
             f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "

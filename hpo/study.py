@@ -608,6 +608,7 @@ class _Driver:
                     "data": self.data.info,
                     "device": str(self.data.train[0].device),
                     "workers": self.executor.description,
+                    "fused_trials": self.spec.study.fused_trials,
                     "storage": redact(self.url),
                     "tracking_uri": redact(self.tracker.uri),
                     "done": count_finished(study),

@@ -372,6 +372,7 @@ def test_workers_and_fused_trials_together(workdir):
     proc = hpo_process(["run", path, "--workers", 2, "--fused-trials", 2], workdir)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    assert out.splitlines()[0].endswith(", up to 2 trials fused a cohort"), out
     study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
     trials = study.get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
