@@ -15,10 +15,32 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Other names users know these by (the literature's, other libraries')
+ALIASES = {
+    "swish": "silu",
+    "leakyrelu": "leaky_relu",
+    "glorot": "xavier",
+    "kaiming": "he",
+    "cosineannealing": "cosine",
+    "reducelronplateau": "plateau",
+    "bayesian": "tpe",
+    "sobol": "qmc",
+    "cma": "cmaes",
+    "asha": "successive_halving",
+}
+
 
 def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
-    """The nearest known name, if one is close, and every known name."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    """The known name it means (the same in other case or spelling, a synonym) or the nearest
+    one, if one is close, and every known name."""
+    folded = "".join(c for c in str(name).lower() if c.isalnum())
+    same = [k for k in known if "".join(c for c in k if c.isalnum()) == folded]
+    alias = ALIASES.get(folded)
+    close = (
+        same
+        or ([alias] if alias in known else [])
+        or difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    )
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}allowed: {', '.join(known)}"
 

@@ -86,3 +86,14 @@ def test_names_command_lists_a_kind_or_refuses_an_unknown_one():
     assert [ln.split()[0] for ln in lines[1:]] == list(ALL["pruners"])
     bad = CliRunner().invoke(app, ["names", "optimisers"])
     assert bad.exit_code == 2 and "allowed: datasets, samplers" in bad.output
+
+
+def test_a_name_in_other_case_or_by_another_name_is_pointed_to_the_right_one():
+    space = {"activation": {"type": "categorical", "choices": ["relu", "Relu", "swish"]}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(small_spec(search_space=space))
+    problems = e.value.problems
+    assert [p.split(" allowed:")[0] for p in problems] == [
+        "search_space.activation.choices[1]: unknown activation 'Relu'; did you mean 'relu'?",
+        "search_space.activation.choices[2]: unknown activation 'swish'; did you mean 'silu'?",
+    ], problems
