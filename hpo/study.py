@@ -844,7 +844,9 @@ class _Driver:
             r.trial.report(e.metrics[self.metric], e.epoch)
         else:
             r.trial.report(e.metrics[self.metric], e.epoch)
-            decision = "pruned" if r.trial.should_prune() else None
+            # Pruning at the last epoch would save nothing: the trial is complete.
+            last = e.epoch >= self.spec.training.max_epochs
+            decision = "pruned" if not last and r.trial.should_prune() else None
             self.executor.decide(e.number, decision)
         self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
         if self.on_epoch is not None:

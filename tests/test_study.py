@@ -155,6 +155,25 @@ def test_median_pruner_prunes_hopeless_trials(workdir, mlflow_uri):
     assert {runs[t.number].data.tags["hpo.state"] for t in pruned} == {"PRUNED"}
 
 
+def test_no_trial_is_pruned_at_its_last_epoch(workdir, mlflow_uri):
+    """The same hopeless trials with 1 epoch a trial: pruning them then would save nothing,
+    so they complete (with their poor value) rather than being called pruned."""
+    run(
+        workdir,
+        mlflow_uri,
+        "last-epoch",
+        search_space={"lr": {"type": "categorical", "choices": [3e-2, 1e-7]}, "n_layers": 1},
+        study={
+            "n_trials": 6,
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        },
+        training={"max_epochs": 1, "early_stopping": {"patience": 1}},
+    )
+    study = optuna.load_study(study_name="last-epoch", storage="sqlite:///optuna.db")
+    assert {t.params["lr"] for t in study.trials} == {3e-2, 1e-7}  # hopeless ones were tried
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+
+
 def test_same_seed_gives_the_same_trials(workdir, mlflow_uri):
     a = run(workdir, mlflow_uri, "seed-a", study={"sampler": {"name": "tpe", "seed": 7}})
     b = run(workdir, mlflow_uri, "seed-b", study={"sampler": {"name": "tpe", "seed": 7}})
