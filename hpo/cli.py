@@ -477,7 +477,7 @@ def predict(
         typer.Argument(
             help="Raw rows: a CSV (or .parquet) with the data file's feature columns (a target "
             "column is used to score the predictions), or for an image study one row of raw "
-            "pixel values per image."
+            "pixel values per image (with a header, a `label` or `target` column scores them)."
         ),
     ],
     out: Annotated[
@@ -518,6 +518,9 @@ def predict(
         _err(f"error: {data}: cannot read it as a table ({first_line(e, 200)})")
         raise typer.Exit(code=2) from None
     target = predictor.prep.get("target")
+    if predictor.prep["kind"] != "table":  # image rows: a `label` or `target` column, if any
+        named = [c for c in frame.columns if str(c).strip().lower() in ("label", "target")]
+        target = named[0] if named else None
     truth = frame.pop(target) if target and target in frame.columns else None
     try:
         predicted = predictor.predict(frame, probabilities)
@@ -536,6 +539,10 @@ def predict(
     if truth is not None:
         labels = table["prediction"]
         if predictor.prep["task"] == "classification":
+            classes = [str(c) for c in predictor.prep["classes"]]
+            if not {str(t) for t in truth} <= set(classes):  # class numbers, not their names
+                truth = truth.map(lambda t: classes[int(t)] if str(t).isdigit()
+                                  and int(t) < len(classes) else t)  # fmt: skip
             hits = sum(str(a) == str(b) for a, b in zip(labels, truth, strict=True))
             score = f"accuracy {hits / max(len(truth), 1):.4f} ({hits} of {len(truth)})"
         else:

@@ -206,6 +206,18 @@ def test_an_image_model_takes_raw_pixel_values(workdir, mlflow_uri):
         )
         assert done.exit_code == 0, done.output
         assert done.output.split() == ["prediction"] + [str(label) for label in labels]
+    # with a `label` column, it is scored against it (and not taken for pixels)
+    truth = data.val[1][: len(raw)].numpy()
+    pixels = pd.DataFrame(raw.astype(int), columns=[f"pixel{i}" for i in range(raw.shape[1])])
+    pixels.assign(label=truth).to_csv(workdir / "labelled.csv", index=False)
+    done = CliRunner().invoke(
+        app, ["predict", "deploy-digits", "labelled.csv", "--tracking-uri", mlflow_uri]
+    )
+    assert done.exit_code == 0, done.output
+    hits = int((np.array(labels) == truth).sum())
+    assert f"against the 'label' column of labelled.csv: accuracy {hits / len(truth):.4f} (" in (
+        done.output
+    )
 
 
 def test_text_categories_read_as_text_and_booleans_as_booleans(workdir):
