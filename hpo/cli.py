@@ -344,6 +344,19 @@ def _interrupted(counts: dict[str, int]) -> str:
     return f", {n} interrupted (not counted)" if n else ""
 
 
+def _applying(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration without the settings that change nothing in it: `widths` says the
+    layers' sizes; a linear model (depth 0) has no activation, dropout, batch norm or hidden
+    width; momentum is SGD's and RMSprop's, Nesterov SGD's."""
+    linear = config.get("n_layers") == 0
+    unused = {"width"} | ({"activation", "dropout", "batchnorm", "widths"} if linear else set())
+    if config.get("optimizer") not in ("sgd", "rmsprop"):
+        unused.add("momentum")
+    if config.get("optimizer") != "sgd":
+        unused.add("nesterov")
+    return {k: v for k, v in config.items() if k not in unused}
+
+
 def _summary(r: Any) -> None:
     from hpo.progress import fmt_time
 
@@ -361,17 +374,18 @@ def _summary(r: Any) -> None:
         typer.echo("no trial completed, so there is no best model and no test evaluation")
     else:
         typer.echo(f"best trial #{r.best_number}: {r.metric} = {r.best_value:.4f}")
-        shown = {
-            k: v
-            for k, v in r.best_params.items()
-            if k != "width" or r.best_params.get("n_layers") == 0
-        }
+        shown = _applying(r.best_params)
         typer.echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
         if r.test_metrics:
             test = ", ".join(f"{k} = {v:.4f}" for k, v in r.test_metrics.items())
             typer.echo(f"test split (used once, by trial #{r.best_number}): {test}")
         elif r.test_note:
             typer.echo(f"test split: not yet used ({r.test_note})")
+        if r.model_uri:
+            typer.echo(
+                f"best model: {r.model_uri}   (hpo predict {r.study_name} ROWS.csv, or "
+                f"mlflow models serve -m {r.model_uri})"
+            )
     if r.baselines is not None:
         for line in r.baselines.sentences():
             typer.echo(line)

@@ -317,6 +317,7 @@ class StudyResult:
     data_info: dict[str, Any] = field(default_factory=dict)
     test_note: str = ""  # why there is no test evaluation from this process, if there is none
     baselines: BaselineComparison | None = None  # the search's best against the best baseline
+    model_uri: str | None = None  # the best trial's logged model, when it is the best's
 
 
 @dataclass
@@ -1179,6 +1180,11 @@ class _Driver:
             data_info=self.data.info,
             test_note=note,
             baselines=compare_with_baselines(study),
+            model_uri=(
+                study.user_attrs.get("model_uri")
+                if best and study.user_attrs.get("model_trial") == best.number
+                else None
+            ),
         )
 
 

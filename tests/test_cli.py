@@ -178,6 +178,13 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert sum(int(part.split()[0]) for part in fits.split(", ")) == 2
     assert "test split (used once, by trial #" in out and "hpo ui" in out
     assert (workdir / "optuna.db").is_file() and (workdir / "mlflow.db").is_file()
+    # the best's settings that apply (Adam: no momentum), and where its model is
+    best = out.split("best trial #")[1].splitlines()[1]
+    assert "optimizer=adam" in best and "lr=" in best and "widths=[" in best, best
+    assert not [k for k in ("momentum=", "nesterov=", " width=") if k in best], best
+    study = optuna.load_study(study_name="cli-study", storage="sqlite:///optuna.db")
+    uri = study.user_attrs["model_uri"]
+    assert f"best model: {uri}   (hpo predict cli-study ROWS.csv, or mlflow models " in out
     code, out = invoke("studies")
     lines = out.strip().splitlines()
     assert code == 0 and lines[0].split()[:4] == ["study", "complete", "pruned", "failed"]
