@@ -109,9 +109,14 @@ def validate(spec: SpecArg) -> None:
     n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
     typer.echo(
         f"{spec}: ok - study {loaded.name!r} on {loaded.dataset.name}, {n} searched "
-        f"hyperparameters, {loaded.study.n_trials} trials, sampler {loaded.study.sampler.name}, "
+        f"hyperparameter{'s' * (n != 1)}, {loaded.study.n_trials} trials, "
+        f"sampler {loaded.study.sampler.name}, "
         f"pruner {loaded.study.pruner.name}, metric {loaded.study.metric}"
-        + (f", {len(loaded.baselines)} baselines first" if loaded.baselines else "")
+        + (
+            f", {len(loaded.baselines)} baseline{'s' * (len(loaded.baselines) != 1)} first"
+            if loaded.baselines
+            else ""
+        )
         + (
             f", up to {loaded.study.fused_trials} trials fused"
             if loaded.study.fused_trials > 1
@@ -133,7 +138,7 @@ def names(
     from hpo.registry import ALL
 
     if kind is not None and kind not in ALL:
-        _err(f"names: unknown kind {kind!r}; allowed: {', '.join(ALL)}")
+        _err(f"error: names: unknown kind {kind!r}; allowed: {', '.join(ALL)}")
         raise typer.Exit(code=2)
     for title, reg in ALL.items():
         if kind in (None, title):
@@ -427,7 +432,10 @@ def _load_studies(names: list[str], storage: str | None) -> list[Any]:
             loaded.append(optuna.load_study(study_name=name, storage=opened))
         except KeyError:
             shown = redact(url)
-            _err(f"error: no study {name!r} in {shown}; `hpo studies --storage {shown}` lists it")
+            _err(
+                f"error: no study {name!r} in {shown}; `hpo studies --storage {shown}` lists "
+                "the studies there"
+            )
     if len(loaded) < len(names):
         raise typer.Exit(code=2)
     return loaded
