@@ -28,6 +28,8 @@ class _OneLineErrors(TyperGroup):
         try:
             code = super().main(*args, standalone_mode=False, **kw)
         except _CLICK_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `hpo` alone: its help, shown
+                raise SystemExit(e.exit_code) from None
             ctx = getattr(e, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else ""
             message = " ".join(redact(e.format_message()).split()).rstrip(".")
@@ -247,8 +249,8 @@ def run(
         try:
             new = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
         except SpecError as e:  # told by the option that set the value
-            flags = {f"{section}.{key}:": f"--{key.replace('_', '-')}:" for section, key, _ in
-                     overrides}  # fmt: skip
+            flags = {f"{section}.{key}:": f"--{key.replace('_', '-')}:" for section, key,
+                     value in overrides if value is not None}  # fmt: skip
             problems = [next((p.replace(k, v, 1) for k, v in flags.items() if p.startswith(k)),
                              p) for p in e.problems]  # fmt: skip
             _fail_spec(SpecError(problems), None)

@@ -208,15 +208,38 @@ class Spec(_Strict):
             return self.raw_text
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, search_space: dict[str, Any] | None = None) -> str:
         """Hash of what makes trials comparable: data, task, search space and training."""
         keep = self.model_dump(include={"dataset", "task", "search_space", "training"})
+        if search_space is not None:
+            keep["search_space"] = search_space
         keep["training"].pop("device", None)
         if keep["training"].get("precision") == "auto":  # studies from before the key
             keep["training"].pop("precision")
         keep["metric"] = self.study.metric
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def fingerprints(self) -> set[str]:
+        """The hash, and the one the spec had when hpo read YAML as 1.1 does (`1e-5` a string,
+        kept so in the search space): a study stored then matches either."""
+        hashes = {self.fingerprint()}
+        try:
+            then = yaml.safe_load(self.raw_text) if self.raw_text else None
+        except yaml.YAMLError:
+            then = None
+        if isinstance(then, dict) and isinstance(then.get("search_space"), dict):
+            hashes.add(self.fingerprint(then["search_space"]))
+        return hashes
+
+
+def read_yaml(text: str) -> Any:
+    """A spec's YAML as hpo reads it (numbers as in YAML 1.2); raises yaml.YAMLError."""
+    loader = _SpecLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def default_config() -> dict[str, Any]:

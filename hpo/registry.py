@@ -33,8 +33,12 @@ ALIASES = {
 def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
     """The known name it means (the same in other case or spelling, a synonym) or the nearest
     one, if one is close, and every known name."""
-    folded = "".join(c for c in str(name).lower() if c.isalnum())
-    same = [k for k in known if "".join(c for c in k if c.isalnum()) == folded]
+
+    def fold(text: Any) -> str:
+        return "".join(c for c in str(text).lower() if c.isalnum())
+
+    folded = fold(name)
+    same = [k for k in known if fold(k) == folded]
     alias = ALIASES.get(folded)
     close = (
         same

@@ -81,16 +81,20 @@ def serve(
         # Its own session: a terminal's Ctrl-C or hang-up reaches hpo only, which stops the
         # tree as it stops for SIGTERM, in one way.
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-        while not stop.count:
-            try:
-                code = proc.wait(timeout=0.1 if ready is None else 0.25)
-            except subprocess.TimeoutExpired:
-                if ready is not None and _answers(ready[0]):
-                    ready, call = None, ready[1]
-                    call()
-                continue
-            stop_tree(proc, grace)  # what it may have left running
-            return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell
+        try:
+            while not stop.count:
+                try:
+                    code = proc.wait(timeout=0.1 if ready is None else 0.25)
+                except subprocess.TimeoutExpired:
+                    if ready is not None and _answers(ready[0]):
+                        ready, call = None, ready[1]
+                        call()
+                    continue
+                stop_tree(proc, grace)  # what it may have left running
+                return 128 - code if code < 0 else code  # killed by signal N: 128 + N
+        except BaseException:  # hpo's own error (a closed stdout, ...): the tree goes too
+            stop_tree(proc, grace)
+            raise
         stop_tree(proc, grace, stop)
         return 0
     finally:
@@ -99,12 +103,15 @@ def serve(
 
 
 def _answers(url: str) -> bool:
+    """Whether the local server at `url` answers (asked directly: no proxy for 127.0.0.1)."""
+    import http.client
     import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=1):
+        with opener.open(url, timeout=1):
             return True
-    except OSError:  # not listening yet (or an HTTP error: it is not up as it should be)
+    except (OSError, http.client.HTTPException):  # not listening yet, or not up as it should
         return False
 
 

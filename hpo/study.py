@@ -480,14 +480,14 @@ def run_study(
         slow = precision_warning(spec.training.precision, torch.device(dev))
         if slow and on_notice is not None:
             on_notice(slow)
-    fingerprint = spec.fingerprint()
+    fingerprints = spec.fingerprints()
     given = "study.storage" if spec.study.storage else "--storage" if storage else "storage"
     check_storage_writable(url, given)
     tracker.check()
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
     opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale, retry=driver.retry)
-    stored = _refuse_changed_spec(opened, url, name, fingerprint, data.info["split_hash"])
+    stored = _refuse_changed_spec(opened, url, name, fingerprints, data.info["split_hash"])
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
     tracker.open()
@@ -507,7 +507,7 @@ def run_study(
         attrs = study.user_attrs
         if "spec_hash" not in attrs:
             for k, v in {
-                "spec_hash": fingerprint,
+                "spec_hash": spec.fingerprint(),
                 "hpo_version": __version__,
                 "metric": spec.study.metric,
                 "data": data.info,
@@ -522,7 +522,7 @@ def run_study(
         study.set_user_attr("driver_starts", starts + 1)
         sampler_seed = seed if seed is not None else spec.study.sampler.seed
         if sampler_seed is not None:
-            sampler_seed += 1_000_003 * starts
+            sampler_seed = (sampler_seed + 1_000_003 * starts) % 2**32  # Optuna's range
         study.sampler = make_sampler(spec, seed=sampler_seed)
         parent_id = tracker.open_parent(
             attrs.get("mlflow_parent_run_id"),
@@ -538,7 +538,11 @@ def run_study(
                 **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
                 "split.hash": data.info["split_hash"],
             },
-            tags={"hpo.study": name, "hpo.storage": redact(url), "hpo.spec_hash": fingerprint},
+            tags={
+                "hpo.study": name,
+                "hpo.storage": redact(url),
+                "hpo.spec_hash": spec.fingerprint(),
+            },
         )
         if attrs.get("mlflow_parent_run_id") != parent_id:
             study.set_user_attr("mlflow_parent_run_id", parent_id)
@@ -1215,7 +1219,7 @@ def _refuse_changed_spec(
     storage: optuna.storages.BaseStorage,
     storage_url: str,
     name: str,
-    fingerprint: str,
+    fingerprints: set[str],
     split_hash: str,
 ) -> dict[str, Any]:
     """Refuse to resume a study whose spec or data changed; else its attributes."""
@@ -1233,11 +1237,12 @@ def _refuse_changed_spec(
             ]
         )
     old = existing.user_attrs.get("spec_hash")
-    if old is not None and old != fingerprint:
+    if old is not None and old not in fingerprints:
+        now = min(fingerprints)
         raise SpecError(
             [
                 f"name: study {name!r} in {redact(storage_url)} was run with a different spec "
-                f"(data, search space, training or metric changed; hash {old} vs {fingerprint}); "
+                f"(data, search space, training or metric changed; hash {old} vs {now}); "
                 f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
             ]
         )
@@ -1254,14 +1259,12 @@ def best_or_none(study: optuna.Study) -> FrozenTrial | None:
 
 def spec_of(study: optuna.Study) -> Spec:
     """The spec a study was run from, as stored with it."""
-    import yaml
-
-    from hpo.config import parse_spec
+    from hpo.config import parse_spec, read_yaml
 
     text = study.user_attrs.get("spec_yaml")
     if not text:
         raise SpecError([f"study {study.study_name!r} has no stored spec (not run by hpo?)"])
-    return parse_spec(yaml.safe_load(text), source_dir=study.user_attrs.get("spec_dir", "."))
+    return parse_spec(read_yaml(text), source_dir=study.user_attrs.get("spec_dir", "."))
 
 
 def retrain_best(

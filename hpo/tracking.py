@@ -7,6 +7,8 @@ import logging
 import os
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,25 +44,40 @@ def _quiet() -> None:
 
 
 def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+    """A boolean environment variable as MLflow reads it."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """An MLflow server's /health answers itself: a redirect (which urllib would follow with
+    the password, to any host) is an error."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None
 
 
 def _health(uri: str) -> None:
-    """GET the server's /health; a user and password in the URL go as HTTP basic auth, as
-    MLflow's own requests send them (urllib would take them for part of the host name)."""
+    """GET the server's /health; a user and password in the URL (else MLflow's
+    MLFLOW_TRACKING_USERNAME and _PASSWORD) go as HTTP basic auth, as MLflow's own requests
+    send them (urllib would take them for part of the host name)."""
     import base64
-    import urllib.parse
-    import urllib.request
 
     url = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+    user, password = url.username, url.password
+    if user is not None or password is not None:
+        user, password = (urllib.parse.unquote(x or "") for x in (user, password))
+        url = url._replace(netloc=url.netloc.rsplit("@", 1)[1])
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        user, password = (
+            os.environ["MLFLOW_TRACKING_USERNAME"],
+            os.environ["MLFLOW_TRACKING_PASSWORD"],
+        )
     headers = {}
-    if url.username is not None or url.password is not None:
-        user, password = (urllib.parse.unquote(x or "") for x in (url.username, url.password))
+    if user is not None:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
-        url = url._replace(netloc=url.netloc.rsplit("@", 1)[1])
     request = urllib.request.Request(urllib.parse.urlunsplit(url), headers=headers)
-    with urllib.request.urlopen(request, timeout=10):
+    with urllib.request.build_opener(_NoRedirect()).open(request, timeout=10):
         pass
 
 

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from hpo.cli import app
+from hpo.config import load_spec
 from hpo.report.compare import summarise
 from hpo.study import GRACE_S, count_finished, state_counts, was_interrupted
 
@@ -164,6 +165,8 @@ def test_bad_command_lines_are_one_line_errors_naming_the_option(workdir):
         assert code == 2 and out.startswith(expected), (args, out)
         assert len(out.strip().splitlines()) == 1, (args, out)
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
+    code, out = invoke()  # `hpo` alone: its help, and nothing else
+    assert code == 2 and "Usage: hpo" in out and "error:" not in out, out
     code, out = invoke("run", path, "--timeout", 0.5, "--n-trials", 1)  # any time > 0
     assert code == 0, out
 
@@ -377,3 +380,26 @@ def test_unusable_storage_url_is_a_clear_error(workdir):
         code, out = invoke(*args, "--storage", "nosuch://db")
         assert code == 2 and "storage: cannot open 'nosuch://db'" in out, args
         assert "Traceback" not in out
+
+
+def test_a_study_stored_when_1e_5_was_read_as_text_resumes(workdir):
+    """Before hpo read YAML 1.2 numbers, `low: 1e-3` stayed the string '1e-3' in the search
+    space, and so in the stored spec hash: such a study still resumes, and a changed spec is
+    still refused."""
+    import yaml
+
+    spec = small_spec()
+    spec["search_space"]["lr"] = {"type": "float", "low": "LOW", "high": 1.0e-2, "log": True}
+    text = yaml.safe_dump(spec, sort_keys=False).replace("LOW", "1e-3")
+    (workdir / "spec.yaml").write_text(text)
+    code, out = invoke("run", workdir / "spec.yaml", "--n-trials", 1)
+    assert code == 0, out
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
+    then = load_spec(workdir / "spec.yaml").fingerprint(yaml.safe_load(text)["search_space"])
+    assert then != study.user_attrs["spec_hash"]
+    study.set_user_attr("spec_hash", then)  # as that version of hpo stored it
+    code, out = invoke("run", workdir / "spec.yaml", "--n-trials", 2)
+    assert code == 0 and "1 of 2 trials already done" in out, out
+    (workdir / "spec.yaml").write_text(text.replace("1e-3", "2e-3"))
+    code, out = invoke("run", workdir / "spec.yaml", "--n-trials", 3)
+    assert code == 2 and "was run with a different spec" in out, out

@@ -251,7 +251,11 @@ def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_continues(small_disk):
     import torch
 
     spec = small_spec(
-        name="full", study={"n_trials": 1}, training=LONG, tracking={"log_model": "all"}
+        name="full",
+        study={"n_trials": 1},
+        # 200 epochs: 150 at least to make the writes that need the full disk's new blocks
+        training={"max_epochs": 200, "early_stopping": {"patience": 200}},
+        tracking={"log_model": "all"},
     )
     path = write_spec(small_disk, spec)
     proc = hpo_process(["run", path], small_disk)

@@ -74,7 +74,7 @@ def test_checkpoint_roundtrip(mlflow_uri):
     assert torch.equal(loaded["w"], state["w"])
 
 
-def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth():
+def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth(monkeypatch):
     """`hpo run --tracking-uri http://user:pass@host` first asks the server's /health, then
     MLflow's client talks to it: both send the user and password as HTTP basic auth (which a
     server behind a proxy or MLflow's basic-auth app checks); a refusal is told without the
@@ -86,6 +86,11 @@ def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth():
         def answer(self):
             heard.append((self.path, self.headers.get("Authorization")))
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/elsewhere"):  # a redirect, to be refused, not followed
+                self.send_response(302)
+                self.send_header("Location", "http://127.0.0.1:1/health")
+                self.end_headers()
+                return
             if self.headers.get("Authorization") != expected:
                 self.send_response(401)
                 self.end_headers()
@@ -118,6 +123,15 @@ def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth():
             f"tracking.uri: no MLflow server answers at http://alice:***@127.0.0.1:{port}: "
         )
         assert "401" in line and "wrong-Secret" not in line
+        heard.clear()
+        with pytest.raises(SpecError) as e:
+            Tracker(f"http://alice:p%40ss:word@127.0.0.1:{port}/elsewhere", "x").check()
+        assert "302" in e.value.problems[0] and len(heard) == 1  # not followed
+        # MLflow's own variables, for a URL without a user
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:word")
+        Tracker(f"http://127.0.0.1:{port}", "x").check()
+        assert heard[-1] == ("/health", expected)
     finally:
         server.shutdown()
 
