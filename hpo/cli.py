@@ -364,6 +364,13 @@ def _applying(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in unused}
 
 
+def _numbers(numbers: list[int], most: int = 6) -> str:
+    """' (#0, #3)': which trials, when there are few enough to name; '' otherwise."""
+    if not numbers or len(numbers) > most:
+        return ""
+    return " (" + ", ".join(f"#{n}" for n in numbers) + ")"
+
+
 def _summary(r: Any) -> None:
     from hpo.progress import fmt_time
 
@@ -375,7 +382,10 @@ def _summary(r: Any) -> None:
         f"{fmt_time(r.wall_time)}, device {r.device})"
     )
     if any(r.fit_counts.values()):
-        fits = ", ".join(f"{n} {label}" for label, n in r.fit_counts.items())
+        fits = ", ".join(
+            f"{n} {label}{_numbers(r.fit_trials.get(label, []))}"
+            for label, n in r.fit_counts.items()
+        )
         typer.echo(f"fit diagnosis: {fits} (trial user attribute 'fit', MLflow tag hpo.fit)")
     if r.best_number is None:
         typer.echo("no trial completed, so there is no best model and no test evaluation")

@@ -312,6 +312,7 @@ class StudyResult:
     device: str
     interrupted: bool = False
     fit_counts: dict[str, int] = field(default_factory=dict)
+    fit_trials: dict[str, list[int]] = field(default_factory=dict)  # label -> trial numbers
     new_trials: int = 0
     wall_time: float = 0.0
     data_info: dict[str, Any] = field(default_factory=dict)
@@ -1164,7 +1165,8 @@ class _Driver:
         study = self.study
         best = best_or_none(study)
         trials = study.get_trials(deepcopy=False)
-        fits = [t.user_attrs["fit"] for t in trials if "fit" in t.user_attrs]
+        fitted = [(t.user_attrs["fit"], t.number) for t in trials if "fit" in t.user_attrs]
+        fits = [label for label, _ in fitted]
         return StudyResult(
             study_name=self.name,
             storage=redact(self.url),
@@ -1179,6 +1181,10 @@ class _Driver:
             device=str(self.data.train[0].device),
             interrupted=interrupted,
             fit_counts={label: fits.count(label) for label in ("good", "overfit", "underfit")},
+            fit_trials={
+                label: [n for fit, n in fitted if fit == label]
+                for label in ("good", "overfit", "underfit")
+            },
             new_trials=len(self.durations),
             wall_time=time.perf_counter() - self.started,
             data_info=self.data.info,

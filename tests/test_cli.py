@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -177,8 +178,14 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert code == 0, out
     assert "[1/2] trial 0" in out and "[2/2] trial 1" in out and "ETA" in out
     assert "study 'cli-study': " in out and "best trial #" in out
-    fits = out.split("fit diagnosis: ")[1].split(" (")[0]
-    assert sum(int(part.split()[0]) for part in fits.split(", ")) == 2
+    fits = out.split("fit diagnosis: ")[1].split(" (trial user attribute")[0]
+    counted = re.findall(r"(\d+) (good|overfit|underfit)(?: \(([#\d, ]+)\))?", fits)
+    assert sum(int(n) for n, _, _ in counted) == 2, fits
+    named = {label: re.findall(r"#(\d+)", numbers) for _, label, numbers in counted}
+    assert sorted(int(x) for xs in named.values() for x in xs) == [0, 1], fits  # which ones
+    study = optuna.load_study(study_name="cli-study", storage="sqlite:///optuna.db")
+    for t in study.trials:
+        assert str(t.number) in named[t.user_attrs["fit"]], (fits, t.user_attrs["fit"])
     assert "test split (used once, by trial #" in out and "hpo ui" in out
     assert (workdir / "optuna.db").is_file() and (workdir / "mlflow.db").is_file()
     # the best's settings that apply (Adam: no momentum), and where its model is
