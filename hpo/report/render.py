@@ -167,6 +167,8 @@ def slice_figure(study: optuna.Study, d: ReportData) -> Any | None:
         return None
     cols = min(SLICE_COLS, len(panels))
     rows = math.ceil(len(panels) / cols)
+    numbers = [t.number for _, _, trials in panels for t in trials]
+    span = max(numbers) - min(numbers)
     fig = make_subplots(
         rows=rows,
         cols=cols,
@@ -202,7 +204,8 @@ def slice_figure(study: optuna.Study, d: ReportData) -> Any | None:
         height=110 + 250 * rows,
         coloraxis={
             "colorscale": [[0, TRIAL_COLOURS[0]], [1, TRIAL_COLOURS[1]]],
-            "colorbar": {"title": {"text": "trial"}},
+            # trial numbers: whole ones, about 6 of them
+            "colorbar": {"title": {"text": "trial"}, "tick0": 0, "dtick": max(1, span // 6)},
         },
         margin={"l": 60, "r": 20, "t": 80, "b": 40},
     )
@@ -472,6 +475,21 @@ def write_pngs(study: optuna.Study, d: ReportData, out: Path) -> dict[str, str]:
     return made
 
 
+def _log_ticks(xs: list[Any]) -> tuple[list[float], Callable[[float], str]]:
+    """Up to four ticks spread evenly on a log axis over `xs`, and their labels: whole
+    numbers for an integer parameter (widths 117 to 140: 117, 124, 132, 140, not 1.2e+02
+    twice), else as few significant digits as keep the labels apart."""
+    lo, hi = min(xs), max(xs)
+    spread = [lo] if lo == hi else [lo * (hi / lo) ** (i / 3) for i in range(4)]
+    if all(isinstance(x, int) for x in xs):
+        ticks = sorted({round(t) for t in spread})
+        return [float(t) for t in ticks], lambda v: f"{round(v)}"
+    for digits in (2, 3, 4, 6):
+        if len({f"{t:.{digits}g}" for t in spread}) == len(spread):
+            break
+    return spread, lambda v: f"{v:.{digits}g}"
+
+
 def _slice_png(study: optuna.Study, d: ReportData, path: Path) -> bool:
     """The slice chart as a PNG: SLICE_COLS panels to a row, 800 px wide."""
     import matplotlib.pyplot as plt
@@ -502,10 +520,9 @@ def _slice_png(study: optuna.Study, d: ReportData, path: Path) -> bool:
         )
         if axis == "log":  # four labelled ticks, none of matplotlib's crowded minor labels
             ax.set_xscale("log")
-            lo, hi = min(xs), max(xs)
-            ticks = [lo] if lo == hi else [lo * (hi / lo) ** (i / 3) for i in range(4)]
+            ticks, label = _log_ticks(xs)
             ax.xaxis.set_major_locator(FixedLocator(ticks))
-            ax.xaxis.set_major_formatter(lambda v, _: f"{v:.2g}")
+            ax.xaxis.set_major_formatter(lambda v, _, label=label: label(v))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_minor_formatter(NullFormatter())
         elif axis == "linear" and all(isinstance(x, int) for x in xs):
@@ -519,7 +536,9 @@ def _slice_png(study: optuna.Study, d: ReportData, path: Path) -> bool:
     fig.suptitle(f"{d.overview.metric} against each parameter (colour: trial number)")
     fig.tight_layout()
     if dots is not None:
-        fig.colorbar(dots, ax=axes.ravel().tolist(), label="trial", shrink=0.8)
+        bar = fig.colorbar(dots, ax=axes.ravel().tolist(), label="trial", shrink=0.8)
+        bar.locator = MaxNLocator(integer=True)  # trial numbers: no 2.5
+        bar.update_ticks()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
