@@ -370,3 +370,39 @@ def test_a_stop_signal_ignored_from_the_start_stays_ignored():
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_server_gone_in_the_middle_of_its_answer_is_a_lost_connection(monkeypatch):
+    """A tracking server killed while it sends an answer: MLflow raises 'Connection broken:
+    IncompleteRead(17 bytes read, 983 more expected)'. That is waited for like a refused
+    connection (it came out as a traceback), not taken for a bad request."""
+    import http.server
+    import threading
+
+    from mlflow import MlflowClient
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"experiments": [')  # and no more: the connection closes
+            self.close_connection = True
+
+        do_GET = do_POST = answer  # noqa: N815 - the http.server names
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ServerLost) as e:
+            Retry("tracking server", url, 0)(MlflowClient(url).search_experiments)
+        assert "IncompleteRead" in str(e.value)
+    finally:
+        server.shutdown()
