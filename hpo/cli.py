@@ -249,10 +249,11 @@ def run(
         try:
             new = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
         except SpecError as e:  # told by the option that set the value
-            flags = {f"{section}.{key}:": f"--{key.replace('_', '-')}:" for section, key,
-                     value in overrides if value is not None}  # fmt: skip
-            problems = [next((p.replace(k, v, 1) for k, v in flags.items() if p.startswith(k)),
-                             p) for p in e.problems]  # fmt: skip
+            problems = e.problems
+            for section, key, value in overrides:
+                if value is not None:
+                    at, flag = f"{section}.{key}:", f"--{key.replace('_', '-')}:"
+                    problems = [flag + p[len(at) :] if p.startswith(at) else p for p in problems]
             _fail_spec(SpecError(problems), None)
         # The spec logged with the study is the file as written, unless what trains changed.
         if new.fingerprint() != loaded.fingerprint():

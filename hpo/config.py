@@ -220,17 +220,16 @@ class Spec(_Strict):
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def fingerprints(self) -> set[str]:
-        """The hash, and the one the spec had when hpo read YAML as 1.1 does (`1e-5` a string,
-        kept so in the search space): a study stored then matches either."""
-        hashes = {self.fingerprint()}
+    def fingerprints(self) -> tuple[str, ...]:
+        """The hash, then the one the spec had when hpo read YAML as 1.1 does (`1e-5` a
+        string, kept so in the search space): a study stored then matches either."""
         try:
             then = yaml.safe_load(self.raw_text) if self.raw_text else None
         except yaml.YAMLError:
             then = None
         if isinstance(then, dict) and isinstance(then.get("search_space"), dict):
-            hashes.add(self.fingerprint(then["search_space"]))
-        return hashes
+            return self.fingerprint(), self.fingerprint(then["search_space"])
+        return (self.fingerprint(),)
 
 
 def read_yaml(text: str) -> Any:

@@ -105,21 +105,15 @@ def is_transient(error: BaseException) -> bool:
 
 def lost_connection(error: BaseException) -> BaseException | None:
     """The lost connection in an exception's chain (the root cause to show), if any."""
-    import http.client
-
     import requests
     import sqlalchemy.exc as sa
-    import urllib3.exceptions
 
     lost = (
         sa.OperationalError,  # server down, connection refused or reset, database locked
         sa.InterfaceError,
         requests.ConnectionError,
         requests.Timeout,
-        # the server went away in the middle of its answer
-        requests.exceptions.ChunkedEncodingError,
-        urllib3.exceptions.ProtocolError,
-        http.client.IncompleteRead,
+        requests.exceptions.ChunkedEncodingError,  # gone in the middle of its answer
         requests.exceptions.RetryError,  # MLflow's own retries on 5xx ran out
         ConnectionError,
         TimeoutError,

@@ -311,7 +311,6 @@ class StudyResult:
     parent_run_id: str | None
     device: str
     interrupted: bool = False
-    fit_counts: dict[str, int] = field(default_factory=dict)
     fit_trials: dict[str, list[int]] = field(default_factory=dict)  # label -> trial numbers
     new_trials: int = 0
     wall_time: float = 0.0
@@ -319,6 +318,10 @@ class StudyResult:
     test_note: str = ""  # why there is no test evaluation from this process, if there is none
     baselines: BaselineComparison | None = None  # the search's best against the best baseline
     model_uri: str | None = None  # the best trial's logged model, when it is the best's
+
+    @property
+    def fit_counts(self) -> dict[str, int]:
+        return {label: len(numbers) for label, numbers in self.fit_trials.items()}
 
 
 @dataclass
@@ -508,7 +511,7 @@ def run_study(
         attrs = study.user_attrs
         if "spec_hash" not in attrs:
             for k, v in {
-                "spec_hash": spec.fingerprint(),
+                "spec_hash": fingerprints[0],
                 "hpo_version": __version__,
                 "metric": spec.study.metric,
                 "data": data.info,
@@ -542,7 +545,7 @@ def run_study(
             tags={
                 "hpo.study": name,
                 "hpo.storage": redact(url),
-                "hpo.spec_hash": spec.fingerprint(),
+                "hpo.spec_hash": fingerprints[0],
             },
         )
         if attrs.get("mlflow_parent_run_id") != parent_id:
@@ -1165,8 +1168,6 @@ class _Driver:
         study = self.study
         best = best_or_none(study)
         trials = study.get_trials(deepcopy=False)
-        fitted = [(t.user_attrs["fit"], t.number) for t in trials if "fit" in t.user_attrs]
-        fits = [label for label, _ in fitted]
         return StudyResult(
             study_name=self.name,
             storage=redact(self.url),
@@ -1180,9 +1181,8 @@ class _Driver:
             parent_run_id=self.tracker.parent_id,
             device=str(self.data.train[0].device),
             interrupted=interrupted,
-            fit_counts={label: fits.count(label) for label in ("good", "overfit", "underfit")},
             fit_trials={
-                label: [n for fit, n in fitted if fit == label]
+                label: [t.number for t in trials if t.user_attrs.get("fit") == label]
                 for label in ("good", "overfit", "underfit")
             },
             new_trials=len(self.durations),
@@ -1225,10 +1225,11 @@ def _refuse_changed_spec(
     storage: optuna.storages.BaseStorage,
     storage_url: str,
     name: str,
-    fingerprints: set[str],
+    fingerprints: tuple[str, ...],
     split_hash: str,
 ) -> dict[str, Any]:
-    """Refuse to resume a study whose spec or data changed; else its attributes."""
+    """Refuse to resume a study whose spec or data changed (`fingerprints`: the spec's hash,
+    then the ones a study stored by an older hpo may have); else its attributes."""
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -1244,11 +1245,11 @@ def _refuse_changed_spec(
         )
     old = existing.user_attrs.get("spec_hash")
     if old is not None and old not in fingerprints:
-        now = min(fingerprints)
         raise SpecError(
             [
                 f"name: study {name!r} in {redact(storage_url)} was run with a different spec "
-                f"(data, search space, training or metric changed; hash {old} vs {now}); "
+                f"(data, search space, training or metric changed; hash {old} vs "
+                f"{fingerprints[0]}); "
                 f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
             ]
         )

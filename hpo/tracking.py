@@ -43,9 +43,11 @@ def _quiet() -> None:
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
-def _env_true(name: str) -> bool:
-    """A boolean environment variable as MLflow reads it."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true")
+def _file_store_allowed() -> bool:
+    """MLFLOW_ALLOW_FILE_STORE, read as MLflow reads it."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    return bool(MLFLOW_ALLOW_FILE_STORE.get())
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -132,7 +134,7 @@ class Tracker:
                     f"allowed: http(s)://HOST:PORT, sqlite:///FILE, postgresql://..., file:///DIR"
                 ]
             )
-        elif scheme == "file" and not _env_true("MLFLOW_ALLOW_FILE_STORE"):
+        elif scheme == "file" and not _file_store_allowed():
             # MLflow 3 refuses its folder store unless told, with a paragraph about it
             raise SpecError(
                 [

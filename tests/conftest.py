@@ -291,6 +291,31 @@ def hpo_process(args, cwd, env=None, **kw):
 
 
 @contextlib.contextmanager
+def http_server(answer):
+    """A real HTTP server on 127.0.0.1 that answers every GET and POST with `answer(handler)`
+    (a `BaseHTTPRequestHandler`); yields its URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            answer(self)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def tmpfs(folder: Path, size: str):
     """A file system of its own (tmpfs of `size`, e.g. '64m') mounted on the new `folder`, so
     that a test can fill it or make it read-only for real; skips where mounting is not allowed."""

@@ -192,7 +192,6 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     best = out.split("best trial #")[1].splitlines()[1]
     assert "optimizer=adam" in best and "lr=" in best and "widths=[" in best, best
     assert not [k for k in ("momentum=", "nesterov=", " width=") if k in best], best
-    study = optuna.load_study(study_name="cli-study", storage="sqlite:///optuna.db")
     uri = study.user_attrs["model_uri"]
     assert f"best model: {uri}   (hpo predict cli-study ROWS.csv, or mlflow models " in out
     code, out = invoke("studies")

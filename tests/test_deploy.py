@@ -153,6 +153,14 @@ def test_hpo_predict_writes_labels_and_probabilities_and_scores_a_target_column(
     assert (table["prediction"] == table.iloc[:, 1:].idxmax(axis=1).str[12:]).all()
     accuracy = result.test_metrics["test_accuracy"]
     assert f"accuracy {accuracy:.4f}" in done.output
+    # the target given as class numbers (0 = setosa, ...) scores the same
+    rows = pd.read_csv(workdir / "test.csv")
+    rows[target] = rows[target].map(classes.index)
+    rows.to_csv(workdir / "numbered.csv", index=False)
+    done = runner.invoke(
+        app, ["predict", "deploy-cls", "numbered.csv", "--tracking-uri", mlflow_uri]
+    )
+    assert done.exit_code == 0 and f"accuracy {accuracy:.4f}" in done.output, done.output
 
     (workdir / "bad.csv").write_text("sepal_length,site\n1.0,north\n")
     done = runner.invoke(app, ["predict", "deploy-cls", "bad.csv", "--tracking-uri", mlflow_uri])

@@ -17,6 +17,7 @@ from conftest import (
     PG_PASSWORD,
     MlflowServer,
     hpo_process,
+    http_server,
     small_spec,
     tmpfs,
     wait_for,
@@ -376,33 +377,18 @@ def test_a_server_gone_in_the_middle_of_its_answer_is_a_lost_connection(monkeypa
     """A tracking server killed while it sends an answer: MLflow raises 'Connection broken:
     IncompleteRead(17 bytes read, 983 more expected)'. That is waited for like a refused
     connection (it came out as a traceback), not taken for a bad request."""
-    import http.server
-    import threading
 
-    from mlflow import MlflowClient
-
-    class CutShort(http.server.BaseHTTPRequestHandler):
-        def answer(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b'{"experiments": [')  # and no more: the connection closes
-            self.close_connection = True
-
-        do_GET = do_POST = answer  # noqa: N815 - the http.server names
-
-        def log_message(self, *args):
-            pass
+    def cut_short(request):
+        request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", "1000")
+        request.end_headers()
+        request.wfile.write(b'{"experiments": [')  # and no more: the connection closes
+        request.close_connection = True
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with http_server(cut_short) as url:
         with pytest.raises(ServerLost) as e:
             Retry("tracking server", url, 0)(MlflowClient(url).search_experiments)
-        assert "IncompleteRead" in str(e.value)
-    finally:
-        server.shutdown()
+    assert "IncompleteRead" in str(e.value)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 
 import pytest
 import torch
+from conftest import http_server
 from mlflow import MlflowClient
 
 from hpo.config import SpecError
@@ -82,58 +81,48 @@ def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth(monkeypatch
     expected = "Basic " + base64.b64encode(b"alice:p@ss:word").decode()
     heard = []
 
-    class Server(http.server.BaseHTTPRequestHandler):
-        def answer(self):
-            heard.append((self.path, self.headers.get("Authorization")))
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path.startswith("/elsewhere"):  # a redirect, to be refused, not followed
-                self.send_response(302)
-                self.send_header("Location", "http://127.0.0.1:1/health")
-                self.end_headers()
-                return
-            if self.headers.get("Authorization") != expected:
-                self.send_response(401)
-                self.end_headers()
-                return
-            body = b"{}" if self.path == "/health" else b'{"experiments": []}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(request):
+        heard.append((request.path, request.headers.get("Authorization")))
+        request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        if request.path.startswith("/elsewhere"):  # a redirect, to be refused, not followed
+            request.send_response(302)
+            request.send_header("Location", "http://127.0.0.1:1/health")
+            request.end_headers()
+            return
+        if request.headers.get("Authorization") != expected:
+            request.send_response(401)
+            request.end_headers()
+            return
+        body = b"{}" if request.path == "/health" else b'{"experiments": []}'
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
 
-        do_GET = do_POST = answer  # noqa: N815 - the http.server names
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    uri = f"http://alice:p%40ss:word@127.0.0.1:{port}/"
-    try:
+    with http_server(answer) as url:
+        host = url.removeprefix("http://")
+        uri = f"http://alice:p%40ss:word@{host}/"
         Tracker(uri, "x").check()
         assert heard == [("/health", expected)]
         assert MlflowClient(uri).search_experiments() == []
         assert heard[1] == ("/api/2.0/mlflow/experiments/search", expected)
         with pytest.raises(SpecError) as e:
-            Tracker(f"http://alice:wrong-Secret@127.0.0.1:{port}", "x").check()
+            Tracker(f"http://alice:wrong-Secret@{host}", "x").check()
         [line] = e.value.problems
         assert line.startswith(
-            f"tracking.uri: no MLflow server answers at http://alice:***@127.0.0.1:{port}: "
+            f"tracking.uri: no MLflow server answers at http://alice:***@{host}: "
         )
         assert "401" in line and "wrong-Secret" not in line
         heard.clear()
         with pytest.raises(SpecError) as e:
-            Tracker(f"http://alice:p%40ss:word@127.0.0.1:{port}/elsewhere", "x").check()
+            Tracker(f"http://alice:p%40ss:word@{host}/elsewhere", "x").check()
         assert "302" in e.value.problems[0] and len(heard) == 1  # not followed
         # MLflow's own variables, for a URL without a user
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:word")
-        Tracker(f"http://127.0.0.1:{port}", "x").check()
+        Tracker(url, "x").check()
         assert heard[-1] == ("/health", expected)
-    finally:
-        server.shutdown()
 
 
 def test_a_folder_store_is_refused_in_one_line_unless_mlflow_is_told_to_allow_it(
