@@ -32,6 +32,7 @@ from hpo.train import (
     EVAL_BATCH,
     STOP_REASONS,
     Flag,
+    StepGraph,
     Tensors,
     TrainConfig,
     TrainResult,
@@ -93,7 +94,12 @@ class _Optimizer:
         self.state: dict[str, list[torch.Tensor | None]] = {
             key: [None] * n for key in ("m", "v", "buf")
         }
-        self.mu_product = 1.0  # NAdam
+        # The step count and NAdam's product of momenta live on the device, so that a CUDA
+        # graph of the step (`StepGraph`) advances them at each replay.
+        like = hp["lr"]
+        self.t = torch.zeros((), dtype=like.dtype, device=like.device)
+        self.mu_product = torch.ones((), dtype=like.dtype, device=like.device)
+        self.lr: torch.Tensor | None = None
         self._update = getattr(self, f"_{name}")
         self._note_decay()
 
@@ -106,15 +112,21 @@ class _Optimizer:
         return self.hp[name].view(-1, *([1] * (like.dim() - 1)))
 
     def set_rates(self, rates: list[float]) -> None:
-        """Each member's learning rate from now on (an epoch's, schedule applied)."""
-        self.lr = self.hp["lr"].new_tensor(rates)  # on the device once, not every step
+        """Each member's learning rate from now on (an epoch's, schedule applied): on the
+        device once, not every step, into the same tensor while the members stay."""
+        new = torch.tensor(rates, dtype=self.hp["lr"].dtype)
+        if self.lr is not None and self.lr.shape == new.shape:
+            self.lr.copy_(new)
+        else:
+            self.lr = new.to(self.hp["lr"].device)
 
     @torch.no_grad()
     def step(self, params: list[torch.Tensor]) -> None:
         """One update of every member. In place where torch's rule allows: the update is a
         few passes over memory, which is most of a step for a wide net on a CPU."""
-        self.steps += 1
-        t = self.steps
+        assert self.lr is not None, "set_rates first"
+        t = self.t.add_(1)
+        self._prepare(t)
         decay = self.decay
         for i, p in enumerate(params):
             g = p.grad
@@ -125,9 +137,25 @@ class _Optimizer:
                 p.mul_(1 - lr_p * self._per("weight_decay", p))
             elif decay:
                 g = g.addcmul(p, self._per("weight_decay", p))
-            self._update(i, p, g, lr_p, t)
+            self._update(i, p, g, lr_p)
         if self.name == "nadam":
-            self.mu_product *= self._mu(t)
+            self.mu_product.mul_(self.mu)
+
+    def _prepare(self, t: torch.Tensor) -> None:
+        """What a step's update of every tensor shares: the bias corrections, from `t`."""
+        b1, b2 = BETAS
+        if self.name in ("adam", "adamw"):
+            self.step_size = self.lr / (1 - b1**t)  # type: ignore[operator]
+            self.bias2_sqrt = (1 - b2**t).sqrt()
+        elif self.name == "nadam":
+            self.mu, mu_next = self._mu(t), self._mu(t + 1)
+            product = self.mu_product * self.mu
+            self.bias2 = 1 - b2**t
+            self.grad_scale = self.lr * (1 - self.mu) / (1 - product)  # type: ignore[operator]
+            self.m_scale = self.lr * mu_next / (1 - product * mu_next)  # type: ignore[operator]
+
+    def _view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (like.dim() - 1)))
 
     def _zeros(self, key: str, i: int, p: torch.Tensor) -> torch.Tensor:
         s = self.state[key][i]
@@ -135,7 +163,7 @@ class _Optimizer:
             s = self.state[key][i] = torch.zeros_like(p)
         return s
 
-    def _sgd(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
+    def _sgd(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
         momentum = self._per("momentum", p)
         buf = self.state["buf"][i]
         buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
@@ -143,18 +171,18 @@ class _Optimizer:
         d = g.addcmul(momentum, buf) if self.nesterov else buf
         p.addcmul_(d, lr, value=-1)
 
-    def _adam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
+    def _adam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
         b1, b2 = BETAS
         m, v = self._zeros("m", i, p), self._zeros("v", i, p)
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = v.sqrt().div_(math.sqrt(1 - b2**t)).add_(ADAM_EPS)
+        denom = v.sqrt().div_(self.bias2_sqrt).add_(ADAM_EPS)
         step = torch.div(m, denom, out=denom)  # torch's order: step size x (m / denom)
-        p.addcmul_(step, lr / (1 - b1**t), value=-1)
+        p.addcmul_(step, self._view(self.step_size, p), value=-1)
 
     _adamw = _adam
 
-    def _rmsprop(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int):
+    def _rmsprop(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor):
         sq = self._zeros("v", i, p)
         sq.mul_(RMS_ALPHA).addcmul_(g, g, value=1 - RMS_ALPHA)
         buf = self._zeros("buf", i, p)
@@ -162,26 +190,24 @@ class _Optimizer:
         buf.mul_(self._per("momentum", p)).addcdiv_(g, sq.sqrt().add_(RMS_EPS))
         p.addcmul_(buf, lr, value=-1)
 
-    def _adagrad(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int):
+    def _adagrad(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor):
         total = self._zeros("v", i, p)
         total.addcmul_(g, g)
         denom = total.sqrt().add_(ADAGRAD_EPS)
         p.addcmul_(torch.div(g, denom, out=denom), lr, value=-1)
 
     @staticmethod
-    def _mu(t: int) -> float:
+    def _mu(t: torch.Tensor) -> torch.Tensor:
         return BETAS[0] * (1.0 - 0.5 * 0.96 ** (t * NADAM_DECAY))
 
-    def _nadam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, t: int) -> None:
+    def _nadam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
         b1, b2 = BETAS
         m, v = self._zeros("m", i, p), self._zeros("v", i, p)
-        mu, mu_next = self._mu(t), self._mu(t + 1)
-        product = self.mu_product * mu
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v / (1 - b2**t)).sqrt().add_(ADAM_EPS)
-        p.sub_(lr * (1 - mu) / (1 - product) * g / denom)
-        p.sub_(lr * mu_next / (1 - product * mu_next) * m / denom)
+        denom = (v / self.bias2).sqrt().add_(ADAM_EPS)
+        p.sub_(self._view(self.grad_scale, p) * g / denom)
+        p.sub_(self._view(self.m_scale, p) * m / denom)
 
     def keep(self, rows: torch.Tensor) -> None:
         for key, tensors in self.state.items():
@@ -388,46 +414,58 @@ def train_cohort(
             if on_done is not None:
                 on_done(m, result)
 
+    # The epoch's running sums, the same tensors while the members stay (a CUDA graph of the
+    # step adds to them), and what the step does this epoch.
+    sums = torch.zeros(2, len(members), device=device)
+    now = {"l1": False, "clip": False, "dropout": False}
+
+    def step(idx: torch.Tensor) -> None:
+        xb, yb = X.index_select(0, idx), y.index_select(0, idx)
+        with cast():
+            out = stack.forward(xb, opt.hp["dropout"] if now["dropout"] else None, masks, True)
+            losses = _per_member_loss(out, yb, classify)
+        for p in stack.params:
+            p.grad = None
+        losses.sum().backward()
+        if now["l1"]:
+            add_l1_gradient(stack.weights(), opt.hp["l1"].view(-1, 1, 1))
+        if now["clip"]:
+            _clip(stack.params, opt.hp["grad_clip"])
+        opt.step(stack.params)
+        sums[0].add_(losses.detach() * len(idx))
+        if classify:
+            sums[1].add_((out.detach().argmax(-1) == yb).sum(1))
+
+    graph = StepGraph(step, batch, device, generators=(masks,))
+
     for epoch in range(1, lead.max_epochs + 1):
         if not members:
             break
         t0 = time.perf_counter()
         k = len(members)
         perm = torch.randperm(n, device=device, generator=gen)
-        loss_sum = torch.zeros(k, device=device)
-        correct = torch.zeros(k, device=device)
+        if sums.shape[1] != k:
+            sums = torch.zeros(2, k, device=device)
+        sums.zero_()
         # Decided on the host from the members' settings: no reads from the device here.
         rates = [float(cfgs[m].lr) * schedule.factor[row] for row, m in enumerate(members)]
         opt.set_rates(rates)
-        any_l1 = any(cfgs[m].l1 > 0 for m in members)
-        any_clip = any(cfgs[m].grad_clip > 0 for m in members)
-        any_dropout = any(dropouts[m] > 0 for m in members)
+        now["l1"] = any(cfgs[m].l1 > 0 for m in members)
+        now["clip"] = any(cfgs[m].grad_clip > 0 for m in members)
+        now["dropout"] = any(dropouts[m] > 0 for m in members)
         for start in range(0, n_used, batch):
             if interrupt is not None and interrupt.is_set():
                 break
             idx = perm[start : min(start + batch, n_used)]
-            xb, yb = X.index_select(0, idx), y.index_select(0, idx)
-            with cast():
-                out = stack.forward(xb, opt.hp["dropout"] if any_dropout else None, masks, True)
-                losses = _per_member_loss(out, yb, classify)
-            for p in stack.params:
-                p.grad = None
-            losses.sum().backward()
-            if any_l1:
-                add_l1_gradient(stack.weights(), opt.hp["l1"].view(-1, 1, 1))
-            if any_clip:
-                _clip(stack.params, opt.hp["grad_clip"])
-            opt.step(stack.params)
+            # A graph of the step holds the stack's tensors: captured again once they change.
+            graph(idx, key=(k, *now.values()))
             steps += 1
-            loss_sum += losses.detach() * len(idx)
-            if classify:
-                correct += (out.detach().argmax(-1) == yb).sum(1)
         if interrupt is not None and interrupt.is_set():
             for m in members:
                 results[m].stopped_by = "interrupted"
             finish(members)
             break
-        both = torch.stack([loss_sum, correct]).tolist()
+        both = sums.tolist()
         val = evaluate_stack(stack, val_data, lead)
         seconds = time.perf_counter() - t0
         epoch_metrics: dict[int, dict[str, float]] = {}

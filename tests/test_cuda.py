@@ -135,3 +135,158 @@ def test_a_member_fused_on_the_gpu_follows_its_curve_alone(optimizer):
         for ea, ef in zip(a, f, strict=True):
             for key in ("train_loss", "val_loss"):
                 assert ef[key] == pytest.approx(ea[key], rel=1e-5), key
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """How many times a CUDA graph was replayed (torch's own replay, counted on its way)."""
+    count = [0]
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(self):
+        count[0] += 1
+        return replay(self)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+    return count
+
+
+def _both_ways(monkeypatch, fn):
+    """`fn()` with the steps replayed as CUDA graphs, then with every step launched alone."""
+    monkeypatch.setenv("HPO_CUDA_GRAPHS", "1")
+    graphed = fn()
+    monkeypatch.setenv("HPO_CUDA_GRAPHS", "0")
+    alone = fn()
+    return graphed, alone
+
+
+def _same_curves(a, b, rel):
+    assert len(a) == len(b)
+    for ea, eb in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert ea[key] == pytest.approx(eb[key], rel=rel), key
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"optimizer": "adam", "lr_schedule": "cosine"},  # a new rate each epoch: recaptured
+        {"optimizer": "adamw", "weight_decay": 1e-2},
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "l1": 1e-4,
+         "grad_clip": 1.0, "weight_decay": 1e-4},
+        {"optimizer": "rmsprop", "momentum": 0.5, "lr_schedule": "plateau"},
+        {"optimizer": "nadam"},
+    ],
+)  # fmt: skip
+def test_a_step_replayed_as_a_cuda_graph_trains_as_the_step_launched_alone(
+    monkeypatch, replays, settings
+):
+    """In float64, where both ways compute the same kernels on the same batches: the graph
+    replays every full batch after the warm-up, the epoch's last (shorter) batch runs alone."""
+    data = _digits(torch.float64)
+    cfg = TrainConfig(batch_size=BATCH, max_epochs=4, patience=10, **settings)
+
+    def run():
+        torch.manual_seed(3)
+        model = build_mlp(64, 10, [32, 16], "relu", 0.0, True).double().cuda()  # batch norm
+        return train(model, *data, cfg).history
+
+    graphed, alone = _both_ways(monkeypatch, run)
+    steps = len(data[0][0]) // BATCH  # full batches an epoch
+    assert replays[0] == 4 * steps - 3  # all but the 3 warm-up steps
+    # torch's NAdam keeps its step and product of momenta as float32 scalars, whatever the
+    # weights' type, multiplied on the host without capture and on the device with it (seen
+    # on an H100: 5e-7 apart after the first epoch).
+    _same_curves(graphed, alone, 1e-5 if settings["optimizer"] == "nadam" else 1e-9)
+
+
+def test_dropout_in_a_cuda_graph_draws_fresh_masks_each_step(monkeypatch, replays):
+    """Dropout's masks come from the device's generator at each replay, not once at capture:
+    the run trains and repeats itself from its seed."""
+    data = _digits()
+
+    def run():
+        torch.manual_seed(5)
+        model = build_mlp(64, 10, [64, 64], "relu", 0.3).cuda()
+        return train(model, *data, TrainConfig(batch_size=BATCH, max_epochs=3)).history
+
+    monkeypatch.setenv("HPO_CUDA_GRAPHS", "1")
+    first, again = run(), run()
+    assert replays[0] > 0
+    _same_curves(first, again, 0)
+    assert first[-1]["val_accuracy"] > 0.8
+    # A mask frozen at capture would drop the same units every step: the train loss of a
+    # 0.3-dropout net would then fall as fast as a net with 30% fewer units, and the curve
+    # would not match the steps launched alone to within dropout's own noise.
+    monkeypatch.setenv("HPO_CUDA_GRAPHS", "0")
+    alone = run()
+    assert abs(first[-1]["val_accuracy"] - alone[-1]["val_accuracy"]) < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "nadam", "sgd", "rmsprop", "adagrad"])
+def test_a_cohort_replayed_as_a_cuda_graph_trains_as_launched_alone(
+    monkeypatch, replays, optimizer
+):
+    """Each member's curve is the same both ways, also after one is pruned (the stack shrinks
+    and the step is captured again)."""
+    data = _digits(torch.float64)
+    cfgs = [
+        TrainConfig(optimizer=optimizer, batch_size=BATCH, max_epochs=4, patience=10,
+                    lr=0.002 * (1 + i), weight_decay=1e-4 * i, momentum=0.5,
+                    l1=1e-5 if i == 1 else 0.0, grad_clip=1.0 if i == 2 else 0.0,
+                    seed=i, shuffle_seed=1)
+        for i in range(3)
+    ]  # fmt: skip
+
+    def prune_1_after_2(metrics, epoch):
+        return {m: "pruned" if m == 1 and epoch == 2 else None for m in metrics}
+
+    def run():
+        models = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)
+            models.append(build_mlp(64, 10, [32, 16]).double().cuda())
+        results = train_cohort(
+            models, cfgs, [0.0] * 3, "relu", *data, on_epoch_end=prune_1_after_2
+        )
+        return [r.history for r in results]
+
+    graphed, alone = _both_ways(monkeypatch, run)
+    assert replays[0] > 0
+    assert [len(h) for h in graphed] == [4, 2, 4]
+    for g, a in zip(graphed, alone, strict=True):
+        _same_curves(g, a, 1e-9)
+
+
+def test_a_cohort_with_dropout_in_a_cuda_graph(monkeypatch, replays):
+    """The members' masks come from the cohort's own generator, registered with the graph:
+    the same masks both ways."""
+    data = _digits()
+    cfgs = [TrainConfig(batch_size=BATCH, max_epochs=3, seed=i, shuffle_seed=0) for i in range(4)]
+
+    def run():
+        models = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)
+            models.append(build_mlp(64, 10, [64], "relu", 0.2).cuda())
+        return [r.history for r in train_cohort(models, cfgs, [0.2] * 4, "relu", *data)]
+
+    graphed, alone = _both_ways(monkeypatch, run)
+    assert replays[0] > 0
+    for g, a in zip(graphed, alone, strict=True):
+        assert g[-1]["val_accuracy"] > 0.8
+        _same_curves(g, a, 1e-4)
+
+
+def test_bf16_steps_replay_as_a_cuda_graph(monkeypatch, replays):
+    data = _digits()
+
+    def run():
+        torch.manual_seed(0)
+        model = build_mlp(64, 10, [64, 64]).cuda()
+        cfg = TrainConfig(batch_size=BATCH, max_epochs=2, precision="bf16")
+        return train(model, *data, cfg).history
+
+    graphed, alone = _both_ways(monkeypatch, run)
+    assert replays[0] > 0
+    _same_curves(graphed, alone, 1e-3)
