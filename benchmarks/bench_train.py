@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,20 @@ def hpo_epoch(net, data, device, precision="auto") -> float:
     train(model, data.train, data.val, cfg)
     _sync(device)
     return time.perf_counter() - t0
+
+
+def hpo_epoch_launched(net, data, device) -> float:
+    """hpo's trainer with every step's kernels launched one by one (`HPO_CUDA_GRAPHS=0`),
+    not replayed as a CUDA graph."""
+    before = os.environ.get("HPO_CUDA_GRAPHS")
+    os.environ["HPO_CUDA_GRAPHS"] = "0"
+    try:
+        return hpo_epoch(net, data, device)
+    finally:
+        if before is None:
+            del os.environ["HPO_CUDA_GRAPHS"]
+        else:
+            os.environ["HPO_CUDA_GRAPHS"] = before
 
 
 def dataloader_epoch(net, data, device) -> float:
@@ -88,8 +103,10 @@ def loops(device: str) -> list[tuple[str, str, object]]:
     dev = torch.device(device)
     default = "tf32" if dev.type == "cuda" else "fp32"
     bf16 = [("hpo.train bf16", "bf16", lambda *a: hpo_epoch(*a, precision="bf16"))]
+    launched = [("hpo.train, no graphs", default, hpo_epoch_launched)]
     return [
         ("hpo.train", default, hpo_epoch),
+        *(launched if dev.type == "cuda" else []),
         *(bf16 if bf16_native(dev) else []),
         ("DataLoader", "fp32", dataloader_epoch),
     ]
@@ -144,12 +161,12 @@ def measure(
                 row["fraction_of_peak"] = statistics.median(shares[loop])
                 row["fraction_of_burst_peak"] = statistics.median(burst_shares[loop])
             rows.append(row)
-            print(f"{name:<26} {loop:<14} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
+            print(f"{name:<26} {loop:<20} {sec:7.2f} s/epoch  {n / sec:10,.0f} samples/s")
     for name in ARCHS:
         speed = {r["loop"]: r["samples_per_s"] for r in rows if r["arch"] == name}
         for loop in speed:
             if loop != "DataLoader":
-                print(f"{name:<26} {loop:<14} speed-up {speed[loop] / speed['DataLoader']:.2f}x")
+                print(f"{name:<26} {loop:<20} speed-up {speed[loop] / speed['DataLoader']:.2f}x")
     return rows
 
 

@@ -452,6 +452,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "reports"))
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="section 2's K")
     parser.add_argument(
         "--only",
         nargs="+",
@@ -480,7 +481,7 @@ def main() -> None:
         "options": [],
     }
     repeats = 1 if args.quick else 3
-    ks = [1, 4, 8] if args.quick else [1, 4, 8, 16, 32] + ([64, 128] if gpu else [])
+    ks = args.ks or ([1, 4, 8] if args.quick else [1, 4, 8, 16, 32] + ([64, 128] if gpu else []))
     sections = {
         "trainer": lambda: trainer_section(args.device, repeats),
         "fused": lambda: bench_fused.measure(args.device, ks, repeats),
