@@ -95,10 +95,11 @@ class _Optimizer:
             key: [None] * n for key in ("m", "v", "buf")
         }
         # The step count and NAdam's product of momenta live on the device, so that a CUDA
-        # graph of the step (`StepGraph`) advances them at each replay.
-        like = hp["lr"]
-        self.t = torch.zeros((), dtype=like.dtype, device=like.device)
-        self.mu_product = torch.ones((), dtype=like.dtype, device=like.device)
+        # graph of the step (`StepGraph`) advances them at each replay; in float64, as the
+        # Python numbers they were (in float32, NAdam's float32 updates moved by 1e-5).
+        device = hp["lr"].device
+        self.t = torch.zeros((), dtype=torch.float64, device=device)
+        self.mu_product = torch.ones((), dtype=torch.float64, device=device)
         self.lr: torch.Tensor | None = None
         self._update = getattr(self, f"_{name}")
         self._note_decay()

@@ -342,7 +342,15 @@ def matmul_precision(precision: str, device: torch.device) -> Callable[[], Any]:
 def cuda_graphs(device: torch.device) -> bool:
     """Whether training steps on `device` are replayed as CUDA graphs: on CUDA, unless the
     environment says `HPO_CUDA_GRAPHS=0`."""
-    return device.type == "cuda" and os.environ.get("HPO_CUDA_GRAPHS", "1") != "0"
+    return (
+        device.type == "cuda"
+        and os.environ.get("HPO_CUDA_GRAPHS", "1") != "0"
+        and not _capture_failed[0]
+    )
+
+
+# Set once a capture has failed in this process: the others would fail alike.
+_capture_failed = [False]
 
 
 def graphable(opt: torch.optim.Optimizer) -> bool:
@@ -365,8 +373,9 @@ class StepGraph:
     run as usual on a side stream (they make the optimizer's state and the libraries' lazy
     handles, which a capture must not); a batch of another size (an epoch's last) runs as
     usual. A change of `key` (a new learning rate baked into the step's kernels, a cohort's
-    member dropped) captures again; a capture that fails leaves the loop running as usual,
-    with a warning. `generators`: those the step draws from besides the device's default.
+    member dropped) captures again, into the same memory pool. A capture that fails leaves
+    this loop, and every later one in the process, running as usual, with a warning.
+    `generators`: those the step draws from besides the device's default.
     """
 
     WARM_STEPS = 3
@@ -382,6 +391,7 @@ class StepGraph:
         self.on = cuda_graphs(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: Any = None
+        self.stale: torch.cuda.CUDAGraph | None = None  # the graph a new capture replaces
         self.warm = 0
         if self.on:
             self.idx = torch.zeros(batch, dtype=torch.long, device=device)
@@ -392,6 +402,8 @@ class StepGraph:
             self.step(idx)
             return
         if key != self.key:
+            if self.graph is not None:
+                self.stale = self.graph
             self.graph, self.key = None, key
         if self.graph is None:
             here = torch.cuda.current_stream(idx.device)
@@ -412,23 +424,48 @@ class StepGraph:
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         graph = torch.cuda.CUDAGraph()
+        # Into the memory pool of the graph it replaces, which is never replayed again: a new
+        # pool each time (a schedule's new rate every epoch) would hold one more step's memory
+        # each time, until `empty_cache`.
+        pool = self.stale.pool() if self.stale is not None else None
         try:
             for gen in self.generators:
                 graph.register_generator_state(gen)
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 self.step(self.idx)  # recorded, not run
             finally:
                 graph.capture_end()
         except Exception as e:  # noqa: BLE001 - any failure: train without graphs
+            _capture_failed[0] = True
             self.on = False
+            self._release_pool(graph)
+            self.stale = None
             warnings.warn(
-                f"CUDA graph capture failed, training without it: {first_line(str(e))}",
+                f"CUDA graph capture failed; training without CUDA graphs from here on: "
+                f"{first_line(e)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
             return None
+        self.stale = None
         return graph
+
+    def _release_pool(self, graph: torch.cuda.CUDAGraph) -> None:
+        """After a failed capture, tell the allocator the capture is over (the failed
+        `capture_end` did not), so that `empty_cache` and its out-of-memory retry work.
+
+        Not mended: the device's random generator stays mid-capture (torch 2.11 on an H100:
+        the next dropout mask raised "Offset increment outside graph capture encountered
+        unexpectedly", and setting its state anew did not help), so a later step that draws
+        dropout masks in this process fails its trial."""
+        device = self.idx.device.index
+        device = torch.cuda.current_device() if device is None else device
+        with contextlib.suppress(Exception):
+            pool = graph.pool()
+            for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+                with contextlib.suppress(Exception):
+                    getattr(torch._C, release)(device, pool)
 
 
 # A learning-rate schedule: built from the optimizer and config, stepped once per epoch with
