@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.nn import functional as F
@@ -51,15 +52,8 @@ def hpo_epoch(net, data, device, precision="auto") -> float:
 def hpo_epoch_launched(net, data, device) -> float:
     """hpo's trainer with every step's kernels launched one by one (`HPO_CUDA_GRAPHS=0`),
     not replayed as a CUDA graph."""
-    before = os.environ.get("HPO_CUDA_GRAPHS")
-    os.environ["HPO_CUDA_GRAPHS"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"HPO_CUDA_GRAPHS": "0"}):
         return hpo_epoch(net, data, device)
-    finally:
-        if before is None:
-            del os.environ["HPO_CUDA_GRAPHS"]
-        else:
-            os.environ["HPO_CUDA_GRAPHS"] = before
 
 
 def dataloader_epoch(net, data, device) -> float:

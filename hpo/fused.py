@@ -90,7 +90,6 @@ class _Optimizer:
 
     def __init__(self, name: str, nesterov: bool, hp: dict[str, torch.Tensor], n: int):
         self.name, self.nesterov, self.hp = name, nesterov, hp
-        self.steps = 0
         self.state: dict[str, list[torch.Tensor | None]] = {
             key: [None] * n for key in ("m", "v", "buf")
         }
@@ -109,8 +108,8 @@ class _Optimizer:
         self.decay = bool((self.hp["weight_decay"] != 0).any())
 
     def _per(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A member vector shaped to broadcast over one stacked tensor."""
-        return self.hp[name].view(-1, *([1] * (like.dim() - 1)))
+        """The members' setting `name`, shaped to broadcast over `like`."""
+        return self._view(self.hp[name], like)
 
     def set_rates(self, rates: list[float]) -> None:
         """Each member's learning rate from now on (an epoch's, schedule applied): on the
@@ -133,7 +132,7 @@ class _Optimizer:
             g = p.grad
             if g is None:
                 continue
-            lr_p = self.lr.view(-1, *([1] * (p.dim() - 1)))
+            lr_p = self._view(self.lr, p)
             if decay and self.name == "adamw":
                 p.mul_(1 - lr_p * self._per("weight_decay", p))
             elif decay:
@@ -155,7 +154,9 @@ class _Optimizer:
             self.grad_scale = self.lr * (1 - self.mu) / (1 - product)  # type: ignore[operator]
             self.m_scale = self.lr * mu_next / (1 - product * mu_next)  # type: ignore[operator]
 
-    def _view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A member vector shaped to broadcast over one stacked tensor."""
         return v.view(-1, *([1] * (like.dim() - 1)))
 
     def _zeros(self, key: str, i: int, p: torch.Tensor) -> torch.Tensor:
@@ -239,6 +240,7 @@ class _MemberKernels(_Optimizer):
     def __init__(self, name: str, nesterov: bool, hp: dict[str, torch.Tensor], n: int):
         super().__init__(name, nesterov, hp, n)
         self.kernel = self.KERNELS[name]
+        self.steps = 0
         self.count = torch.zeros((), dtype=torch.float32)  # the step, as the kernels read it
         self._note_host()
 

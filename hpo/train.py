@@ -345,12 +345,12 @@ def cuda_graphs(device: torch.device) -> bool:
     return (
         device.type == "cuda"
         and os.environ.get("HPO_CUDA_GRAPHS", "1") != "0"
-        and not _capture_failed[0]
+        and not _capture_failed
     )
 
 
 # Set once a capture has failed in this process: the others would fail alike.
-_capture_failed = [False]
+_capture_failed = False
 
 
 def graphable(opt: torch.optim.Optimizer) -> bool:
@@ -375,7 +375,8 @@ class StepGraph:
     usual. A change of `key` (a new learning rate baked into the step's kernels, a cohort's
     member dropped) captures again, into the same memory pool. A capture that fails leaves
     this loop, and every later one in the process, running as usual, with a warning.
-    `generators`: those the step draws from besides the device's default.
+    `generators`: those the step draws from besides the device's default. `enabled`: whether
+    the step can be captured at all (see `graphable`).
     """
 
     WARM_STEPS = 3
@@ -386,9 +387,10 @@ class StepGraph:
         batch: int,
         device: torch.device,
         generators: tuple[torch.Generator, ...] = (),
+        enabled: bool = True,
     ):
         self.step, self.batch, self.generators = step, batch, generators
-        self.on = cuda_graphs(device)
+        self.on = enabled and cuda_graphs(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: Any = None
         self.stale: torch.cuda.CUDAGraph | None = None  # the graph a new capture replaces
@@ -437,17 +439,16 @@ class StepGraph:
             finally:
                 graph.capture_end()
         except Exception as e:  # noqa: BLE001 - any failure: train without graphs
-            _capture_failed[0] = True
-            self.on = False
+            global _capture_failed
+            _capture_failed, self.on = True, False
             self._release_pool(graph)
-            self.stale = None
             warnings.warn(
                 f"CUDA graph capture failed; training without CUDA graphs from here on: "
                 f"{first_line(e)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return None
+            graph = None
         self.stale = None
         return graph
 
@@ -553,8 +554,8 @@ def train(
 
     # Running sums stay on the device: no host sync inside the step loop. The same tensors
     # every epoch, which a CUDA graph of the step adds to.
-    loss_sum = torch.zeros((), device=X.device)
-    correct = torch.zeros((), device=X.device)
+    sums = torch.zeros(2, device=X.device)
+    loss_sum, correct = sums.unbind()
 
     def step(idx: torch.Tensor) -> None:
         xb, yb = X.index_select(0, idx), y.index_select(0, idx)  # 2x faster than X[idx]
@@ -576,26 +577,22 @@ def train(
         if classify:
             correct.add_((out.detach().argmax(1) == yb).sum())
 
-    graph = StepGraph(step, cfg.batch_size, X.device) if graphable(opt) else None
+    graph = StepGraph(step, cfg.batch_size, X.device, enabled=graphable(opt))
 
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n, device=X.device, generator=gen)
-        loss_sum.zero_()
-        correct.zero_()
+        sums.zero_()
         for start in range(0, n_used, cfg.batch_size):
             if interrupt is not None and interrupt.is_set():  # a host flag: no device sync
                 break
             idx = perm[start : min(start + cfg.batch_size, n_used)]
-            if graph is not None:
-                graph(idx, key=opt.param_groups[0]["lr"])  # the rate is baked into the graph
-            else:
-                step(idx)
+            graph(idx, key=opt.param_groups[0]["lr"])  # the rate is baked into the graph
         if interrupt is not None and interrupt.is_set():
             result.stopped_by = "interrupted"  # this epoch is incomplete: not recorded
             break
-        train_loss, train_hits = torch.stack([loss_sum, correct]).tolist()
+        train_loss, train_hits = sums.tolist()
         tr = _metrics(train_loss / n_used, train_hits / n_used, cfg)
         va = evaluate(model, val_data, cfg)
         metrics = {f"train_{k}": v for k, v in tr.items()} | {f"val_{k}": v for k, v in va.items()}

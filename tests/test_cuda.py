@@ -302,7 +302,7 @@ def test_a_capture_that_fails_leaves_training_as_usual(monkeypatch, replays):
     left able to free its cache (the out-of-memory handler calls `empty_cache`). The net
     after it has no dropout: torch 2.11 leaves the device's generator mid-capture (see
     `StepGraph._release_pool`)."""
-    monkeypatch.setattr(train_module, "_capture_failed", [False])
+    monkeypatch.setattr(train_module, "_capture_failed", False)
     total = torch.zeros((), device="cuda")
 
     def step(idx):
@@ -315,7 +315,7 @@ def test_a_capture_that_fails_leaves_training_as_usual(monkeypatch, replays):
         for _ in range(6):
             graph(idx)
     assert total.item() == 6 * 6  # 3 warm-up steps, then 3 as usual: each ran once
-    assert not graph.on and train_module._capture_failed[0]
+    assert not graph.on and train_module._capture_failed
     torch.cuda.empty_cache()
     data = _digits()
     torch.manual_seed(0)
