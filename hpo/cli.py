@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
-from hpo.redact import first_line, recorded_uri, redact
+from hpo.redact import first_line, recorded_uri, redact, redact_url, url_problem
 
 # click's error class, wherever this typer keeps click (its own copy since 0.25, else click)
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -54,10 +54,21 @@ app = typer.Typer(
 SpecArg = Annotated[
     Path, typer.Argument(help="The study's YAML spec, e.g. search_spaces/digits.yaml.")
 ]
+
+
+def _url_option(ctx: typer.Context, param: Any, value: str | None) -> str | None:
+    """A URL whose password would be misread is refused before any connection."""
+    problem = url_problem(value, "")
+    if problem:
+        raise typer.BadParameter(problem.removeprefix(": "))
+    return value
+
+
 StorageOpt = Annotated[
     str | None,
     typer.Option(
         "--storage",
+        callback=_url_option,
         envvar="HPO_STORAGE",
         help="Optuna storage URL, e.g. postgresql://user:password@host/db (or $HPO_STORAGE, "
         "which keeps the password off the command line) \\[default: sqlite:///optuna.db].",
@@ -67,6 +78,7 @@ TrackingOpt = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
+        callback=_url_option,
         help="MLflow tracking URI \\[default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].",
     ),
 ]
@@ -265,8 +277,8 @@ def run(
     ):
         if given and cli and given != cli:
             _err(
-                f"warning: {key} in the spec ({redact(given)}) takes precedence over "
-                f"the command line ({redact(cli)})"
+                f"warning: {key} in the spec ({redact_url(given)}) takes precedence over "
+                f"the command line ({redact_url(cli)})"
             )
 
     import optuna
@@ -289,7 +301,10 @@ def run(
             executor = local_executor(loaded, workers, workers_per_gpu)
     except SpecError as e:
         _fail_spec(e, "command line")
-    tracker = tracker_for(loaded, tracking_uri, study_name)
+    try:
+        tracker = tracker_for(loaded, tracking_uri, study_name)
+    except SpecError as e:
+        _fail_spec(e, None)
 
     display = StudyDisplay(loaded.study.metric)
 
@@ -305,6 +320,8 @@ def run(
             f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "
             f"{info['done']} of {info['total']} trials already done"
         )
+        for note in d.get("notes") or []:
+            display.print(f"  note: {note}")
         display.on_start(info)
 
     try:
@@ -382,6 +399,9 @@ def _summary(r: Any) -> None:
         f"{c['FAIL']} failed{_interrupted(c)} ({r.new_trials} run now in "
         f"{fmt_time(r.wall_time)}, device {r.device})"
     )
+    for note in (r.data_info or {}).get("notes") or []:
+        if "test rows dropped" in note:  # the test metrics are on fewer rows than the file's
+            typer.echo(f"note: {note}")
     if any(r.fit_counts.values()):
         fits = ", ".join(
             f"{n} {label}{_numbers(r.fit_trials.get(label, []))}"
@@ -444,7 +464,7 @@ def _load_studies(names: list[str], storage: str | None) -> list[Any]:
                 raise KeyError(name)
             loaded.append(optuna.load_study(study_name=name, storage=opened))
         except KeyError:
-            shown = redact(url)
+            shown = redact_url(url)
             _err(
                 f"error: no study {name!r} in {shown}; `hpo studies --storage {shown}` lists "
                 "the studies there"
@@ -463,11 +483,11 @@ def studies(storage: StorageOpt = None) -> None:
     url = storage or DEFAULT_STORAGE
     opened = _open_storage(url)
     if opened is None:
-        typer.echo(f"no studies in {redact(url)} (no such file)")
+        typer.echo(f"no studies in {redact_url(url)} (no such file)")
         return
     rows = list_studies(opened)
     if not rows:
-        typer.echo(f"no studies in {redact(url)}")
+        typer.echo(f"no studies in {redact_url(url)}")
         return
     header = ["study", "complete", "pruned", "failed", "interrupted", "metric", "best", "test"]
     table = [header] + [
@@ -640,7 +660,16 @@ def ui(
     from hpo.servers import ServerError, check_port, mlflow_ui_command, mlflow_views, serve
     from hpo.tracking import resolve_uri
 
-    uri = resolve_uri(None, tracking_uri)
+    try:
+        uri = resolve_uri(None, tracking_uri)
+    except SpecError as e:
+        _fail_spec(e, None)
+    if uri.lower().startswith(("http://", "https://")):
+        _err(
+            f"error: --tracking-uri: {redact_url(uri)} is an MLflow server: open it in a "
+            "browser; hpo ui serves a store (sqlite:///mlflow.db, a database)"
+        )
+        raise typer.Exit(code=2)
     base = f"http://127.0.0.1:{port}"
     try:
         check_port(port)
@@ -650,14 +679,14 @@ def ui(
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:  # Ctrl-C while the study is looked up: nothing started yet
         raise typer.Exit(code=130) from None
-    typer.echo(f"MLflow UI for {redact(uri)}: starting at {base} (Ctrl-C to stop)")
+    typer.echo(f"MLflow UI for {redact_url(uri)}: starting at {base} (Ctrl-C to stop)")
 
     def where_to_look() -> None:  # once it answers: a link opened then shows the page
         typer.echo(f"MLflow UI at {base}")
         for what, url in views:
             typer.echo(f"  {what}: {url}")
         if not views:
-            typer.echo(f"  no hpo study in {redact(uri)} yet")
+            typer.echo(f"  no hpo study in {redact_url(uri)} yet")
 
     code = serve(*mlflow_ui_command(uri, port), ready=(f"{base}/health", where_to_look))
     raise typer.Exit(code=code)
@@ -675,7 +704,7 @@ def dashboard(
     url = storage or DEFAULT_STORAGE
     if missing_sqlite(url):
         _err(
-            f"error: --storage: no such file: {redact(url)}; give the storage `hpo run` used "
+            f"error: --storage: no such file: {redact_url(url)}; give the storage `hpo run` used "
             "(--storage, $HPO_STORAGE, or run from the folder that has optuna.db)"
         )
         raise typer.Exit(code=2)
@@ -686,11 +715,16 @@ def dashboard(
         _err(f"error: {e}")
         raise typer.Exit(code=2) from None
     shown = f"http://127.0.0.1:{port}/dashboard"
-    typer.echo(f"Optuna dashboard for {redact(url)} at {shown} (Ctrl-C to stop)")
+    typer.echo(f"Optuna dashboard for {redact_url(url)} at {shown} (Ctrl-C to stop)")
     raise typer.Exit(code=serve(*dashboard_command(url, port)))
 
 
 def main() -> None:
     """Console entry point."""
+    import warnings
+
+    from hpo.redact import warning_line
+
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes for git otherwise
+    warnings.showwarning = warning_line  # a library's warnings in one line, not source lines
     app()

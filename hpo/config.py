@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hpo.redact import url_problem
 from hpo.registry import (
     ACTIVATIONS,
     DATASETS,
@@ -95,6 +96,8 @@ class DatasetSpec(_Strict):
     openml: str | int | None = None
     # Rows with no target value: an error unless this drops them (tables only).
     drop_missing_target: bool = False
+    # Test-file rows whose label the training file lacks: an error, or dropped and counted.
+    test_unseen_labels: Literal["error", "drop"] = "error"
     # Keep at most this many samples of the training pool (stratified); null keeps all.
     max_samples: int | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
@@ -128,6 +131,9 @@ class TrainingSpec(_Strict):
     # limit fail as trials, with the reason, instead of the spec being refused (see resources).
     max_params: int | None = None
     memory_limit: int | float | str | None = None  # bytes, or "8GB", "512MiB"
+    # A worker process silent for 10x its trial's median epoch, and at least this many
+    # seconds, has stalled: killed, replaced, its trial run again once. null: never.
+    stall_timeout: float | None = 300.0
 
 
 class SamplerSpec(BaseModel):
@@ -214,6 +220,9 @@ class Spec(_Strict):
         if search_space is not None:
             keep["search_space"] = search_space
         keep["training"].pop("device", None)
+        # neither changes what a trial trains on or how: studies from before them resume
+        keep["training"].pop("stall_timeout", None)
+        keep["dataset"].pop("test_unseen_labels", None)
         if keep["training"].get("precision") == "auto":  # studies from before the key
             keep["training"].pop("precision")
         keep["metric"] = self.study.metric
@@ -647,6 +656,8 @@ def _check_semantics(spec: Spec) -> list[str]:
         )
     if not 0 <= sp.seed < 2**32:
         problems.append(f"dataset.split.seed: must be between 0 and 2**32 - 1 (got {sp.seed})")
+    if ds.test_unseen_labels != "error" and not ds.test_path:
+        problems.append("dataset.test_unseen_labels: only used with dataset.test_path")
     if ds.max_samples is not None and ds.max_samples < 10:
         problems.append(f"dataset.max_samples: must be >= 10 or null (got {ds.max_samples})")
 
@@ -702,6 +713,10 @@ def _check_semantics(spec: Spec) -> list[str]:
         problems.append(
             f"training.early_stopping.min_delta: must be >= 0 (got {t.early_stopping.min_delta})"
         )
+    if t.stall_timeout is not None and not t.stall_timeout > 0:
+        problems.append(
+            f"training.stall_timeout: must be > 0 seconds or null (got {t.stall_timeout})"
+        )
     if t.max_params is not None and t.max_params < 1:
         problems.append(f"training.max_params: must be >= 1 (got {t.max_params})")
     if t.memory_limit is not None and parse_bytes(t.memory_limit) is None:
@@ -723,6 +738,9 @@ def _check_semantics(spec: Spec) -> list[str]:
         problems.append(f"study.n_trials: must be >= 1 (got {st.n_trials})")
     if st.fused_trials < 1:
         problems.append(f"study.fused_trials: must be >= 1 (got {st.fused_trials})")
+    for where, url in (("study.storage", st.storage), ("tracking.uri", spec.tracking.uri)):
+        if problem := url_problem(url, where):
+            problems.append(problem)
     if st.timeout is not None and st.timeout <= 0:
         problems.append(f"study.timeout: must be > 0 seconds or null (got {st.timeout})")
     problem = name_problem(spec.name, "name")
@@ -812,6 +830,7 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
     problems: list[str] = []
     ds = spec.dataset
     detected = None
+    frames: dict[str, Any] = {}
     for key in ("path", "test_path"):
         path = spec.data_path(key)  # type: ignore[arg-type]
         if path is None:
@@ -846,6 +865,7 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
                 )
             continue
         problems += _check_rows(frame, ds.target, key, path.name, ds.drop_missing_target)
+        frames[key] = frame
         y = frame[ds.target].dropna()
         if key == "path":
             if y.nunique() < 2:
@@ -854,7 +874,45 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
                     f"(got {y.nunique()} distinct value); it must vary"
                 )
             detected = infer_task(y)
+    if len(frames) == 2:
+        task = spec.task if spec.task != "auto" else detected
+        problems += _check_test_table(frames["path"], frames["test_path"], spec, task)
     return detected, problems
+
+
+def _check_test_table(train: Any, test: Any, spec: Spec, task: str | None) -> list[str]:
+    """A test file has the training file's feature columns, of the same kinds (in any order),
+    and, for classification, no label the training file lacks (unless told to drop them)."""
+    ds = spec.dataset
+    names = (spec.data_path("path").name, spec.data_path("test_path").name)  # type: ignore[union-attr]
+    a = [c for c in train.columns if c != ds.target]
+    b = [c for c in test.columns if c != ds.target]
+    missing = [str(c) for c in a if c not in b]
+    extra = [str(c) for c in b if c not in a]
+    problems = []
+    if missing or extra:
+        said = [f"missing {', '.join(map(repr, missing[:10]))}"] if missing else []
+        said += [f"extra {', '.join(map(repr, extra[:10]))}"] if extra else []
+        problems.append(
+            f"dataset.test_path: {names[1]} must have the feature columns of {names[0]} "
+            f"(in any order): {'; '.join(said)}"
+        )
+    kinds = {"double": "numbers", "string": "text", "boolean": "true/false"}
+    for c in a:
+        if c in b and not test[c].isna().all() and not train[c].isna().all():
+            k1, k2 = column_kind(train[c]), column_kind(test[c])
+            if k1 != k2:
+                problems.append(
+                    f"dataset.test_path: column {str(c)!r} holds {kinds[k2]} in {names[1]} "
+                    f"but {kinds[k1]} in {names[0]}; both files must hold the same kind"
+                )
+    if task == "classification":
+        known = set(train[ds.target].dropna().astype(str))
+        labels = test[ds.target].dropna().astype(str)
+        new = labels.index[~labels.isin(known)]
+        if len(new) and ds.test_unseen_labels != "drop":
+            problems.append(unseen_labels_problem(labels, new, sorted(known)))
+    return problems
 
 
 def _rows(index: Any) -> str:
@@ -894,6 +952,29 @@ def _check_rows(frame: Any, target: str, key: str, name: str, drop_missing: bool
             f"alone has {levels[worst]:,} distinct values: drop it, or encode it as numbers"
         )
     return problems
+
+
+def column_kind(column) -> str:  # column: pd.Series
+    """How a deployed model takes a raw feature column: as get_dummies saw it in training."""
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(column):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype):
+        return "double"
+    return "string"
+
+
+def unseen_labels_problem(labels: Any, rows: Any, classes: list[str]) -> str:
+    """The one line for test rows whose label the training file lacks (rows: their index)."""
+    names = ", ".join(repr(v) for v in sorted(set(labels[rows]))[:5])
+    first = ", ".join(str(int(i) + 2) for i in list(rows[:5])) + (", ..." if len(rows) > 5 else "")
+    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+    return (
+        f"dataset.test_path: {len(rows):,} rows have a label the training file does not have "
+        f"({names}; lines {first}); the classes are {shown}. Fix the file, or set "
+        "dataset.test_unseen_labels: drop to leave those rows out (they are counted)"
+    )
 
 
 def infer_task(y: Any) -> Literal["classification", "regression"]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpo.config import Spec, SpecError, infer_task
+from hpo.config import Spec, SpecError, column_kind, infer_task, unseen_labels_problem
 from hpo.redact import first_line
 from hpo.registry import DATASETS
 
@@ -41,6 +41,7 @@ class RawData:
     inputs: dict[str, Any] = field(default_factory=dict)
     frame: Any = None  # tables: pd.DataFrame of the raw features, rows as in X then X_test
     class_values: list[Any] | None = None  # each class as in the data (classes are text)
+    notes: list[str] = field(default_factory=list)  # what hpo did to the data, said at start
 
 
 @dataclass
@@ -169,6 +170,7 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         "test_source": "official" if test_idx is None else f"split.test={sp.test}",
         "split_hash": h.hexdigest()[:16],
         "classes": raw.classes,
+        "notes": raw.notes,
         # the training split's class frequencies: the fit diagnosis's chance level
         "class_counts": np.bincount(y_tr, minlength=n_outputs).tolist()
         if task == "classification"
@@ -255,11 +257,15 @@ def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomSta
 def _fit_scaler(X: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
     """Shift and scale from the training split only; constant features are left unscaled."""
     X = X.astype(np.float64)
+    seen = ~np.isnan(X)
+    n = np.maximum(seen.sum(axis=0), 1)  # an all-empty column (said at load) stays at 0
     if how == "standard":
-        shift, scale = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
+        shift = np.where(seen, X, 0.0).sum(axis=0) / n
+        scale = np.sqrt(np.where(seen, (X - shift) ** 2, 0.0).sum(axis=0) / n)
     elif how == "minmax":
-        shift = np.nanmin(X, axis=0)
-        scale = np.nanmax(X, axis=0) - shift
+        shift = np.where(seen, X, np.inf).min(axis=0, initial=np.inf)
+        scale = np.where(seen, X, -np.inf).max(axis=0, initial=-np.inf) - shift
+        shift = np.where(np.isfinite(shift), shift, 0.0)
     else:
         shift, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
     scale = np.where((scale > 1e-12) & np.isfinite(scale), scale, 1.0)
@@ -506,64 +512,100 @@ def _read_table(spec: Spec, key: str):  # -> pd.DataFrame
     return pd.read_csv(path) if spec.dataset.name == "csv" else pd.read_parquet(path)
 
 
-def _from_frame(frame, target: str, task: str, test=None) -> RawData:  # frames: pd.DataFrame
+def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error") -> RawData:
+    """Features and labels of a table; with a `test` table, everything learned (one-hot
+    categories, classes) comes from the training rows only, as `hpo predict` sees new rows."""
     import pandas as pd
 
-    frames = [frame] + ([test] if test is not None else [])
-    frames = [f[f[target].notna()] for f in frames]  # only with drop_missing_target (checked)
-    y_all = pd.concat([f[target] for f in frames], ignore_index=True)
+    frame = frame[frame[target].notna()]  # only with drop_missing_target (checked)
     if task == "auto":
-        task = infer_task(frames[0][target])
-    # One-hot columns are derived from all rows so that train and test agree on them.
-    raw_feats = pd.concat([f.drop(columns=[target]) for f in frames], ignore_index=True)
+        task = infer_task(frame[target])
+    raw_feats = frame.drop(columns=[target])
     feats = pd.get_dummies(raw_feats, dtype=np.float32)
-    X_all = feats.to_numpy(dtype=np.float32)
-    classes, class_values = None, None
+    notes = [
+        f"column {str(c)!r} is empty in every training row: it carries nothing (read as 0)"
+        for c in raw_feats.columns
+        if raw_feats[c].isna().all()
+    ]
+    classes, class_values, code = None, None, None
     if task == "classification":
-        text = y_all.astype(str).to_numpy()
-        classes_arr, y_codes = np.unique(text, return_inverse=True)
-        y_all_arr = y_codes.astype(np.int64)
+        text = frame[target].astype(str).to_numpy()
+        classes_arr = np.unique(text)
         classes = [str(c) for c in classes_arr]
-        original = dict(zip(text, y_all.tolist(), strict=True))  # "3" -> 3, "cat" -> "cat"
+        original = dict(zip(text, frame[target].tolist(), strict=True))  # "3" -> 3
         class_values = [original[c] for c in classes]
+        code = {c: i for i, c in enumerate(classes)}
+        y = np.array([code[t] for t in text], dtype=np.int64)
     else:
-        y_all_arr = y_all.to_numpy(dtype=np.float64)
-    n = len(frames[0])
+        y = frame[target].to_numpy(dtype=np.float64)
     raw = RawData(
-        X=X_all[:n],
-        y=y_all_arr[:n],
+        X=feats.to_numpy(dtype=np.float32),
+        y=y,
         classes=classes,
         task=task,
         inputs={
             "kind": "table",
-            "columns": [{"name": str(c), "type": _column_type(raw_feats[c])} for c in raw_feats],
+            "columns": [{"name": str(c), "type": column_kind(raw_feats[c])} for c in raw_feats],
             "encoded": [str(c) for c in feats.columns],
             "target": str(target),
         },
         frame=raw_feats,
         class_values=class_values,
+        notes=notes,
     )
     if test is not None:
-        raw.X_test, raw.y_test = X_all[n:], y_all_arr[n:]
+        test = test[test[target].notna()]
+        if code is not None:
+            labels = test[target].astype(str)
+            new = labels.index[~labels.isin(list(code))]
+            if len(new) and unseen != "drop":
+                raise SpecError([unseen_labels_problem(labels, new, classes or [])])
+            if len(new):
+                names = ", ".join(repr(v) for v in sorted(set(labels[new]))[:5])
+                notes.append(
+                    f"{len(new):,} test rows dropped: their labels ({names}) are not in the "
+                    "training file (dataset.test_unseen_labels: drop)"
+                )
+                test = test.drop(index=new)
+        test_feats = test.drop(columns=[target])
+        notes += _unseen_categories(raw_feats, test_feats)
+        encoded = pd.get_dummies(test_feats, dtype=np.float32)
+        raw.X_test = encoded.reindex(columns=feats.columns, fill_value=0.0).to_numpy(
+            dtype=np.float32
+        )
+        if code is not None:
+            raw.y_test = np.array([code[t] for t in test[target].astype(str)], dtype=np.int64)
+        else:
+            raw.y_test = test[target].to_numpy(dtype=np.float64)
     return raw
 
 
-def _column_type(column) -> str:  # column: pd.Series
-    """How a deployed model takes a raw feature column: as get_dummies saw it in training."""
-    import pandas as pd
-
-    if pd.api.types.is_bool_dtype(column):
-        return "boolean"
-    if pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype):
-        return "double"
-    return "string"
+def _unseen_categories(train, test) -> list[str]:  # frames of raw features
+    """A note per text column whose test rows hold categories training never saw: they are
+    encoded as unknown (all of that column's one-hot inputs 0), as `hpo predict` does."""
+    notes = []
+    for c in train.columns:
+        if column_kind(train[c]) != "string" or c not in test.columns:
+            continue
+        known = set(train[c].dropna().astype(str))
+        values = test[c].dropna().astype(str)
+        new = values[~values.isin(known)]
+        if len(new):
+            names = ", ".join(repr(v) for v in sorted(set(new))[:3])
+            notes.append(
+                f"{len(new):,} test rows have a {str(c)!r} the training file never has "
+                f"({names}): encoded as unknown, as hpo predict does"
+            )
+    return notes
 
 
 def load_table(spec: Spec) -> RawData:
     """A CSV or Parquet file with a target column, and its own test file if given."""
     frame = _read_table(spec, "path")
     test = _read_table(spec, "test_path") if spec.dataset.test_path else None
-    return _from_frame(frame, spec.dataset.target, spec.task, test)
+    return _from_frame(
+        frame, spec.dataset.target, spec.task, test, spec.dataset.test_unseen_labels
+    )
 
 
 def load_openml(spec: Spec) -> RawData:

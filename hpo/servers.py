@@ -251,31 +251,35 @@ def mlflow_views(uri: str, study: str | None, base: str) -> list[tuple[str, str]
     hpo stores on the experiment (tags mlflow.sharedViewState.hpo-*), where the store lets it.
     Raises ServerError for a `study` that is neither a study nor an experiment there.
     """
-    from hpo.redact import first_line, redact
+    from hpo.redact import first_line, redact_url
     from hpo.storage import missing_sqlite
 
     if missing_sqlite(uri):  # opening it would create it
         if study is not None:
-            raise ServerError(f"no study or experiment {study!r} in {redact(uri)} (no such file)")
+            raise ServerError(
+                f"no study or experiment {study!r} in {redact_url(uri)} (no such file)"
+            )
         return []
     try:
         return _views(_mlflow_client(uri), uri, study, base)
     except ServerError:
         raise
     except Exception as e:  # noqa: BLE001 - not an MLflow store, an old schema, a server away
-        raise ServerError(f"cannot read the MLflow store {redact(uri)}: {first_line(e)}") from None
+        raise ServerError(
+            f"cannot read the MLflow store {redact_url(uri)}: {first_line(e)}"
+        ) from None
 
 
 def _views(client: Any, uri: str, study: str | None, base: str) -> list[tuple[str, str]]:
     from hpo.config import metric_direction
-    from hpo.redact import redact
+    from hpo.redact import redact_url
 
     parent, experiment_id = _find_study(client, study)
     if experiment_id is None:
         if study is None:
             return []
         raise ServerError(
-            f"no study or experiment {study!r} in MLflow store {redact(uri)}; `hpo studies` "
+            f"no study or experiment {study!r} in MLflow store {redact_url(uri)}; `hpo studies` "
             "lists the studies (--tracking-uri picks another store)"
         )
     runs = f"{base}/#/experiments/{experiment_id}/runs"

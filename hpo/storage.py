@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial
 
 from hpo.config import SpecError
 from hpo.outage import Retry
-from hpo.redact import first_line, redact
+from hpo.redact import first_line, redact_url, url_problem
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 # A running trial writes a heartbeat to the storage; one silent for GRACE_S seconds belonged to
@@ -58,12 +58,19 @@ def missing_sqlite(url: str) -> bool:
 
 
 def check_driver(url: str, where: str = "storage") -> None:
-    """Refuse a database URL whose driver is not installed, naming the package to install."""
+    """Refuse a database URL whose password is not percent-encoded, or whose driver is not
+    installed (naming the package to install)."""
+    problem = url_problem(url, where)
+    if problem:
+        raise SpecError([problem])
     scheme = url.split("://", 1)[0].lower()
     module, how = _DRIVERS.get(scheme, (None, None))
     if module and importlib.util.find_spec(module) is None:
         raise SpecError(
-            [f"{where}: {redact(url)} needs the {module} database driver, not installed: {how}"]
+            [
+                f"{where}: {redact_url(url)} needs the {module} database driver, not "
+                f"installed: {how}"
+            ]
         )
 
 
@@ -196,7 +203,7 @@ def open_storage(
     except SpecError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed URL, no server, bad credentials
-        raise SpecError([f"storage: cannot open {redact(url)!r}: {first_line(e)}"]) from None
+        raise SpecError([f"storage: cannot open {redact_url(url)!r}: {first_line(e)}"]) from None
 
 
 class _Resilient(BaseStorage, BaseHeartbeat):

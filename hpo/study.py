@@ -31,7 +31,7 @@ from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.fused import is_structural, structure
 from hpo.outage import RETRY_S, Retry, ServerLost
-from hpo.redact import redact
+from hpo.redact import redact, redact_url
 from hpo.registry import PRUNERS, SAMPLERS
 from hpo.space import grid_space, suggest_params
 from hpo.storage import (
@@ -374,17 +374,26 @@ def _verdict(metric: str, ours: float, theirs: float) -> str:
     return "ties it"
 
 
+def pick_best(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The best complete trial: the best value, then the lowest number among equal values.
+
+    The one definition of "best" (checkpoints, the test evaluation, the summary, reports): a
+    total order, so every process names the same trial whatever order ties finished in."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    sign = -1.0 if direction.lower() == "maximize" else 1.0
+    return min(done, key=lambda t: (sign * t.value, t.number), default=None)
+
+
+def _direction(study: optuna.Study) -> str:
+    return study.direction.name
+
+
 def _best_of(study: optuna.Study, baseline: bool) -> FrozenTrial | None:
     """The best complete trial among the baselines, or among the searched trials."""
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and ("baseline" in t.user_attrs) == baseline
-    ]
-    if not done:
-        return None
-    pick = max if study.direction.name == "MAXIMIZE" else min
-    return pick(done, key=lambda t: t.value)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return pick_best(
+        [t for t in trials if ("baseline" in t.user_attrs) == baseline], _direction(study)
+    )
 
 
 def compare_with_baselines(study: optuna.Study) -> BaselineComparison | None:
@@ -515,7 +524,7 @@ def run_study(
                 "hpo_version": __version__,
                 "metric": spec.study.metric,
                 "data": data.info,
-                "spec_yaml": spec.to_yaml(),
+                "spec_yaml": redact(spec.to_yaml()),  # study.storage's password, if any
                 "spec_dir": str(Path(spec.source_dir).resolve()),
                 "seed": seed,  # the --seed override, if any
             }.items():
@@ -544,15 +553,15 @@ def run_study(
             },
             tags={
                 "hpo.study": name,
-                "hpo.storage": redact(url),
+                "hpo.storage": redact_url(url),
                 "hpo.spec_hash": fingerprints[0],
             },
         )
         if attrs.get("mlflow_parent_run_id") != parent_id:
             study.set_user_attr("mlflow_parent_run_id", parent_id)
             study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-            study.set_user_attr("tracking_uri", redact(tracker.uri))
-            tracker.log_text(spec.to_yaml(), "spec.yaml")
+            study.set_user_attr("tracking_uri", redact_url(tracker.uri))
+            tracker.log_text(redact(spec.to_yaml()), "spec.yaml")
         driver.close_runs_of_finished_trials(study)
         enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
@@ -618,8 +627,8 @@ class _Driver:
                     "device": str(self.data.train[0].device),
                     "workers": self.executor.description,
                     "fused_trials": self.spec.study.fused_trials,
-                    "storage": redact(self.url),
-                    "tracking_uri": redact(self.tracker.uri),
+                    "storage": redact_url(self.url),
+                    "tracking_uri": redact_url(self.tracker.uri),
                     "done": count_finished(study),
                     "total": self.total,
                 }
@@ -1024,22 +1033,25 @@ class _Driver:
     def _keep_if_best(
         self, trial: optuna.Trial, value: float, record: TrialRecord, run_id: str
     ) -> None:
+        """Keep a trial's weights when it beats or ties the best so far: a tie with a lower
+        number becomes the best (`pick_best`), so it must have its checkpoint, whichever of the
+        two finished first and in whichever process."""
         best = best_or_none(self.study)
-        better = best is None or (
-            value > best.value if self.study.direction.name == "MAXIMIZE" else value < best.value
-        )
+        sign = 1.0 if self.study.direction.name == "MAXIMIZE" else -1.0
+        contender = best is None or sign * value >= sign * best.value
+        is_best = best is None or (-sign * value, trial.number) < (-sign * best.value, best.number)
         log_all = self.spec.tracking.log_model == "all"
         # A baseline's weights are kept too: after the search it is measured on the test split
         # beside the best trial.
         baseline = "baseline" in trial.user_attrs
-        if (better or log_all or baseline) and record.weights is not None:
+        if (contender or log_all or baseline) and record.weights is not None:
             self.tracker.save_checkpoint(run_id, record.weights, record.config)
             trial.set_user_attr("checkpoint", True)
             if log_all:
                 model = self._model(record.config, record.weights)
                 example = self.data.raw_example
                 self.tracker.log_model(self._deployable(model), example, run_id=run_id)
-            if better:
+            if is_best:
                 self.best_weights = (trial.number, record.weights)
 
     def _progress(self, trial: FrozenTrial, note: str = "") -> None:
@@ -1088,6 +1100,10 @@ class _Driver:
             best = best_or_none(self.study)
             if best is None:
                 return {}, ""
+            cached = self.best_weights is not None and self.best_weights[0] == best.number
+            if not (cached or best.user_attrs.get("checkpoint")):
+                note = f"the best trial #{best.number} kept no weights: no test evaluation"
+                return attrs.get("test_metrics") or {}, note
             model = None
             if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
                 test = attrs["test_metrics"]  # this model already had its one look at the test
@@ -1170,8 +1186,8 @@ class _Driver:
         trials = study.get_trials(deepcopy=False)
         return StudyResult(
             study_name=self.name,
-            storage=redact(self.url),
-            tracking_uri=redact(self.tracker.uri),
+            storage=redact_url(self.url),
+            tracking_uri=redact_url(self.tracker.uri),
             metric=self.metric,
             counts=state_counts(trials),
             best_number=best.number if best else None,
@@ -1247,7 +1263,7 @@ def _refuse_changed_spec(
     if old is not None and old not in fingerprints:
         raise SpecError(
             [
-                f"name: study {name!r} in {redact(storage_url)} was run with a different spec "
+                f"name: study {name!r} in {redact_url(storage_url)} was run with a different spec "
                 f"(data, search space, training or metric changed; hash {old} vs "
                 f"{fingerprints[0]}); "
                 f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
@@ -1257,11 +1273,9 @@ def _refuse_changed_spec(
 
 
 def best_or_none(study: optuna.Study) -> FrozenTrial | None:
-    """The study's best trial, or None while no trial has completed."""
-    try:
-        return study.best_trial
-    except ValueError:  # no complete trial yet
-        return None
+    """The study's best trial (see `pick_best`), or None while no trial has completed."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return pick_best(trials, _direction(study))
 
 
 def spec_of(study: optuna.Study) -> Spec:
@@ -1285,7 +1299,10 @@ def retrain_best(
     dev = resolve_device(device or spec.training.device)
     data = load_data(spec, dev)
     test = data.take_test()
-    config = study.best_trial.user_attrs["config"]
+    best = best_or_none(study)
+    if best is None:
+        raise SpecError([f"study {study.study_name!r} has no complete trial to retrain"])
+    config = best.user_attrs["config"]
     rows = []
     for seed in seeds:
         torch.manual_seed(seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo.outage import DiskFault, Retry, disk_fault, uncut
-from hpo.redact import first_line, redact
+from hpo.redact import first_line, redact, redact_url, url_problem
 
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -27,6 +27,12 @@ def resolve_uri(spec_uri: str | None, cli_uri: str | None) -> str:
     relative one would keep pointing at the first working folder it was used in.
     """
     uri = spec_uri or cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    where = "tracking.uri" if spec_uri else "--tracking-uri" if cli_uri else "MLFLOW_TRACKING_URI"
+    problem = url_problem(uri, where)
+    if problem:
+        from hpo.config import SpecError
+
+        raise SpecError([problem])
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
@@ -123,14 +129,14 @@ class Tracker:
             except Exception as e:  # noqa: BLE001 - refused, timed out, not an MLflow server
                 raise SpecError(
                     [
-                        f"tracking.uri: no MLflow server answers at {redact(self.uri)}: "
+                        f"tracking.uri: no MLflow server answers at {redact_url(self.uri)}: "
                         f"{redact(str(e))[:200]}"
                     ]
                 ) from None
         elif scheme.split("+")[0] not in _SCHEMES:
             raise SpecError(
                 [
-                    f"tracking.uri: unknown kind of MLflow store {redact(self.uri)!r}; "
+                    f"tracking.uri: unknown kind of MLflow store {redact_url(self.uri)!r}; "
                     f"allowed: http(s)://HOST:PORT, sqlite:///FILE, postgresql://..., file:///DIR"
                 ]
             )
@@ -138,7 +144,7 @@ class Tracker:
             # MLflow 3 refuses its folder store unless told, with a paragraph about it
             raise SpecError(
                 [
-                    f"tracking.uri: {redact(self.uri)!r} is a folder store, which MLflow 3 no "
+                    f"tracking.uri: {redact_url(self.uri)!r} is a folder store, which MLflow 3 no "
                     "longer opens (maintenance mode); give sqlite:///FILE.db (the default: "
                     "sqlite:///mlflow.db), a database or a server, or set "
                     "MLFLOW_ALLOW_FILE_STORE=true to use the folder anyway (`mlflow "
@@ -189,7 +195,10 @@ class Tracker:
                     self.experiment_id = exp.experiment_id
         except Exception as e:  # noqa: BLE001 - a malformed URI or an unreachable server
             raise SpecError(
-                [f"tracking.uri: cannot open MLflow store {redact(self.uri)!r}: {first_line(e)}"]
+                [
+                    f"tracking.uri: cannot open MLflow store {redact_url(self.uri)!r}: "
+                    f"{first_line(e)}"
+                ]
             ) from None
 
     def _create_experiment(self) -> str:

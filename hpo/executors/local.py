@@ -7,8 +7,11 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import statistics
 import sys
 import threading
+import time
+import warnings
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -16,6 +19,7 @@ from hpo.config import Spec
 from hpo.data import Data
 from hpo.executors import Done, Epoch, Event, Lost, Started
 from hpo.executors.worker import serve
+from hpo.redact import warning_line
 from hpo.trial import CohortJob, TrialJob
 
 
@@ -94,17 +98,31 @@ class ThreadExecutor:
         self._thread = None
 
 
+STALL_FACTOR = 10  # a worker silent for this many of its trial's epochs has stalled
+
+
 class WorkerSlots:
     """Bookkeeping shared by executors of several workers: which worker is ready, which trial
-    each runs, and the trials submitted while none was free. Subclasses `_send` a message."""
+    each runs, the trials submitted while none was free, and which worker has stalled.
+    Subclasses `_send` a message.
+
+    A worker owes the driver a message from the moment it is sent a trial or a decision. One
+    that stays silent for `STALL_FACTOR` times its trial's median epoch, and at least
+    `training.stall_timeout` seconds (before its first epoch: that many times the slowest
+    epoch seen so far), has stalled: a hung GPU call, a stalled network file system, a
+    stopped process. The subclass kills it and reports its trials `Lost`, to run again."""
 
     slots: int
 
-    def _init_slots(self, slots: int) -> None:
+    def _init_slots(self, slots: int, stall_s: float | None = None) -> None:
         self.slots = slots
         self._ready = [False] * slots
         self._job: list[set[int]] = [set() for _ in range(slots)]  # trial numbers per worker
         self._pending: list[TrialJob | CohortJob] = []
+        self._stall_s = stall_s  # None: never
+        self._owed = [0.0] * slots  # since when the worker owes a message (0: it does not)
+        self._epochs: list[list[float]] = [[] for _ in range(slots)]  # its trial's epochs, s
+        self._slowest = 0.0  # the slowest epoch seen on any worker
 
     def _send(self, i: int, message: tuple) -> None:
         raise NotImplementedError
@@ -118,6 +136,8 @@ class WorkerSlots:
             self._pending.append(job)
             return
         self._job[free[0]] = set(job.numbers)
+        self._epochs[free[0]] = []
+        self._owed[free[0]] = time.monotonic()
         self._send(free[0], ("run", job))
 
     def _submit_pending(self) -> None:
@@ -127,17 +147,50 @@ class WorkerSlots:
     def decide(self, number: int, decision: str | None) -> None:
         worker = next((i for i, jobs in enumerate(self._job) if number in jobs), None)
         if worker is not None:  # None: its worker died meanwhile (reported as Lost)
+            if not self._owed[worker]:
+                self._owed[worker] = time.monotonic()
             self._send(worker, ("decision", decision))
 
     def _receive(self, i: int, message: tuple) -> Event | None:
-        """A message from worker `i`: its readiness noted, a finished trial's slot freed."""
+        """A message from worker `i`: its readiness noted, a finished trial's slot freed, the
+        time it took to answer."""
         if message[0] == "ready":
             self._ready[i] = True
             return None
         event = _event(message)
+        if isinstance(event, Epoch) and self._owed[i]:  # a cohort's first member's epoch
+            took = time.monotonic() - self._owed[i]
+            self._epochs[i].append(took)
+            self._slowest = max(self._slowest, took)
+        self._owed[i] = time.monotonic() if isinstance(event, Started | Done) else 0.0
         if isinstance(event, Done):
             self._job[i].discard(event.number)
+            if not self._job[i]:
+                self._owed[i] = 0.0
         return event
+
+    def _stalled(self) -> list[tuple[int, str]]:
+        """(worker, why) for each worker with a trial that has stalled (see the class)."""
+        if self._stall_s is None:
+            return []
+        now, out = time.monotonic(), []
+        for i in range(self.slots):
+            if not self._job[i] or not self._owed[i]:
+                continue
+            epochs = self._epochs[i]
+            typical = statistics.median(epochs) if epochs else self._slowest
+            limit = max(self._stall_s, STALL_FACTOR * typical)
+            silent = now - self._owed[i]
+            if silent > limit:
+                what = f"its epochs took {typical:.2g} s" if epochs else "before its 1st epoch"
+                out.append(
+                    (
+                        i,
+                        f"stalled: its worker was silent for {silent:.0f} s ({what}; the limit "
+                        f"is {limit:.0f} s, training.stall_timeout)",
+                    )
+                )
+        return out
 
 
 def _expect_ready(message: tuple) -> None:
@@ -149,6 +202,7 @@ def _process_main(conn: Connection, spec: Spec, device: str, threads: int) -> No
     # Ctrl-C reaches the whole process group: the driver decides what happens to trials.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    warnings.showwarning = warning_line  # as in `hpo run` itself
     if sys.platform.startswith("linux"):  # die with the driver, even when it is SIGKILLed
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -169,7 +223,7 @@ class ProcessExecutor(WorkerSlots):
 
     def __init__(self, spec: Spec, devices: list[str], threads: int):
         self.spec, self.devices, self.threads = spec, devices, threads
-        self._init_slots(len(devices))
+        self._init_slots(len(devices), spec.training.stall_timeout)
         where = sorted(set(devices))
         per = f", {threads} torch thread{'s' if threads > 1 else ''} each"
         cpu = all(d == "cpu" for d in devices)
@@ -234,17 +288,20 @@ class ProcessExecutor(WorkerSlots):
                 dead.add(sentinels[obj])
         for i in dead:
             events += self._replace(i)
+        for i, why in self._stalled():
+            self._procs[i].kill()  # SIGKILL: a stopped or hung process too
+            events += self._replace(i, f"{why}; worker process {self._procs[i].pid} killed")
         self._submit_pending()
         return events
 
-    def _replace(self, i: int) -> list[Event]:
+    def _replace(self, i: int, reason: str | None = None) -> list[Event]:
         proc = self._procs[i]
         proc.join(timeout=5)
         code = proc.exitcode
         lost: list[Event] = []
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         for number in sorted(self._job[i]):
-            lost.append(Lost(number, f"worker process {proc.pid} died ({why})"))
+            lost.append(Lost(number, reason or f"worker process {proc.pid} died ({why})"))
         self._job[i] = set()
         self._conns[i].close()  # type: ignore[union-attr]
         self._spawn(i)  # ready again once its data is loaded (a "ready" message)

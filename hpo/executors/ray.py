@@ -56,7 +56,7 @@ class RayExecutor(WorkerSlots):
 
     def __init__(self, spec: Spec, address: str, slots: int, gpus: float):
         self.spec, self.address, self.gpus = spec, address, gpus
-        self._init_slots(slots)
+        self._init_slots(slots, spec.training.stall_timeout)
         self.description = f"{slots} Ray workers ({gpus:g} GPU each)"
         self._tasks: list[Any] = [None] * slots
         self._inboxes: list[Any] = [None] * slots
@@ -125,6 +125,11 @@ class RayExecutor(WorkerSlots):
                 why = type(e).__name__
             for number in sorted(self._job[i]):
                 events.append(Lost(number, f"Ray worker {i} died ({why})"))
+            self._job[i] = set()
+            self._spawn(i)
+        for i, why in self._stalled():  # its task is cancelled and replaced: never heard again
+            ray.cancel(self._tasks[i], force=True)
+            events += [Lost(number, why) for number in sorted(self._job[i])]
             self._job[i] = set()
             self._spawn(i)
         self._submit_pending()
