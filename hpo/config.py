@@ -907,8 +907,8 @@ def _check_test_table(train: Any, test: Any, spec: Spec, task: str | None) -> li
                     f"but {kinds[k1]} in {names[0]}; both files must hold the same kind"
                 )
     if task == "classification":
-        known = set(train[ds.target].dropna().astype(str))
-        labels = test[ds.target].dropna().astype(str)
+        known = set(label_keys(train[ds.target].dropna()))
+        labels = label_keys(test[ds.target].dropna())
         new = labels.index[~labels.isin(known)]
         if len(new) and ds.test_unseen_labels != "drop":
             problems.append(unseen_labels_problem(labels, new, sorted(known)))
@@ -975,6 +975,19 @@ def unseen_labels_problem(labels: Any, rows: Any, classes: list[str]) -> str:
         f"({names}; lines {first}); the classes are {shown}. Fix the file, or set "
         "dataset.test_unseen_labels: drop to leave those rows out (they are counted)"
     )
+
+
+def label_keys(labels: Any) -> Any:
+    """Class labels as text to compare across files: 3 and 3.0 are one class (a column with a
+    blank cell reads as floats in one file and integers in the other)."""
+    import pandas as pd
+
+    labels = pd.Series(labels)
+    if pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels):
+        whole = labels.dropna()
+        if (whole == whole.round()).all():
+            return labels.map(lambda v: str(int(v)) if pd.notna(v) else v)
+    return labels.astype(str)
 
 
 def infer_task(y: Any) -> Literal["classification", "regression"]:

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpo.config import Spec, SpecError, column_kind, infer_task, unseen_labels_problem
+from hpo.config import (
+    Spec,
+    SpecError,
+    column_kind,
+    infer_task,
+    label_keys,
+    unseen_labels_problem,
+)
 from hpo.redact import first_line
 from hpo.registry import DATASETS
 
@@ -530,12 +537,13 @@ def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error")
     classes, class_values, code = None, None, None
     if task == "classification":
         text = frame[target].astype(str).to_numpy()
-        classes_arr = np.unique(text)
+        classes_arr, codes = np.unique(text, return_inverse=True)
         classes = [str(c) for c in classes_arr]
         original = dict(zip(text, frame[target].tolist(), strict=True))  # "3" -> 3
         class_values = [original[c] for c in classes]
-        code = {c: i for i, c in enumerate(classes)}
-        y = np.array([code[t] for t in text], dtype=np.int64)
+        y = codes.astype(np.int64)
+        # test labels are matched by value: 3.0 in one file is 3 in the other
+        code = dict(zip(label_keys(frame[target]), y.tolist(), strict=True))
     else:
         y = frame[target].to_numpy(dtype=np.float64)
     raw = RawData(
@@ -556,7 +564,7 @@ def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error")
     if test is not None:
         test = test[test[target].notna()]
         if code is not None:
-            labels = test[target].astype(str)
+            labels = label_keys(test[target])
             new = labels.index[~labels.isin(list(code))]
             if len(new) and unseen != "drop":
                 raise SpecError([unseen_labels_problem(labels, new, classes or [])])
@@ -574,7 +582,7 @@ def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error")
             dtype=np.float32
         )
         if code is not None:
-            raw.y_test = np.array([code[t] for t in test[target].astype(str)], dtype=np.int64)
+            raw.y_test = np.array([code[t] for t in label_keys(test[target])], dtype=np.int64)
         else:
             raw.y_test = test[target].to_numpy(dtype=np.float64)
     return raw

@@ -26,16 +26,27 @@ HIGH_VAL_LOSS = 0.35  # kept val_loss above this is underfit, when the data allo
 FLOOR = 3.0  # ... an earlier trial's val_loss below val_loss / FLOOR, and this trial's
 #               train_loss above that too (it did not fit even its training data as well)
 GAP = 0.1  # a val - train loss gap above this, and growing, is overfitting
-RISE = 0.10  # val_loss 10% above its minimum while train_loss fell: overfitting
+RISE = 0.10  # val_loss 10% above its minimum while train_loss fell: overfitting ...
+MIN_RISE = 0.05  # ... and by at least this much of chance (a loss near 0 moves by % freely)
 STEEP = 0.03  # val_loss still falling by 3% or more per epoch at the end: cut short
+UNSTABLE = 0.15  # train_loss this much of chance above its lowest, and rising: unstable
+NEAR_ZERO = 0.05  # a loss below this much of chance: changes said as shares of chance
+
+FIT_LABELS = ("good", "overfit", "underfit", "unstable")
 
 RULES = (
-    "Labels read each trial's curves at the epoch whose weights it kept; chance is the loss of "
+    "Labels read each trial's curves at the epoch whose weights it kept (a pruned trial, which "
+    "keeps none: at its lowest val_loss); chance is the loss of "
     "a model that knows only the class frequencies (the entropy of the training split's "
     "classes: ln K for K balanced classes; 1 for standardised regression). "
-    f"Overfit: val_loss rose more than {RISE:.0%} above its minimum while train_loss kept "
-    f"falling, or the train/validation gap grew past {GAP:.0%} of chance after val_loss "
-    f"stopped improving. Underfit: val_loss above {LITTLE:.0%} of chance; or above "
+    f"Unstable, checked first: train_loss rose over the last 2 epochs to more than "
+    f"{UNSTABLE:.0%} of chance above its lowest, or grew by more than that after the kept "
+    "epoch: the steps are too large (usually the learning rate); dropout's noise moves an "
+    "epoch's average training loss far less. "
+    f"Overfit: val_loss rose more than {RISE:.0%} (and {MIN_RISE:.0%} of chance) above its "
+    "minimum while train_loss kept falling, or the train/validation gap grew past "
+    f"{GAP:.0%} of chance after val_loss stopped improving; never a model with validation "
+    f"accuracy 1.0. Underfit: val_loss above {LITTLE:.0%} of chance; or above "
     f"{HIGH_VAL_LOSS:.0%} of chance while an earlier trial reached a val_loss under 1/{FLOOR:g} "
     "of it and this trial's train_loss stayed above that (proof that this data allows better "
     f"and that the trial did not fit it); or still falling {STEEP:.0%} or "
@@ -46,7 +57,7 @@ RULES = (
 
 
 class Diagnosis(NamedTuple):
-    label: str  # "overfit" | "underfit" | "good"
+    label: str  # one of FIT_LABELS
     evidence: str
 
 
@@ -70,13 +81,16 @@ def diagnose_fit(
     chance: float = 1.0,
     peer_val_losses: Sequence[float] = (),
     stopped_by: str = "max_epochs",
+    lr: float | None = None,
 ) -> Diagnosis:
-    """Label a trial `overfit`, `underfit` or `good` from its train_loss and val_loss curves.
+    """Label a trial (`FIT_LABELS`) from its train_loss and val_loss curves.
 
-    kept_epoch: the epoch whose weights the trial kept (default: the last).
+    kept_epoch: the epoch whose weights the trial kept (default: the last; a pruned trial
+        keeps none and is read at its lowest val_loss).
     peer_val_losses: the kept val_loss of the trials that completed before this one: the
         lowest says how far this data lets a model's loss on unseen data go down.
     stopped_by: why training ended: "max_epochs", "early_stopping" or "pruned".
+    lr: the trial's learning rate, named in the evidence of an unstable trial.
     The rules, in the order they are checked, are `RULES` (and README, "Fit diagnosis").
     """
     tl = [h["train_loss"] for h in history]
@@ -84,17 +98,31 @@ def diagnose_fit(
     n = len(vl)
     if n == 0:
         return Diagnosis("underfit", "no epoch finished")
+    pruned_note = ""
+    if stopped_by == "pruned" and kept_epoch is None:
+        seen = [i for i in range(n) if math.isfinite(vl[i])]
+        kept_epoch = min(seen, key=vl.__getitem__) + 1 if seen else n
+        if kept_epoch < n:
+            pruned_note = (
+                f" (pruned at epoch {n}; read at its lowest val_loss, epoch {kept_epoch})"
+            )
     k = min(kept_epoch or n, n)
+    unstable = _unstable(history, k, chance, lr)
+    if unstable:
+        return Diagnosis("unstable", unstable)
     finite = [i for i in range(k) if math.isfinite(vl[i])]
     m = min(finite, key=vl.__getitem__) + 1 if finite else k  # lowest val_loss up to epoch k
     v, t = vl[k - 1], tl[k - 1]
-    after = _after_kept(vl, k, stopped_by)
+    after = pruned_note or _after_kept(vl, k, stopped_by, chance)
+    perfect = history[k - 1].get("val_accuracy") == 1.0  # nothing left to overfit on
 
     # Overfitting in the kept weights: validation loss turned up while training loss kept falling.
-    if m < k and v > vl[m - 1] * (1 + RISE) and t < tl[m - 1]:
+    rose = v - vl[m - 1] if m < k else 0.0
+    if not perfect and rose > RISE * vl[m - 1] and rose > MIN_RISE * chance and t < tl[m - 1]:
         return Diagnosis(
             "overfit",
-            f"{_move('val_loss', vl, m, k)} while train_loss fell {tl[m - 1]:.3g} → {t:.3g}",
+            f"{_move('val_loss', vl, m, k, chance)} while train_loss fell "
+            f"{tl[m - 1]:.3g} → {t:.3g}",
         )
     falling = _still_falling(vl, k, stopped_by)
     # Underfitting, plain: the kept weights predict unseen data barely better than chance.
@@ -111,6 +139,7 @@ def diagnose_fit(
     gap, early_gap = v - t, vl[0] - tl[0]
     if (
         m < k
+        and not perfect
         and t < HIGH_VAL_LOSS * chance
         and gap > GAP * chance
         and gap > 2 * max(early_gap, 0.0) + 0.02 * chance
@@ -147,7 +176,7 @@ def diagnose_fit(
             )
     # ... or was cut off while still learning fast.
     if falling:
-        return Diagnosis("underfit", falling)
+        return Diagnosis("underfit", falling + pruned_note)
 
     return Diagnosis(
         "good",
@@ -173,32 +202,70 @@ def _still_falling(vl: Sequence[float], k: int, stopped_by: str) -> str:
 
 
 def _share(value: float, whole: float) -> str:
-    """`value` as a percentage of `whole`."""
-    return f"{value / whole:.0%}"
+    """`value` as a percentage of `whole`, never a bare '0%'."""
+    pct = 100 * value / whole
+    return f"{pct:.0f}%" if abs(pct) >= 10 or pct == 0 else f"{pct:.2g}%"
 
 
-def _change(a: float, b: float) -> str:
-    """The relative change from a to b, never printed as a bare '0%'."""
+def _change(a: float, b: float, chance: float | None = None) -> str:
+    """The change from a to b: relative, never printed as a bare '0%'; from a loss near zero
+    (under NEAR_ZERO of `chance`) as a share of chance, where a percentage says nothing."""
     if b == a:
         return "unchanged"
-    if a == 0 or not (math.isfinite(a) and math.isfinite(b)):
-        return "from zero" if a == 0 else "not finite"
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return "not finite"
+    if chance and abs(a) < NEAR_ZERO * chance:
+        return f"{b - a:+.2g}, {_share(abs(b - a), chance)} of chance"
+    if a == 0:
+        return "from zero"
     pct = (b - a) / abs(a) * 100
     return f"{pct:+.0f}%" if abs(pct) >= 10 else f"{pct:+.2g}%"
 
 
-def _move(key: str, values: Sequence[float], i: int, j: int) -> str:
+def _move(key: str, values: Sequence[float], i: int, j: int, chance: float | None = None) -> str:
     """'val_loss 0.31 at epoch 12 → 0.45 at epoch 30 (+45%)' for 1-based epochs i and j."""
     a, b = values[i - 1], values[j - 1]
-    return f"{key} {a:.3g} at epoch {i} → {b:.3g} at epoch {j} ({_change(a, b)})"
+    return f"{key} {a:.3g} at epoch {i} → {b:.3g} at epoch {j} ({_change(a, b, chance)})"
 
 
-def _after_kept(vl: Sequence[float], k: int, stopped_by: str) -> str:
+def _after_kept(vl: Sequence[float], k: int, stopped_by: str, chance: float | None = None) -> str:
     """What happened after the kept epoch (what early stopping, or restoring, rescued)."""
     n = len(vl)
     if k >= n:
         return ""
     who = "early stopping kept" if stopped_by == "early_stopping" else "training kept"
     if abs(vl[-1] - vl[k - 1]) > 0.01 * abs(vl[k - 1]):
-        return f"; {who} epoch {k} of {n}: {_move('val_loss', vl, k, n)}"
+        return f"; {who} epoch {k} of {n}: {_move('val_loss', vl, k, n, chance)}"
     return f"; {who} epoch {k} of {n} (val_loss {vl[k - 1]:.3g}), within 1% of it at epoch {n}"
+
+
+def _unstable(history: Sequence[dict[str, float]], k: int, chance: float, lr: float | None) -> str:
+    """The evidence that training went unstable (see `RULES`), or ''."""
+    tl = [h["train_loss"] for h in history]
+    n = len(tl)
+    if not all(math.isfinite(x) for x in tl):
+        return ""  # a diverged trial fails with its own reason
+    low = min(range(n), key=tl.__getitem__) + 1  # 1-based epoch of the lowest train_loss
+    end = ""
+    if n >= 3 and tl[-3] < tl[-2] < tl[-1] and tl[-1] - tl[low - 1] > UNSTABLE * chance:
+        end = f"train_loss rose {_moves(tl, low, n)}"
+    elif k < n and max(tl[k:]) - tl[k - 1] > UNSTABLE * chance:
+        top = max(range(k, n), key=tl.__getitem__) + 1
+        end = f"train_loss grew after the kept epoch {k}: {_moves(tl, k, top)}"
+    if not end:
+        return ""
+    grew = tl[-1] - tl[low - 1] if end.startswith("train_loss rose") else max(tl[k:]) - tl[k - 1]
+    acc = [h.get("val_accuracy") for h in history]
+    if all(a is not None for a in acc) and max(acc) - acc[-1] >= 0.01:  # type: ignore[operator]
+        best = max(range(n), key=lambda i: acc[i])  # type: ignore[arg-type,return-value]
+        end += f", while val_accuracy fell {acc[best]:.3g} → {acc[-1]:.3g}"
+    cause = f"the learning rate (lr {lr:.3g} here)" if lr is not None else "the learning rate"
+    return (
+        f"{end} ({_share(grew, chance)} of chance): the steps are too large; the usual cause is "
+        f"{cause}: lower it, or add a schedule or gradient clipping"
+    )
+
+
+def _moves(values: Sequence[float], i: int, j: int) -> str:
+    """'1.35 at epoch 1 → 1.98 at epoch 5' for 1-based epochs i and j."""
+    return f"{values[i - 1]:.3g} at epoch {i} → {values[j - 1]:.3g} at epoch {j}"

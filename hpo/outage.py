@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from hpo.redact import redact
+from hpo.redact import redact, redact_url
 
 RETRY_S = 300.0  # default window: a database restart or failover fits; a dead server does not
 T = TypeVar("T")
@@ -41,10 +41,11 @@ class ServerLost(RuntimeError):
         error = lost_connection(error) or error
         if getattr(error, "orig", None) is not None:  # sqlalchemy's: the driver's own words
             error = error.orig  # type: ignore[attr-defined]
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        # redacted before it is cut: a URL cut before its '@' would not be recognised
+        first = redact(str(error).strip().splitlines()[0])[:200] if str(error).strip() else ""
         detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
         super().__init__(
-            redact(f"{what} {url} unreachable for {waited:.0f} s ({detail}); stopped")
+            f"{what} {redact_url(url)} unreachable for {waited:.0f} s ({detail}); stopped"
         )
 
 
@@ -55,7 +56,9 @@ class DiskFault(ServerLost):
     then = "free some space (or fix the disk), then "
 
     def __init__(self, what: str, url: str, fault: str):
-        RuntimeError.__init__(self, redact(f"{fault} writing the {what} {url}; stopped"))
+        RuntimeError.__init__(
+            self, redact(f"{fault} writing the {what} {redact_url(url)}; stopped")
+        )
         self.what, self.reason = what, fault
 
 
@@ -169,7 +172,8 @@ class Retry:
             if self._down_since is None:
                 self._down_since = now
                 self._say(
-                    f"{self.what} {self.url} unreachable: retrying for up to {self.window_s:.0f} s"
+                    f"{self.what} {redact_url(self.url)} unreachable: retrying for up to "
+                    f"{self.window_s:.0f} s"
                 )
             return now - self._down_since
 
@@ -179,7 +183,7 @@ class Retry:
         with self._lock:
             if self._down_since is not None:
                 self._say(
-                    f"{self.what} {self.url} back after "
+                    f"{self.what} {redact_url(self.url)} back after "
                     f"{time.monotonic() - self._down_since:.0f} s"
                 )
                 self._down_since = None

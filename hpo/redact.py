@@ -17,7 +17,7 @@ MASK = "***"
 # '/', '@' or even spaces, though hpo refuses to use those unencoded)
 _USER = re.compile(
     r"\b([a-zA-Z][\w+.-]*://[^:/@\s]*):((?:(?!://)[^\n])*)@"  # up to the last '@' before
-    r"(?=[\w.\[\]-]+(?::\d*)?(?![^/'\"\s]))"  # a host, not past another URL
+    r"(?=[\w\[])"  # a host's first character, not past another URL on the line
 )
 # password=... in a query string or a libpq keyword string
 _KEYWORD = re.compile(r"(\b(?:password|passwd|pwd)=)([^&\s;'\"]+)", re.IGNORECASE)
@@ -49,15 +49,16 @@ def redact_url(url: str | None) -> str | None:
     if scheme in ("http", "https"):
         parts = urllib.parse.urlsplit(url)
         if parts.password is None:
-            return url
+            return redact(url)
         host = parts.netloc.rsplit("@", 1)[1]
         netloc = f"{parts.username}:{MASK}@{host}"
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return _KEYWORD.sub(rf"\1{MASK}", urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
     if "://" in url:
         try:
             from sqlalchemy.engine import make_url
 
-            return make_url(url).render_as_string(hide_password=True)
+            shown = make_url(url).render_as_string(hide_password=True)
+            return _KEYWORD.sub(rf"\1{MASK}", shown)  # ?password=... in the query, too
         except Exception:  # noqa: BLE001 - not a database URL: fall back to the scrubber
             pass
     return redact(url)

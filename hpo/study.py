@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import __version__, resources
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
+from hpo.diagnose import FIT_LABELS
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.fused import is_structural, structure
 from hpo.outage import RETRY_S, Retry, ServerLost
@@ -500,7 +501,7 @@ def run_study(
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
     opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale, retry=driver.retry)
-    stored = _refuse_changed_spec(opened, url, name, fingerprints, data.info["split_hash"])
+    stored = _refuse_changed_spec(opened, url, name, fingerprints, data.info)
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
     tracker.open()
@@ -524,7 +525,7 @@ def run_study(
                 "hpo_version": __version__,
                 "metric": spec.study.metric,
                 "data": data.info,
-                "spec_yaml": redact(spec.to_yaml()),  # study.storage's password, if any
+                "spec_yaml": _stored_yaml(spec),
                 "spec_dir": str(Path(spec.source_dir).resolve()),
                 "seed": seed,  # the --seed override, if any
             }.items():
@@ -561,7 +562,7 @@ def run_study(
             study.set_user_attr("mlflow_parent_run_id", parent_id)
             study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
             study.set_user_attr("tracking_uri", redact_url(tracker.uri))
-            tracker.log_text(redact(spec.to_yaml()), "spec.yaml")
+            tracker.log_text(_stored_yaml(spec), "spec.yaml")
         driver.close_runs_of_finished_trials(study)
         enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
@@ -1102,8 +1103,9 @@ class _Driver:
                 return {}, ""
             cached = self.best_weights is not None and self.best_weights[0] == best.number
             if not (cached or best.user_attrs.get("checkpoint")):
+                # a tie an older hpo resolved the other way: no test metrics of another trial
                 note = f"the best trial #{best.number} kept no weights: no test evaluation"
-                return attrs.get("test_metrics") or {}, note
+                return {}, note
             model = None
             if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
                 test = attrs["test_metrics"]  # this model already had its one look at the test
@@ -1199,7 +1201,7 @@ class _Driver:
             interrupted=interrupted,
             fit_trials={
                 label: [t.number for t in trials if t.user_attrs.get("fit") == label]
-                for label in ("good", "overfit", "underfit")
+                for label in FIT_LABELS
             },
             new_trials=len(self.durations),
             wall_time=time.perf_counter() - self.started,
@@ -1242,14 +1244,28 @@ def _refuse_changed_spec(
     storage_url: str,
     name: str,
     fingerprints: tuple[str, ...],
-    split_hash: str,
+    info: dict[str, Any],
 ) -> dict[str, Any]:
     """Refuse to resume a study whose spec or data changed (`fingerprints`: the spec's hash,
-    then the ones a study stored by an older hpo may have); else its attributes."""
+    then the ones a study stored by an older hpo may have; `info`: the data's, whose split,
+    features and classes must be the study's); else its attributes."""
+    split_hash = info["split_hash"]
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return {}
+    old_info = existing.user_attrs.get("data", {})
+    for key, what in (("n_features", "inputs"), ("n_classes", "classes")):
+        if key in old_info and old_info[key] != info.get(key):
+            # e.g. one-hot columns that a test file added, before hpo learned them from the
+            # training file only: the stored trials' weights would not fit the new models
+            raise SpecError(
+                [
+                    f"dataset: the data of study {name!r} now gives {info.get(key)} {what} "
+                    f"where its trials had {old_info[key]}; to start a new study, change "
+                    "`name:` in the spec or pass --study-name NEW_NAME"
+                ]
+            )
     old_split = existing.user_attrs.get("data", {}).get("split_hash")
     if old_split is not None and old_split != split_hash:
         raise SpecError(
@@ -1270,6 +1286,15 @@ def _refuse_changed_spec(
             ]
         )
     return existing.user_attrs
+
+
+def _stored_yaml(spec: Spec) -> str:
+    """The spec's text as a study stores it: without the passwords of its URLs."""
+    text = spec.to_yaml()
+    for url in (spec.study.storage, spec.tracking.uri):
+        if url:
+            text = text.replace(url, redact_url(url) or "")
+    return redact(text)
 
 
 def best_or_none(study: optuna.Study) -> FrozenTrial | None:

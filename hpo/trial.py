@@ -73,7 +73,7 @@ class TrialRecord:
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
     kept_epoch: int | None = None  # the epoch whose weights the model holds at the end
     stopped_by: str = "failed"  # max_epochs | early_stopping | pruned | diverged | interrupted
-    fit: str | None = None  # overfit | underfit | good
+    fit: str | None = None  # one of diagnose.FIT_LABELS
     fit_evidence: str | None = None
     failure: str | None = None  # why it failed
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # kept, on CPU
@@ -203,7 +203,12 @@ def _recorded(
     if record.outcome in ("COMPLETE", "PRUNED"):
         chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
         fit = diagnose_fit(
-            record.history, record.kept_epoch, chance, job.peer_val_losses, record.stopped_by
+            record.history,
+            record.kept_epoch,
+            chance,
+            job.peer_val_losses,
+            record.stopped_by,
+            lr=job.config.get("lr"),
         )
         record.fit, record.fit_evidence = fit.label, fit.evidence
     return record

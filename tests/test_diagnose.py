@@ -83,7 +83,9 @@ def test_a_diverged_trial_is_underfit_not_overfit_whatever_its_gap():
     # seen on MNIST: a first epoch far worse on train than on validation, then stuck at chance
     history = curves([15.0, 3.40, 3.38], [6.5, 3.50, 3.62])
     fit = diagnose_fit(history, chance=CHANCE, stopped_by="pruned")
-    assert fit.label == "underfit" and fit.evidence.startswith("learned little: val_loss 3.62")
+    # a pruned trial keeps no weights: it is read at its lowest val_loss, and says so
+    assert fit.label == "underfit" and fit.evidence.startswith("learned little: val_loss 3.5 ")
+    assert fit.evidence.endswith("(pruned at epoch 3; read at its lowest val_loss, epoch 2)")
 
 
 def test_high_val_loss_is_underfit_only_where_an_earlier_trial_shows_the_data_allows_better():
@@ -224,3 +226,73 @@ def test_real_training_made_to_underfit(blobs):
     result = train(model, blobs[0], blobs[1], cfg)
     fit = diagnose_fit(result.history, result.best_epoch, chance_loss("classification", 3))
     assert fit.label == "underfit", fit.evidence
+
+
+def unstable_history(train_loss, val_accuracy, val_loss):
+    return [
+        {"train_loss": t, "val_loss": v, "val_accuracy": a}
+        for t, v, a in zip(train_loss, val_loss, val_accuracy, strict=True)
+    ]
+
+
+# make run's digits study, trial 23: 3x206 GELU, Adam at lr 0.025, dropout 0.49, pruned at
+# epoch 5; it was labelled good ("gap -1.56") while its training loss rose every epoch
+TRIAL_23 = unstable_history(
+    [1.35, 1.61, 1.69, 1.85, 1.98],
+    [0.948, 0.93, 0.91, 0.88, 0.852],
+    [0.30, 0.33, 0.36, 0.39, 0.417],
+)
+
+
+def test_training_loss_that_rises_at_the_end_is_unstable_with_its_numbers_and_cause():
+    fit = diagnose_fit(TRIAL_23, chance=CHANCE, stopped_by="pruned", lr=0.025)
+    assert fit.label == "unstable"
+    assert fit.evidence == (
+        "train_loss rose 1.35 at epoch 1 → 1.98 at epoch 5, while val_accuracy fell 0.948 → "
+        "0.852 (27% of chance): the steps are too large; the usual cause is the learning rate "
+        "(lr 0.025 here): lower it, or add a schedule or gradient clipping"
+    )
+    # and as a complete trial, kept at its last epoch, too: unstable is checked first
+    assert diagnose_fit(TRIAL_23, kept_epoch=5, chance=CHANCE).label == "unstable"
+
+
+def test_training_loss_that_grew_after_the_kept_epoch_is_unstable():
+    """A held-out case, trained for real (Adam at lr 0.025 on digits, batch 64): early
+    stopping kept epoch 2, then the training loss climbed while validation fell apart."""
+    history = unstable_history(
+        [1.36, 1.27, 2.02, 1.94, 2.89, 2.69],
+        [0.896, 0.951, 0.882, 0.91, 0.92, 0.885],
+        [0.36, 0.21, 0.44, 0.35, 0.41, 0.49],
+    )
+    fit = diagnose_fit(history, kept_epoch=2, chance=CHANCE, stopped_by="early_stopping")
+    assert fit.label == "unstable" and fit.evidence.startswith(
+        "train_loss grew after the kept epoch 2: 1.27 at epoch 2 → 2.89 at epoch 5, while "
+        "val_accuracy fell 0.951 → 0.885 (70% of chance)"
+    )
+
+
+def test_the_noise_of_dropout_is_not_instability():
+    # a healthy run with dropout 0.5: the epoch's training loss wobbles by a few % of chance
+    history = curves([1.2, 0.8, 0.7, 0.66, 0.68, 0.7], [0.9, 0.5, 0.4, 0.36, 0.35, 0.35])
+    assert diagnose_fit(history, chance=CHANCE).label != "unstable"
+
+
+def test_a_perfect_model_with_a_loss_near_zero_is_not_overfit():
+    """wine_csv's data, SGD at lr 0.3 with momentum 0.95, 12 epochs, last weights kept:
+    val_accuracy 1.0 at the end, its val_loss from 1.93e-07 to 0.0048."""
+    chance = chance_loss("classification", 3)
+    val_loss = [0.3, 0.01, 1e-4, 1.93e-07, 1e-6, 1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 3e-3, 0.0048]
+    train_loss = [0.9, 0.2, 0.05, 0.01, 0.005, 0.003, 0.002, 0.0015, 0.001, 8e-4, 6e-4, 5e-4]
+    history = [
+        {"train_loss": t, "val_loss": v, "val_accuracy": 1.0 if i > 1 else 0.9}
+        for i, (t, v) in enumerate(zip(train_loss, val_loss, strict=True))
+    ]
+    fit = diagnose_fit(history, chance=chance)
+    assert fit.label == "good", fit.evidence
+    assert "%" not in fit.evidence.replace("of chance", "")  # no +2482263%
+    # the same curves below perfect accuracy: the rise is 0.4% of chance, under the floor
+    for h in history:
+        h.pop("val_accuracy")
+    assert diagnose_fit(history, chance=chance).label != "overfit"
+    assert _change(1.93e-07, 0.0048, chance) == "+0.0048, 0.44% of chance"
+    assert _change(0.31, 0.45, chance) == "+45%"

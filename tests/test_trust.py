@@ -74,6 +74,32 @@ def test_redact_masks_every_shape_of_password(password):
             for shown in (redact(f"cannot open {url!r}: refused"), redact_url(url)):
                 assert "hpo:***@127.0.0.1:9" in shown, shown
                 assert not leaks([shown], password), shown
+    pw = urllib.parse.quote(password, safe="")
+    for text in (  # what may follow a URL in a message, and hosts of other shapes
+        f"postgresql://u:{pw}@host?sslmode=require",
+        f"(postgresql://u:{pw}@host:5000), then",
+        f"at postgresql://u:{pw}@[::1]:5432/db.",
+        f"postgresql://u:{pw}@db1:5432,db2:5432/app",
+    ):
+        assert not leaks([redact(text)], password), redact(text)
+    assert redact_url(f"postgresql://u@host/db?password={pw}") == (
+        "postgresql://u@host/db?password=***"
+    )
+
+
+def test_outage_notices_and_errors_show_no_password():
+    from hpo.outage import Retry, ServerLost
+
+    password = PASSWORDS[0]
+    url = storage_url(password, encode=True)
+    heard = []
+    retry = Retry("Optuna storage", url, 0.0, heard.append)
+    retry._down()
+    retry._up()
+    long_error = OSError("x" * 165 + f" connecting to {url}")  # cut in the password
+    lost = ServerLost("Optuna storage", url, 3.0, long_error)
+    assert not leaks([*heard, str(lost)], password), [*heard, str(lost)]
+    assert "hpo:***@127.0.0.1:9" in heard[0]
 
 
 def test_a_password_that_splits_the_url_is_refused_and_an_encoded_one_is_not():
@@ -525,12 +551,12 @@ def test_a_worker_has_stalled_past_ten_of_its_epochs_and_the_floor():
     slots._epochs[0] = [40.0, 50.0, 60.0]  # slow epochs: 10 x 50 s = 500 s, past the floor
     slots._owed = [now - 400, now - 299]
     assert slots._stalled() == []
-    slots._owed = [now - 600, now - 301]  # worker 1 has no epoch yet: the floor, 300 s
+    slots._owed = [now - 600, now - 901]  # worker 1 has no epoch yet: 3 x the floor, 900 s
     [(first, why), (second, why_1)] = slots._stalled()
     assert (first, second) == (0, 1)
     assert why.startswith("stalled: its worker was silent for 600 s (its epochs took 50 s; ")
     assert why.endswith("the limit is 500 s, training.stall_timeout)")
-    assert "(before its 1st epoch; the limit is 300 s" in why_1
+    assert "(before its 1st epoch; the limit is 900 s" in why_1
     slots._owed = [0.0, now - 900]  # worker 0 waits for the driver's decision: not its fault
     assert [i for i, _ in slots._stalled()] == [1]
     slots._init_slots(2, stall_s=None)  # training.stall_timeout: null
@@ -550,3 +576,46 @@ def test_a_library_warning_is_one_line_in_hpos_form():
         warnings.showwarning = lambda *a, **k: warning_line(*a[:4], file=out)
         warnings.warn("Mean of empty slice\nsecond line", RuntimeWarning, stacklevel=1)
     assert out.getvalue() == "warning: Mean of empty slice (RuntimeWarning)\n"
+
+
+def test_hpo_installs_the_one_line_warnings_in_its_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings; from hpo import cli; "
+        "cli.app = lambda: warnings.warn('Mean of empty slice\\nsource line', RuntimeWarning); "
+        "cli.main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stderr == "warning: Mean of empty slice (RuntimeWarning)\n", done.stderr
+
+
+def test_class_numbers_match_across_files_when_a_blank_makes_one_column_floats(tmp_path):
+    rows = [f"{i},{i % 7},cat,{i % 2}" for i in range(60)]
+    (tmp_path / "train.csv").write_text("a,b,kind,label\n" + "\n".join(rows) + "\n")
+    test = [f"{i},{i % 7},cat,{i % 2}" for i in range(9)] + ["9,2,cat,"]  # 0.0, 1.0, blank
+    (tmp_path / "test.csv").write_text("a,b,kind,label\n" + "\n".join(test) + "\n")
+    dataset = {"name": "csv", "path": "train.csv", "test_path": "test.csv", "target": "label",
+               "drop_missing_target": True}  # fmt: skip
+    data = load_data(parse_spec(small_spec(dataset=dataset, task="auto"), source_dir=tmp_path))
+    assert data.info["classes"] == ["0", "1"]
+    assert data.take_test()[1].tolist() == [i % 2 for i in range(9)]
+
+
+def test_a_study_whose_data_now_gives_other_inputs_is_not_resumed():
+    """A table study from before classes and categories came from the training file only:
+    its trials' weights have another number of inputs."""
+    from hpo.study import _refuse_changed_spec
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="old", storage=storage)
+    study.set_user_attr("data", {"split_hash": "abc", "n_features": 6, "n_classes": 2})
+    same = {"split_hash": "abc", "n_features": 6, "n_classes": 2}
+    assert _refuse_changed_spec(storage, "sqlite://", "old", ("h",), same)["data"] == same
+    with pytest.raises(SpecError) as e:
+        _refuse_changed_spec(storage, "sqlite://", "old", ("h",), {**same, "n_features": 5})
+    assert e.value.problems == [
+        "dataset: the data of study 'old' now gives 5 inputs where its trials had 6; to start "
+        "a new study, change `name:` in the spec or pass --study-name NEW_NAME"
+    ]

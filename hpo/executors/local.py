@@ -99,6 +99,7 @@ class ThreadExecutor:
 
 
 STALL_FACTOR = 10  # a worker silent for this many of its trial's epochs has stalled
+FIRST_EPOCH = 3  # before a trial's first epoch: that many times training.stall_timeout
 
 
 class WorkerSlots:
@@ -108,9 +109,11 @@ class WorkerSlots:
 
     A worker owes the driver a message from the moment it is sent a trial or a decision. One
     that stays silent for `STALL_FACTOR` times its trial's median epoch, and at least
-    `training.stall_timeout` seconds (before its first epoch: that many times the slowest
-    epoch seen so far), has stalled: a hung GPU call, a stalled network file system, a
-    stopped process. The subclass kills it and reports its trials `Lost`, to run again."""
+    `training.stall_timeout` seconds, has stalled: a hung GPU call, a stalled network file
+    system, a stopped process. Before a trial's first epoch nothing says how long its epochs
+    take (a wide net on a CPU may take minutes): the limit is then `FIRST_EPOCH` times the
+    floor, or `STALL_FACTOR` times the slowest epoch seen so far if that is longer. The
+    subclass kills the worker and reports its trials `Lost`, to run again."""
 
     slots: int
 
@@ -158,6 +161,8 @@ class WorkerSlots:
             self._ready[i] = True
             return None
         event = _event(message)
+        if event is not None and event.number not in self._job[i]:
+            return None  # from a worker replaced as stalled, whose trial has run again
         if isinstance(event, Epoch) and self._owed[i]:  # a cohort's first member's epoch
             took = time.monotonic() - self._owed[i]
             self._epochs[i].append(took)
@@ -179,7 +184,8 @@ class WorkerSlots:
                 continue
             epochs = self._epochs[i]
             typical = statistics.median(epochs) if epochs else self._slowest
-            limit = max(self._stall_s, STALL_FACTOR * typical)
+            floor = self._stall_s if epochs else FIRST_EPOCH * self._stall_s
+            limit = max(floor, STALL_FACTOR * typical)
             silent = now - self._owed[i]
             if silent > limit:
                 what = f"its epochs took {typical:.2g} s" if epochs else "before its 1st epoch"

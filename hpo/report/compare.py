@@ -12,6 +12,8 @@ from typing import NamedTuple
 import optuna
 from optuna.trial import TrialState
 
+from hpo.diagnose import FIT_LABELS
+
 
 class StudySummary(NamedTuple):
     name: str
@@ -81,7 +83,7 @@ def summarise(study: optuna.Study) -> StudySummary:
         best_number=best.number if best else None,
         test_metrics=study.user_attrs.get("test_metrics", {}),
         states=state_counts(trials),  # INTERRUPTED apart
-        fit_counts={k: fits.count(k) for k in ("good", "overfit", "underfit")},
+        fit_counts={k: fits.count(k) for k in FIT_LABELS},
         trials_to_best=best_at[0] if best_at else None,
         time_to_best_s=best_at[1] if best_at else None,
         wall_time_s=best_so_far[-1][1] if best_so_far else 0.0,
@@ -164,7 +166,7 @@ def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
         "time to best",
         "wall time",
         "complete / pruned / failed / interrupted",
-        "good / overfit / underfit",
+        " / ".join(FIT_LABELS),
     ]
     rows = []
     for s in d.studies:
@@ -180,7 +182,7 @@ def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
                 " / ".join(
                     str(s.states[k]) for k in ("COMPLETE", "PRUNED", "FAIL", "INTERRUPTED")
                 ),
-                " / ".join(str(s.fit_counts[k]) for k in ("good", "overfit", "underfit")),
+                " / ".join(str(s.fit_counts[k]) for k in FIT_LABELS),
             ]
         )
     return header, rows

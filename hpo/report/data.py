@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.config import Distribution, SpecError
+from hpo.diagnose import FIT_LABELS
 from hpo.redact import recorded_uri
 
 EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) counts as its edge
@@ -119,7 +120,7 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
         for t in trials
         if "fit" in t.user_attrs
     ]
-    fit_counts = {k: sum(r.label == k for r in fit_rows) for k in ("good", "overfit", "underfit")}
+    fit_counts = {k: sum(r.label == k for r in fit_rows) for k in FIT_LABELS}
     importances = param_importances(study)
     roles = _curve_roles(study, complete, fit_rows)
     uri = tracking_uri or recorded_uri(attrs.get("tracking_uri"))
@@ -380,7 +381,7 @@ def _curve_roles(study, complete, fit_rows) -> dict[int, str]:
     )
     roles = {t.number: "best" if i == 0 else f"top {i + 1}" for i, t in enumerate(best_first[:3])}
     values = {t.number: t.value for t in complete}
-    for label in ("overfit", "underfit"):
+    for label in ("overfit", "underfit", "unstable"):
         rows = [r for r in fit_rows if r.label == label and r.number not in roles]
         if rows:
             # typical: the median one by value among those with this label

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from hpo.diagnose import RULES
+from hpo.diagnose import FIT_LABELS, RULES
 from hpo.report.data import ADVICE_RULES, ReportData, importance_study
 
 COLUMN_PX = 1100  # the page's column (body max-width): no figure may be wider
@@ -35,6 +35,7 @@ table { border-collapse: collapse; margin: 1em 0; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } code, pre { background: #f6f6f6; padding: 2px 4px; }
 .overfit { color: #b03030; } .underfit { color: #a06000; } .good { color: #207020; }
+.unstable { color: #7030a0; }
 </style>"""
 
 
@@ -306,7 +307,7 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
 
 def _fit_sentence(d: ReportData) -> str:
     c = d.fit_counts
-    return f"{c['good']} good, {c['overfit']} overfit, {c['underfit']} underfit."
+    return ", ".join(f"{c[label]} {label}" for label in FIT_LABELS) + "."
 
 
 def _baseline_model(config: dict[str, Any]) -> str:
