@@ -204,6 +204,8 @@ def _still_falling(vl: Sequence[float], k: int, stopped_by: str) -> str:
 def _share(value: float, whole: float) -> str:
     """`value` as a percentage of `whole`, never a bare '0%'."""
     pct = 100 * value / whole
+    if abs(pct) >= 1000:  # a loss that exploded: 7926678% says less than 8e+04 times
+        return f"{value / whole:.2g} times"
     return f"{pct:.0f}%" if abs(pct) >= 10 or pct == 0 else f"{pct:.2g}%"
 
 

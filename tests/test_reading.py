@@ -44,3 +44,99 @@ def test_a_study_labels_a_too_large_learning_rate_unstable_everywhere(workdir):
         [client.get_experiment_by_name("unst").experiment_id], "tags.hpo.trial_number = '0'"
     )
     assert run.data.tags["hpo.fit"] == "unstable"
+
+
+# ---------------------------------------------------------------- the report
+
+
+def test_a_digits_report_has_no_phantom_values_and_no_baseline_lines(workdir, mlflow_uri):
+    """Baselines and a conditional parameter (momentum only for SGD): no chart has a None
+    anywhere, the parallel coordinates draw only searched trials, each on the parameters it
+    has, and momentum gets a chart of its own over the SGD trials."""
+    import json
+
+    from conftest import study_run
+
+    from hpo.config import parse_spec
+    from hpo.report.data import report_data
+    from hpo.report.render import plotly_figures
+
+    spec = small_spec(
+        name="phantoms",
+        search_space={
+            "n_layers": {"type": "int", "low": 1, "high": 2},
+            "width": {"type": "int", "low": 16, "high": 64, "log": True},
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+            "momentum": {
+                "type": "float",
+                "low": 0.0,
+                "high": 0.95,
+                "when": {"optimizer": ["sgd"]},
+            },
+            "batch_size": 64,
+        },
+        baselines=[{"name": "linear", "n_layers": 0}, {"name": "small", "width": 16}],
+        study={"n_trials": 12},
+        tracking={"uri": mlflow_uri},
+    )
+    study_run(parse_spec(spec))
+    study = optuna.load_study(study_name="phantoms", storage="sqlite:///optuna.db")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    searched = [t for t in complete if "baseline" not in t.user_attrs]
+    sgd = [t for t in searched if "momentum" in t.params]
+    assert len(complete) > len(searched) >= 2 and len(sgd) >= 2  # what the test is about
+    figures = plotly_figures(study, report_data(study, mlflow_uri))
+    for key, fig in figures.items():
+        assert "None" not in json.dumps(fig.to_plotly_json(), default=str), key
+    def lines_and_axes(fig):  # Optuna 5 draws each trial as a line over numbered axes
+        lines = [t for t in fig.data if t.mode == "lines"]
+        return lines, list(fig.layout.xaxis.ticktext)
+
+    lines, axes = lines_and_axes(figures["parallel"])
+    assert {"lr", "optimizer", "width"} <= set(axes) and "momentum" not in axes
+    assert len(lines) == len(searched)  # no baseline line
+    assert all(None not in t.y for t in lines)
+    lines, axes = lines_and_axes(figures["parallel-momentum"])
+    assert "momentum" in axes and len(lines) == len(sgd)
+
+
+def test_no_report_advises_widening_a_parameter_it_says_barely_matters(workdir):
+    """dropout sits at the top edge of its range in every trial (its importance is 0): the
+    advice says nothing of widening it, and the flat list says why not."""
+    import yaml
+
+    from hpo.report.data import report_data
+    from hpo.report.render import render_markdown
+
+    space = {
+        "n_layers": 1,
+        "width": 32,
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    }
+    study = optuna.create_study(
+        study_name="flat", storage="sqlite:///flat.db", direction="maximize"
+    )
+    study.set_user_attr("spec_yaml", yaml.safe_dump(small_spec(name="flat", search_space=space)))
+    study.set_user_attr("metric", "val_accuracy")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    drop = optuna.distributions.FloatDistribution(0.0, 0.5)
+    for i in range(20):
+        params = {"lr": 1e-4 * 1000 ** (i / 20), "dropout": 0.49}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={"lr": lr, "dropout": drop},
+                value=0.5 + 0.02 * i,
+                user_attrs={"config": params, "n_params": 2410},
+            )
+        )
+    d = report_data(study)
+    assert "dropout" not in [a.param for a in d.advice]
+    md = render_markdown(d, {})
+    assert (
+        "dropout (its best values sit at its high edge, but it barely matters here: widening "
+        "is unlikely to help)" in md
+    )
+    assert "dropout:" not in md.split("## Search-space advice")[1]

@@ -7,13 +7,20 @@ import json
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from hpo.diagnose import FIT_LABELS, RULES
-from hpo.report.data import ADVICE_RULES, ReportData, importance_study
+from hpo.report.data import (
+    ADVICE_RULES,
+    IMPORTANCE,
+    ReportData,
+    importance_study,
+    parallel_studies,
+)
 
 COLUMN_PX = 1100  # the page's column (body max-width): no figure may be wider
 SLICE_COLS = 3  # slice panels per row
@@ -118,13 +125,13 @@ def optuna_charts(study: optuna.Study, d: ReportData, vis: Any) -> dict[str, Cal
     charts: dict[str, Callable[[], Any]] = {}
     if not complete:
         return charts
-    charts["history"] = lambda: vis.plot_optimization_history(study, target_name=target)
+    charts["history"] = partial(vis.plot_optimization_history, study, target_name=target)
     derived = importance_study(study) if d.importances else None
     if derived is not None:
         known = _Known(d.importances)
-        charts["importances"] = lambda: vis.plot_param_importances(derived, evaluator=known)
-    if len(complete) >= 2:
-        charts["parallel"] = lambda: vis.plot_parallel_coordinate(study, target_name=target)
+        charts["importances"] = partial(vis.plot_param_importances, derived, evaluator=known)
+    for key, _title, trials in parallel_studies(study):
+        charts[key] = partial(vis.plot_parallel_coordinate, trials, target_name=target)
     return charts
 
 
@@ -248,6 +255,20 @@ def plotly_figures(study: optuna.Study, d: ReportData) -> dict[str, Any]:
     return figs
 
 
+def _parallel_html(study: optuna.Study, chart: Callable[[str], str]) -> list[str]:
+    """The parallel-coordinates charts: every searched trial on the parameters they all have,
+    then one per conditional parameter over the trials it applies to."""
+    panels = parallel_studies(study)
+    if not panels:
+        return [chart("parallel")]
+    out = []
+    for i, (key, title, _) in enumerate(panels):
+        if i == 1:
+            out.append("<p>Parameters that apply to some trials only, over those trials:</p>")
+        out += [f"<p class='panel'>{html.escape(title.capitalize())}</p>", chart(key)]
+    return out
+
+
 def render_html(study: optuna.Study, d: ReportData) -> str:
     """A page that opens offline from disk: plotly.js is inlined, nothing is fetched."""
     from plotly.offline import get_plotlyjs
@@ -280,11 +301,11 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
         "<h2>Optimisation history</h2>",
         chart("history"),
         "<h2>What mattered</h2>",
-        "<p>fANOVA importances over the complete trials; <code>n_params</code> is the model's "
+        f"<p>{IMPORTANCE}; <code>n_params</code> is the model's "
         "parameter count, derived from depth and widths.</p>",
         chart("importances"),
         "<h3>Parallel coordinates</h3>",
-        chart("parallel"),
+        *_parallel_html(study, chart),
         "<h3>Slices</h3>",
         chart("slice"),
         "<h2>Fit diagnosis</h2>",
@@ -410,8 +431,12 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
         lines.append(
             f"![{title}]({images[key]})" if key in images else "_Not enough complete trials._"
         )
+        if key == "parallel":  # then one per conditional parameter, over its trials
+            for extra in (k for k in images if k.startswith("parallel-")):
+                what = f"Trials with {extra.removeprefix('parallel-')}"
+                lines += ["", f"{what}:", "", f"![{what}]({images[extra]})"]
     if d.importances:
-        lines += ["", "| parameter | importance |", "| --- | --- |"]
+        lines += ["", IMPORTANCE + ".", "", "| parameter | importance |", "| --- | --- |"]
         lines += [f"| {k} | {v:.3f} |" for k, v in d.importances.items()]
     lines += ["", "## Fit diagnosis", "", _fit_sentence(d), "", RULES, ""]
     if "curves" in images:
@@ -447,7 +472,7 @@ def write_pngs(study: optuna.Study, d: ReportData, out: Path) -> dict[str, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             draw()
-            wide = key == "parallel" and n_params > 4
+            wide = key.startswith("parallel") and n_params > 4
             plt.gcf().set_size_inches(max(10, 2.4 * n_params) if wide else 10, 5)
             plt.tight_layout()
             plt.savefig(out / f"{key}.png", dpi=80)
