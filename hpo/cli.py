@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
@@ -18,9 +18,20 @@ from hpo.redact import first_line, recorded_uri, redact, redact_url, url_problem
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    """Flags shown without a type in help (typer wrote `--help <bool>`)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # shown instead of the type: nothing
+    return params
+
+
 class _OneLineErrors(TyperGroup):
     """Bad command lines are told as everything else bad is: `error: ...` on one line of
     stderr, exit status 2, instead of typer's boxed usage message."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
 
     def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
         if not standalone_mode:
@@ -43,13 +54,28 @@ class _OneLineErrors(TyperGroup):
         raise SystemExit(code if isinstance(code, int) else 0)
 
 
+class _Command(TyperCommand):
+    """A command whose help shows no type for a flag (typer wrote `--help <bool>`)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
     cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Markdown: a paragraph's lines are joined and wrapped to the terminal, and brackets
+    # (hpo[ray]) are text, not rich's markup
+    rich_markup_mode="markdown",
     help="Hyperparameter studies of PyTorch MLPs, from a YAML spec, tracked in MLflow.",
 )
+
+
+def command() -> Any:
+    return app.command(cls=_Command)
+
 
 SpecArg = Annotated[
     Path, typer.Argument(help="The study's YAML spec, e.g. search_spaces/digits.yaml.")
@@ -70,8 +96,8 @@ StorageOpt = Annotated[
         "--storage",
         callback=_url_option,
         envvar="HPO_STORAGE",
-        help="Optuna storage URL, e.g. postgresql://user:password@host/db (or $HPO_STORAGE, "
-        "which keeps the password off the command line) \\[default: sqlite:///optuna.db].",
+        help="Optuna storage URL, such as sqlite:///optuna.db (the default) or "
+        "postgresql://USER:PASSWORD@HOST/DB; $HPO_STORAGE keeps a password off the command line.",
     ),
 ]
 TrackingOpt = Annotated[
@@ -109,7 +135,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-@app.command()
+@command()
 def validate(spec: SpecArg) -> None:
     """Check a spec and report every problem; run nothing."""
     loaded = _load(spec)
@@ -143,7 +169,7 @@ def validate(spec: SpecArg) -> None:
         _err(f"warning: {warning}")
 
 
-@app.command()
+@command()
 def names(
     kind: Annotated[str | None, typer.Argument(help="datasets, samplers, ...")] = None,
 ) -> None:
@@ -162,7 +188,7 @@ def names(
                 typer.echo(f"  {e.name:<{width}}  {e.doc}")
 
 
-@app.command()
+@command()
 def run(
     spec: SpecArg,
     n_trials: Annotated[
@@ -322,6 +348,19 @@ def run(
         )
         for note in d.get("notes") or []:
             display.print(f"  note: {note}")
+        for entry in loaded.baselines:
+            asked = loaded.baseline_config(entry["name"])["batch_size"]
+            if int(asked) > d["n_train"]:
+                display.print(
+                    f"  note: baseline {entry['name']!r} trains at batch size {d['n_train']}, "
+                    f"the training rows ({asked} asked): one step an epoch"
+                )
+        n_base, total = len(loaded.baselines), info["total"]
+        if n_base >= total and info["done"] < total:
+            display.print(
+                f"warning: the {n_base} baselines use all {total} trials; the search runs "
+                f"none: raise --n-trials (to {n_base + 10} for 10 searched trials)"
+            )
         display.on_start(info)
 
     try:
@@ -420,19 +459,53 @@ def _summary(r: Any) -> None:
         elif r.test_note:
             typer.echo(f"test split: not yet used ({r.test_note})")
         if r.model_uri:
-            typer.echo(
-                f"best model: {r.model_uri}   (hpo predict {r.study_name} ROWS.csv, or "
-                f"mlflow models serve -m {r.model_uri})"
-            )
+            typer.echo(f"best model: {r.model_uri}   (or: mlflow models serve -m {r.model_uri})")
     if r.baselines is not None:
         for line in r.baselines.sentences():
             typer.echo(line)
+    _next_steps(r)
+
+
+def _hpo() -> str:
+    """How to run hpo again as this process was run: `hpo` when that is on the PATH, else its
+    path (`.venv/bin/hpo` after `make run`), else `python -m hpo`."""
+    import shutil
+    import sys
+
+    argv0 = sys.argv[0]
+    found = shutil.which("hpo")
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return "hpo"
+    if os.path.basename(argv0) == "hpo" and os.path.isfile(argv0):
+        relative = os.path.relpath(argv0)
+        return relative if len(relative) < len(argv0) else argv0
+    python = os.path.relpath(sys.executable)
+    return f"{python if len(python) < len(sys.executable) else sys.executable} -m hpo"
+
+
+def _next_steps(r: Any) -> None:
+    """Commands that run as printed, from this folder, for what a user does next."""
+    from hpo.storage import DEFAULT_STORAGE
+
+    hpo, name = _hpo(), r.study_name
+    where = "" if r.storage == DEFAULT_STORAGE else f" --storage {r.storage}"
+    steps = [(f"{hpo} report {name}{where}", f"the study's report: reports/{name}/index.html")]
     if r.tracking_uri.startswith(("http://", "https://")):
-        typer.echo(f"browse the runs: {r.tracking_uri}")
+        steps.append((f"open {r.tracking_uri}", "the runs, on the MLflow server"))
     else:
-        typer.echo(
-            f"browse the runs: hpo ui   (or: mlflow ui --backend-store-uri {r.tracking_uri})"
+        steps.append((f"{hpo} ui", "the runs in the MLflow UI"))
+    if r.model_uri:
+        row = (r.data_info or {}).get("row")
+        steps.append(
+            (
+                f"{hpo} predict {name} ROWS.csv{where}",
+                "the best model on new rows" + (f"; a row: {row}" if row else ""),
+            )
         )
+    width = max(len(command) for command, _ in steps)
+    typer.echo("next steps:")
+    for command, what in steps:
+        typer.echo(f"  {command:<{width}}   {what}")
 
 
 def _open_storage(url: str) -> Any:
@@ -474,7 +547,7 @@ def _load_studies(names: list[str], storage: str | None) -> list[Any]:
     return loaded
 
 
-@app.command()
+@command()
 def studies(storage: StorageOpt = None) -> None:
     """List the studies in a storage: trials by state, best value, test metric."""
     from hpo.storage import DEFAULT_STORAGE
@@ -508,7 +581,7 @@ def studies(storage: StorageOpt = None) -> None:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-@app.command()
+@command()
 def report(
     study: Annotated[str, typer.Argument(help="The study's name.")],
     storage: StorageOpt = None,
@@ -524,7 +597,7 @@ def report(
     typer.echo(f"report for {study!r}: {folder / 'index.html'} and {folder / 'report.md'}")
 
 
-@app.command()
+@command()
 def predict(
     study: Annotated[str, typer.Argument(help="The study's name.")],
     data: Annotated[
@@ -616,7 +689,7 @@ def _check_out(folder: Path) -> None:
         _fail_spec(e, None)
 
 
-@app.command()
+@command()
 def compare(
     studies: Annotated[list[str], typer.Argument(help="Two or more study names.")],
     storage: StorageOpt = None,
@@ -644,7 +717,7 @@ def compare(
     typer.echo((folder / "report.md").read_text().strip().splitlines()[-1])
 
 
-@app.command()
+@command()
 def ui(
     study: Annotated[
         str | None,
@@ -692,7 +765,7 @@ def ui(
     raise typer.Exit(code=code)
 
 
-@app.command()
+@command()
 def dashboard(
     storage: StorageOpt = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,

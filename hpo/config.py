@@ -199,13 +199,16 @@ class Spec(_Strict):
         p = Path(value).expanduser()
         return p if p.is_absolute() else Path(self.source_dir) / p
 
-    def baseline_config(self, name: str) -> dict[str, Any]:
+    def baseline_config(self, name: str, n_train: int | None = None) -> dict[str, Any]:
         """A baseline's full configuration: the defaults, the search space's fixed values, then
-        the baseline's own; `width` may list one width per layer."""
+        the baseline's own; `width` may list one width per layer. With `n_train`, its batch
+        size is at most the training rows (the default 128 on 113 rows said 128 and was 113)."""
         [entry] = [b for b in self.baselines if b.get("name") == name]
         config = default_config()
         config.update({k: v for k, v in self.space.items() if not isinstance(v, Distribution)})
         config.update({k: v for k, v in entry.items() if k != "name"})
+        if n_train is not None and int(config["batch_size"]) > n_train:
+            config["batch_size"] = n_train
         return with_widths(config)
 
     def to_yaml(self) -> str:

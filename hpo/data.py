@@ -178,6 +178,7 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         "split_hash": h.hexdigest()[:16],
         "classes": raw.classes,
         "notes": raw.notes,
+        "row": _row(prep),  # what `hpo predict` takes as one row
         # the training split's class frequencies: the fit diagnosis's chance level
         "class_counts": np.bincount(y_tr, minlength=n_outputs).tolist()
         if task == "classification"
@@ -195,6 +196,15 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         raw_example=example,
         _test=to_tensors(X_te, y_te),
     )
+
+
+def _row(prep: dict[str, Any]) -> str:
+    """What one row of `hpo predict`'s input holds, in words."""
+    if prep["kind"] == "table":
+        names = [c["name"] for c in prep["columns"]]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        return f"a CSV with a header and the data file's feature columns ({shown})"
+    return f"{prep['n_features']} values, {prep['input']}"
 
 
 def _split(

@@ -818,7 +818,7 @@ class _Driver:
         baseline = trial.user_attrs.get("baseline")
         try:
             if baseline is not None:  # fixed: the sampler is not asked, so params stay empty
-                running.config = self.spec.baseline_config(baseline)
+                running.config = self.spec.baseline_config(baseline, self.data.info["n_train"])
             else:
                 running.config = suggest_params(trial, self.spec.space)
         except Exception as e:  # noqa: BLE001 - a sampler's error fails this trial only

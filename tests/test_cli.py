@@ -79,8 +79,24 @@ def test_run_help_shows_the_defaults_of_storage_and_tracking():
         env=dict(os.environ, COLUMNS="200"),
     ).stdout
     out = " ".join(out.replace("│", " ").split())  # the help's box and line breaks
-    assert "[default: sqlite:///optuna.db]" in out
+    assert "sqlite:///optuna.db (the default)" in out
     assert "[default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]" in out
+
+
+def test_run_help_fits_80_columns_with_its_brackets_and_no_type_on_flags():
+    """Help text at 80 columns: no line wider, `hpo[ray]` shown (rich took `[ray]` for
+    markup), no `<bool>` on --help, and no line break inside the docstring's sentences."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="80"),
+    ).stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "hpo[ray]" in out and "<bool>" not in out
+    text = " ".join(out.split())
+    assert "give them the same --storage (PostgreSQL across machines)" in text
+    assert "give them the\n" not in out
 
 
 def test_max_epochs_and_max_samples_give_a_quick_look(workdir):
@@ -193,7 +209,13 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert "optimizer=adam" in best and "lr=" in best and "widths=[" in best, best
     assert not [k for k in ("momentum=", "nesterov=", " width=") if k in best], best
     uri = study.user_attrs["model_uri"]
-    assert f"best model: {uri}   (hpo predict cli-study ROWS.csv, or mlflow models " in out
+    assert f"best model: {uri}   (or: mlflow models serve -m {uri})" in out
+    steps = out.split("next steps:\n")[1].splitlines()
+    assert " report cli-study " in steps[0] and "reports/cli-study/index.html" in steps[0]
+    assert " ui " in steps[1] and "the runs in the MLflow UI" in steps[1]
+    assert (
+        " predict cli-study ROWS.csv " in steps[2] and "a row: 64 values, 8 x 8 pixel" in steps[2]
+    )
     code, out = invoke("studies")
     lines = out.strip().splitlines()
     assert code == 0 and lines[0].split()[:4] == ["study", "complete", "pruned", "failed"]

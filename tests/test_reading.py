@@ -89,6 +89,7 @@ def test_a_digits_report_has_no_phantom_values_and_no_baseline_lines(workdir, ml
     figures = plotly_figures(study, report_data(study, mlflow_uri))
     for key, fig in figures.items():
         assert "None" not in json.dumps(fig.to_plotly_json(), default=str), key
+
     def lines_and_axes(fig):  # Optuna 5 draws each trial as a line over numbered axes
         lines = [t for t in fig.data if t.mode == "lines"]
         return lines, list(fig.layout.xaxis.ticktext)
