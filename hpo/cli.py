@@ -4,6 +4,7 @@ its terminal display (hpo/progress.py)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -761,7 +762,10 @@ def ui(
         if not views:
             typer.echo(f"  no hpo study in {redact_url(uri)} yet")
 
-    code = serve(*mlflow_ui_command(uri, port), ready=(f"{base}/health", where_to_look))
+    with tempfile.TemporaryFile("w+") as log:
+        code = serve(*mlflow_ui_command(uri, port), ready=(f"{base}/health", where_to_look),
+                     output=log)  # fmt: skip
+        _server_failed(code, log, "MLflow UI")
     raise typer.Exit(code=code)
 
 
@@ -789,7 +793,22 @@ def dashboard(
         raise typer.Exit(code=2) from None
     shown = f"http://127.0.0.1:{port}/dashboard"
     typer.echo(f"Optuna dashboard for {redact_url(url)} at {shown} (Ctrl-C to stop)")
-    raise typer.Exit(code=serve(*dashboard_command(url, port)))
+    with tempfile.TemporaryFile("w+") as log:
+        code = serve(*dashboard_command(url, port), output=log)
+        _server_failed(code, log, "Optuna dashboard")
+    raise typer.Exit(code=code)
+
+
+def _server_failed(code: int, log: Any, what: str) -> None:
+    """The server's own lines (its logs, its libraries' warnings and advice) are kept off the
+    terminal; when it fails, its last ones are shown, redacted, to say why."""
+    if code == 0:
+        return
+    log.seek(0)
+    last = [line.rstrip() for line in log.read().splitlines() if line.strip()][-15:]
+    _err(f"error: the {what} stopped with exit status {code}; its last lines:")
+    for line in last:
+        _err(f"  {redact(line)}")
 
 
 def main() -> None:

@@ -87,6 +87,8 @@ class StudyDisplay:
     def on_start(self, info: dict[str, Any]) -> None:
         with self._lock:
             self.done, self.total = info["done"], info["total"]
+            if info.get("best_number") is not None:  # a resumed study has a best already
+                self.best = (info["best_value"], info["best_number"])
             self.started = time.monotonic()
 
     def on_epoch(self, e: EpochProgress) -> None:

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 HOST = "127.0.0.1"
 GRACE_S = 10.0  # how long a stopped server may take to exit before it is killed
@@ -70,17 +70,26 @@ def serve(
     env: dict[str, str] | None = None,
     grace: float = GRACE_S,
     ready: tuple[str, Callable[[], None]] | None = None,
+    output: IO[Any] | None = None,
 ) -> int:
     """Run the server `cmd` until it exits (its exit status is returned) or hpo gets SIGTERM,
     SIGINT or SIGHUP: then its whole process tree is stopped (see the module) and 0 returned.
     `ready`: (URL, call): the call is made once the URL answers (to print where to look only
-    once there is something to see)."""
+    once there is something to see). `output`: a file for the server's own lines (its logs,
+    its libraries' warnings), else they go to hpo's."""
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         # Its own session: a terminal's Ctrl-C or hang-up reaches hpo only, which stops the
         # tree as it stops for SIGTERM, in one way.
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT if output is not None else None,
+            start_new_session=True,
+        )
         try:
             while not stop.count:
                 try:

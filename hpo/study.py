@@ -621,8 +621,11 @@ class _Driver:
         self.study, self.base_seed = study, base_seed
         self.on_trial_end, self.on_epoch = on_trial_end, on_epoch
         if on_start is not None:
+            best = best_or_none(study)
             on_start(
                 {
+                    "best_value": best.value if best else None,
+                    "best_number": best.number if best else None,
                     "name": self.name,
                     "data": self.data.info,
                     "device": str(self.data.train[0].device),

@@ -209,3 +209,29 @@ def test_every_point_is_drawn_in_headless_chromium(single_and_interrupted, workd
     d = compare_data(list(single_and_interrupted))
     points = 2 * sum(len(s.best_so_far) for s in d.studies)  # both panels
     assert dom.count('class="point"') == points == 2 * (1 + 2)
+
+
+def test_studies_on_different_data_are_said_so_and_reseed_is_not_suggested(
+    accuracy_and_rmse, workdir
+):
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+
+    d = compare_data(list(accuracy_and_rmse), reseed=2)
+    assert [s.data for s in d.studies] == [
+        "digits (1149 train / 288 val / 360 test)",
+        "csv (113 train / 29 val / 36 test)",
+    ]
+    assert d.reseed == []  # nothing retrained: it would not make them comparable
+    assert d.verdict.startswith(
+        "acc and rmse ran on different data (digits (1149 train / 288 val / 360 test); csv "
+    )
+    assert "measure different metrics (val_accuracy; val_rmse)" in d.verdict
+    assert "are not comparable" in d.verdict and "Run with --reseed" not in d.verdict
+    result = CliRunner().invoke(app, ["compare", "acc", "rmse", "--out", str(workdir / "c")])
+    assert result.exit_code == 0, result.output
+    assert "ran on different data" in result.output and "Run with --reseed" not in result.output
+    assert (
+        "| digits (1149 train / 288 val / 360 test) |" in (workdir / "c" / "report.md").read_text()
+    )

@@ -152,3 +152,28 @@ def test_hpo_run_draws_the_live_panel_on_a_terminal_and_plain_lines_into_a_pipe(
     assert piped.returncode == 0, piped.stderr
     assert "[4/4] trial 3" in piped.stdout
     assert "trials done" not in piped.stdout and "\x1b[" not in piped.stdout
+
+
+def test_the_panel_of_a_resumed_study_shows_its_stored_best_from_the_start(workdir, mlflow_uri):
+    import io
+
+    from rich.console import Console
+
+    from hpo.config import parse_spec
+    from hpo.progress import StudyDisplay
+
+    spec = small_spec(name="resumed", study={"n_trials": 2}, tracking={"uri": mlflow_uri})
+    first = study_run(parse_spec(spec))
+    spec["study"]["n_trials"] = 3
+    out = io.StringIO()
+    display = StudyDisplay("val_accuracy", Console(file=out, force_terminal=True, width=120))
+    seen = []
+
+    def on_start(info):  # the panel as drawn before the first new trial ends
+        display.on_start(info)
+        display.console.print(display)
+        seen.append(out.getvalue())
+
+    study_run(parse_spec(spec), on_start=on_start)
+    assert "2/3 trials done" in seen[0] and "best -" not in seen[0]
+    assert f"best val_accuracy {first.best_value:.4f} (#{first.best_number})" in seen[0]

@@ -197,6 +197,10 @@ def mlflow_ui(stores, tmp_path_factory):
         assert _answers(f"http://127.0.0.1:{port}/health") == "OK", server.output
         first = server.output.splitlines()[0]
         assert first.startswith("MLflow UI for sqlite:///") and "starting at http://" in first
+        # hpo's lines only: not uvicorn's logs, its web stack's warnings or MLflow's advice to
+        # use an option hpo ui does not have
+        for noise in ("Warning", "INFO:", "--host 0.0.0.0", "Uvicorn"):
+            assert noise not in server.output, server.output
         yield server
     finally:
         server.kill()
@@ -315,6 +319,7 @@ def test_dashboard_serves_the_storage_and_sigterm_stops_it(stores, tmp_path):
         names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
         assert names == [STUDY]
         assert f"at http://127.0.0.1:{port}/dashboard" in server.output
+        assert server.output.count("\n") == 1, server.output  # hpo's one line, nothing else
         if chromium():  # the page itself, rendered
             page = f"http://127.0.0.1:{port}/dashboard"
             text = _rendered_text(page, tmp_path / "chrome", STUDY)

@@ -17,6 +17,8 @@ from hpo.diagnose import FIT_LABELS
 
 class StudySummary(NamedTuple):
     name: str
+    data: str  # the dataset and its split, e.g. "digits (1149 train / 288 val / 360 test)"
+    data_key: tuple  # what must be equal for two studies' values to compare: dataset, split
     metric: str
     maximize: bool
     best_value: float | None
@@ -75,8 +77,14 @@ def summarise(study: optuna.Study) -> StudySummary:
             best_so_far.append((i, (t.datetime_complete - start).total_seconds(), best_value))
     fits = [t.user_attrs.get("fit") for t in finished]
     best = best_or_none(study)
+    info = study.user_attrs.get("data", {})
+    sizes = " / ".join(
+        f"{info[f'n_{k}']} {k}" for k in ("train", "val", "test") if f"n_{k}" in info
+    )
     return StudySummary(
         name=study.study_name,
+        data=f"{info.get('dataset', '?')} ({sizes})" if sizes else str(info.get("dataset", "?")),
+        data_key=(info.get("dataset"), info.get("split_hash")),
         metric=study.user_attrs.get("metric", "value"),
         maximize=maximize,
         best_value=best_value,
@@ -105,8 +113,30 @@ def seed_stats(name: str, key: str, rows: list[dict[str, float]]) -> SeedStats:
     return SeedStats(name, key, values, mean, half)
 
 
-def verdict(reseed: list[SeedStats]) -> str:
+def differences(studies: list[StudySummary]) -> str:
+    """'' when the studies ran on the same data and split with the same metric; else what
+    differs, in one sentence: then their values do not compare, reseeded or not."""
+    a = studies[0]
+    said = []
+    for s in studies[1:]:
+        if s.data_key != a.data_key:
+            said.append(f"{a.name} and {s.name} ran on different data ({a.data}; {s.data})")
+        if s.metric != a.metric:
+            said.append(
+                f"{a.name} and {s.name} measure different metrics ({a.metric}; {s.metric})"
+            )
+    if not said:
+        return ""
+    return (
+        "; ".join(said) + ": their values are not comparable, and retraining with new seeds "
+        "(--reseed) would not make them so."
+    )
+
+
+def verdict(reseed: list[SeedStats], differ: str = "") -> str:
     """Whether the difference between the first two studies is larger than the seed noise."""
+    if differ:
+        return differ
     if len(reseed) < 2:
         return "Run with --reseed K (K >= 2) to weigh the difference against seed noise."
     from scipy import stats
@@ -140,8 +170,9 @@ def compare_data(studies: list[optuna.Study], reseed: int = 0) -> CompareData:
     from hpo.study import retrain_best
 
     summaries = [summarise(s) for s in studies]
+    differ = differences(summaries)
     stats_rows: list[SeedStats] = []
-    if reseed > 0:
+    if reseed > 0 and not differ:  # retraining would not make them comparable
         for study, summary in zip(studies, summaries, strict=True):
             if summary.best_number is None:
                 continue
@@ -151,7 +182,7 @@ def compare_data(studies: list[optuna.Study], reseed: int = 0) -> CompareData:
             val_key = "val_" + key[len("test_") :]
             stats_rows.append(seed_stats(study.study_name, val_key, rows))
     tests = [s for s in stats_rows if s.key.startswith("test_")]
-    return CompareData(summaries, stats_rows, verdict(tests))
+    return CompareData(summaries, stats_rows, verdict(tests, differ))
 
 
 # ---------------------------------------------------------------- drawing
@@ -160,6 +191,7 @@ def compare_data(studies: list[optuna.Study], reseed: int = 0) -> CompareData:
 def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
     header = [
         "study",
+        "data",
         "best value",
         "test",
         "trials to best",
@@ -174,6 +206,7 @@ def _table(d: CompareData) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 s.name,
+                s.data,
                 f"{s.metric} {s.best_value:.4f}" if s.best_value is not None else "-",
                 test or "-",
                 str(s.trials_to_best or "-"),
