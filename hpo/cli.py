@@ -97,8 +97,8 @@ StorageOpt = Annotated[
         "--storage",
         callback=_url_option,
         envvar="HPO_STORAGE",
-        help="Optuna storage URL, such as sqlite:///optuna.db (the default) or "
-        "postgresql://USER:PASSWORD@HOST/DB; $HPO_STORAGE keeps a password off the command line.",
+        help="Optuna storage URL: sqlite:///optuna.db (the default), or a database such as "
+        "PostgreSQL; $HPO_STORAGE keeps its password off the command line.",
     ),
 ]
 TrackingOpt = Annotated[
@@ -478,23 +478,41 @@ def _hpo() -> str:
     if found and os.path.realpath(found) == os.path.realpath(argv0):
         return "hpo"
     if os.path.basename(argv0) == "hpo" and os.path.isfile(argv0):
-        relative = os.path.relpath(argv0)
-        return relative if len(relative) < len(argv0) else argv0
-    python = os.path.relpath(sys.executable)
-    return f"{python if len(python) < len(sys.executable) else sys.executable} -m hpo"
+        return _shortest(argv0)
+    return f"{_shortest(sys.executable or 'python3')} -m hpo"
+
+
+def _shortest(path: str) -> str:
+    """A program's path as typed from this folder: relative when shorter, ./ where needed."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    if os.sep not in relative:
+        relative = f".{os.sep}{relative}"  # else the shell looks it up on the PATH
+    return relative if len(relative) < len(path) else path
 
 
 def _next_steps(r: Any) -> None:
     """Commands that run as printed, from this folder, for what a user does next."""
+    import shlex
+
     from hpo.storage import DEFAULT_STORAGE
+    from hpo.tracking import resolve_uri
 
     hpo, name = _hpo(), r.study_name
-    where = "" if r.storage == DEFAULT_STORAGE else f" --storage {r.storage}"
+    where = ""
+    if r.storage != DEFAULT_STORAGE:  # a password, shown as ***, comes from the environment
+        url = '"$HPO_STORAGE"' if "***" in r.storage else shlex.quote(r.storage)
+        where = f" --storage {url}"
     steps = [(f"{hpo} report {name}{where}", f"the study's report: reports/{name}/index.html")]
     if r.tracking_uri.startswith(("http://", "https://")):
         steps.append((f"open {r.tracking_uri}", "the runs, on the MLflow server"))
     else:
-        steps.append((f"{hpo} ui", "the runs in the MLflow UI"))
+        tracking = ""
+        if r.tracking_uri != resolve_uri(None, None):  # hpo ui would open another store
+            tracking = f" --tracking-uri {shlex.quote(r.tracking_uri)}"
+        steps.append((f"{hpo} ui {name}{tracking}", "the runs in the MLflow UI"))
     if r.model_uri:
         row = (r.data_info or {}).get("row")
         steps.append(
@@ -762,7 +780,7 @@ def ui(
         if not views:
             typer.echo(f"  no hpo study in {redact_url(uri)} yet")
 
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryFile() as log:
         code = serve(*mlflow_ui_command(uri, port), ready=(f"{base}/health", where_to_look),
                      output=log)  # fmt: skip
         _server_failed(code, log, "MLflow UI")
@@ -793,7 +811,7 @@ def dashboard(
         raise typer.Exit(code=2) from None
     shown = f"http://127.0.0.1:{port}/dashboard"
     typer.echo(f"Optuna dashboard for {redact_url(url)} at {shown} (Ctrl-C to stop)")
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryFile() as log:
         code = serve(*dashboard_command(url, port), output=log)
         _server_failed(code, log, "Optuna dashboard")
     raise typer.Exit(code=code)
@@ -804,8 +822,9 @@ def _server_failed(code: int, log: Any, what: str) -> None:
     terminal; when it fails, its last ones are shown, redacted, to say why."""
     if code == 0:
         return
-    log.seek(0)
-    last = [line.rstrip() for line in log.read().splitlines() if line.strip()][-15:]
+    log.seek(max(log.seek(0, os.SEEK_END) - 65536, 0))  # the end of a log of any length
+    text = log.read().decode("utf-8", errors="replace")
+    last = [line.rstrip() for line in text.splitlines() if line.strip()][-15:]
     _err(f"error: the {what} stopped with exit status {code}; its last lines:")
     for line in last:
         _err(f"  {redact(line)}")

@@ -204,6 +204,8 @@ def _row(prep: dict[str, Any]) -> str:
         names = [c["name"] for c in prep["columns"]]
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         return f"a CSV with a header and the data file's feature columns ({shown})"
+    if prep["input"].startswith(str(prep["n_features"])):
+        return prep["input"]
     return f"{prep['n_features']} values, {prep['input']}"
 
 

@@ -30,7 +30,7 @@ RISE = 0.10  # val_loss 10% above its minimum while train_loss fell: overfitting
 MIN_RISE = 0.05  # ... and by at least this much of chance (a loss near 0 moves by % freely)
 STEEP = 0.03  # val_loss still falling by 3% or more per epoch at the end: cut short
 UNSTABLE = 0.15  # train_loss this much of chance above its lowest, and rising: unstable
-NEAR_ZERO = 0.05  # a loss below this much of chance: changes said as shares of chance
+NEAR_ZERO = 0.01  # a loss below this much of chance: changes said as shares of chance
 
 FIT_LABELS = ("good", "overfit", "underfit", "unstable")
 
@@ -40,9 +40,10 @@ RULES = (
     "a model that knows only the class frequencies (the entropy of the training split's "
     "classes: ln K for K balanced classes; 1 for standardised regression). "
     f"Unstable, checked first: train_loss rose over the last 2 epochs to more than "
-    f"{UNSTABLE:.0%} of chance above its lowest, or grew by more than that after the kept "
-    "epoch: the steps are too large (usually the learning rate); dropout's noise moves an "
-    "epoch's average training loss far less. "
+    f"{UNSTABLE:.0%} of chance above its lowest, or ended that much above the kept epoch's, "
+    f"while val_loss ended more than {RISE:.0%} above its lowest: the steps are too large "
+    "(usually the learning rate); dropout's noise moves an epoch's average training loss far "
+    "less. "
     f"Overfit: val_loss rose more than {RISE:.0%} (and {MIN_RISE:.0%} of chance) above its "
     "minimum while train_loss kept falling, or the train/validation gap grew past "
     f"{GAP:.0%} of chance after val_loss stopped improving; never a model with validation "
@@ -102,10 +103,11 @@ def diagnose_fit(
     if stopped_by == "pruned" and kept_epoch is None:
         seen = [i for i in range(n) if math.isfinite(vl[i])]
         kept_epoch = min(seen, key=vl.__getitem__) + 1 if seen else n
-        if kept_epoch < n:
-            pruned_note = (
-                f" (pruned at epoch {n}; read at its lowest val_loss, epoch {kept_epoch})"
-            )
+        pruned_note = (
+            f" (pruned at epoch {n}; read at its lowest val_loss, epoch {kept_epoch})"
+            if kept_epoch < n
+            else f" (pruned at epoch {n}, its lowest val_loss)"
+        )
     k = min(kept_epoch or n, n)
     unstable = _unstable(history, k, chance, lr)
     if unstable:
@@ -176,7 +178,7 @@ def diagnose_fit(
             )
     # ... or was cut off while still learning fast.
     if falling:
-        return Diagnosis("underfit", falling + pruned_note)
+        return Diagnosis("underfit", falling)  # "when it was pruned" says it
 
     return Diagnosis(
         "good",
@@ -247,11 +249,14 @@ def _unstable(history: Sequence[dict[str, float]], k: int, chance: float, lr: fl
     n = len(tl)
     if not all(math.isfinite(x) for x in tl):
         return ""  # a diverged trial fails with its own reason
+    vl = [v for v in (h["val_loss"] for h in history) if math.isfinite(v)]
+    # validation ended worse too: a training loss that rises alone may be dropout's noise
+    worse = bool(vl) and vl[-1] > min(vl) * (1 + RISE)
     low = min(range(n), key=tl.__getitem__) + 1  # 1-based epoch of the lowest train_loss
     end = ""
-    if n >= 3 and tl[-3] < tl[-2] < tl[-1] and tl[-1] - tl[low - 1] > UNSTABLE * chance:
+    if worse and n >= 3 and tl[-3] < tl[-2] < tl[-1] and tl[-1] - tl[low - 1] > UNSTABLE * chance:
         end = f"train_loss rose {_moves(tl, low, n)}"
-    elif k < n and max(tl[k:]) - tl[k - 1] > UNSTABLE * chance:
+    elif worse and k < n and tl[-1] - tl[k - 1] > UNSTABLE * chance:  # not a passing spike
         top = max(range(k, n), key=tl.__getitem__) + 1
         end = f"train_loss grew after the kept epoch {k}: {_moves(tl, k, top)}"
     if not end:

@@ -296,3 +296,17 @@ def test_a_perfect_model_with_a_loss_near_zero_is_not_overfit():
     assert diagnose_fit(history, chance=chance).label != "overfit"
     assert _change(1.93e-07, 0.0048, chance) == "+0.0048, 0.44% of chance"
     assert _change(0.31, 0.45, chance) == "+45%"
+
+
+def test_a_training_loss_that_wobbles_up_while_validation_improves_is_not_unstable():
+    # a 95/5 split (chance 0.2): the end of the curve is 0.035 above a noisy low, but
+    # validation improved every epoch
+    chance = chance_loss("classification", 2, [95, 5])
+    history = curves(
+        [0.3, 0.15, 0.07, 0.09, 0.11, 0.095, 0.10, 0.105],
+        [0.3, 0.2, 0.15, 0.13, 0.12, 0.11, 0.105, 0.1],
+    )
+    assert diagnose_fit(history, chance=chance).label != "unstable"
+    # a single spike after the kept epoch that training recovered from is not either
+    spike = curves([0.9, 0.5, 0.4, 0.9, 0.38, 0.37], [0.8, 0.45, 0.4, 0.5, 0.41, 0.42])
+    assert diagnose_fit(spike, kept_epoch=3, chance=CHANCE).label != "unstable"

@@ -141,3 +141,22 @@ def test_no_report_advises_widening_a_parameter_it_says_barely_matters(workdir):
         "is unlikely to help)" in md
     )
     assert "dropout:" not in md.split("## Search-space advice")[1]
+
+
+def test_next_steps_never_print_a_masked_password_and_name_the_store_hpo_ui_needs(workdir, capsys):
+    from types import SimpleNamespace
+
+    from hpo.cli import _next_steps
+
+    r = SimpleNamespace(
+        study_name="s",
+        storage="postgresql://hpo:***@db:5432/hpo?sslmode=require",
+        tracking_uri="sqlite:////data/other/mlflow.db",
+        model_uri="models:/m-1",
+        data_info={"row": "64 values, 8 x 8 pixel values 0-16, row by row"},
+    )
+    _next_steps(r)
+    out = capsys.readouterr().out
+    assert '--storage "$HPO_STORAGE"' in out and "***" not in out
+    assert " ui s --tracking-uri sqlite:////data/other/mlflow.db " in out
+    assert "a row: 64 values, 8 x 8 pixel values 0-16, row by row" in out

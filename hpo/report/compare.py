@@ -119,7 +119,8 @@ def differences(studies: list[StudySummary]) -> str:
     a = studies[0]
     said = []
     for s in studies[1:]:
-        if s.data_key != a.data_key:
+        known = a.data_key[0] is not None and s.data_key[0] is not None  # older studies: ?
+        if known and s.data_key != a.data_key:
             said.append(f"{a.name} and {s.name} ran on different data ({a.data}; {s.data})")
         if s.metric != a.metric:
             said.append(

@@ -243,7 +243,7 @@ def importance_study(study: optuna.Study) -> optuna.Study | None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if "baseline" not in t.user_attrs
     ]
-    if len(complete) < 3:
+    if len(complete) < MIN_GROUP:  # no conclusion from fewer
         return None
     derived = optuna.create_study(direction=study.direction)
     common = set.intersection(*(set(t.distributions) for t in complete))
