@@ -71,14 +71,18 @@ def test_run_with_a_bad_sampler_option_creates_nothing(workdir):
     assert sorted(p.name for p in workdir.iterdir()) == ["spec.yaml"]
 
 
-def test_run_help_shows_the_defaults_of_storage_and_tracking():
-    out = subprocess.run(
+def run_help(columns: int) -> str:
+    """`hpo run --help` as a terminal of that width shows it."""
+    return subprocess.run(
         [sys.executable, "-m", "hpo", "run", "--help"],
         capture_output=True,
         text=True,
-        env=dict(os.environ, COLUMNS="200"),
+        env=dict(os.environ, COLUMNS=str(columns)),
     ).stdout
-    out = " ".join(out.replace("│", " ").split())  # the help's box and line breaks
+
+
+def test_run_help_shows_the_defaults_of_storage_and_tracking():
+    out = " ".join(run_help(200).replace("│", " ").split())  # the help's box and line breaks
     assert "sqlite:///optuna.db (the default)" in out
     assert "[default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]" in out
 
@@ -86,12 +90,7 @@ def test_run_help_shows_the_defaults_of_storage_and_tracking():
 def test_run_help_fits_80_columns_with_its_brackets_and_no_type_on_flags():
     """Help text at 80 columns: no line wider, `hpo[ray]` shown (rich took `[ray]` for
     markup), no `<bool>` on --help, and no line break inside the docstring's sentences."""
-    out = subprocess.run(
-        [sys.executable, "-m", "hpo", "run", "--help"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, COLUMNS="80"),
-    ).stdout
+    out = run_help(80)
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "hpo[ray]" in out and "<bool>" not in out
     text = " ".join(out.split())

@@ -160,3 +160,19 @@ def test_next_steps_never_print_a_masked_password_and_name_the_store_hpo_ui_need
     assert '--storage "$HPO_STORAGE"' in out and "***" not in out
     assert " ui s --tracking-uri sqlite:////data/other/mlflow.db " in out
     assert "a row: 64 values, 8 x 8 pixel values 0-16, row by row" in out
+
+
+def test_a_budget_the_baselines_use_up_is_said_before_training(workdir):
+    spec = small_spec(
+        name="budget",
+        baselines=[{"name": "linear", "n_layers": 0}, {"name": "tiny", "width": 8}],
+        study={"n_trials": 2},
+    )
+    result = runner.invoke(app, ["run", str(write_spec(workdir, spec))])
+    assert result.exit_code == 0, result.output
+    warning = (
+        "warning: the 2 baselines use all 2 trials; the search runs none: raise --n-trials "
+        "(to 12 for 10 searched trials)"
+    )
+    assert warning in result.output
+    assert result.output.index(warning) < result.output.index("trial 0 ")  # before training
