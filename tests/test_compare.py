@@ -188,6 +188,7 @@ def test_studies_with_different_metrics_get_a_row_of_panels_each(accuracy_and_rm
     )
     assert sentence in (out / "report.md").read_text()
     assert sentence in (out / "index.html").read_text()
+    _different_data_is_said_and_reseed_not_suggested(accuracy_and_rmse, workdir)
 
 
 def test_seed_noise_of_different_metrics_is_not_weighed():
@@ -211,9 +212,8 @@ def test_every_point_is_drawn_in_headless_chromium(single_and_interrupted, workd
     assert dom.count('class="point"') == points == 2 * (1 + 2)
 
 
-def test_studies_on_different_data_are_said_so_and_reseed_is_not_suggested(
-    accuracy_and_rmse, workdir
-):
+def _different_data_is_said_and_reseed_not_suggested(accuracy_and_rmse, workdir):
+    """The same two studies (their fixture trains them: seconds): digits against a CSV."""
     from typer.testing import CliRunner
 
     from hpo.cli import app

@@ -493,15 +493,15 @@ def test_an_all_empty_column_is_a_note_and_no_library_warning_reaches_the_termin
 
 def test_a_stopped_worker_is_failed_as_stalled_killed_replaced_and_its_trial_run_again(tmp_path):
     """SIGSTOP on a worker mid-trial (a hung GPU call or file system looks the same to hpo):
-    after training.stall_timeout (20 s: a worker's first epoch on a busy machine can take
-    seconds, and a false stall would retry a healthy trial) its trial is FAIL as stalled, its
-    process killed, a new worker started, the configuration run again once, and the study
-    ends with n_trials."""
+    after training.stall_timeout (8 s; 24 s before a trial's first epoch, which on a busy
+    machine took over 5 s once: a false stall would retry a healthy trial) its trial is FAIL
+    as stalled, its process killed, a new worker started, the configuration run again once,
+    and the study ends with n_trials."""
     from hpo.study import FINISHED, was_interrupted
 
     spec = small_spec(
         name="stall",
-        training={"max_epochs": 60, "early_stopping": {"patience": 60}, "stall_timeout": 20},
+        training={"max_epochs": 60, "early_stopping": {"patience": 60}, "stall_timeout": 8},
         study={"n_trials": 3},
     )
     path = write_spec(tmp_path, spec)
