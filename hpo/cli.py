@@ -13,7 +13,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
-from hpo.redact import first_line, recorded_uri, redact, redact_url, url_problem
+from hpo.redact import MASK, first_line, recorded_uri, redact, redact_url, url_problem
 
 # click's error class, wherever this typer keeps click (its own copy since 0.25, else click)
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -351,9 +351,10 @@ def run(
             display.print(f"  note: {note}")
         for entry in loaded.baselines:
             asked = loaded.baseline_config(entry["name"])["batch_size"]
-            if int(asked) > d["n_train"]:
+            capped = loaded.baseline_config(entry["name"], d["n_train"])["batch_size"]
+            if capped != asked:
                 display.print(
-                    f"  note: baseline {entry['name']!r} trains at batch size {d['n_train']}, "
+                    f"  note: baseline {entry['name']!r} trains at batch size {capped}, "
                     f"the training rows ({asked} asked): one step an epoch"
                 )
         n_base, total = len(loaded.baselines), info["total"]
@@ -439,9 +440,11 @@ def _summary(r: Any) -> None:
         f"{c['FAIL']} failed{_interrupted(c)} ({r.new_trials} run now in "
         f"{fmt_time(r.wall_time)}, device {r.device})"
     )
-    for note in (r.data_info or {}).get("notes") or []:
-        if "test rows dropped" in note:  # the test metrics are on fewer rows than the file's
-            typer.echo(f"note: {note}")
+    if dropped := (r.data_info or {}).get("test_dropped"):
+        typer.echo(
+            f"note: the test metrics leave out {dropped:,} rows of the test file whose labels "
+            "the training file lacks (dataset.test_unseen_labels: drop)"
+        )
     if any(r.fit_counts.values()):
         fits = ", ".join(
             f"{n} {label}{_numbers(r.fit_trials.get(label, []))}"
@@ -503,7 +506,7 @@ def _next_steps(r: Any) -> None:
     hpo, name = _hpo(), r.study_name
     where = ""
     if r.storage != DEFAULT_STORAGE:  # a password, shown as ***, comes from the environment
-        url = '"$HPO_STORAGE"' if "***" in r.storage else shlex.quote(r.storage)
+        url = '"$HPO_STORAGE"' if MASK in r.storage else shlex.quote(r.storage)
         where = f" --storage {url}"
     steps = [(f"{hpo} report {name}{where}", f"the study's report: reports/{name}/index.html")]
     if r.tracking_uri.startswith(("http://", "https://")):

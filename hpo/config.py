@@ -878,14 +878,13 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
                 )
             detected = infer_task(y)
     if len(frames) == 2:
-        task = spec.task if spec.task != "auto" else detected
-        problems += _check_test_table(frames["path"], frames["test_path"], spec, task)
+        problems += _check_test_table(frames["path"], frames["test_path"], spec)
     return detected, problems
 
 
-def _check_test_table(train: Any, test: Any, spec: Spec, task: str | None) -> list[str]:
-    """A test file has the training file's feature columns, of the same kinds (in any order),
-    and, for classification, no label the training file lacks (unless told to drop them)."""
+def _check_test_table(train: Any, test: Any, spec: Spec) -> list[str]:
+    """A test file has the training file's feature columns, of the same kinds, in any order
+    (its labels are checked where they are encoded: `hpo.data`)."""
     ds = spec.dataset
     names = (spec.data_path("path").name, spec.data_path("test_path").name)  # type: ignore[union-attr]
     a = [c for c in train.columns if c != ds.target]
@@ -909,12 +908,6 @@ def _check_test_table(train: Any, test: Any, spec: Spec, task: str | None) -> li
                     f"dataset.test_path: column {str(c)!r} holds {kinds[k2]} in {names[1]} "
                     f"but {kinds[k1]} in {names[0]}; both files must hold the same kind"
                 )
-    if task == "classification":
-        known = set(label_keys(train[ds.target].dropna()))
-        labels = label_keys(test[ds.target].dropna())
-        new = labels.index[~labels.isin(known)]
-        if len(new) and ds.test_unseen_labels != "drop":
-            problems.append(unseen_labels_problem(labels, new, sorted(known)))
     return problems
 
 
@@ -966,31 +959,6 @@ def column_kind(column) -> str:  # column: pd.Series
     if pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype):
         return "double"
     return "string"
-
-
-def unseen_labels_problem(labels: Any, rows: Any, classes: list[str]) -> str:
-    """The one line for test rows whose label the training file lacks (rows: their index)."""
-    names = ", ".join(repr(v) for v in sorted(set(labels[rows]))[:5])
-    first = ", ".join(str(int(i) + 2) for i in list(rows[:5])) + (", ..." if len(rows) > 5 else "")
-    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-    return (
-        f"dataset.test_path: {len(rows):,} rows have a label the training file does not have "
-        f"({names}; lines {first}); the classes are {shown}. Fix the file, or set "
-        "dataset.test_unseen_labels: drop to leave those rows out (they are counted)"
-    )
-
-
-def label_keys(labels: Any) -> Any:
-    """Class labels as text to compare across files: 3 and 3.0 are one class (a column with a
-    blank cell reads as floats in one file and integers in the other)."""
-    import pandas as pd
-
-    labels = pd.Series(labels)
-    if pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels):
-        whole = labels.dropna()
-        if (whole == whole.round()).all():
-            return labels.map(lambda v: str(int(v)) if pd.notna(v) else v)
-    return labels.astype(str)
 
 
 def infer_task(y: Any) -> Literal["classification", "regression"]:

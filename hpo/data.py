@@ -19,14 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpo.config import (
-    Spec,
-    SpecError,
-    column_kind,
-    infer_task,
-    label_keys,
-    unseen_labels_problem,
-)
+from hpo.config import Spec, SpecError, column_kind, infer_task
 from hpo.redact import first_line
 from hpo.registry import DATASETS
 
@@ -46,9 +39,10 @@ class RawData:
     # [one-hot column names], "target"}; for arrays {"kind": "array", "input": what a row is,
     # "input_divisor": what raw values were divided by when loaded (255 for IDX images)}.
     inputs: dict[str, Any] = field(default_factory=dict)
-    frame: Any = None  # tables: pd.DataFrame of the raw features, rows as in X then X_test
+    frame: Any = None  # tables: pd.DataFrame of the training file's raw features, rows as in X
     class_values: list[Any] | None = None  # each class as in the data (classes are text)
     notes: list[str] = field(default_factory=list)  # what hpo did to the data, said at start
+    test_dropped: int = 0  # test rows left out: labels the training file lacks
 
 
 @dataclass
@@ -178,6 +172,7 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         "split_hash": h.hexdigest()[:16],
         "classes": raw.classes,
         "notes": raw.notes,
+        "test_dropped": raw.test_dropped,
         "row": _row(prep),  # what `hpo predict` takes as one row
         # the training split's class frequencies: the fit diagnosis's chance level
         "class_counts": np.bincount(y_tr, minlength=n_outputs).tolist()
@@ -555,7 +550,7 @@ def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error")
         class_values = [original[c] for c in classes]
         y = codes.astype(np.int64)
         # test labels are matched by value: 3.0 in one file is 3 in the other
-        code = dict(zip(label_keys(frame[target]), y.tolist(), strict=True))
+        code = dict(zip(_label_keys(frame[target]), y.tolist(), strict=True))
     else:
         y = frame[target].to_numpy(dtype=np.float64)
     raw = RawData(
@@ -576,17 +571,17 @@ def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error")
     if test is not None:
         test = test[test[target].notna()]
         if code is not None:
-            labels = label_keys(test[target])
+            labels = _label_keys(test[target])
             new = labels.index[~labels.isin(list(code))]
             if len(new) and unseen != "drop":
-                raise SpecError([unseen_labels_problem(labels, new, classes or [])])
+                raise SpecError([_unseen_labels_problem(labels, new, classes or [])])
             if len(new):
                 names = ", ".join(repr(v) for v in sorted(set(labels[new]))[:5])
                 notes.append(
                     f"{len(new):,} test rows dropped: their labels ({names}) are not in the "
                     "training file (dataset.test_unseen_labels: drop)"
                 )
-                test = test.drop(index=new)
+                test, raw.test_dropped = test.drop(index=new), len(new)
         test_feats = test.drop(columns=[target])
         notes += _unseen_categories(raw_feats, test_feats)
         encoded = pd.get_dummies(test_feats, dtype=np.float32)
@@ -594,10 +589,35 @@ def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error")
             dtype=np.float32
         )
         if code is not None:
-            raw.y_test = np.array([code[t] for t in label_keys(test[target])], dtype=np.int64)
+            raw.y_test = np.array([code[t] for t in _label_keys(test[target])], dtype=np.int64)
         else:
             raw.y_test = test[target].to_numpy(dtype=np.float64)
     return raw
+
+
+def _unseen_labels_problem(labels: Any, rows: Any, classes: list[str]) -> str:
+    """The one line for test rows whose label the training file lacks (rows: their index)."""
+    names = ", ".join(repr(v) for v in sorted(set(labels[rows]))[:5])
+    first = ", ".join(str(int(i) + 2) for i in list(rows[:5])) + (", ..." if len(rows) > 5 else "")
+    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+    return (
+        f"dataset.test_path: {len(rows):,} rows have a label the training file does not have "
+        f"({names}; lines {first}); the classes are {shown}. Fix the file, or set "
+        "dataset.test_unseen_labels: drop to leave those rows out (they are counted)"
+    )
+
+
+def _label_keys(labels: Any) -> Any:
+    """Class labels as text to compare across files: 3 and 3.0 are one class (a column with a
+    blank cell reads as floats in one file and integers in the other)."""
+    import pandas as pd
+
+    labels = pd.Series(labels)
+    if pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels):
+        whole = labels.dropna()
+        if (whole == whole.round()).all():
+            return labels.map(lambda v: str(int(v)) if pd.notna(v) else v)
+    return labels.astype(str)
 
 
 def _unseen_categories(train, test) -> list[str]:  # frames of raw features

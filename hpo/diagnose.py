@@ -250,18 +250,17 @@ def _unstable(history: Sequence[dict[str, float]], k: int, chance: float, lr: fl
     if not all(math.isfinite(x) for x in tl):
         return ""  # a diverged trial fails with its own reason
     vl = [v for v in (h["val_loss"] for h in history) if math.isfinite(v)]
-    # validation ended worse too: a training loss that rises alone may be dropout's noise
-    worse = bool(vl) and vl[-1] > min(vl) * (1 + RISE)
+    if not vl or vl[-1] <= min(vl) * (1 + RISE):
+        return ""  # validation did not end worse: a training loss that rises alone is noise
     low = min(range(n), key=tl.__getitem__) + 1  # 1-based epoch of the lowest train_loss
-    end = ""
-    if worse and n >= 3 and tl[-3] < tl[-2] < tl[-1] and tl[-1] - tl[low - 1] > UNSTABLE * chance:
-        end = f"train_loss rose {_moves(tl, low, n)}"
-    elif worse and k < n and tl[-1] - tl[k - 1] > UNSTABLE * chance:  # not a passing spike
+    if n >= 3 and tl[-3] < tl[-2] < tl[-1] and tl[-1] - tl[low - 1] > UNSTABLE * chance:
+        end, grew = f"train_loss rose {_moves(tl, low, n)}", tl[-1] - tl[low - 1]
+    elif k < n and tl[-1] - tl[k - 1] > UNSTABLE * chance:  # ended high: not a passing spike
         top = max(range(k, n), key=tl.__getitem__) + 1
         end = f"train_loss grew after the kept epoch {k}: {_moves(tl, k, top)}"
-    if not end:
+        grew = tl[top - 1] - tl[k - 1]
+    else:
         return ""
-    grew = tl[-1] - tl[low - 1] if end.startswith("train_loss rose") else max(tl[k:]) - tl[k - 1]
     acc = [h.get("val_accuracy") for h in history]
     if all(a is not None for a in acc) and max(acc) - acc[-1] >= 0.01:  # type: ignore[operator]
         best = max(range(n), key=lambda i: acc[i])  # type: ignore[arg-type,return-value]

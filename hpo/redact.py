@@ -42,9 +42,9 @@ def redact_url(url: str | None) -> str | None:
     logging and storing."""
     if not url:
         return url
-    if url_problem(url) is not None:  # not parseable as meant: mask up to the last '@'
-        head, _, rest = _split(url) or (url, "", "")
-        return f"{head}:{MASK}{rest}" if rest else redact(url)
+    split = _split(url)
+    if split is not None and url_problem(url) is not None:  # not parseable as meant
+        return f"{split[0]}:{MASK}{split[2]}"  # masked up to the last '@'
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("http", "https"):
         parts = urllib.parse.urlsplit(url)

@@ -375,26 +375,25 @@ def _verdict(metric: str, ours: float, theirs: float) -> str:
     return "ties it"
 
 
+def _rank(value: float, number: int, direction: str) -> tuple[float, int]:
+    """A trial's place in the one order of "best": lower ranks first (see `pick_best`)."""
+    return (-value if direction.lower() == "maximize" else value), number
+
+
 def pick_best(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
     """The best complete trial: the best value, then the lowest number among equal values.
 
     The one definition of "best" (checkpoints, the test evaluation, the summary, reports): a
     total order, so every process names the same trial whatever order ties finished in."""
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    sign = -1.0 if direction.lower() == "maximize" else 1.0
-    return min(done, key=lambda t: (sign * t.value, t.number), default=None)
-
-
-def _direction(study: optuna.Study) -> str:
-    return study.direction.name
+    return min(done, key=lambda t: _rank(t.value, t.number, direction), default=None)
 
 
 def _best_of(study: optuna.Study, baseline: bool) -> FrozenTrial | None:
     """The best complete trial among the baselines, or among the searched trials."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return pick_best(
-        [t for t in trials if ("baseline" in t.user_attrs) == baseline], _direction(study)
-    )
+    chosen = [t for t in trials if ("baseline" in t.user_attrs) == baseline]
+    return pick_best(chosen, study.direction.name)
 
 
 def compare_with_baselines(study: optuna.Study) -> BaselineComparison | None:
@@ -1041,9 +1040,12 @@ class _Driver:
         number becomes the best (`pick_best`), so it must have its checkpoint, whichever of the
         two finished first and in whichever process."""
         best = best_or_none(self.study)
-        sign = 1.0 if self.study.direction.name == "MAXIMIZE" else -1.0
-        contender = best is None or sign * value >= sign * best.value
-        is_best = best is None or (-sign * value, trial.number) < (-sign * best.value, best.number)
+        d = self.study.direction.name
+        # a contender ranks no lower than the best would with the best's number (ties too)
+        contender = best is None or _rank(value, best.number, d) <= _rank(
+            best.value, best.number, d
+        )
+        is_best = best is None or _rank(value, trial.number, d) < _rank(best.value, best.number, d)
         log_all = self.spec.tracking.log_model == "all"
         # A baseline's weights are kept too: after the search it is measured on the test split
         # beside the best trial.
@@ -1303,7 +1305,7 @@ def _stored_yaml(spec: Spec) -> str:
 def best_or_none(study: optuna.Study) -> FrozenTrial | None:
     """The study's best trial (see `pick_best`), or None while no trial has completed."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return pick_best(trials, _direction(study))
+    return pick_best(trials, study.direction.name)
 
 
 def spec_of(study: optuna.Study) -> Spec:

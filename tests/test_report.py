@@ -351,3 +351,37 @@ def test_baselines_are_left_out_of_the_importances(workdir):
     assert len(derived.trials) == N
     assert {"lr", "dropout"} <= set(derived.trials[0].params)
     assert param_importances(study)["lr"] > param_importances(study)["dropout"]
+
+
+def test_fanova_finds_the_one_parameter_that_matters_where_ped_anova_credits_a_constant():
+    """Why the report uses fANOVA, not Optuna's default (the README says so): 20 trials whose
+    value only lr decides, and a parameter count that never varies."""
+    import warnings
+
+    study = optuna.create_study(direction="maximize")
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "dropout": optuna.distributions.FloatDistribution(0.0, 0.5),
+    }
+    for i in range(20):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={
+                    "lr": 1e-4 * 1000 ** (i / 20),
+                    "dropout": 0.45 + 0.05 * ((i * 7) % 20) / 20,
+                },
+                distributions=dists,
+                value=0.5 + 0.02 * i,
+                user_attrs={"n_params": 2410},
+            )
+        )
+    ours = param_importances(study)
+    assert ours["lr"] > 0.8 and ours["n_params"] < 0.01
+    from hpo.report.data import importance_study
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ped = optuna.importance.get_param_importances(
+            importance_study(study), evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+        )
+    assert ped["lr"] < 0.8 and ped["n_params"] > 0.1  # a constant credited

@@ -451,6 +451,7 @@ def test_a_label_the_training_file_lacks_is_an_error_or_dropped_and_counted(tmp_
         ]
     )
     assert any(n.startswith("3 test rows dropped") for n in data.info["notes"])
+    assert data.info["test_dropped"] == 3  # what the summary says the test metrics leave out
     del spec["dataset"]["test_path"]
     assert _problems(tmp_path, spec) == [
         "dataset.test_unseen_labels: only used with dataset.test_path"

@@ -12,7 +12,7 @@ import math
 from typing import Any, NamedTuple
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.config import Distribution, SpecError
 from hpo.diagnose import FIT_LABELS
@@ -245,12 +245,20 @@ def importance_study(study: optuna.Study) -> optuna.Study | None:
     ]
     if len(complete) < MIN_GROUP:  # no conclusion from fewer
         return None
+    return _on_common_params(study, complete, with_n_params=True)
+
+
+def _on_common_params(
+    study: optuna.Study, trials: list[FrozenTrial], with_n_params: bool = False
+) -> optuna.Study:
+    """An in-memory study of `trials` on the parameters all of them have (and, asked, their
+    parameter count as one more parameter)."""
     derived = optuna.create_study(direction=study.direction)
-    common = set.intersection(*(set(t.distributions) for t in complete))
-    for t in complete:
+    common = sorted(set.intersection(*(set(t.distributions) for t in trials)))
+    for t in trials:
         params = {k: t.params[k] for k in common}
         dists = {k: t.distributions[k] for k in common}
-        if "n_params" in t.user_attrs:
+        if with_n_params and "n_params" in t.user_attrs:
             params["n_params"] = float(t.user_attrs["n_params"])
             dists["n_params"] = optuna.distributions.FloatDistribution(1.0, 1e12, log=True)
         derived.add_trial(
@@ -284,22 +292,11 @@ def parallel_studies(study: optuna.Study) -> list[tuple[str, str, optuna.Study]]
         if len(have) >= 2 and key not in seen:
             seen.add(key)
             groups.append((f"parallel-{name}", f"the {len(have)} trials with {name}", have))
-    out = []
-    for key, title, trials in groups:
-        common = sorted(set.intersection(*(set(t.params) for t in trials)))
-        if not common:
-            continue
-        derived = optuna.create_study(direction=study.direction)
-        for t in trials:
-            derived.add_trial(
-                optuna.trial.create_trial(
-                    params={k: t.params[k] for k in common},
-                    distributions={k: t.distributions[k] for k in common},
-                    value=t.value,
-                )
-            )
-        out.append((key, title, derived))
-    return out
+    return [
+        (key, title, _on_common_params(study, trials))
+        for key, title, trials in groups
+        if set.intersection(*(set(t.params) for t in trials))
+    ]
 
 
 def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advice]:
@@ -449,7 +446,7 @@ def _curve_roles(study, complete, fit_rows) -> dict[int, str]:
     )
     roles = {t.number: "best" if i == 0 else f"top {i + 1}" for i, t in enumerate(best_first[:3])}
     values = {t.number: t.value for t in complete}
-    for label in ("overfit", "underfit", "unstable"):
+    for label in (label for label in FIT_LABELS if label != "good"):
         rows = [r for r in fit_rows if r.label == label and r.number not in roles]
         if rows:
             # typical: the median one by value among those with this label
