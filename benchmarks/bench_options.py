@@ -3,10 +3,9 @@ size 128 with the option set, against the same epoch with ReLU and Adam.
 
 The options are measured in interleaved rounds (one epoch of each per round), so a machine
 that slows down over the run weighs on every option alike; each figure is the median over
---repeats rounds after a warm-up round. Three rows train with autograd's backward pass instead
-of hpo's written-out one (`hpo/backprop.py`), one of them with `nn.Dropout`'s own masks
-(`bernoulli_`) as hpo did before it drew its own: against their twins, they show what the
-written-out backward and hpo's masks save.
+--repeats rounds after a warm-up round. One row draws dropout's masks with `nn.Dropout`'s own
+`bernoulli_`, as hpo did before it drew its own: against its twin, it shows what hpo's masks
+save.
 
     HPO_DATA_DIR=/path/to/data python benchmarks/bench_options.py [--repeats 3] [--device cpu]
 """
@@ -30,12 +29,10 @@ from hpo.train import TrainConfig, train
 
 WIDTHS, BATCH = [512, 512], 128
 BASE = "relu, adam"
-AUTOGRAD = ", autograd's backward"
-TORCH_DROPOUT = "dropout 0.2, autograd's backward, nn.Dropout's masks"
+TORCH_DROPOUT = "dropout 0.2, nn.Dropout's masks"
 # name -> (build_mlp keywords, TrainConfig keywords)
 OPTIONS: dict[str, tuple[dict, dict]] = {
     BASE: ({}, {}),
-    BASE + AUTOGRAD: ({}, {}),
     "sgd, Nesterov momentum 0.9": ({}, {"optimizer": "sgd", "momentum": 0.9, "nesterov": True}),
     "sigmoid": ({"activation": "sigmoid"}, {}),
     "elu": ({"activation": "elu"}, {}),
@@ -43,7 +40,6 @@ OPTIONS: dict[str, tuple[dict, dict]] = {
     "prelu": ({"activation": "prelu"}, {}),
     "batchnorm": ({"batchnorm": True}, {}),
     "dropout 0.2": ({"dropout": 0.2}, {}),
-    "dropout 0.2" + AUTOGRAD: ({"dropout": 0.2}, {}),
     TORCH_DROPOUT: ({"dropout": 0.2}, {}),
     "l1 1e-5": ({}, {"l1": 1e-5}),
     "grad_clip 1.0": ({}, {"grad_clip": 1.0}),
@@ -59,10 +55,8 @@ def epoch(name: str, data, device: str) -> float:
     model = build_mlp(784, 10, WIDTHS, **model_kw).to(device)
     cfg = TrainConfig(batch_size=BATCH, max_epochs=1, lr=1e-3, **train_kw)
     with contextlib.ExitStack() as patches:
-        if AUTOGRAD in name:
-            patches.enter_context(mock.patch("hpo.train.manual_step", lambda *a: None))
         if name == TORCH_DROPOUT:
-            patches.enter_context(mock.patch("hpo.train.train_forward", lambda m, x: m(x)))
+            patches.enter_context(mock.patch("hpo.steppers.train_forward", lambda m, x: m(x)))
         t0 = time.perf_counter()
         train(model, data.train, data.val, cfg)
         if torch.device(device).type == "cuda":

@@ -162,7 +162,7 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec(n_warmup_steps=3))
     storage: str | None = None
-    # Trials trained together as one stacked model on one device (see hpo/fused.py).
+    # Trials trained together as one stacked model on one device (see hpo/steppers.py).
     fused_trials: int = 1
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -156,14 +156,12 @@ class StackedMLP:
     """Several MLPs of one shape (from `build_mlp`) as one: their tensors stacked along a
     leading member dimension, run together by `forward` on one batch shared by all."""
 
-    def __init__(self, models: list[nn.Sequential], activation: str):
-        self.activation = activation
-        self.act = ACTIVATIONS.load(activation)() if activation != "prelu" else None
+    def __init__(self, models: list[nn.Sequential]):
         # Tensors are matched by their role, not their name: a member without dropout has no
         # Dropout modules, so its layers sit at other indices than a member with it.
         layouts = [_layout(m) for m in models]
-        self.names = [names for names, _, _ in layouts]  # per member, in role order
-        self.buffer_names = [buffers for _, buffers, _ in layouts]
+        self.names = [layout.names for layout in layouts]  # per member, in role order
+        self.buffer_names = [layout.buffers for layout in layouts]
         self.owner = list(range(len(models)))  # the member of each row of the stack
         self.params = [
             torch.stack([dict(m.named_parameters())[names[j]].detach() for m, names in
@@ -175,23 +173,30 @@ class StackedMLP:
                          zip(models, self.buffer_names, strict=True)]).clone()
             for j in range(len(self.buffer_names[0]))
         ]  # fmt: skip
-        self.layers = layouts[0][2]
-        for _, _, layers in layouts[1:]:  # dropout where any member has it (rate 0 is a no-op)
-            for mine, theirs in zip(self.layers, layers, strict=True):
+        # The members share their activation (it shapes the step): the first one's module,
+        # which holds no parameters but PReLU's, whose slopes are stacked like the others.
+        self.act = layouts[0].activation
+        self.alpha = any(layout.alpha for layout in layouts)  # SELU's alpha dropout
+        self.layers = layouts[0].layers
+        for layout in layouts[1:]:  # dropout where any member has it (rate 0 is a no-op)
+            for mine, theirs in zip(self.layers, layout.layers, strict=True):
                 mine.dropout = mine.dropout or theirs.dropout
+        self.rates = torch.tensor(
+            [layout.rate for layout in layouts], dtype=self.params[0].dtype,
+            device=self.params[0].device,
+        )  # fmt: skip
+        self.host_rates = [layout.rate for layout in layouts]
         self.bn_buffers = {  # batch norm weight index -> (running mean, running var) indices
             layer.bn: (2 * n, 2 * n + 1)
             for n, layer in enumerate(x for x in self.layers if x.bn is not None)
         }
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rates: torch.Tensor | None,
-        gen: torch.Generator | None,
-        training: bool,
+        self, x: torch.Tensor, gen: torch.Generator | None, training: bool
     ) -> torch.Tensor:
-        """(rows, features) -> (members, rows, outputs). `rates` is each member's dropout."""
+        """(rows, features) -> (members, rows, outputs); in training, each member's dropout
+        at its own rate, its masks drawn from `gen`."""
+        drop = training and any(self.host_rates)
         k = self.params[0].shape[0]
         h: torch.Tensor | None = None
         for n, layer in enumerate(self.layers):
@@ -206,13 +211,13 @@ class StackedMLP:
                 return h
             if layer.bn is not None:
                 h = self._batchnorm(h, layer.bn, training)
-            if self.act is not None:
+            if layer.prelu is None:
                 h = self.act(h)
             else:
-                slope = self.params[layer.prelu].view(k, 1, -1)  # type: ignore[index]
+                slope = self.params[layer.prelu].view(k, 1, -1)
                 h = torch.where(h >= 0, h, slope * h)
-            if layer.dropout and training and rates is not None:
-                h = dropout(h, rates.view(-1, 1, 1), self.activation == "selu", gen)
+            if layer.dropout and drop:
+                h = dropout(h, self.rates.view(-1, 1, 1), self.alpha, gen)
         assert h is not None
         return h
 
@@ -252,29 +257,45 @@ class StackedMLP:
         """Only the members at `rows` stay in the stack."""
         self.params = [p.detach().index_select(0, rows).requires_grad_(True) for p in self.params]
         self.buffers = [b.index_select(0, rows) for b in self.buffers]
-        self.owner = [self.owner[r] for r in rows.tolist()]
+        self.rates = self.rates.index_select(0, rows)
+        kept = rows.tolist()
+        self.owner = [self.owner[r] for r in kept]
+        self.host_rates = [self.host_rates[r] for r in kept]
 
 
-def _layout(model: nn.Sequential) -> tuple[list[str], list[str], list[_StackedLayer]]:
+@dataclass
+class _Layout:
     """A `build_mlp` model's parameter and buffer names in role order (each layer's weight,
-    bias, then its batch norm's weight and bias, then its PReLU slope), and its layers."""
-    names: list[str] = []
-    buffers: list[str] = []
-    layers: list[_StackedLayer] = []
+    bias, then its batch norm's weight and bias, then its PReLU slope), its layers, its
+    activation module and its dropout."""
+
+    names: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
+    layers: list[_StackedLayer] = field(default_factory=list)
+    activation: nn.Module = field(default_factory=nn.Identity)
+    rate: float = 0.0
+    alpha: bool = False
+
+
+def _layout(model: nn.Sequential) -> _Layout:
+    out = _Layout()
     for i, module in enumerate(model):
         if isinstance(module, nn.Linear):
-            layers.append(_StackedLayer(len(names)))
-            names += [f"{i}.weight", f"{i}.bias"]
+            out.layers.append(_StackedLayer(len(out.names)))
+            out.names += [f"{i}.weight", f"{i}.bias"]
         elif isinstance(module, nn.BatchNorm1d):
-            layers[-1].bn = len(names)
-            names += [f"{i}.weight", f"{i}.bias"]
-            buffers += [f"{i}.running_mean", f"{i}.running_var"]
-        elif isinstance(module, nn.PReLU):
-            layers[-1].prelu = len(names)
-            names.append(f"{i}.weight")
+            out.layers[-1].bn = len(out.names)
+            out.names += [f"{i}.weight", f"{i}.bias"]
+            out.buffers += [f"{i}.running_mean", f"{i}.running_var"]
         elif isinstance(module, nn.Dropout | nn.AlphaDropout):
-            layers[-1].dropout = True
-    return names, buffers, layers
+            out.layers[-1].dropout = True
+            out.rate, out.alpha = float(module.p), isinstance(module, nn.AlphaDropout)
+        else:
+            if isinstance(module, nn.PReLU):
+                out.layers[-1].prelu = len(out.names)
+                out.names.append(f"{i}.weight")
+            out.activation = module
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

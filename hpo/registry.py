@@ -201,9 +201,9 @@ LR_SCHEDULES = Registry(
     "lr_schedule",
     "search_space.lr_schedule",
     [
-        Entry("none", "hpo.train:constant_lr", "a constant learning rate"),
-        Entry("cosine", "hpo.train:cosine_lr", "cosine annealing to 0 over `max_epochs`"),
-        Entry("plateau", "hpo.train:plateau_lr", "halve the rate after 2 epochs without a "
+        Entry("none", "hpo.optim:constant_lr", "a constant learning rate"),
+        Entry("cosine", "hpo.optim:cosine_lr", "cosine annealing to 0 over `max_epochs`"),
+        Entry("plateau", "hpo.optim:plateau_lr", "halve the rate after 2 epochs without a "
               "lower val_loss"),
     ],
 )  # fmt: skip

@@ -9,6 +9,32 @@ import optuna
 
 from hpo.config import GRID_FLOAT_POINTS, PARAMS, Distribution, default_config, with_widths
 
+# What the members of a fused cohort share: what changes the network's shape or the step's
+# code (per-layer widths are `width_0`, `width_1`, ...). Everything else (initialisation,
+# learning rate, weight decay, L1, dropout, momentum, clipping) is each member's own.
+STRUCTURAL = (
+    "n_layers",
+    "width",
+    "activation",
+    "batchnorm",
+    "batch_size",
+    "optimizer",
+    "nesterov",
+    "lr_schedule",
+)
+
+
+def is_structural(name: str) -> bool:
+    """Whether a sampled parameter is one a cohort's members share."""
+    return name in STRUCTURAL or name.startswith("width_")
+
+
+def structure(config: dict[str, Any]) -> tuple:
+    """What members of one cohort must have in common: their structural settings, widths
+    listed per layer."""
+    shared = [name for name in STRUCTURAL if name not in ("n_layers", "width")]
+    return (tuple(int(w) for w in config["widths"]), *(config[name] for name in shared))
+
 
 def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     """Sample one configuration: every known hyperparameter, with `widths` listed per layer."""

@@ -30,11 +30,10 @@ from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.diagnose import FIT_LABELS
 from hpo.executors import Done, Epoch, Executor, Lost, Started
-from hpo.fused import is_structural, structure
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.redact import redact, redact_url
 from hpo.registry import PRUNERS, SAMPLERS
-from hpo.space import grid_space, suggest_params
+from hpo.space import grid_space, is_structural, structure, suggest_params
 from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,

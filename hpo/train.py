@@ -20,15 +20,20 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from hpo.backprop import manual_step
-from hpo.model import train_forward
+from hpo import _private
 from hpo.redact import first_line
-from hpo.registry import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
+from hpo.registry import PRECISIONS
+from hpo.steppers import (
+    EVAL_BATCH,
+    ModuleStepper,
+    StackStepper,
+    Tensors,
+    evaluate_members,
+    metrics_of,
+)
 
-Tensors = tuple[torch.Tensor, torch.Tensor]
-EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory stays flat
+__all__ = ["EVAL_BATCH", "Tensors", "evaluate", "fit", "train", "train_cohort"]
 
 # Saturated sigmoid/tanh units and shrinking weights produce denormal floats, which x86 CPUs
 # handle tens of times slower (a 4 x 509 sigmoid net ran 19 s an epoch instead of 3). The
@@ -118,95 +123,6 @@ class Watch:
         else:
             self.bad_epochs += 1
         return improved
-
-
-def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, capturable: bool = False
-) -> torch.optim.Optimizer:
-    """The optimizer named in the config, given the settings it takes (lr, L2 weight decay,
-    momentum, Nesterov); `capturable`: its state kept on the device, so that a CUDA graph can
-    replay its step (`StepGraph`), where it takes that setting."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
-        )
-    cls = OPTIMIZERS.load(cfg.optimizer)
-    settings = {
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-        "momentum": cfg.momentum,
-        "nesterov": cfg.nesterov and cfg.momentum > 0,  # torch refuses Nesterov without momentum
-        "capturable": capturable,
-    }
-    takes = inspect.signature(cls).parameters
-    device = next(model.parameters()).device
-    if "fused" in takes and device.type in ("cpu", "cuda"):
-        settings["fused"] = True  # one kernel per step for all parameters, not one per tensor
-    opt = cls(model.parameters(), **{k: v for k, v in settings.items() if k in takes})
-    if capturable:
-        # Its warm-up steps and the epochs' last batches run outside the graph, by design: no
-        # warning that a capturable optimizer stepped uncaptured.
-        opt._warned_capturable_if_run_uncaptured = True  # type: ignore[attr-defined]
-    return opt
-
-
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")  # Adam's state per parameter
-
-
-def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], Any]:
-    """`opt.step`, but for a fused Adam or AdamW on a CPU, whose kernel is called directly
-    once the first step has made its state: the same update without the optimizer's Python
-    bookkeeping (50 us a step, 4% of a 784-64-64-10 step at batch 512 on a 2-core CPU)."""
-    group = opt.param_groups[0]
-    params: list[torch.Tensor] = group["params"]
-    if not (
-        isinstance(opt, torch.optim.Adam)
-        and len(opt.param_groups) == 1
-        and group["fused"]
-        and all(p.device.type == "cpu" for p in params)
-        and not any(group[k] for k in ("amsgrad", "maximize", "capturable", "differentiable"))
-    ):
-        return opt.step
-    kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-    state: list[list[torch.Tensor]] = []
-
-    @torch.no_grad()
-    def step() -> None:
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            opt.step()  # which skips a parameter without a gradient
-            return
-        if not state:
-            opt.step()  # makes the state
-            count = opt.state[params[0]]["step"]  # the parameters step together: one counter
-            for p in params:
-                opt.state[p]["step"] = count
-            state[:] = [[opt.state[p][k] for p in params] for k in STATE_KEYS]
-            return
-        exp_avgs, exp_avg_sqs, steps = state
-        steps[0].add_(1)
-        beta1, beta2 = group["betas"]
-        kernel(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1,
-            beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-            maximize=False, grad_scale=None, found_inf=None,
-        )  # fmt: skip
-
-    return step
-
-
-@torch.no_grad()
-def add_l1_gradient(weights: list[torch.Tensor], l1: float | torch.Tensor) -> None:
-    """Add the gradient of the L1 penalty `l1 * sum(|w|)` (`l1` a float, or one rate per
-    member of a stack, shaped to broadcast) to the weights' gradients: `l1 * sign(w)`, as
-    autograd would give for the penalty added to the loss, without its graph (which made an
-    epoch of 784-512-512 at batch 128 cost 1.28x one without L1; this, 1.10x)."""
-    for w in weights:
-        assert w.grad is not None
-        if isinstance(l1, torch.Tensor):
-            w.grad.addcmul_(w.sign(), l1)
-        else:
-            w.grad.add_(w.sign(), alpha=l1)
 
 
 def denormals_flushed() -> bool:
@@ -460,65 +376,26 @@ class StepGraph:
         the next dropout mask raised "Offset increment outside graph capture encountered
         unexpectedly", and setting its state anew did not help), so a later step that draws
         dropout masks in this process fails its trial."""
-        device = self.idx.device.index
-        device = torch.cuda.current_device() if device is None else device
-        with contextlib.suppress(Exception):
-            pool = graph.pool()
-            for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-                with contextlib.suppress(Exception):
-                    getattr(torch._C, release)(device, pool)
-
-
-# A learning-rate schedule: built from the optimizer and config, stepped once per epoch with
-# that epoch's metrics; None is a constant rate.
-Schedule = Callable[[dict[str, float]], Any]
-
-
-def constant_lr(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule | None:
-    """No schedule."""
-    return None
-
-
-def cosine_lr(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule | None:
-    """Cosine annealing from `lr` to 0 over `max_epochs`."""
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
-    return lambda metrics: sched.step()
-
-
-def plateau_lr(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule | None:
-    """Halve the rate after 2 epochs without a lower val_loss."""
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
-    return lambda metrics: sched.step(metrics["val_loss"])
+        _private.end_capture_pool(graph, self.idx.device)
 
 
 def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, float]:
-    """Loss and accuracy (or RMSE) over a whole split, in large batches, without gradients."""
-    X, y = data
+    """Loss and accuracy (or RMSE) of `model` over a whole split, in large batches, without
+    gradients."""
     model.eval()
-    loss_sum = torch.zeros((), device=X.device)
-    correct = torch.zeros((), device=X.device)
-    cast = matmul_precision(cfg.precision, X.device)
-    with torch.inference_mode(), products(cfg.precision, X.device):
-        for start in range(0, len(X), EVAL_BATCH):
-            with cast():
-                out = model(X[start : start + EVAL_BATCH]).float()  # the loss in float32
-            yb = y[start : start + EVAL_BATCH]
-            if cfg.task == "classification":
-                loss_sum += F.cross_entropy(out, yb, reduction="sum")
-                correct += (out.argmax(1) == yb).sum()
-            else:
-                loss_sum += F.mse_loss(out.squeeze(1), yb, reduction="sum")
-    loss, hits = torch.stack([loss_sum, correct]).tolist()  # one host sync per split
-    return _metrics(loss / max(len(X), 1), hits / max(len(X), 1), cfg)
+    device = data[0].device
+    with products(cfg.precision, device):
+        return evaluate_members(
+            lambda x: model(x).unsqueeze(0), 1, data, cfg, matmul_precision(cfg.precision, device)
+        )[0]
 
 
-def _metrics(loss: float, accuracy: float, cfg: TrainConfig) -> dict[str, float]:
-    if cfg.task == "classification":
-        return {"loss": loss, "accuracy": accuracy}
-    return {"loss": loss, "rmse": math.sqrt(max(loss, 0.0)) * cfg.y_scale}
+# A member's epoch: (epoch, metrics) -> None or a stop reason (one model), or for a cohort
+# ({member: metrics}, epoch) -> {member: None or a stop reason}.
+EpochHook = Callable[[dict[int, dict[str, float]], int], dict[int, str | None]]
+DoneHook = Callable[[int, TrainResult], None]
 
 
-@training_loop
 def train(
     model: nn.Module,
     train_data: Tensors,
@@ -527,104 +404,140 @@ def train(
     on_epoch_end: Callable[[int, dict[str, float]], str | None] | None = None,
     interrupt: Flag | None = None,
 ) -> TrainResult:
-    """Train `model` in place; it ends holding the best epoch's weights when restore_best is set.
+    """Train `model` in place, a cohort of one; it ends holding the kept epoch's weights (the
+    best, with restore_best). `on_epoch_end(epoch, metrics)` runs after each epoch and may
+    return a reason to stop ("pruned" or "interrupted"); `interrupt`, once set, stops
+    training at the next step."""
+    hook = None
+    if on_epoch_end is not None:
+        hook = lambda metrics, epoch: {0: on_epoch_end(epoch, metrics[0])}  # noqa: E731
+    return fit([model], [cfg], train_data, val_data, hook, None, interrupt)[0]
 
-    `on_epoch_end(epoch, metrics)` runs after each epoch and may return a reason to stop
-    ("pruned" or "interrupted"); `interrupt`, once set, stops training at the next step.
+
+def train_cohort(
+    models: list[nn.Sequential],
+    cfgs: list[TrainConfig],
+    train_data: Tensors,
+    val_data: Tensors,
+    on_epoch_end: EpochHook | None = None,
+    on_done: DoneHook | None = None,
+    interrupt: Flag | None = None,
+) -> list[TrainResult]:
+    """Train networks of one shape together (see `fit`)."""
+    return fit(models, cfgs, train_data, val_data, on_epoch_end, on_done, interrupt)
+
+
+@training_loop
+def fit(
+    models: list[nn.Module],
+    cfgs: list[TrainConfig],
+    train_data: Tensors,
+    val_data: Tensors,
+    on_epoch_end: EpochHook | None = None,
+    on_done: DoneHook | None = None,
+    interrupt: Flag | None = None,
+) -> list[TrainResult]:
+    """The epoch loop, for one model or several of one shape trained as one stack (a
+    cohort; they share the batch order, the first one's `shuffle_seed` or `seed`).
+
+    Each member keeps its own history, early stopping, kept weights and reason to stop.
+    `on_epoch_end({member: metrics}, epoch)` answers each member still training with None or
+    a stop reason; `on_done(member, result)` hears of each member as soon as it stops, with
+    its model already holding its kept weights; the others go on. `interrupt`, once set,
+    stops every member at the next step (the unfinished epoch is not recorded).
     """
-    X, y = train_data
-    n = len(X)
-    shuffle_seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
-    gen = torch.Generator(device=X.device).manual_seed(shuffle_seed)
-    opt = make_optimizer(model, cfg, capturable=cuda_graphs(X.device))
-    cast = matmul_precision(cfg.precision, X.device)
-    step_schedule = LR_SCHEDULES.load(cfg.lr_schedule)(opt, cfg)
-    opt_step = optimizer_step(opt)  # after the schedule, which wraps opt.step
-    classify = cfg.task == "classification"
-    params = list(model.parameters())
-    # The backward pass written out where it can be (float32 on a CPU), autograd elsewhere.
-    written_out = manual_step(model, cfg.task, resolved_precision(cfg.precision, X.device))
-    weights = [p for p in params if p.dim() > 1]  # L1 skips biases
-    watch = Watch(cfg)
-    best_state: dict[str, torch.Tensor] | None = None
-    result = TrainResult()
+    X, _ = train_data
+    device = X.device
+    lead = cfgs[0]
+    n, batch = len(X), lead.batch_size
+    shuffle_seed = lead.seed if lead.shuffle_seed is None else lead.shuffle_seed
+    gen = torch.Generator(device=device).manual_seed(shuffle_seed)
+    cast = matmul_precision(lead.precision, device)
+    capturable = cuda_graphs(device)
+    if len(models) == 1:
+        stepper: ModuleStepper | StackStepper = ModuleStepper(
+            models[0], lead, train_data, cast, capturable
+        )
+    else:
+        stepper = StackStepper(models, cfgs, train_data, cast, capturable, shuffle_seed)
+    graph = StepGraph(
+        stepper.step, batch, device, stepper.generators,
+        enabled=all(graphable(u.opt) for u in stepper.updates),
+    )  # fmt: skip
+    members = list(range(len(models)))  # the member at each row of the stepper
+    results = [TrainResult() for _ in models]
+    watches = [Watch(c) for c in cfgs]
+    kept: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     # A last batch of one row would break batch norm; it is skipped (the permutation changes
     # every epoch, so no row is left out for good).
-    n_used = n - 1 if n % cfg.batch_size == 1 and n > 1 else n
+    n_used = n - 1 if n % batch == 1 and n > 1 else n
 
-    # Running sums stay on the device: no host sync inside the step loop. The same tensors
-    # every epoch, which a CUDA graph of the step adds to.
-    sums = torch.zeros(2, device=X.device)
-    loss_sum, correct = sums.unbind()
+    def finish(rows: list[int]) -> None:
+        for row in rows:
+            m = members[row]
+            result = results[m]
+            if result.history and not result.failure and not cfgs[m].restore_best:
+                result.best_epoch = len(result.history)  # the weights are the last epoch's
+            stepper.finish(row, kept[m] if cfgs[m].restore_best else None)
+            if on_done is not None:
+                on_done(m, result)
 
-    def step(idx: torch.Tensor) -> None:
-        xb, yb = X.index_select(0, idx), y.index_select(0, idx)  # 2x faster than X[idx]
-        if written_out is not None:
-            loss, out = written_out(xb, yb)
-        else:
-            with cast():
-                out = train_forward(model, xb)
-                loss = F.cross_entropy(out, yb) if classify else F.mse_loss(out.squeeze(1), yb)
-            for p in params:  # opt.zero_grad(set_to_none=True) in a tenth the time
-                p.grad = None
-            loss.backward()
-        if cfg.l1:
-            add_l1_gradient(weights, cfg.l1)
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt_step()
-        loss_sum.add_(loss.detach() * len(idx))
-        if classify:
-            correct.add_((out.detach().argmax(1) == yb).sum())
-
-    graph = StepGraph(step, cfg.batch_size, X.device, enabled=graphable(opt))
-
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(1, lead.max_epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, device=X.device, generator=gen)
-        sums.zero_()
-        for start in range(0, n_used, cfg.batch_size):
+        stepper.train_mode()
+        perm = torch.randperm(n, device=device, generator=gen)
+        stepper.sums.zero_()
+        rates = [u.lr for u in stepper.updates]
+        for start in range(0, n_used, batch):
             if interrupt is not None and interrupt.is_set():  # a host flag: no device sync
                 break
-            idx = perm[start : min(start + cfg.batch_size, n_used)]
-            graph(idx, key=opt.param_groups[0]["lr"])  # the rate is baked into the graph
+            # A rate is baked into the step's kernels, and the stack's tensors change when a
+            # member leaves: a graph of the step is captured again when either does.
+            graph(perm[start : min(start + batch, n_used)], key=(len(members), *rates))
         if interrupt is not None and interrupt.is_set():
-            result.stopped_by = "interrupted"  # this epoch is incomplete: not recorded
+            for m in members:
+                results[m].stopped_by = "interrupted"  # this epoch is incomplete: not recorded
+            finish(list(range(len(members))))
             break
-        train_loss, train_hits = sums.tolist()
-        tr = _metrics(train_loss / n_used, train_hits / n_used, cfg)
-        va = evaluate(model, val_data, cfg)
-        metrics = {f"train_{k}": v for k, v in tr.items()} | {f"val_{k}": v for k, v in va.items()}
-        metrics["lr"] = opt.param_groups[0]["lr"]
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        result.history.append(metrics)
-
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
-        if bad:
-            result.failure = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}"
-            result.stopped_by = "diverged"
-            break
-        if watch.update(metrics[cfg.monitor], first=best_state is None):
-            result.best_epoch = epoch
-            if cfg.restore_best:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                best_state = {}
-        if step_schedule is not None:
-            step_schedule(metrics)
-        stop = on_epoch_end(epoch, metrics) if on_epoch_end is not None else None
-        if stop is not None:
-            if stop not in STOP_REASONS:
-                raise ValueError(f"on_epoch_end must return None or a stop reason, got {stop!r}")
-            result.stopped_by = stop
-            break
-        if watch.bad_epochs >= cfg.patience:
-            result.stopped_by = "early_stopping" if epoch < cfg.max_epochs else "max_epochs"
-            break
-
-    if cfg.restore_best and best_state:
-        model.load_state_dict(best_state)
-    elif result.history and not result.failure:
-        result.best_epoch = len(result.history)  # the weights are the last epoch's
-    return result
+        sums = stepper.sums.tolist()  # one host read of the running sums
+        val = stepper.evaluate(val_data)
+        seconds = time.perf_counter() - t0
+        epoch_metrics: dict[int, dict[str, float]] = {}
+        stopped: dict[int, str] = {}
+        for row, m in enumerate(members):
+            cfg = cfgs[m]
+            tr = metrics_of(sums[0][row] / n_used, sums[1][row] / n_used, cfg)
+            metrics = {f"train_{k}": v for k, v in tr.items()}
+            metrics |= {f"val_{k}": v for k, v in val[row].items()}
+            metrics["lr"] = rates[row]
+            metrics["epoch_seconds"] = seconds
+            results[m].history.append(metrics)
+            bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+            if bad:
+                results[m].failure = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}"
+                stopped[m] = "diverged"
+                continue
+            if watches[m].update(metrics[cfg.monitor], first=kept[m] is None):
+                results[m].best_epoch = epoch
+                kept[m] = stepper.kept(row) if cfg.restore_best else {}
+            stepper.updates[row].epoch_end(metrics)
+            epoch_metrics[m] = metrics
+        decisions = on_epoch_end(epoch_metrics, epoch) if on_epoch_end is not None else {}
+        for m in epoch_metrics:
+            stop = decisions.get(m)
+            if stop is not None:
+                if stop not in STOP_REASONS:
+                    raise ValueError(f"on_epoch_end must answer None or a stop reason: {stop!r}")
+                stopped[m] = stop
+            elif watches[m].bad_epochs >= cfgs[m].patience or epoch == lead.max_epochs:
+                stopped[m] = "early_stopping" if epoch < lead.max_epochs else "max_epochs"
+        if stopped:
+            for m, why in stopped.items():
+                results[m].stopped_by = why
+            finish([row for row, m in enumerate(members) if m in stopped])
+            rows = [row for row, m in enumerate(members) if m not in stopped]
+            if not rows:
+                break
+            members = [members[row] for row in rows]
+            stepper.keep(rows)
+    return results

@@ -20,7 +20,7 @@ from hpo.config import Spec
 from hpo.data import Data
 from hpo.diagnose import chance_loss, diagnose_fit
 from hpo.model import build_mlp, count_parameters
-from hpo.train import Flag, TrainConfig, train
+from hpo.train import Flag, TrainConfig, TrainResult, fit
 
 # What a finished trial is, from its stop reason: complete, pruned, failed or interrupted.
 OUTCOMES = {
@@ -49,17 +49,27 @@ class TrialJob:
     def numbers(self) -> list[int]:
         return [self.number]
 
+    @property
+    def members(self) -> list[TrialJob]:
+        """The trials trained together: a trial alone is a cohort of one."""
+        return [self]
+
 
 @dataclass
 class CohortJob:
-    """Trials of one shape trained together (`hpo.fused`): the first one's seed orders the
-    batches they share; each keeps its own seed for its initialisation and dropout."""
+    """Trials of one shape trained together as one stack (`hpo.steppers.StackStepper`): the
+    first one's seed orders the batches they share; each keeps its own seed for its
+    initialisation and dropout."""
 
     jobs: list[TrialJob]
 
     @property
     def numbers(self) -> list[int]:
         return [j.number for j in self.jobs]
+
+    @property
+    def members(self) -> list[TrialJob]:
+        return self.jobs
 
 
 @dataclass
@@ -151,83 +161,19 @@ def _out_of_memory_reason(error: str, fp: resources.Footprint, device: torch.dev
     )
 
 
-def run_trial(
-    job: TrialJob,
-    spec: Spec,
-    data: Data,
-    on_epoch_end: Callable[[int, dict[str, float]], str | None] | None = None,
-    interrupt: Flag | None = None,
-) -> TrialRecord:
-    """Build, train and diagnose one configuration; never raises for the trial's own failure.
-
-    `on_epoch_end(epoch, metrics)` may return "pruned" or "interrupted" to stop it there.
-    The kept weights come back on the CPU for complete trials.
-    """
-    record = TrialRecord(job.number, job.config, job.seed)
-    device = data.train[0].device
-    fp = resources.of_config(job.config, resources.Shape.of(data), device.type != "cuda")
-    record.failure = resources.too_large(fp, spec)
-    if record.failure:
-        record.n_params = fp.params
-        return record
-    out_of_memory = False
-    try:
-        torch.manual_seed(job.seed)
-        model = build_model(job.config, data, device)
-        record.n_params = count_parameters(model)
-        cfg = train_config(spec, data, job.config, job.seed)
-        cfg.shuffle_seed = job.shuffle_seed
-        result = train(model, data.train, data.val, cfg, on_epoch_end, interrupt)
-    except Exception as e:  # noqa: BLE001 - one configuration's error fails that trial only
-        record.failure = f"{type(e).__name__}: {e}"
-        out_of_memory = _out_of_memory(e)
-        if not out_of_memory:
-            return record
-    if out_of_memory:  # out of the except block, so the traceback's frames are gone too
-        model = result = None  # noqa: F841 - drop what this trial allocated
-        record.failure = _out_of_memory_reason(record.failure, fp, device)
-        return record
-    return _recorded(record, result, model, data, job)
-
-
-def _recorded(
-    record: TrialRecord, result: Any, model: torch.nn.Module, data: Data, job: TrialJob
-) -> TrialRecord:
-    """The record of a trained model: its curve, why it stopped, kept weights, fit label."""
-    record.history = result.history
-    record.stopped_by = result.stopped_by
-    record.failure = result.failure
-    if record.outcome == "COMPLETE":
-        record.kept_epoch = result.best_epoch
-        record.weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if record.outcome in ("COMPLETE", "PRUNED"):
-        chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
-        fit = diagnose_fit(
-            record.history,
-            record.kept_epoch,
-            chance,
-            job.peer_val_losses,
-            record.stopped_by,
-            lr=job.config.get("lr"),
-        )
-        record.fit, record.fit_evidence = fit.label, fit.evidence
-    return record
-
-
-def run_cohort(
-    cohort: CohortJob,
+def run(
+    jobs: list[TrialJob],
     spec: Spec,
     data: Data,
     on_epoch_end: Callable[[dict[int, dict[str, float]], int], dict[int, str | None]],
     on_done: Callable[[TrialRecord], None],
     interrupt: Flag | None = None,
 ) -> None:
-    """Train a cohort's trials as one stacked model; `on_done` gets each member's record as
-    soon as it stops. `on_epoch_end({number: metrics}, epoch)` answers each member still
-    training with None or a stop reason. Never raises for the trials' own failures."""
-    from hpo.fused import train_cohort
-
-    jobs = cohort.jobs
+    """Build, train and diagnose one configuration, or several of one shape as one stacked
+    model (a cohort: `hpo.train.fit`); `on_done` gets each trial's record as soon as it
+    stops, its kept weights on the CPU when it completed. `on_epoch_end({number: metrics},
+    epoch)` answers each trial still training with None or a stop reason ("pruned",
+    "interrupted"). Never raises for the trials' own failures."""
     records = [TrialRecord(j.number, j.config, j.seed) for j in jobs]
     device = data.train[0].device
     fp = resources.of_config(jobs[0].config, resources.Shape.of(data), device.type != "cuda")
@@ -246,10 +192,12 @@ def run_cohort(
             models.append(build_model(job.config, data, device))
             record.n_params = count_parameters(models[-1])
         cfgs = [train_config(spec, data, j.config, j.seed) for j in jobs]
+        # One batch order for a cohort: its first trial's (or the one a retry repeats).
+        shuffle = jobs[0].seed if jobs[0].shuffle_seed is None else jobs[0].shuffle_seed
         for cfg in cfgs:
-            cfg.shuffle_seed = jobs[0].seed
+            cfg.shuffle_seed = shuffle
 
-        def member_done(i: int, result: Any) -> None:
+        def member_done(i: int, result: TrainResult) -> None:
             done.add(i)
             on_done(_recorded(records[i], result, models[i], data, jobs[i]))
 
@@ -257,23 +205,13 @@ def run_cohort(
             answers = on_epoch_end({jobs[i].number: m for i, m in metrics.items()}, epoch)
             return {i: answers.get(jobs[i].number) for i in metrics}
 
-        train_cohort(
-            models,  # type: ignore[arg-type]
-            cfgs,
-            [float(j.config["dropout"]) for j in jobs],
-            jobs[0].config["activation"],
-            data.train,
-            data.val,
-            member_epochs,
-            member_done,
-            interrupt,
-        )
-    except Exception as e:  # noqa: BLE001 - fails the members still training, not the study
+        fit(models, cfgs, data.train, data.val, member_epochs, member_done, interrupt)
+    except Exception as e:  # noqa: BLE001 - fails the trials still training, not the study
         failure = f"{type(e).__name__}: {e}"
         out_of_memory = _out_of_memory(e)
     if failure is None:
         return
-    models = []  # out of the except block: what the cohort allocated can go
+    models = []  # out of the except block: what the trials allocated can go
     if out_of_memory:
         failure = _out_of_memory_reason(failure, fp, device)
     for i, record in enumerate(records):
@@ -284,3 +222,27 @@ def run_cohort(
             else:
                 record.failure = failure
             on_done(record)
+
+
+def _recorded(
+    record: TrialRecord, result: TrainResult, model: torch.nn.Module, data: Data, job: TrialJob
+) -> TrialRecord:
+    """The record of a trained model: its curve, why it stopped, kept weights, fit label."""
+    record.history = result.history
+    record.stopped_by = result.stopped_by
+    record.failure = result.failure
+    if record.outcome == "COMPLETE":
+        record.kept_epoch = result.best_epoch
+        record.weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if record.outcome in ("COMPLETE", "PRUNED"):
+        chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
+        fit_ = diagnose_fit(
+            record.history,
+            record.kept_epoch,
+            chance,
+            job.peer_val_losses,
+            record.stopped_by,
+            lr=job.config.get("lr"),
+        )
+        record.fit, record.fit_evidence = fit_.label, fit_.evidence
+    return record

@@ -23,10 +23,11 @@ from sklearn.datasets import load_digits
 
 from hpo.config import default_config, parse_spec, with_widths
 from hpo.data import load_data
-from hpo.fused import _MemberKernels, _Optimizer, structure, train_cohort
 from hpo.model import build_mlp
-from hpo.train import TrainConfig, train
-from hpo.trial import CohortJob, TrialJob, run_cohort
+from hpo.registry import LR_SCHEDULES, OPTIMIZERS, Entry
+from hpo.space import structure
+from hpo.train import TrainConfig, train, train_cohort
+from hpo.trial import CohortJob, TrialJob, run
 
 # Relative difference allowed between a member's per-epoch losses fused and alone. The stacked
 # products add in another order, so the two differ by rounding, which some configurations
@@ -126,7 +127,7 @@ def test_each_member_follows_its_curve_trained_alone(
     cfgs = _configs(optimizer, schedule, nesterov)
     alone = _alone(cfgs, digits, activation=activation, batchnorm=batchnorm)
     models = _models(cfgs, activation, batchnorm)
-    fused = train_cohort(models, cfgs, [0.0] * 3, activation, *digits)
+    fused = train_cohort(models, cfgs, *digits)
     assert _worst(alone, [r.history for r in fused]) < TOLERANCE
     # and each model ends holding its kept weights, as `train` leaves it
     for model, result in zip(models, fused, strict=True):
@@ -142,7 +143,7 @@ def test_bf16_members_follow_their_bf16_curves_alone(digits32):
     bf16 and fp32 runs of one member are 2.5e-2 apart)."""
     cfgs = [replace(c, precision="bf16") for c in _configs("adam")]
     alone = _alone(cfgs, digits32, dtype=torch.float32)
-    fused = train_cohort(_models(cfgs, dtype=torch.float32), cfgs, [0.0] * 3, "relu", *digits32)
+    fused = train_cohort(_models(cfgs, dtype=torch.float32), cfgs, *digits32)
     assert _worst(alone, [r.history for r in fused]) < 5e-2
     fp32 = _alone(_configs("adam"), digits32, dtype=torch.float32)
     assert _worst(fp32, [r.history for r in fused]) > 1e-3  # bf16 products did change them
@@ -155,7 +156,7 @@ def test_bf16_members_with_batch_norm_keep_float32_statistics(digits32):
     cfgs = [replace(c, precision="bf16", max_epochs=3) for c in _configs("adam")]
     alone = _alone(cfgs, digits32, batchnorm=True, dtype=torch.float32)
     models = _models(cfgs, batchnorm=True, dtype=torch.float32)
-    fused = train_cohort(models, cfgs, [0.0] * 3, "relu", *digits32)
+    fused = train_cohort(models, cfgs, *digits32)
     assert [r.failure for r in fused] == [None] * 3
     assert _worst(alone, [r.history for r in fused]) < 5e-2
     for model in models:
@@ -172,9 +173,7 @@ def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
     def hook(metrics, epoch):
         return {m: "pruned" if m == 1 and epoch == 2 else None for m in metrics}
 
-    fused = train_cohort(
-        _models(cfgs), cfgs, [0.0] * 3, "relu", *digits, hook, lambda m, r: done.append(m)
-    )
+    fused = train_cohort(_models(cfgs), cfgs, *digits, hook, lambda m, r: done.append(m))
     assert [r.stopped_by for r in fused] == ["max_epochs", "pruned", "max_epochs"]
     assert [len(r.history) for r in fused] == [6, 2, 6]
     assert done == [1, 0, 2]  # handed back as soon as it stopped
@@ -191,7 +190,7 @@ def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
 def test_early_stopping_is_per_member(digits):
     members = [dict(MEMBERS[0]), dict(MEMBERS[2], lr=0.0)]  # the second never improves
     cfgs = _configs("sgd", epochs=8, patience=2, members=members)
-    fused = train_cohort(_models(cfgs), cfgs, [0.0, 0.0], "relu", *digits)
+    fused = train_cohort(_models(cfgs), cfgs, *digits)
     assert fused[1].stopped_by == "early_stopping" and len(fused[1].history) == 3
     assert fused[1].best_epoch == 1
     assert fused[0].stopped_by == "max_epochs" and len(fused[0].history) == 8
@@ -201,55 +200,46 @@ def test_a_non_finite_loss_fails_that_member_only(digits):
     members = [MEMBERS[0], dict(MEMBERS[0], lr=1e12), MEMBERS[2]]
     cfgs = _configs("sgd", epochs=4, members=members)
     alone = _alone([cfgs[0], cfgs[2]], digits)
-    fused = train_cohort(_models(cfgs), cfgs, [0.0] * 3, "relu", *digits)
+    fused = train_cohort(_models(cfgs), cfgs, *digits)
     assert fused[1].stopped_by == "diverged"
     assert any(f"train_loss became {x}" in (fused[1].failure or "") for x in ("nan", "inf"))
     assert [fused[0].stopped_by, fused[2].stopped_by] == ["max_epochs", "max_epochs"]
     assert _worst(alone, [fused[0].history, fused[2].history]) < TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "optimizer, nesterov",
-    [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True), ("adagrad", False)],
-)
-def test_the_update_over_the_whole_stack_is_torchs_kernel(optimizer, nesterov):
-    """On a CPU each member is updated by torch's fused kernel (`_MemberKernels`); CUDA uses
-    the update written over the whole stack (`_Optimizer`), which no CPU cohort runs for these
-    optimizers: here both take the same gradients, with a member dropped half way."""
-    torch.manual_seed(0)
-    shapes = [(3, 5, 4), (3, 5)]
-    hp = {
-        "lr": torch.tensor([0.1, 0.01, 0.003]),
-        "weight_decay": torch.tensor([0.0, 1e-2, 1e-3]),
-        "momentum": torch.tensor([0.0, 0.9, 0.5]),
-    }
-    hp = {k: v.double() for k, v in hp.items()}
-    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    params = {kind: [p.clone() for p in start] for kind in (_Optimizer, _MemberKernels)}
-    opts = {kind: kind(optimizer, nesterov, dict(hp), len(shapes)) for kind in params}
-    rows = torch.tensor([0, 2])
-    for step in range(6):
-        grads = [torch.randn(p.shape, dtype=torch.float64) for p in params[_Optimizer]]
-        for kind, opt in opts.items():
-            for p, g in zip(params[kind], grads, strict=True):
-                p.grad = g.clone()
-            opt.set_rates(opt.hp["lr"].tolist())
-            opt.step(params[kind])
-            if step == 2:  # the middle member stops
-                params[kind] = [p.index_select(0, rows) for p in params[kind]]
-                opt.keep(rows)
-    for vectorized, kernel in zip(params[_Optimizer], params[_MemberKernels], strict=True):
-        assert vectorized.shape[0] == 2
-        torch.testing.assert_close(vectorized, kernel, rtol=1e-12, atol=1e-14)
-    moved = [p.index_select(0, rows) for p in start]
-    assert all((a - b).abs().min() > 0 for a, b in zip(params[_Optimizer], moved, strict=True))
+def exponential_lr(opt, cfg):
+    """A schedule that hpo does not ship: the rate times 0.8 each epoch."""
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+    return lambda metrics: sched.step()
+
+
+def test_a_new_optimizer_and_schedule_are_one_registry_entry_each(digits, monkeypatch):
+    """Each member of a cohort is updated by torch's optimizer and schedule over its rows of
+    the stack, as a trial alone is: one entry each, and both ways train the same."""
+    monkeypatch.setitem(
+        OPTIMIZERS._entries, "adamax", Entry("adamax", "torch.optim:Adamax", "Adam, max norm")
+    )
+    monkeypatch.setitem(
+        LR_SCHEDULES._entries,
+        "exponential",
+        Entry("exponential", "test_fused:exponential_lr", "times 0.8 each epoch"),
+    )
+    cfgs = _configs("adamax", "exponential", epochs=4)
+    alone = _alone(cfgs, digits)
+    fused = train_cohort(_models(cfgs), cfgs, *digits)
+    assert _worst(alone, [r.history for r in fused]) < TOLERANCE
+    for cfg, result in zip(cfgs, fused, strict=True):
+        assert [e["lr"] for e in result.history] == pytest.approx(
+            [cfg.lr * 0.8**i for i in range(4)]
+        )
+        assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
 
 def test_members_get_their_own_dropout_masks(digits):
     cfgs = _configs("adam", epochs=1, members=[MEMBERS[0], MEMBERS[0]])
     models = [build_mlp(64, 10, (32, 16), "relu", 0.3).double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())  # identical twins but for dropout
-    fused = train_cohort(models, cfgs, [0.3, 0.3], "relu", *digits)
+    fused = train_cohort(models, cfgs, *digits)
     assert fused[0].history[0]["train_loss"] != fused[1].history[0]["train_loss"]
 
 
@@ -267,7 +257,7 @@ def test_run_cohort_gives_one_record_per_member(digits):
     assert len({structure(j.config) for j in jobs}) == 1
     records = []
 
-    run_cohort(CohortJob(jobs), spec, data, lambda m, e: {}, records.append)
+    run(CohortJob(jobs).members, spec, data, lambda m, e: {}, records.append)
     by = {r.number: r for r in records}
     assert sorted(by) == [0, 1, 2]
     assert by[1].outcome == "FAIL" and "became" in (by[1].failure or "")
@@ -454,7 +444,7 @@ def test_members_with_and_without_dropout_share_a_cohort(digits, batchnorm):
         models.append(build_mlp(64, 10, (32, 16), "relu", rate, batchnorm).double())
     assert set(models[0].state_dict()) != set(models[1].state_dict())
     alone = _alone(cfgs[:1], digits, batchnorm=batchnorm)
-    fused = train_cohort(models, cfgs, [0.0, 0.3], "relu", *digits)
+    fused = train_cohort(models, cfgs, *digits)
     assert [r.stopped_by for r in fused] == ["max_epochs", "max_epochs"]
     assert _worst(alone, [fused[0].history]) < TOLERANCE  # the one without dropout, as alone
     rebuilt = build_mlp(64, 10, (32, 16), "relu", 0.3, batchnorm)

@@ -69,11 +69,11 @@ def test_a_stack_of_mlps_computes_what_each_computes(activation, batchnorm):
         torch.manual_seed(seed)
         models.append(build_mlp(8, 3, (16, 4), activation, 0.0, batchnorm))
     x = torch.randn(32, 8)
-    stack = StackedMLP(models, activation)
+    stack = StackedMLP(models)
     for training in (True, False):
         for m in models:
             m.train(training)
-        out = stack.forward(x, None, None, training=training)
+        out = stack.forward(x, None, training=training)
         assert out.shape == (3, 32, 3)
         for i, m in enumerate(models):
             torch.testing.assert_close(out[i], m(x), rtol=1e-5, atol=1e-6)

@@ -17,8 +17,9 @@ from hpo.cli import app
 from hpo.config import SpecError, parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp
+from hpo.optim import make_optimizer
 from hpo.registry import ALL, DATASETS, OPTIMIZERS, Entry, sync_readme
-from hpo.train import TrainConfig, make_optimizer
+from hpo.train import TrainConfig
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -62,7 +63,9 @@ def test_a_name_added_in_the_registry_is_accepted_everywhere(monkeypatch):
     )
     data = load_data(spec)
     assert data.info["dataset"] == "digits_copy" and data.n_features == 64
-    opt = make_optimizer(build_mlp(4, 2), TrainConfig(optimizer="asgd", lr=0.02))
+    opt = make_optimizer(
+        list(build_mlp(4, 2).parameters()), TrainConfig(optimizer="asgd", lr=0.02)
+    )
     assert isinstance(opt, torch.optim.ASGD) and opt.param_groups[0]["lr"] == 0.02
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from hpo.model import build_mlp
+from hpo.optim import add_l1_gradient, fast_step, make_optimizer
 from hpo.registry import LR_SCHEDULES, OPTIMIZERS
-from hpo.train import TrainConfig, add_l1_gradient, evaluate, make_optimizer, train
+from hpo.train import TrainConfig, evaluate, train
 
 
 def fit(blobs, **kw):
@@ -103,8 +104,7 @@ def test_l1_shrinks_weights(blobs):
     assert sparse[0].weight.abs().sum() < 0.7 * plain[0].weight.abs().sum()
 
 
-@pytest.mark.parametrize("per_member", [False, True])
-def test_the_l1_gradient_is_autograds_for_the_penalty_in_the_loss(per_member):
+def test_the_l1_gradient_is_autograds_for_the_penalty_in_the_loss():
     torch.manual_seed(0)
     model = build_mlp(8, 3, widths=[16, 16])
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
@@ -116,7 +116,7 @@ def test_the_l1_gradient_is_autograds_for_the_penalty_in_the_loss(per_member):
     expected = [w.grad.clone() for w in weights]
     model.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    add_l1_gradient(weights, torch.tensor(l1) if per_member else l1)
+    add_l1_gradient(weights, l1)
     for w, want in zip(weights, expected, strict=True):
         torch.testing.assert_close(w.grad, want, rtol=1e-6, atol=1e-9)
 
@@ -143,15 +143,60 @@ def test_every_optimizer_and_schedule_learns(blobs, optimizer, schedule):
 def test_each_optimizer_gets_the_settings_it_takes():
     model = torch.nn.Linear(3, 2)
     cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    group = make_optimizer(model, cfg).param_groups[0]
+    group = make_optimizer(list(model.parameters()), cfg).param_groups[0]
     assert (group["lr"], group["momentum"], group["nesterov"]) == (0.05, 0.9, True)
     assert group["weight_decay"] == 1e-3
-    no_momentum = make_optimizer(model, TrainConfig(optimizer="sgd", nesterov=True))
+    params = list(model.parameters())
+    no_momentum = make_optimizer(params, TrainConfig(optimizer="sgd", nesterov=True))
     assert no_momentum.param_groups[0]["nesterov"] is False  # torch refuses it without momentum
-    rms = make_optimizer(model, TrainConfig(optimizer="rmsprop", momentum=0.5))
+    rms = make_optimizer(params, TrainConfig(optimizer="rmsprop", momentum=0.5))
     assert rms.param_groups[0]["momentum"] == 0.5
-    adam = make_optimizer(model, TrainConfig(optimizer="adam", lr=0.01, momentum=0.9))
+    adam = make_optimizer(params, TrainConfig(optimizer="adam", lr=0.01, momentum=0.9))
     assert isinstance(adam, torch.optim.Adam) and "momentum" not in adam.param_groups[0]
+
+
+@pytest.mark.parametrize(
+    "optimizer, settings",
+    [
+        ("adam", {}),
+        ("adamw", {}),
+        ("sgd", {"momentum": 0.9, "nesterov": True}),
+        ("sgd", {}),
+        ("adagrad", {}),
+    ],
+)
+def test_the_fast_step_is_the_optimizers_own(optimizer, settings):
+    """On a CPU a fused optimizer steps through torch's functional form after its first step:
+    the same parameters and state, bit for bit, as its own `step`."""
+    torch.manual_seed(0)
+    a, b = build_mlp(20, 3, [16]), build_mlp(20, 3, [16])
+    b.load_state_dict(a.state_dict())
+    cfg = TrainConfig(optimizer=optimizer, weight_decay=0.01, lr=1e-2, **settings)
+    opt_a, opt_b = (
+        make_optimizer(list(a.parameters()), cfg),
+        make_optimizer(list(b.parameters()), cfg),
+    )
+    step = fast_step(opt_b)
+    assert step != opt_b.step
+    for i in range(5):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if i == 3:  # a schedule changing the rate between steps
+            opt_a.param_groups[0]["lr"] = opt_b.param_groups[0]["lr"] = 5e-3
+        opt_a.step()
+        step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]), key
+
+
+def test_optimizers_without_a_fused_kernel_step_as_they_are():
+    params = list(build_mlp(4, 2, [3]).parameters())
+    opt = make_optimizer(params, TrainConfig(optimizer="rmsprop", momentum=0.9))
+    assert fast_step(opt) == opt.step
 
 
 def test_regression_reports_rmse_in_target_units():

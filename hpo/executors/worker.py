@@ -17,7 +17,7 @@ import torch
 from hpo.config import Spec
 from hpo.data import Data, load_data
 from hpo.train import Flag
-from hpo.trial import CohortJob, run_cohort, run_trial
+from hpo.trial import run
 
 
 class Channel(Protocol):
@@ -51,22 +51,14 @@ def serve(
         where = f"{socket.gethostname()}:{os.getpid()}"
         for number in job.numbers:
             channel.send(("start", number, where))
-        if isinstance(job, CohortJob):
-            run_cohort(
-                job,
-                spec,
-                data,
-                lambda metrics, epoch: _decisions(channel, metrics, epoch),
-                lambda record: channel.send(("done", record.number, record)),
-                interrupt,
-            )
-            continue
-
-        def on_epoch_end(epoch: int, metrics: dict[str, float], number: int = job.number) -> Any:
-            return _decisions(channel, {number: metrics}, epoch)[number]
-
-        record = run_trial(job, spec, data, on_epoch_end, interrupt)
-        channel.send(("done", job.number, record))
+        run(
+            job.members,
+            spec,
+            data,
+            lambda metrics, epoch: _decisions(channel, metrics, epoch),
+            lambda record: channel.send(("done", record.number, record)),
+            interrupt,
+        )
 
 
 def _decisions(

@@ -1,0 +1,194 @@
+"""What one training step does for the members of a cohort: one module, or K stacked.
+
+The epoch loop (`hpo.train.fit`) is the same for a trial alone and for a cohort; a stepper is
+what differs: the forward and backward pass of one batch, each member's `Update` (torch's
+optimizer, its schedule, L1, clipping: `hpo.optim`), the epoch's running sums, evaluation,
+and each member's weights. `ModuleStepper` trains one `nn.Module`; `StackStepper` trains K
+networks of one shape as one stacked model (`hpo.model.StackedMLP`) on the same mini-batches,
+so that one step is a handful of batched matrix products for all K instead of K sets of tiny
+kernels. A member of a stack is updated over views of its rows of the stacked tensors, by the
+same `Update` a module gets, so it follows the curve it would follow trained alone
+(`tests/test_fused.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hpo.model import StackedMLP, train_forward
+from hpo.optim import Update
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory stays flat
+
+
+def member_losses(out: torch.Tensor, y: torch.Tensor, classify: bool) -> torch.Tensor:
+    """(members, rows, outputs) and (rows,) -> each member's mean loss."""
+    k, rows = out.shape[:2]
+    if classify:
+        losses = F.cross_entropy(out.reshape(k * rows, -1), y.repeat(k), reduction="none")
+        return losses.view(k, rows).mean(1)
+    return (out.squeeze(-1) - y).pow(2).mean(1)
+
+
+def metrics_of(loss: float, accuracy: float, cfg: Any) -> dict[str, float]:
+    """An epoch's loss and accuracy (classification) or RMSE in the target's unit."""
+    if cfg.task == "classification":
+        return {"loss": loss, "accuracy": accuracy}
+    return {"loss": loss, "rmse": math.sqrt(max(loss, 0.0)) * cfg.y_scale}
+
+
+def evaluate_members(
+    forward: Callable[[torch.Tensor], torch.Tensor], k: int, data: Tensors, cfg: Any,
+    precision: Callable[[], Any],
+) -> list[dict[str, float]]:  # fmt: skip
+    """Each of `k` members' loss and accuracy (or RMSE) over a whole split, in large batches
+    without gradients; `forward`: rows -> (members, rows, outputs), called under
+    `precision()` (bf16 autocast or nothing) and `torch.inference_mode()`."""
+    X, y = data
+    classify = cfg.task == "classification"
+    rows = max(256, EVAL_BATCH // k)
+    loss_sum = torch.zeros(k, device=X.device)
+    correct = torch.zeros(k, device=X.device)
+    with torch.inference_mode():
+        for start in range(0, len(X), rows):
+            with precision():
+                out = forward(X[start : start + rows]).float()  # the loss in float32
+            yb = y[start : start + rows]
+            loss_sum += member_losses(out, yb, classify) * len(yb)
+            if classify:
+                correct += (out.argmax(-1) == yb).sum(1)
+    both = torch.stack([loss_sum, correct]).tolist()  # one host sync per split
+    n = max(len(X), 1)
+    return [metrics_of(loss / n, hits / n, cfg) for loss, hits in zip(*both, strict=True)]
+
+
+class ModuleStepper:
+    """A trial alone: one `nn.Module` and its `Update`."""
+
+    def __init__(
+        self, model: nn.Module, cfg: Any, data: Tensors, cast: Callable[[], Any],
+        capturable: bool,
+    ):  # fmt: skip
+        self.model, self.cfg, self.cast = model, cfg, cast
+        self.params = list(model.parameters())
+        self.updates = [Update(self.params, cfg, capturable)]
+        self.X, self.y = data
+        self.classify = cfg.task == "classification"
+        # The epoch's running sums on the device (no host sync per step), the same tensors
+        # every epoch, which a CUDA graph of the step adds to.
+        self.sums = torch.zeros(2, 1, device=self.X.device)
+        self.generators: tuple[torch.Generator, ...] = ()
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def step(self, idx: torch.Tensor) -> None:
+        xb, yb = self.X.index_select(0, idx), self.y.index_select(0, idx)  # 2x faster than X[idx]
+        with self.cast():
+            out = train_forward(self.model, xb)
+            if self.classify:
+                loss = F.cross_entropy(out, yb)
+            else:
+                loss = F.mse_loss(out.squeeze(1), yb)
+        for p in self.params:  # opt.zero_grad(set_to_none=True) in a tenth the time
+            p.grad = None
+        loss.backward()
+        self.updates[0]()
+        self.sums[0].add_(loss.detach() * len(idx))
+        if self.classify:
+            self.sums[1].add_((out.detach().argmax(1) == yb).sum())
+
+    def evaluate(self, data: Tensors) -> list[dict[str, float]]:
+        self.model.eval()
+        return evaluate_members(lambda x: self.model(x).unsqueeze(0), 1, data, self.cfg, self.cast)
+
+    def kept(self, row: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def finish(self, row: int, state: dict[str, torch.Tensor] | None) -> None:
+        """The member at `row` stops, holding `state` (its kept weights) or, with None, its
+        weights as they are."""
+        if state:
+            self.model.load_state_dict(state)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only the members at `rows` go on (a module has one: none do)."""
+
+
+class StackStepper:
+    """K networks of one shape (`hpo.space.structure`), trained as one `StackedMLP`."""
+
+    def __init__(
+        self, models: list[nn.Sequential], cfgs: list[Any], data: Tensors,
+        cast: Callable[[], Any], capturable: bool, seed: int,
+    ):  # fmt: skip
+        self.models, self.cfgs, self.cast = models, cfgs, cast
+        self.X, self.y = data
+        self.classify = cfgs[0].task == "classification"
+        self.stack = StackedMLP(models)
+        self.members = list(range(len(models)))  # the member of each row of the stack
+        self.updates = [Update(self._views(row), cfg, capturable) for row, cfg in enumerate(cfgs)]
+        # Each member's dropout masks are its own draws, from one generator for the stack.
+        self.masks = torch.Generator(device=self.X.device).manual_seed(seed + 1)
+        self.generators = (self.masks,)
+        self.sums = torch.zeros(2, len(models), device=self.X.device)
+        self.steps = 0
+
+    def _views(self, row: int) -> list[torch.Tensor]:
+        """The member at `row`'s parameters: views of its rows of the stacked tensors, which
+        its optimizer updates in place."""
+        return [p.detach()[row] for p in self.stack.params]
+
+    def train_mode(self) -> None:
+        pass  # the stack is told at each forward pass
+
+    def step(self, idx: torch.Tensor) -> None:
+        xb, yb = self.X.index_select(0, idx), self.y.index_select(0, idx)
+        with self.cast():
+            out = self.stack.forward(xb, self.masks, training=True)
+            losses = member_losses(out, yb, self.classify)
+        for p in self.stack.params:
+            p.grad = None
+        losses.sum().backward()
+        # Each member's gradients are its rows of the stack's.
+        for j, p in enumerate(self.stack.params):
+            for update, grad in zip(self.updates, p.grad.unbind(0), strict=True):  # type: ignore[union-attr]
+                update.params[j].grad = grad
+        for update in self.updates:
+            update()
+        self.sums[0].add_(losses.detach() * len(idx))
+        if self.classify:
+            self.sums[1].add_((out.detach().argmax(-1) == yb).sum(1))
+        self.steps += 1
+
+    def evaluate(self, data: Tensors) -> list[dict[str, float]]:
+        k = len(self.members)
+        return evaluate_members(
+            lambda x: self.stack.forward(x, None, training=False), k, data, self.cfgs[0],
+            self.cast,
+        )  # fmt: skip
+
+    def kept(self, row: int) -> dict[str, torch.Tensor]:
+        return self.stack.member_state(row)
+
+    def finish(self, row: int, state: dict[str, torch.Tensor] | None) -> None:
+        model = self.models[self.members[row]]
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.num_batches_tracked.fill_(self.steps)
+        model.load_state_dict(state or self.stack.member_state(row))
+
+    def keep(self, rows: list[int]) -> None:
+        self.stack.keep(torch.tensor(rows, device=self.X.device))
+        self.members = [self.members[r] for r in rows]
+        self.updates = [self.updates[r] for r in rows]
+        for row, update in enumerate(self.updates):
+            update.rebind(self._views(row))
+        self.sums = torch.zeros(2, len(rows), device=self.X.device)
