@@ -48,9 +48,11 @@ format: install
 	$(BIN)/ruff format hpo tests benchmarks
 	$(BIN)/ruff check --fix hpo tests benchmarks
 
-# The README's list of names (datasets, samplers, ...) is written from hpo/registry.py.
+# The README's list of names (datasets, samplers, ...) is written from hpo/registry.py, and
+# docs/spec.md's table of hyperparameters from hpo/params.py.
 docs: install
 	$(BIN)/python -c "from hpo.registry import sync_readme; sync_readme('README.md')"
+	$(BIN)/python -c "from hpo.params import sync_doc; sync_doc('docs/spec.md')"
 
 # reports/benchmarks.md and .json: trainer vs DataLoader loop, fused trials, platform overhead,
 # time to 98% on MNIST vs a plain Optuna script (benchmarks/suite.py); then trials per hour

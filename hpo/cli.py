@@ -13,6 +13,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
+from hpo.params import STRUCTURAL, applies
 from hpo.redact import MASK, first_line, recorded_uri, redact, redact_url, url_problem
 
 # click's error class, wherever this typer keeps click (its own copy since 0.25, else click)
@@ -175,11 +176,13 @@ def names(
     kind: Annotated[str | None, typer.Argument(help="datasets, samplers, ...")] = None,
 ) -> None:
     """List the names a spec can use: datasets, samplers, pruners, activations, optimizers,
-    inits, lr_schedules."""
+    inits, lr_schedules; and the hyperparameters, with their defaults and allowed values."""
+    from hpo.params import PARAMS
     from hpo.registry import ALL
 
-    if kind is not None and kind not in ALL:
-        _err(f"error: names: unknown kind {kind!r}; allowed: {', '.join(ALL)}")
+    kinds = [*ALL, "hyperparameters"]
+    if kind is not None and kind not in kinds:
+        _err(f"error: names: unknown kind {kind!r}; allowed: {', '.join(kinds)}")
         raise typer.Exit(code=2)
     for title, reg in ALL.items():
         if kind in (None, title):
@@ -187,6 +190,12 @@ def names(
             width = max(len(n) for n in reg)
             for e in reg.values():
                 typer.echo(f"  {e.name:<{width}}  {e.doc}")
+    if kind in (None, "hyperparameters"):
+        typer.echo("hyperparameters (search_space.*): name, default, allowed values")
+        width = max(len(n) for n in PARAMS)
+        for p in PARAMS.values():
+            allowed = p.allowed().replace("`", "")
+            typer.echo(f"  {p.name:<{width}}  {p.shown_default:<8}  {allowed}: {p.described()}")
 
 
 @command()
@@ -234,8 +243,8 @@ def run(
         int | None,
         typer.Option(
             help="Trials trained together as one stacked model in each worker (overrides "
-            "study.fused_trials): they share depth, widths, activation, batch norm, batch size, "
-            "optimizer and schedule; each has its own learning rate, regularisation and seed.",
+            f"study.fused_trials): they share {', '.join(STRUCTURAL)}; each has its own "
+            "learning rate, regularisation and seed.",
         ),
     ] = None,
     ray: Annotated[
@@ -411,16 +420,14 @@ def _interrupted(counts: dict[str, int]) -> str:
 
 
 def _applying(config: dict[str, Any]) -> dict[str, Any]:
-    """A configuration without the settings that change nothing in it: `widths` says the
-    layers' sizes; a linear model (depth 0) has no activation, dropout, batch norm or hidden
-    width; momentum is SGD's and RMSprop's, Nesterov SGD's."""
+    """A configuration without the settings that change nothing in it (`hpo.params.applies`;
+    `widths` says the layers' sizes, so `width` goes, and a linear model has no `widths`)."""
     linear = config.get("n_layers") == 0
-    unused = {"width"} | ({"activation", "dropout", "batchnorm", "widths"} if linear else set())
-    if config.get("optimizer") not in ("sgd", "rmsprop"):
-        unused.add("momentum")
-    if config.get("optimizer") != "sgd":
-        unused.add("nesterov")
-    return {k: v for k, v in config.items() if k not in unused}
+    return {
+        k: v
+        for k, v in config.items()
+        if applies(k, config) and k != "width" and not (linear and k == "widths")
+    }
 
 
 def _numbers(numbers: list[int], most: int = 6) -> str:

@@ -11,19 +11,18 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hpo.params import PARAMS, Param, default_config
 from hpo.redact import url_problem
 from hpo.registry import (
-    ACTIVATIONS,
     DATASETS,
-    INITS,
-    LR_SCHEDULES,
-    OPTIMIZERS,
     PRECISIONS,
     PRUNERS,
     SAMPLERS,
@@ -37,27 +36,6 @@ MAX_NAME = 100  # characters in a study name
 MAX_ONE_HOT = 1_000  # features a table's text columns may one-hot encode into
 GRID_FLOAT_POINTS = 4  # points per float range the grid sampler gets when no step is given
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-# Hyperparameters the platform knows, each with its kind, bounds and the value used when the
-# search space leaves it out (the usual textbook default).
-_REAL, _INT, _BOOL, _CHOICE = "real", "int", "bool", "choice"
-PARAMS: dict[str, dict[str, Any]] = {
-    "n_layers": {"kind": _INT, "min": 0, "default": 2},
-    "width": {"kind": _INT, "min": 1, "default": 128},
-    "activation": {"kind": _CHOICE, "registry": ACTIVATIONS, "default": "relu"},
-    "dropout": {"kind": _REAL, "min": 0.0, "max_open": 1.0, "default": 0.0},
-    "batchnorm": {"kind": _BOOL, "default": False},
-    "init": {"kind": _CHOICE, "registry": INITS, "default": "default"},
-    "optimizer": {"kind": _CHOICE, "registry": OPTIMIZERS, "default": "adam"},
-    "lr": {"kind": _REAL, "min_open": 0.0, "default": 1e-3},
-    "momentum": {"kind": _REAL, "min": 0.0, "max_open": 1.0, "default": 0.0},
-    "nesterov": {"kind": _BOOL, "default": False},
-    "weight_decay": {"kind": _REAL, "min": 0.0, "default": 0.0},
-    "l1": {"kind": _REAL, "min": 0.0, "default": 0.0},
-    "batch_size": {"kind": _INT, "min": 1, "default": 128},
-    "lr_schedule": {"kind": _CHOICE, "registry": LR_SCHEDULES, "default": "none"},
-    "grad_clip": {"kind": _REAL, "min": 0.0, "default": 0.0},  # max gradient norm; 0 = off
-}
 
 CLASSIFICATION_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 REGRESSION_METRICS = ("train_loss", "val_loss", "train_rmse", "val_rmse")
@@ -253,11 +231,6 @@ def read_yaml(text: str) -> Any:
         loader.dispose()
 
 
-def default_config() -> dict[str, Any]:
-    """Every known hyperparameter at its default."""
-    return {name: rule["default"] for name, rule in PARAMS.items()}
-
-
 def with_widths(config: dict[str, Any]) -> dict[str, Any]:
     """`config` with `widths`, one per hidden layer: `width` is one for all, or a list."""
     width, n = config["width"], int(config["n_layers"])
@@ -431,7 +404,7 @@ def _check_baselines(baselines: list[Any], space: Any) -> list[str]:
             elif key == "width" and isinstance(value, list):
                 for j, w in enumerate(value):
                     problems += _check_value(f"{where}[{j}]", "width", w)
-                n = entry.get("n_layers", fixed.get("n_layers", PARAMS["n_layers"]["default"]))
+                n = entry.get("n_layers", fixed.get("n_layers", PARAMS["n_layers"].default))
                 if isinstance(n, int) and len(value) != n:
                     problems.append(
                         f"{where}: {len(value)} widths for n_layers {n}; give one per layer"
@@ -519,31 +492,25 @@ _DIST_KEYS = list(Distribution.model_fields)
 def _check_value(path: str, name: str, value: Any) -> list[str]:
     """A fixed value, or a choice, against the hyperparameter's kind and bounds."""
     rule = PARAMS[name]
-    kind = rule["kind"]
-    if kind == _BOOL:
+    kind = rule.kind
+    if kind == "bool":
         ok = isinstance(value, bool)
         return [] if ok else [f"{path}: must be true or false (got {_show(value)})"]
-    if kind == _CHOICE:
-        problem = rule["registry"].problem(path, value)
+    if kind == "choice":
+        assert rule.registry is not None
+        problem = rule.registry.problem(path, value)
         return [problem] if problem else []
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        what = "an integer" if kind == _INT else "a number"
+        what = "an integer" if kind == "int" else "a number"
         return [f"{path}: must be {what} (got {_show(value)})"]
-    if kind == _INT and not float(value).is_integer():
+    if kind == "int" and not float(value).is_integer():
         return [f"{path}: must be an integer (got {value})"]
     return _check_bounds(path, rule, value)
 
 
-def _check_bounds(path: str, rule: dict[str, Any], value: float) -> list[str]:
-    if "min" in rule and value < rule["min"]:
-        return [f"{path}: must be >= {rule['min']} (got {value})"]
-    if "min_open" in rule and value <= rule["min_open"]:
-        return [f"{path}: must be > {rule['min_open']} (got {value})"]
-    if "max_open" in rule and value >= rule["max_open"]:
-        return [f"{path}: must be < {rule['max_open']} (got {value})"]
-    if not math.isfinite(value):
-        return [f"{path}: must be finite (got {value})"]
-    return []
+def _check_bounds(path: str, rule: Param, value: float) -> list[str]:
+    problem = rule.bound_problem(value)
+    return [f"{path}: {problem} (got {value})"] if problem else []
 
 
 def _check_search_space(space: dict[str, Any]) -> list[str]:
@@ -591,12 +558,12 @@ def _check_distribution(path: str, name: str, d: Distribution, space: dict[str, 
             for i, c in enumerate(d.choices):
                 problems += _check_value(f"{path}.choices[{i}]", name, c)
     else:
-        if rule["kind"] in (_BOOL, _CHOICE):
+        if rule.kind in ("bool", "choice"):
             problems.append(
                 f"{path}.type: {name} takes type: categorical or a fixed value (got {d.type})"
             )
             return problems
-        if rule["kind"] == _INT and d.type == "float":
+        if rule.kind == "int" and d.type == "float":
             problems.append(f"{path}.type: {name} is an integer; use type: int (got float)")
         if d.choices is not None:
             problems.append(f"{path}.choices: only used with type: categorical")
@@ -790,23 +757,39 @@ def folder_name(name: str) -> str:
     return safe or "study"
 
 
-def grid_points(d: Distribution) -> int:
-    """How many values the grid sampler walks for one distribution (see `space.grid_space`)."""
+def grid_values(d: Distribution) -> Sequence[Any]:
+    """The values the grid sampler walks for one distribution: every choice; every value (every
+    `step`) of an int range; every `step` of a float range from `low`, `high` included when a
+    step lands on it; `GRID_FLOAT_POINTS` points of a float range without `step` and of a log
+    int range (log-spaced with `log: true`, rounded and unique for ints). A range of ints
+    stays a `range`, so its size is known without listing it."""
     if d.type == "categorical":
-        return len(d.choices or [])
+        return list(d.choices or [])
     low, high = float(d.low or 0), float(d.high or 0)
     if d.type == "int" and not d.log:
-        return int((high - low) // int(d.step or 1)) + 1
-    if d.type == "float" and d.step:
-        return int((high - low) // d.step) + 1
-    return GRID_FLOAT_POINTS
+        return range(int(low), int(high) + 1, int(d.step or 1))
+    if d.type == "int":
+        points = np.unique(np.round(np.geomspace(low, high, GRID_FLOAT_POINTS)).astype(int))
+        return [int(v) for v in points]
+    if d.step:
+        # (clamped: the last step may land a rounding error above high)
+        return [min(float(v), high) for v in np.arange(low, high + d.step / 2, d.step)]
+    spaced = np.geomspace if d.log else np.linspace
+    return [float(v) for v in spaced(low, high, GRID_FLOAT_POINTS)]
+
+
+def grid_points(d: Distribution) -> int:
+    """How many values the grid sampler walks for one distribution."""
+    if d.type == "float" and d.step:  # numpy.arange's length, without making the array
+        return max(math.ceil((float(d.high) + d.step / 2 - float(d.low)) / d.step), 0)
+    return len(grid_values(d))
 
 
 def _check_grid(spec: Spec) -> list[str]:
     space = {k: v for k, v in spec.space.items() if isinstance(v, Distribution)}
     if any(d.low is None or d.high is None for d in space.values() if d.type != "categorical"):
         return []  # reported already
-    n_layers = spec.space.get("n_layers", PARAMS["n_layers"]["default"])
+    n_layers = spec.space.get("n_layers", PARAMS["n_layers"].default)
     layers = int(n_layers.high) if isinstance(n_layers, Distribution) else int(n_layers)
     total, biggest = 1, ("", 0)
     for name, d in space.items():

@@ -8,17 +8,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hpo.params import PARAMS
 from hpo.registry import ACTIVATIONS, INITS
 
 
 def build_mlp(
     n_inputs: int,
     n_outputs: int,
-    widths: Sequence[int] = (128, 128),
-    activation: str = "relu",
-    dropout: float = 0.0,
-    batchnorm: bool = False,
-    init: str = "default",
+    widths: Sequence[int] = (PARAMS["width"].default,) * PARAMS["n_layers"].default,
+    activation: str = PARAMS["activation"].default,
+    dropout: float = PARAMS["dropout"].default,
+    batchnorm: bool = PARAMS["batchnorm"].default,
+    init: str = PARAMS["init"].default,
 ) -> nn.Sequential:
     """Hidden blocks Linear -> [BatchNorm] -> activation -> [Dropout], then a linear head.
 

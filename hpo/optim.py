@@ -29,26 +29,27 @@ Schedule = Callable[[dict[str, float]], Any]
 def make_optimizer(
     params: list[torch.Tensor], cfg: Any, capturable: bool = False
 ) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` names over `params`, given the settings its class takes
-    (lr, weight decay, momentum, Nesterov); torch's fused kernel where the class has one for
-    the device; `capturable`: its state kept on the device, so that a CUDA graph can replay
-    its step (`hpo.train.StepGraph`), where it takes that setting."""
+    """The optimizer `cfg.optimizer` names over `params`, given lr, weight decay and the
+    settings its registry entry `takes` (momentum, Nesterov); torch's fused kernel where the
+    class has one for the device; `capturable`: its state kept on the device, so that a CUDA
+    graph can replay its step (`hpo.train.StepGraph`), where the class can."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"
         )
     cls = OPTIMIZERS.load(cfg.optimizer)
-    settings = {
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-        "momentum": cfg.momentum,
-        "nesterov": cfg.nesterov and cfg.momentum > 0,  # torch refuses Nesterov without momentum
-        "capturable": capturable,
-    }
+    settings: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    settings |= {name: getattr(cfg, name) for name in OPTIMIZERS[cfg.optimizer].takes}
+    if "nesterov" in settings:  # torch refuses Nesterov without momentum
+        settings["nesterov"] = cfg.nesterov and cfg.momentum > 0
+    # What torch's class can do, read from it: keep its state on the device for a CUDA
+    # graph; one kernel per step for all parameters, not one per tensor.
     takes = inspect.signature(cls).parameters
+    if capturable and "capturable" in takes:
+        settings["capturable"] = True
     if "fused" in takes and params[0].device.type in ("cpu", "cuda"):
-        settings["fused"] = True  # one kernel per step for all parameters, not one per tensor
-    opt = cls(params, **{k: v for k, v in settings.items() if k in takes})
+        settings["fused"] = True
+    opt = cls(params, **settings)
     if capturable:
         # Its warm-up steps and the epochs' last batches run outside the graph, by design.
         _private.quiet_uncaptured_steps(opt)

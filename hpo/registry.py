@@ -59,6 +59,9 @@ class Entry:
     requires: tuple[str, ...] = ()
     accepts: tuple[str, ...] = ()
     task: str | None = "classification"
+    # Optimizers only: the settings it takes besides `lr` and `weight_decay` (rows of
+    # `hpo.params.PARAMS` marked `optimizer_setting`), passed to its constructor.
+    takes: tuple[str, ...] = ()
 
 
 class Registry(Mapping[str, Entry]):
@@ -178,10 +181,15 @@ OPTIMIZERS = Registry(
     "optimizer",
     "search_space.optimizer",
     [
-        Entry("sgd", "torch.optim:SGD", "mini-batch SGD; `momentum`, `nesterov`"),
+        Entry(
+            "sgd",
+            "torch.optim:SGD",
+            "mini-batch SGD; `momentum`, `nesterov`",
+            takes=("momentum", "nesterov"),
+        ),
         Entry("adam", "torch.optim:Adam", "Adam, L2 `weight_decay` added to the gradient"),
         Entry("adamw", "torch.optim:AdamW", "Adam with decoupled `weight_decay`"),
-        Entry("rmsprop", "torch.optim:RMSprop", "RMSprop; `momentum`"),
+        Entry("rmsprop", "torch.optim:RMSprop", "RMSprop; `momentum`", takes=("momentum",)),
         Entry("adagrad", "torch.optim:Adagrad", "Adagrad"),
         Entry("nadam", "torch.optim:NAdam", "Adam with Nesterov momentum"),
     ],
@@ -239,11 +247,16 @@ BEGIN, END = (
 
 def sync_readme(path: str) -> bool:
     """Rewrite the names section of a README from these registries; True if it changed."""
+    return sync_section(path, BEGIN, END, names_markdown())
+
+
+def sync_section(path: str, begin: str, end: str, body: str) -> bool:
+    """Put `body` between the lines `begin` and `end` of a Markdown file; True if it changed."""
     with open(path) as f:
         text = f.read()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    new = f"{head}{BEGIN}\n{names_markdown()}\n{END}{tail}"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    new = f"{head}{begin}\n{body}\n{end}{tail}"
     if new != text:
         with open(path, "w") as f:
             f.write(new)

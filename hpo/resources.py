@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hpo.config import PARAMS, Distribution, Spec, parse_bytes
+from hpo.config import Distribution, Spec, parse_bytes
+from hpo.params import PARAMS
 from hpo.train import EVAL_BATCH
 
 FLOAT = 4  # bytes per float32
@@ -156,10 +157,10 @@ def corner(spec: Spec) -> tuple[int, int, int, str]:
     """The search space's largest corner: layers, width, batch size, and the optimizer that
     keeps the most state."""
     space = spec.space
-    n_layers = int(_largest(space.get("n_layers"), PARAMS["n_layers"]["default"]))
-    width = int(_largest(space.get("width"), PARAMS["width"]["default"]))
-    batch = int(_largest(space.get("batch_size"), PARAMS["batch_size"]["default"]))
-    opt = space.get("optimizer", PARAMS["optimizer"]["default"])
+    n_layers = int(_largest(space.get("n_layers"), PARAMS["n_layers"].default))
+    width = int(_largest(space.get("width"), PARAMS["width"].default))
+    batch = int(_largest(space.get("batch_size"), PARAMS["batch_size"].default))
+    opt = space.get("optimizer", PARAMS["optimizer"].default)
     choices = opt.choices if isinstance(opt, Distribution) else [opt]
     worst = max(choices or ["adam"], key=lambda o: OPTIMIZER_STATE.get(str(o), 2))
     return n_layers, width, batch, str(worst)

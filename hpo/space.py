@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import optuna
 
-from hpo.config import GRID_FLOAT_POINTS, PARAMS, Distribution, default_config, with_widths
-
-# What the members of a fused cohort share: what changes the network's shape or the step's
-# code (per-layer widths are `width_0`, `width_1`, ...). Everything else (initialisation,
-# learning rate, weight decay, L1, dropout, momentum, clipping) is each member's own.
-STRUCTURAL = (
-    "n_layers",
-    "width",
-    "activation",
-    "batchnorm",
-    "batch_size",
-    "optimizer",
-    "nesterov",
-    "lr_schedule",
-)
+from hpo.config import Distribution, grid_values, with_widths
+from hpo.params import PARAMS, STRUCTURAL, default_config
 
 
 def is_structural(name: str) -> bool:
@@ -96,33 +82,14 @@ def _suggest(trial: optuna.Trial, name: str, d: Distribution) -> Any:
 def grid_space(space: dict[str, Any], max_layers: int | None = None) -> dict[str, list[Any]]:
     """The grid the grid sampler walks: choices, integer ranges, a few points per float range."""
     grid: dict[str, list[Any]] = {}
-    n_layers = space.get("n_layers", PARAMS["n_layers"]["default"])
+    n_layers = space.get("n_layers", PARAMS["n_layers"].default)
     if max_layers is None:
         max_layers = int(n_layers.high) if _is_dist(n_layers) else int(n_layers)
     for name, entry in space.items():
         if not _is_dist(entry):
             continue
-        values = _grid_values(entry)
+        values = list(grid_values(entry))
         names = [f"{name}_{i}" for i in range(max_layers)] if entry.per_layer else [name]
         for n in names:
             grid[n] = values
     return grid
-
-
-def _grid_values(d: Distribution) -> list[Any]:
-    if d.type == "categorical":
-        return list(d.choices or [])
-    low, high = float(d.low), float(d.high)
-    if d.type == "int":
-        if d.log:
-            pts = np.unique(np.round(np.geomspace(low, high, GRID_FLOAT_POINTS)).astype(int))
-            return [int(v) for v in pts]
-        return list(range(int(low), int(high) + 1, int(d.step or 1)))
-    if d.step:
-        return [float(v) for v in np.arange(low, high + d.step / 2, d.step)]
-    pts = (
-        np.geomspace(low, high, GRID_FLOAT_POINTS)
-        if d.log
-        else np.linspace(low, high, GRID_FLOAT_POINTS)
-    )
-    return [float(v) for v in pts]

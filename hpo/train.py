@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hpo import _private
+from hpo.params import PARAMS
 from hpo.redact import first_line
 from hpo.registry import PRECISIONS
 from hpo.steppers import (
@@ -45,15 +46,16 @@ torch.set_flush_denormal(True)
 @dataclass
 class TrainConfig:
     task: str = "classification"  # classification | regression
-    optimizer: str = "adam"  # a name in registry.OPTIMIZERS
-    lr: float = 1e-3
-    momentum: float = 0.0  # sgd and rmsprop
-    nesterov: bool = False  # sgd, only with momentum > 0
-    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
-    l1: float = 0.0  # L1 penalty on weights, added to the loss
-    batch_size: int = 128
-    lr_schedule: str = "none"  # a name in registry.LR_SCHEDULES
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    # The hyperparameters' defaults are the table's (hpo.params).
+    optimizer: str = PARAMS["optimizer"].default
+    lr: float = PARAMS["lr"].default
+    momentum: float = PARAMS["momentum"].default
+    nesterov: bool = PARAMS["nesterov"].default
+    weight_decay: float = PARAMS["weight_decay"].default
+    l1: float = PARAMS["l1"].default
+    batch_size: int = PARAMS["batch_size"].default
+    lr_schedule: str = PARAMS["lr_schedule"].default
+    grad_clip: float = PARAMS["grad_clip"].default  # max global gradient norm; 0 = off
     max_epochs: int = 30
     monitor: str = "val_loss"
     patience: int = 5  # epochs without improvement before stopping

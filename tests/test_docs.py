@@ -18,6 +18,7 @@ it does for the example specs):
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -159,12 +160,21 @@ def test_every_default_example_holds_the_real_defaults():
     assert spec.search_space == default_config()
 
 
-def test_hyperparameter_table_defaults_match_the_code():
+def test_hyperparameter_table_is_the_one_hpo_params_writes(tmp_path):
+    from hpo.params import STRUCTURAL, sync_doc
+
+    copy = tmp_path / "spec.md"
+    shutil.copy(SPEC_DOC, copy)
+    assert not sync_doc(str(copy)), "docs/spec.md's hyperparameters are stale: run `make docs`"
     rows = re.findall(
         r"^\| `(\w+)` \| (?:int|real|bool|name) \| .*? \| `([^`]+)` \|", SPEC_DOC.read_text(), re.M
     )
     table = {name: yaml.safe_load(value) for name, value in rows}
-    assert table == {name: rule["default"] for name, rule in PARAMS.items()}
+    assert table == {name: p.default for name, p in PARAMS.items()}
+    # and the README's fused trials name the structural ones, each
+    readme = (REPO / "README.md").read_text()
+    fused = readme[readme.index("- **Fused trials**") :][:1500]
+    assert [name for name in STRUCTURAL if f"`{name}`" not in fused] == []
 
 
 def test_spec_reference_names_every_key_and_value():

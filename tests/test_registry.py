@@ -100,3 +100,17 @@ def test_a_name_in_other_case_or_by_another_name_is_pointed_to_the_right_one():
         "search_space.activation.choices[1]: unknown activation 'Relu'; did you mean 'relu'?",
         "search_space.activation.choices[2]: unknown activation 'swish'; did you mean 'silu'?",
     ], problems
+
+
+def test_each_optimizer_takes_only_settings_its_torch_class_accepts():
+    import inspect
+
+    from hpo.params import PARAMS
+
+    for name, entry in OPTIMIZERS.items():
+        accepted = inspect.signature(OPTIMIZERS.load(name)).parameters
+        for setting in entry.takes:
+            assert PARAMS[setting].optimizer_setting, f"{name}: {setting} is not a setting"
+            assert setting in accepted, f"{name}'s class takes no {setting}"
+    assert PARAMS["momentum"].optimizers == ("sgd", "rmsprop")
+    assert PARAMS["nesterov"].optimizers == ("sgd",)

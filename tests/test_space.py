@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 from conftest import small_spec
 
-from hpo.config import PARAMS, parse_spec
+from hpo.config import PARAMS, grid_points, parse_spec
 from hpo.space import grid_space, suggest_params
 
 
@@ -24,7 +25,7 @@ def test_fixed_values_and_defaults_fill_every_known_hyperparameter():
     (params,) = sample({"lr": 0.05, "n_layers": 3, "width": 32}, n=1)
     assert set(PARAMS) <= set(params)
     assert params["lr"] == 0.05 and params["widths"] == [32, 32, 32]
-    assert params["optimizer"] == PARAMS["optimizer"]["default"]
+    assert params["optimizer"] == PARAMS["optimizer"].default
 
 
 def test_distributions_stay_in_range_and_log_int_is_int():
@@ -87,3 +88,32 @@ def test_grid_space_values():
     assert [round(v, 6) for v in grid["dropout"]] == [0.0, 0.2, 0.4]
     assert grid["activation"] == ["relu", "tanh"]
     assert grid["width_0"] == grid["width_1"] == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "name, entry, walked",
+    [
+        ("width", {"type": "categorical", "choices": [16, 32, 64]}, 3),
+        ("batch_size", {"type": "int", "low": 1, "high": 4}, 4),
+        ("batch_size", {"type": "int", "low": 1, "high": 9, "step": 4}, 3),
+        ("batch_size", {"type": "int", "low": 1, "high": 10, "step": 4}, 3),
+        ("batch_size", {"type": "int", "low": 1, "high": 2, "log": True}, 2),  # counted 4 once
+        ("width", {"type": "int", "low": 16, "high": 1024, "log": True}, 4),
+        ("dropout", {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1}, 4),  # counted 3
+        ("dropout", {"type": "float", "low": 0.0, "high": 0.25, "step": 0.1}, 3),
+        ("dropout", {"type": "float", "low": 0.1, "high": 0.1, "step": 0.1}, 1),
+        ("lr", {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}, 4),
+        ("dropout", {"type": "float", "low": 0.0, "high": 0.5}, 4),
+    ],
+)
+def test_grid_points_counts_the_grid_optuna_walks(name, entry, walked):
+    """The size the spec's check counts (`grid_points`) is the number of trials a grid study
+    runs before Optuna's GridSampler has walked every point."""
+    spec = parse_spec(small_spec(search_space={name: entry}))
+    d = spec.space[name]
+    sampler = optuna.samplers.GridSampler(grid_space(spec.space), seed=0)
+    study = optuna.create_study(sampler=sampler)
+    seen = []
+    study.optimize(lambda t: seen.append(suggest_params(t, spec.space)[name]) or 0.0, 100)
+    assert len(seen) == len(set(map(str, seen))) == walked
+    assert grid_points(d) == walked

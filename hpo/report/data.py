@@ -399,7 +399,7 @@ def metric_trend(points: list[tuple[float, float]]) -> tuple[str, tuple[float, f
 
 
 def _widen(name: str, d: Distribution, edge: str) -> tuple[float, float]:
-    from hpo.config import PARAMS
+    from hpo.params import PARAMS
 
     low, high = float(d.low), float(d.high)
     rule = PARAMS[name]
@@ -408,12 +408,12 @@ def _widen(name: str, d: Distribution, edge: str) -> tuple[float, float]:
     else:
         half = (high - low) / 2
         low, high = (low - half, high) if edge == "low" else (low, high + half)
-    if "min" in rule:
-        low = max(low, rule["min"])
-    if "min_open" in rule and low <= rule["min_open"]:
+    if rule.min is not None:
+        low = max(low, rule.min)
+    if rule.min_open is not None and low <= rule.min_open:
         low = float(d.low) / 10 if d.log else float(d.low) / 2
-    if "max_open" in rule:
-        high = min(high, rule["max_open"] * 0.99)
+    if rule.max_open is not None:
+        high = min(high, rule.max_open * 0.99)
     if d.type == "int":
         low, high = float(math.floor(low)), float(math.ceil(high))
     return (low, high)
