@@ -56,6 +56,13 @@ def make_optimizer(
     return opt
 
 
+def can_capture(name: str) -> bool:
+    """Whether the optimizer `name` can keep its state on the device, as a CUDA graph of its
+    step needs: SGD keeps no step count; the others must take `capturable`."""
+    cls = OPTIMIZERS.load(name)
+    return issubclass(cls, torch.optim.SGD) or "capturable" in inspect.signature(cls).parameters
+
+
 def fast_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
     """`opt.step`, or for a fused Adam, AdamW, SGD or Adagrad on a CPU, torch's functional
     form of the same update (`torch.optim.adam.adam`, ...) called with the state the first

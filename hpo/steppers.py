@@ -112,9 +112,9 @@ class ModuleStepper:
     def kept(self, row: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def finish(self, row: int, state: dict[str, torch.Tensor] | None) -> None:
+    def finish(self, row: int, state: dict[str, torch.Tensor] | None, steps: int) -> None:
         """The member at `row` stops, holding `state` (its kept weights) or, with None, its
-        weights as they are."""
+        weights as they are, after `steps` steps."""
         if state:
             self.model.load_state_dict(state)
 
@@ -139,7 +139,6 @@ class StackStepper:
         self.masks = torch.Generator(device=self.X.device).manual_seed(seed + 1)
         self.generators = (self.masks,)
         self.sums = torch.zeros(2, len(models), device=self.X.device)
-        self.steps = 0
 
     def _views(self, row: int) -> list[torch.Tensor]:
         """The member at `row`'s parameters: views of its rows of the stacked tensors, which
@@ -166,7 +165,6 @@ class StackStepper:
         self.sums[0].add_(losses.detach() * len(idx))
         if self.classify:
             self.sums[1].add_((out.detach().argmax(-1) == yb).sum(1))
-        self.steps += 1
 
     def evaluate(self, data: Tensors) -> list[dict[str, float]]:
         k = len(self.members)
@@ -178,11 +176,11 @@ class StackStepper:
     def kept(self, row: int) -> dict[str, torch.Tensor]:
         return self.stack.member_state(row)
 
-    def finish(self, row: int, state: dict[str, torch.Tensor] | None) -> None:
+    def finish(self, row: int, state: dict[str, torch.Tensor] | None, steps: int) -> None:
         model = self.models[self.members[row]]
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm1d):
-                module.num_batches_tracked.fill_(self.steps)
+            if isinstance(module, nn.BatchNorm1d):  # what nn.BatchNorm1d counts itself
+                module.num_batches_tracked.fill_(steps)
         model.load_state_dict(state or self.stack.member_state(row))
 
     def keep(self, rows: list[int]) -> None:

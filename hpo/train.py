@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hpo import _private
+from hpo.optim import can_capture
 from hpo.params import PARAMS
 from hpo.redact import first_line
 from hpo.registry import PRECISIONS
@@ -39,7 +40,7 @@ __all__ = ["EVAL_BATCH", "Tensors", "evaluate", "fit", "train", "train_cohort"]
 # Saturated sigmoid/tanh units and shrinking weights produce denormal floats, which x86 CPUs
 # handle tens of times slower (a 4 x 509 sigmoid net ran 19 s an epoch instead of 3). The
 # flush-to-zero mode is per thread, and torch's intra-op worker threads copy it from the thread
-# that starts them: set it here, before any of them exists, and check it again in `train`.
+# that starts them: set it here, before any of them exists, and check it again in `fit`.
 torch.set_flush_denormal(True)
 
 
@@ -455,7 +456,9 @@ def fit(
     shuffle_seed = lead.seed if lead.shuffle_seed is None else lead.shuffle_seed
     gen = torch.Generator(device=device).manual_seed(shuffle_seed)
     cast = matmul_precision(lead.precision, device)
-    capturable = cuda_graphs(device)
+    # A CUDA graph replays the step when every member's optimizer can keep its state on the
+    # device (torch's Adagrad cannot): then each is built `capturable`.
+    capturable = cuda_graphs(device) and all(can_capture(c.optimizer) for c in cfgs)
     if len(models) == 1:
         stepper: ModuleStepper | StackStepper = ModuleStepper(
             models[0], lead, train_data, cast, capturable
@@ -473,6 +476,7 @@ def fit(
     # A last batch of one row would break batch norm; it is skipped (the permutation changes
     # every epoch, so no row is left out for good).
     n_used = n - 1 if n % batch == 1 and n > 1 else n
+    steps = 0  # counted here: a CUDA graph's replay runs no Python in the step
 
     def finish(rows: list[int]) -> None:
         for row in rows:
@@ -480,7 +484,7 @@ def fit(
             result = results[m]
             if result.history and not result.failure and not cfgs[m].restore_best:
                 result.best_epoch = len(result.history)  # the weights are the last epoch's
-            stepper.finish(row, kept[m] if cfgs[m].restore_best else None)
+            stepper.finish(row, kept[m] if cfgs[m].restore_best else None, steps)
             if on_done is not None:
                 on_done(m, result)
 
@@ -496,6 +500,7 @@ def fit(
             # A rate is baked into the step's kernels, and the stack's tensors change when a
             # member leaves: a graph of the step is captured again when either does.
             graph(perm[start : min(start + batch, n_used)], key=(len(members), *rates))
+            steps += 1
         if interrupt is not None and interrupt.is_set():
             for m in members:
                 results[m].stopped_by = "interrupted"  # this epoch is incomplete: not recorded
@@ -524,7 +529,9 @@ def fit(
                 kept[m] = stepper.kept(row) if cfg.restore_best else {}
             stepper.updates[row].epoch_end(metrics)
             epoch_metrics[m] = metrics
-        decisions = on_epoch_end(epoch_metrics, epoch) if on_epoch_end is not None else {}
+        decisions = {}
+        if on_epoch_end is not None and epoch_metrics:  # not when every member diverged
+            decisions = on_epoch_end(epoch_metrics, epoch)
         for m in epoch_metrics:
             stop = decisions.get(m)
             if stop is not None:

@@ -199,13 +199,19 @@ def run(
 
         def member_done(i: int, result: TrainResult) -> None:
             done.add(i)
-            on_done(_recorded(records[i], result, models[i], data, jobs[i]))
+            record = _recorded(records[i], result, models[i], data, jobs[i])
+            try:
+                on_done(record)
+            except Exception as e:  # the caller's own failure (its channel closed, say)
+                raise _NotHandedBack(e) from e
 
         def member_epochs(metrics: dict[int, dict[str, float]], epoch: int) -> dict:
             answers = on_epoch_end({jobs[i].number: m for i, m in metrics.items()}, epoch)
             return {i: answers.get(jobs[i].number) for i in metrics}
 
         fit(models, cfgs, data.train, data.val, member_epochs, member_done, interrupt)
+    except _NotHandedBack as e:  # not the trials' failure: the caller's, raised again
+        raise e.__cause__ from None  # type: ignore[misc]
     except Exception as e:  # noqa: BLE001 - fails the trials still training, not the study
         failure = f"{type(e).__name__}: {e}"
         out_of_memory = _out_of_memory(e)
@@ -222,6 +228,10 @@ def run(
             else:
                 record.failure = failure
             on_done(record)
+
+
+class _NotHandedBack(Exception):
+    """`on_done` raised: the error is the caller's, not the trial's."""
 
 
 def _recorded(

@@ -265,6 +265,23 @@ def test_run_cohort_gives_one_record_per_member(digits):
     assert by[0].weights is not None and by[0].fit is not None and by[0].n_params > 0
 
 
+def test_a_failure_to_hand_a_record_back_is_the_callers_not_the_trials(digits):
+    """`on_done` raising (a worker's channel closed) reaches the caller; it is no trial's
+    failure, so no record is handed back for it."""
+    spec = parse_spec(small_spec(training={"max_epochs": 2}))
+    data = load_data(spec, "cpu")
+    job = TrialJob(0, with_widths(default_config() | {"n_layers": 1, "width": 8}), seed=0)
+    handed = []
+
+    def closed(record):
+        handed.append(record)
+        raise BrokenPipeError("the driver is gone")
+
+    with pytest.raises(BrokenPipeError):
+        run(job.members, spec, data, lambda m, e: {}, closed)
+    assert len(handed) == 1 and handed[0].failure is None
+
+
 def test_a_fused_study_is_trials_like_any_other(workdir, mlflow_uri):
     spec = parse_spec(
         small_spec(
@@ -449,6 +466,14 @@ def test_members_with_and_without_dropout_share_a_cohort(digits, batchnorm):
     assert _worst(alone, [fused[0].history]) < TOLERANCE  # the one without dropout, as alone
     rebuilt = build_mlp(64, 10, (32, 16), "relu", 0.3, batchnorm)
     rebuilt.load_state_dict(models[1].state_dict())  # its own names: loads into its own shape
+    if batchnorm:  # the steps batch norm counted, as a model trained alone counts them
+        [alone_model] = _models(cfgs[:1], batchnorm=True)
+        train(alone_model, *digits, cfgs[0])
+        counts = [
+            [int(m.num_batches_tracked) for m in model.modules() if hasattr(m, "momentum")]
+            for model in (alone_model, models[0], models[1])
+        ]
+        assert counts[0] == counts[1] == counts[2] and counts[0][0] > 0
 
 
 def test_a_follower_of_another_shape_waits_for_a_free_slot(workdir, mlflow_uri):

@@ -53,6 +53,15 @@ def test_non_finite_loss_fails_with_reason(blobs):
     assert result.failure is not None and "became" in result.failure and "epoch" in result.failure
 
 
+def test_a_diverged_trial_is_not_asked_about_the_epoch_it_diverged_in(blobs):
+    torch.manual_seed(0)
+    model = build_mlp(8, 3, widths=[16])
+    cfg = TrainConfig(max_epochs=5, batch_size=32, optimizer="sgd", lr=1e12)
+    seen = []
+    result = train(model, *blobs, cfg, on_epoch_end=lambda e, m: seen.append(e))
+    assert result.stopped_by == "diverged" and seen == list(range(1, len(result.history)))
+
+
 def test_hook_sees_each_epoch_and_can_stop_training_keeping_its_history(blobs):
     seen = []
 
