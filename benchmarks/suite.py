@@ -193,9 +193,9 @@ def overhead_section(device: str, quick: bool) -> list[dict]:
 
 def live_logging_seconds(uri: str, experiment: str, epochs: int = 60) -> float:
     """Median time of one epoch's metrics sent to a trial's run, as the driver sends them."""
-    from hpo.tracking import Tracker
+    from hpo.tracking import MlflowTracker
 
-    tracker = Tracker(uri, experiment)
+    tracker = MlflowTracker(uri, experiment)
     tracker.open_parent(None, "live-logging", {}, {})
     run_id = tracker.start_trial(10_000)
     seconds = []

@@ -44,7 +44,8 @@ from hpo.storage import (
     set_user_attrs,
     storage_lock,
 )
-from hpo.tracking import STATUS, Tracker
+from hpo.tracker import Tracker
+from hpo.tracking import STATUS
 from hpo.train import TrainConfig, evaluate, precision_warning, train
 from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
 

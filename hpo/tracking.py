@@ -89,12 +89,12 @@ def _health(uri: str) -> None:
         pass
 
 
-class Tracker:
+class MlflowTracker:  # implements hpo.tracker.Tracker
     """Writes a study and its trials to one MLflow tracking store.
 
     Built by the CLI and handed to the driver, which calls `check` before anything is written
     and `open` once the run is sure to go ahead. Several processes may track one study: each
-    has its own Tracker, and they share the study's one parent run.
+    has its own tracker, and they share the study's one parent run.
     """
 
     def __init__(self, uri: str, experiment: str):
@@ -507,7 +507,7 @@ def _torch_version() -> str:
 
 def tracker_for(
     spec: Any, tracking_uri: str | None = None, study_name: str | None = None
-) -> Tracker:
+) -> MlflowTracker:
     """The tracker a spec asks for: its store (see `resolve_uri`) and its experiment."""
     uri = resolve_uri(spec.tracking.uri, tracking_uri)
-    return Tracker(uri, spec.tracking.experiment or study_name or spec.name)
+    return MlflowTracker(uri, spec.tracking.experiment or study_name or spec.name)

@@ -291,9 +291,9 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_removed_not_left_half_wri
     import torch
 
     from hpo.outage import DiskFault
-    from hpo.tracking import Tracker
+    from hpo.tracking import MlflowTracker
 
-    tracker = Tracker(f"sqlite:///{small_disk / 'mlflow.db'}", "full-checkpoint")
+    tracker = MlflowTracker(f"sqlite:///{small_disk / 'mlflow.db'}", "full-checkpoint")
     tracker.open_parent(None, "study", {}, {})
     run_id = tracker.start_trial(0)
     folder = small_disk / "mlruns" / "full-checkpoint"

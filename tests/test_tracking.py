@@ -10,7 +10,7 @@ from conftest import http_server
 from mlflow import MlflowClient
 
 from hpo.config import SpecError
-from hpo.tracking import Tracker, resolve_uri
+from hpo.tracking import MlflowTracker, resolve_uri
 
 
 def test_uri_precedence(workdir, monkeypatch):
@@ -23,7 +23,7 @@ def test_uri_precedence(workdir, monkeypatch):
 
 
 def test_trial_run_nests_with_each_epoch_sent_as_it_ends(mlflow_uri):
-    tracker = Tracker(mlflow_uri, "tracking-batches")
+    tracker = MlflowTracker(mlflow_uri, "tracking-batches")
     parent = tracker.open_parent(None, "study", {"dataset": "digits"}, {"hpo.study": "s"})
     run_id = tracker.start_trial(7)
     client = MlflowClient(mlflow_uri)
@@ -45,12 +45,12 @@ def test_trial_run_nests_with_each_epoch_sent_as_it_ends(mlflow_uri):
 
 
 def test_joining_a_parent_leaves_live_trials_alone_and_closes_only_dead_ones(mlflow_uri):
-    tracker = Tracker(mlflow_uri, "tracking-stale")
+    tracker = MlflowTracker(mlflow_uri, "tracking-stale")
     parent = tracker.open_parent(None, "study", {}, {})
     live = tracker.start_trial(0)  # another process is still training it
     dead = tracker.start_trial(1)  # its process died: the heartbeat check says so
     tracker.close_parent("KILLED")
-    again = Tracker(mlflow_uri, "tracking-stale")
+    again = MlflowTracker(mlflow_uri, "tracking-stale")
     assert again.open_parent(parent, "study", {}, {}) == parent
     client = MlflowClient(mlflow_uri)
     assert client.get_run(live).info.status == "RUNNING"
@@ -64,7 +64,7 @@ def test_joining_a_parent_leaves_live_trials_alone_and_closes_only_dead_ones(mlf
 
 
 def test_checkpoint_roundtrip(mlflow_uri):
-    tracker = Tracker(mlflow_uri, "tracking-ckpt")
+    tracker = MlflowTracker(mlflow_uri, "tracking-ckpt")
     tracker.open_parent(None, "study", {}, {})
     run_id = tracker.start_trial(0)
     state = {"w": torch.arange(6.0).reshape(2, 3)}
@@ -103,12 +103,12 @@ def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth(monkeypatch
     with http_server(answer) as url:
         host = url.removeprefix("http://")
         uri = f"http://alice:p%40ss:word@{host}/"
-        Tracker(uri, "x").check()
+        MlflowTracker(uri, "x").check()
         assert heard == [("/health", expected)]
         assert MlflowClient(uri).search_experiments() == []
         assert heard[1] == ("/api/2.0/mlflow/experiments/search", expected)
         with pytest.raises(SpecError) as e:
-            Tracker(f"http://alice:wrong-Secret@{host}", "x").check()
+            MlflowTracker(f"http://alice:wrong-Secret@{host}", "x").check()
         [line] = e.value.problems
         assert line.startswith(
             f"tracking.uri: no MLflow server answers at http://alice:***@{host}: "
@@ -116,12 +116,12 @@ def test_a_server_url_with_a_user_and_password_is_sent_as_basic_auth(monkeypatch
         assert "401" in line and "wrong-Secret" not in line
         heard.clear()
         with pytest.raises(SpecError) as e:
-            Tracker(f"http://alice:p%40ss:word@{host}/elsewhere", "x").check()
+            MlflowTracker(f"http://alice:p%40ss:word@{host}/elsewhere", "x").check()
         assert "302" in e.value.problems[0] and len(heard) == 1  # not followed
         # MLflow's own variables, for a URL without a user
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:word")
-        Tracker(url, "x").check()
+        MlflowTracker(url, "x").check()
         assert heard[-1] == ("/health", expected)
 
 
@@ -131,12 +131,12 @@ def test_a_folder_store_is_refused_in_one_line_unless_mlflow_is_told_to_allow_it
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     for uri in (str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
         with pytest.raises(SpecError) as e:
-            Tracker(uri, "x").check()
+            MlflowTracker(uri, "x").check()
         [line] = e.value.problems
         assert line.startswith(f"tracking.uri: {uri!r} is a folder store, which MLflow 3 no")
         assert "MLFLOW_ALLOW_FILE_STORE=true" in line
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # then MLflow opens it, and so does hpo
-    tracker = Tracker(str(tmp_path / "mlruns"), "folder")
+    tracker = MlflowTracker(str(tmp_path / "mlruns"), "folder")
     tracker.check()
     tracker.open()
     assert MlflowClient(str(tmp_path / "mlruns")).get_experiment_by_name("folder") is not None

@@ -318,40 +318,6 @@ def assert_one_best(folder, name, outputs):
     return study
 
 
-class RecordingTracker:
-    """What the driver asks of its tracker when a trial completes: checkpoints, by run."""
-
-    def __init__(self):
-        self.checkpoints: list[str] = []
-
-    def save_checkpoint(self, run_id, weights, config):
-        self.checkpoints.append(run_id)
-
-
-@pytest.mark.parametrize("first_done", [1, 0])
-def test_a_trial_that_ties_the_best_keeps_its_checkpoint_in_either_order(first_done):
-    """The driver's checkpoint decision on a real (in-memory) Optuna study: trials 0 and 1 tie,
-    told in either order; the best is trial 0 and it has its checkpoint."""
-    from hpo.study import _Driver, best_or_none
-    from hpo.trial import TrialRecord
-
-    tracker = RecordingTracker()
-    driver = _Driver(parse_spec(small_spec()), "tie", "sqlite://", tracker, None, None)
-    driver.study = optuna.create_study(direction="maximize")
-    trials = [driver.study.ask(), driver.study.ask()]
-    for number in (first_done, 1 - first_done):
-        record = TrialRecord(number, {}, 0, weights={"w": torch.ones(1) * number})
-        driver._keep_if_best(trials[number], 1.0, record, f"run-{number}")
-        driver.study.tell(trials[number], 1.0)
-    assert best_or_none(driver.study).number == 0
-    assert "run-0" in tracker.checkpoints and driver.study.trials[0].user_attrs["checkpoint"]
-    assert driver.best_weights[0] == 0  # the weights this process tests without a download
-    # a trial worse than the best keeps nothing
-    worse = driver.study.ask()
-    driver._keep_if_best(worse, 0.5, TrialRecord(2, {}, 0, weights={}), "run-2")
-    assert "run-2" not in tracker.checkpoints
-
-
 def test_a_tie_for_the_best_with_two_workers_ends_with_the_test_and_the_model(tmp_path):
     """Trial 1 (batch size 240) usually finishes long before trial 0 (batch size 1): before
     the fix this ended in a traceback (the best trial had no checkpoint)."""

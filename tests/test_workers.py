@@ -175,10 +175,10 @@ def test_three_processes_started_together_on_a_fresh_folder_and_database(tmp_pat
 def test_an_experiment_created_by_another_process_meanwhile_is_used(mlflow_server):
     """A tracking server takes no lock of ours: if another process creates the experiment
     between our lookup and our create, we use theirs rather than fail (seen in CI)."""
-    from hpo.tracking import Tracker
+    from hpo.tracking import MlflowTracker
 
     theirs = MlflowClient(mlflow_server).create_experiment("raced")
-    tracker = Tracker(mlflow_server, "raced")
+    tracker = MlflowTracker(mlflow_server, "raced")
     assert tracker._create_experiment() == theirs
 
 
@@ -261,10 +261,10 @@ def test_ctrl_c_during_the_model_upload_is_mended_by_a_rerun(workdir, mlflow_uri
     (PENDING), before its files are there. The rerun marks it FAILED and logs the model."""
     import mlflow
 
-    from hpo.tracking import Tracker
-
     spec = parse_spec(small_spec(name="upload", tracking={"uri": mlflow_uri, "log_model": "best"}))
-    real = Tracker.log_model
+    from hpo.tracking import MlflowTracker
+
+    real = MlflowTracker.log_model
 
     def cut_short(self, model, example, run_id=None):
         mlflow.set_tracking_uri(self.uri)
@@ -272,10 +272,10 @@ def test_ctrl_c_during_the_model_upload_is_mended_by_a_rerun(workdir, mlflow_uri
             mlflow.initialize_logged_model(name="model")  # PENDING, as an upload starts
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Tracker, "log_model", cut_short)
+    monkeypatch.setattr(MlflowTracker, "log_model", cut_short)
     with pytest.raises(KeyboardInterrupt):
         study_run(spec)
-    monkeypatch.setattr(Tracker, "log_model", real)
+    monkeypatch.setattr(MlflowTracker, "log_model", real)
     study = optuna.load_study(study_name="upload", storage="sqlite:///optuna.db")
     assert study.user_attrs["test_metrics"] and "model_uri" not in study.user_attrs
     again = study_run(spec)

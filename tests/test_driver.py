@@ -1,0 +1,278 @@
+"""The driver's decisions (hpo.study), unit-tested: the real driver loop and a real Optuna
+storage (a SQLite file), with a fake executor that trains nothing and a tracker that records
+what it is asked (no MLflow): the budget, ties for the best, a lost worker, a retry, Ctrl-C."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from conftest import small_spec
+from optuna.trial import TrialState
+
+from hpo.config import parse_spec
+from hpo.executors import Done, Epoch, Lost, Started
+from hpo.report.data import report_data
+from hpo.space import structure
+from hpo.study import run_study
+from hpo.trial import TrialRecord, build_model
+
+
+class RecordingTracker:
+    """A `hpo.tracker.Tracker` that keeps in memory what the driver asks of it."""
+
+    def __init__(self):
+        self.uri = ""
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.retry = None
+        self.runs: dict[str, dict[str, Any]] = {}  # run id -> number, state, epochs, ...
+        self.checkpoints: dict[str, dict[str, torch.Tensor]] = {}
+        self.summary: dict[str, Any] = {}
+        self.models: list[str | None] = []  # the run each model was logged to (None: parent)
+        self.parent_status: str | None = None
+
+    def check(self):
+        pass
+
+    def open(self):
+        self.experiment_id = "0"
+
+    def open_parent(self, run_id, name, params, tags):
+        self.parent_id = run_id or "parent"
+        return self.parent_id
+
+    def close_parent(self, status="FINISHED"):
+        self.parent_status = status
+
+    def log_text(self, text, name):
+        pass
+
+    def log_summary(self, metrics, tags):
+        self.summary |= metrics | tags
+
+    def start_trial(self, number, tags=None):
+        run_id = f"run-{len(self.runs)}"
+        self.runs[run_id] = {"number": number, "state": "RUNNING", "epochs": [], "tags": tags}
+        return run_id
+
+    def log_epoch(self, run_id, epoch, metrics):
+        self.runs[run_id]["epochs"].append(epoch)
+
+    def end_trial(self, run_id, state, params, metrics, tags):
+        self.runs[run_id].update(state=state, params=params, metrics=metrics)
+
+    def close_run(self, run_id, status="KILLED", state="KILLED"):
+        self.runs[run_id]["state"] = state
+
+    def running_trial_runs(self):
+        return {r: v["number"] for r, v in self.runs.items() if v["state"] == "RUNNING"}
+
+    def save_checkpoint(self, run_id, state_dict, config):
+        self.checkpoints[run_id] = state_dict
+
+    def load_checkpoint(self, run_id):
+        return self.checkpoints[run_id]
+
+    def log_model(self, predictor, input_example, run_id=None):
+        self.models.append(run_id)
+        return f"models:/{len(self.models)}"
+
+    def fail_pending_models(self):
+        return 0
+
+    def numbers(self, state: str) -> list[int]:
+        return sorted(v["number"] for v in self.runs.values() if v["state"] == state)
+
+
+class FakeExecutor:
+    """An `hpo.executors.Executor` that trains nothing: each trial reports `epochs` epochs of
+    `value(config)` and ends with weights of the right shape. `order` picks which running trial
+    moves next (`min`: the lowest number first, `max`: the highest); `lose` names trials whose
+    worker dies at their first epoch, once; `ctrl_c_after` raises KeyboardInterrupt in `wait`
+    once that many trials have ended."""
+
+    description = "a fake executor"
+
+    def __init__(self, slots=2, epochs=2, value=lambda config: 0.9, order=min, lose=(),
+                 ctrl_c_after=None):  # fmt: skip
+        self.slots, self.epochs, self.value, self.order = slots, epochs, value, order
+        self.lose, self.ctrl_c_after = set(lose), ctrl_c_after
+        self.running: dict[int, dict[str, Any]] = {}  # number -> job, epochs done, waiting
+        self.ended = 0
+        self.submitted: list[list[int]] = []
+        self.closed = False
+
+    def start(self, data):
+        self.data = data
+
+    def submit(self, job):
+        self.submitted.append(job.numbers)
+        for member in job.members:
+            self.running[member.number] = {"job": member, "epoch": 0, "waiting": False,
+                                           "started": False, "stop": None}  # fmt: skip
+
+    def wait(self, timeout):
+        if self.ctrl_c_after is not None and self.ended >= self.ctrl_c_after:
+            self.ctrl_c_after = None
+            raise KeyboardInterrupt
+        ready = [n for n, r in self.running.items() if not r["waiting"]]
+        if not ready:
+            return []
+        number = self.order(ready)
+        r = self.running[number]
+        if not r["started"]:
+            r["started"] = True
+            return [Started(number, "fake:1")]
+        job = r["job"]
+        if number in self.lose:
+            self.lose.discard(number)
+            del self.running[number]
+            self.ended += 1
+            return [Lost(number, "its worker died")]
+        if r["stop"] is None and r["epoch"] < self.epochs:
+            r["epoch"] += 1
+            r["waiting"] = True
+            return [Epoch(number, r["epoch"], self._metrics(job.config))]
+        del self.running[number]
+        self.ended += 1
+        return [Done(number, self._record(job, r))]
+
+    def _metrics(self, config):
+        v = self.value(config)
+        return {"train_loss": 0.3, "val_loss": 0.3, "train_accuracy": v, "val_accuracy": v}
+
+    def _record(self, job, r):
+        history = [self._metrics(job.config) for _ in range(r["epoch"])]
+        record = TrialRecord(job.number, job.config, job.seed, history=history)
+        record.stopped_by = r["stop"] or "max_epochs"
+        if record.outcome == "COMPLETE":
+            record.kept_epoch = len(history)
+            model = build_model(job.config, self.data, "cpu")
+            record.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return record
+
+    def decide(self, number, decision):
+        r = self.running.get(number)
+        if r is not None:
+            r["waiting"], r["stop"] = False, decision
+
+    def close(self, interrupt=False):
+        self.closed = True
+        if interrupt:
+            self.running.clear()
+
+
+def _spec(**study):
+    return parse_spec(
+        small_spec(
+            training={"max_epochs": 2},
+            study={"n_trials": 5, **study},
+            tracking={"log_model": "best"},
+        )
+    )
+
+
+def _run(tmp_path, spec, executor, tracker=None, **kw):
+    tracker = tracker or RecordingTracker()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_study(spec, tracker, executor, storage=storage, **kw)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    return result, study, tracker
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_the_budget_is_exact_and_every_trial_has_its_closed_run(tmp_path, slots):
+    spec = _spec(n_trials=5)
+    result, study, tracker = _run(tmp_path, spec, FakeExecutor(slots=slots))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    assert result.counts["COMPLETE"] == 5 and not result.interrupted
+    assert tracker.numbers("COMPLETE") == [0, 1, 2, 3, 4]
+    assert all(r["epochs"] == [1, 2] for r in tracker.runs.values())
+    assert tracker.parent_status == "FINISHED"
+
+
+@pytest.mark.parametrize("order", [min, max], ids=["lowest first", "highest first"])
+def test_ties_name_one_best_trial_everywhere_whichever_finishes_first(tmp_path, order):
+    """Every trial ties at 0.9: the best is trial 0, the lowest number, whether it finished
+    first or last; its weights were kept, the test and the model are its, and the summary
+    and the report say so."""
+    spec = _spec(n_trials=3)
+    result, study, tracker = _run(tmp_path, spec, FakeExecutor(slots=3, order=order))
+    assert [t.value for t in study.trials] == [0.9] * 3
+    assert result.best_number == 0
+    assert study.user_attrs["test_trial"] == study.user_attrs["model_trial"] == 0
+    assert tracker.summary["hpo.best_trial"] == 0 and result.test_metrics
+    run_of_0 = study.trials[0].user_attrs["mlflow_run_id"]
+    assert run_of_0 in tracker.checkpoints and tracker.models == [None]  # on the parent run
+    assert report_data(study).overview.best_number == 0
+
+
+def test_a_better_trial_later_becomes_the_best_and_is_the_one_tested(tmp_path):
+    spec = _spec(n_trials=4)
+    value = lambda config: config["lr"]  # noqa: E731 - the largest rate wins
+    result, study, tracker = _run(tmp_path, spec, FakeExecutor(value=value))
+    best = max(study.trials, key=lambda t: t.value)
+    assert result.best_number == best.number == study.user_attrs["test_trial"]
+
+
+def test_a_lost_worker_fails_its_trial_which_runs_again_and_the_budget_holds(tmp_path):
+    spec = _spec(n_trials=3)
+    result, study, tracker = _run(tmp_path, spec, FakeExecutor(lose={1}))
+    lost = study.trials[1]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["lost"] == "its worker died"
+    [again] = [t for t in study.trials if t.user_attrs.get("retry_of") == 1]
+    assert again.state == TrialState.COMPLETE and again.params == lost.params
+    assert again.user_attrs["seed"] == lost.user_attrs["seed"]  # trains as the lost one would
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and result.counts["COMPLETE"] == 3
+    assert tracker.runs[lost.user_attrs["mlflow_run_id"]]["state"] == "KILLED"
+
+
+def test_a_worker_lost_twice_on_one_configuration_fails_it_for_good(tmp_path):
+    spec = _spec(n_trials=2)
+    executor = FakeExecutor(slots=1, lose={1})
+    original = executor.submit
+
+    def submit(job):  # the retry of trial 1 is lost too
+        if any(m.number >= 2 for m in job.members):
+            executor.lose.add(job.numbers[0])
+        original(job)
+
+    executor.submit = submit
+    result, study, tracker = _run(tmp_path, spec, executor)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                                TrialState.FAIL]  # fmt: skip
+    assert "a second time: not run again" in study.trials[2].user_attrs["fail_reason"]
+    assert not [t for t in study.trials if t.user_attrs.get("retry_of") == 2]
+
+
+def test_ctrl_c_interrupts_the_running_trials_and_a_rerun_finishes_the_budget(tmp_path):
+    spec = _spec(n_trials=4)
+    result, study, tracker = _run(tmp_path, spec, FakeExecutor(slots=2, ctrl_c_after=1))
+    assert result.interrupted
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    assert all(tracker.runs[t.user_attrs["mlflow_run_id"]]["state"] == "KILLED"
+               for t in interrupted)  # fmt: skip
+    assert tracker.parent_status == "KILLED"
+    result, study, _ = _run(tmp_path, spec, FakeExecutor(slots=2))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and not result.interrupted
+    for t in interrupted:  # each configuration ran again, with its seed
+        [again] = [c for c in complete if c.user_attrs.get("retry_of") == t.number]
+        assert again.params == t.params and again.user_attrs["seed"] == t.user_attrs["seed"]
+
+
+def test_fused_trials_go_to_the_executor_as_cohorts_of_one_shape(tmp_path):
+    spec = _spec(n_trials=6, fused_trials=3)
+    executor = FakeExecutor(slots=1)
+    result, study, tracker = _run(tmp_path, spec, executor)
+    assert executor.submitted == [[0, 1, 2], [3, 4, 5]]
+    for numbers in executor.submitted:
+        configs = [study.trials[n].user_attrs["config"] for n in numbers]
+        assert len({structure(c) for c in configs}) == 1
+        assert all(study.trials[n].user_attrs["fused_with"] == numbers for n in numbers)
+    assert result.counts["COMPLETE"] == 6
