@@ -1,3 +1,4 @@
 from hpo.cli import main
 
-main()
+if __name__ == "__main__":  # python -m hpo
+    main()

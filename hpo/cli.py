@@ -141,7 +141,8 @@ def _fmt(v: Any) -> str:
 def validate(spec: SpecArg) -> None:
     """Check a spec and report every problem; run nothing."""
     loaded = _load(spec)
-    from hpo.study import check_data, check_spec  # Optuna only once the YAML is sound
+    from hpo.preflight import check_data  # Optuna only once the YAML is sound
+    from hpo.search import check_spec
 
     try:
         check_spec(loaded)

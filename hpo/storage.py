@@ -36,8 +36,8 @@ SQLITE_BUSY_S = 60  # how long a SQLite writer waits for another before "databas
 
 # The database drivers a storage URL may need, and how to install each.
 _DRIVERS = {
-    "postgresql": ("psycopg", "pip install 'psycopg[binary]'"),
-    "postgresql+psycopg": ("psycopg", "pip install 'psycopg[binary]'"),
+    "postgresql": ("psycopg", "pip install 'hpo[postgres]'"),
+    "postgresql+psycopg": ("psycopg", "pip install 'hpo[postgres]'"),
     "postgresql+psycopg2": ("psycopg2", "pip install psycopg2-binary"),
     "mysql": ("MySQLdb", "pip install mysqlclient"),
     "mysql+pymysql": ("pymysql", "pip install pymysql"),

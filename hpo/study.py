@@ -1,14 +1,16 @@
-"""The driver: samplers and pruners, ask -> run -> tell over an executor, resume, the test.
+"""The driver: ask -> run -> tell over an executor, resume, the test.
 
 `run_study` asks Optuna for trials, hands them to an executor (`hpo.executors`), answers each
 epoch with a pruning decision, tells Optuna the outcome, stores the trial's record once and
 hands it to the tracker it was given. Several drivers (processes, machines) can share a study:
-what must happen once happens under the storage's lock (`hpo.storage`).
+what must happen once happens under the storage's lock (`hpo.storage`). The driver
+sequences decisions made elsewhere: samplers and pruners (`hpo.search`), what can refuse a run
+(`hpo.preflight`), what a finished record becomes and which trial is the best
+(`hpo.outcomes`); it reaches MLflow only through a `hpo.tracker.Tracker`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import socket
@@ -31,9 +33,25 @@ from hpo.data import Data, load_data, resolve_device
 from hpo.diagnose import FIT_LABELS
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.outage import RETRY_S, Retry, ServerLost
-from hpo.redact import redact, redact_url
-from hpo.registry import PRUNERS, SAMPLERS
-from hpo.space import grid_space, is_structural, structure, suggest_params
+from hpo.outcomes import (
+    FINISHED,
+    BaselineComparison,
+    best_of,
+    best_or_none,
+    budget_used,
+    compare_with_baselines,
+    count_finished,
+    rank,
+    retry_attrs,
+    settle,
+    settle_lost,
+    state_counts,
+    was_interrupted,
+)
+from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
+from hpo.redact import redact_url
+from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
+from hpo.space import is_structural, structure, suggest_params
 from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,
@@ -46,228 +64,12 @@ from hpo.storage import (
 )
 from hpo.tracker import Tracker
 from hpo.tracking import STATUS
-from hpo.train import TrainConfig, evaluate, precision_warning, train
+from hpo.train import TrainConfig, evaluate, flush_denormals, precision_warning, train
 from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_S = 1.0  # how often an idle driver looks at the storage again
 CLEANUP_RETRY_S = 10.0  # after Ctrl-C, how long a lost server is waited for while cleaning up
-
-
-# Options counted in trials or epochs, and the least each may be ("auto" is also allowed).
-_AT_LEAST = {
-    "n_startup_trials": 0,
-    "n_warmup_steps": 0,
-    "interval_steps": 1,
-    "n_min_trials": 1,
-    "min_resource": 1,
-    "max_resource": 1,
-    "reduction_factor": 2,
-    "min_early_stopping_rate": 0,
-    "patience": 0,
-}
-
-
-def _check_options(where: str, what: str, cls: type, opts: dict, skip: tuple = ()) -> None:
-    """Every option is one the class takes, of the type of its default, within its range."""
-    params = {p: v for p, v in inspect.signature(cls).parameters.items() if p not in skip}
-    allowed = list(params) or ["no options"]
-    problems = []
-    for k, v in opts.items():
-        if k not in params:
-            problems.append(
-                f"{where}.{k}: not an option of the {what}; allowed: {', '.join(allowed)}"
-            )
-            continue
-        default = params[k].default
-        if isinstance(default, bool) and not isinstance(v, bool):
-            problems.append(f"{where}.{k}: must be true or false (got {v!r})")
-        elif type(default) in (int, float) and not isinstance(default, bool):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) or v == "auto"
-            if type(default) is int and isinstance(v, float) and not v.is_integer():
-                ok = False
-            if not ok:
-                kind = "an integer" if type(default) is int else "a number"
-                problems.append(f"{where}.{k}: must be {kind} (got {v!r})")
-                continue
-        if k in _AT_LEAST and v != "auto" and isinstance(v, (int, float)) and v < _AT_LEAST[k]:
-            problems.append(f"{where}.{k}: must be >= {_AT_LEAST[k]} (got {v})")
-    if problems:
-        raise SpecError(problems)
-
-
-def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The sampler a spec names, with its options; bad options raise `SpecError`."""
-    s = spec.study.sampler
-    seed = s.seed if seed is None else seed
-    cls = SAMPLERS.load(s.name)
-    _check_options("study.sampler", f"{s.name} sampler", cls, s.options, ("seed", "search_space"))
-    try:
-        if "search_space" in inspect.signature(cls).parameters:  # grid: the points to walk
-            sampler = cls(grid_space(spec.space), seed=seed, **s.options)
-        else:
-            sampler = cls(seed=seed, **s.options)
-    except (TypeError, ValueError) as e:
-        raise SpecError([f"study.sampler: {e}"]) from None
-    return BaselineBlind(sampler) if spec.baselines else sampler
-
-
-class _WithoutBaselines:
-    """A study as a sampler should see it: its trials less the baselines."""
-
-    def __init__(self, study: optuna.Study):
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, **kw)
-        return [t for t in trials if "baseline" not in t.user_attrs]
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list:
-        return self.get_trials()
-
-
-class BaselineBlind(optuna.samplers.BaseSampler):
-    """A sampler that does not learn from baseline trials.
-
-    A baseline is a fixed configuration that need not lie inside the search space (a linear
-    model when n_layers starts at 1, weight_decay 0 under a log range), so its trial has no
-    sampled parameters; seen by a multivariate sampler, such a trial would empty the
-    intersection of the parameters it models jointly.
-    """
-
-    def __init__(self, sampler: optuna.samplers.BaseSampler):
-        self.inner = sampler
-
-    def __getattr__(self, name: str) -> Any:  # the grid sampler's own attributes, for one
-        return getattr(self.__dict__["inner"], name)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
-        return self.inner.infer_relative_search_space(_WithoutBaselines(study), trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
-        return self.inner.sample_relative(_WithoutBaselines(study), trial, space)
-
-    def sample_independent(
-        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
-    ) -> Any:
-        return self.inner.sample_independent(_WithoutBaselines(study), trial, name, distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.inner.before_trial(study, trial)
-
-    def after_trial(
-        self, study: optuna.Study, trial: FrozenTrial, state: Any, values: Any
-    ) -> None:
-        self.inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
-
-
-def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
-    """The pruner a spec names, fed by per-epoch values; bad options raise `SpecError`."""
-    name, opts = spec.study.pruner.name, spec.study.pruner.options
-    try:
-        if name != "patient":
-            return _pruner(spec, name, opts)
-        # patient: {patience: 2, min_delta: 0.0, wrapped: median, ...options of the wrapped one}
-        own = {k: opts.pop(k) for k in ("patience", "min_delta") if k in opts}
-        wrapped = opts.pop("wrapped", "median")
-        if wrapped not in PRUNERS or wrapped == "patient":
-            allowed = ", ".join(p for p in PRUNERS if p != "patient")
-            raise SpecError([f"study.pruner.wrapped: must be one of {allowed} (got {wrapped!r})"])
-        inner = _pruner(spec, wrapped, opts)
-        return PRUNERS.load("patient")(inner, **{"patience": 2, **own})
-    except (TypeError, ValueError) as e:
-        raise SpecError([f"study.pruner: {e}"]) from None
-
-
-def _pruner(spec: Spec, name: str, opts: dict[str, Any]) -> optuna.pruners.BasePruner:
-    cls = PRUNERS.load(name)
-    _check_options("study.pruner", f"{name} pruner", cls, opts)
-    defaults: dict[str, Any] = {
-        "percentile": {"percentile": 25.0},
-        "hyperband": {"min_resource": 1, "max_resource": spec.training.max_epochs},
-    }.get(name, {})
-    return cls(**{**defaults, **opts})
-
-
-def check_spec(spec: Spec) -> None:
-    """The checks that need Optuna: sampler and pruner options."""
-    problems: list[str] = []
-    for build in (lambda: make_sampler(spec), lambda: make_pruner(spec)):
-        try:
-            build()
-        except SpecError as e:
-            problems += e.problems
-    if problems:
-        raise SpecError(problems)
-
-
-def enqueue_baselines(study: optuna.Study, spec: Spec) -> list[str]:
-    """Queue each of the spec's baselines that the study has not run or queued yet, so that
-    they run first and once per study, however many processes start (call it under the
-    study's lock). Returns the names queued now."""
-    had = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
-    queued = []
-    for entry in spec.baselines:
-        if entry["name"] not in had:
-            study.enqueue_trial({}, user_attrs={"baseline": entry["name"]})
-            queued.append(entry["name"])
-    return queued
-
-
-def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
-    """Refuse (SpecError) a search space whose largest model does not fit where it would run,
-    as many times as trials run at once on one device, fused ones included (see
-    `resources.check_fits`)."""
-    problems: list[str] = []
-    shape = resources.Shape.of(data)
-    for dev in sorted(set(devices)):
-        problems += resources.check_fits(
-            spec, shape, torch.device(dev), devices.count(dev), spec.study.fused_trials
-        )
-    if problems:
-        raise SpecError(problems)
-
-
-def check_data(spec: Spec) -> tuple[str, list[str]]:
-    """Load the data as `hpo run` would (a dataset not on this machine yet is downloaded into
-    the cache, as the run would), and check that the largest model fits the device: what
-    `hpo validate` adds to the spec's own checks. Returns (what was checked, warnings): why
-    the data could not be checked, when it is not here and no download could fetch it (the
-    spec itself is sound; `hpo run` will need the files or a network), and a precision this
-    device would emulate."""
-    from hpo.data import NotDownloaded
-
-    device = resolve_device(spec.training.device)
-    slow = precision_warning(spec.training.precision, device)
-    warnings = [slow] if slow else []
-    try:
-        data = load_data(spec, "cpu")
-    except NotDownloaded as e:
-        return "", [f"data not checked: {e.problems[0]}", *warnings]
-    check_memory(spec, data, [str(device)])
-    info = data.info
-    checked = (
-        f"data: {info['n_train']:,} train / {info['n_val']:,} val / {info['n_test']:,} test, "
-        f"{info['n_features']} features"
-        + (f", {info['n_classes']} classes" if info["n_classes"] else "")
-    )
-    return checked, warnings
-
-
-def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
-    """study.storage, else --storage, else sqlite:///optuna.db in the working folder."""
-    return spec.study.storage or cli_storage or DEFAULT_STORAGE
 
 
 # ---------------------------------------------------------------- running a study
@@ -325,132 +127,6 @@ class StudyResult:
         return {label: len(numbers) for label, numbers in self.fit_trials.items()}
 
 
-@dataclass
-class BaselineComparison:
-    """The best baseline against the search's best trial, on validation and on test."""
-
-    metric: str
-    name: str  # the best baseline's
-    number: int
-    value: float
-    searched_number: int | None = None  # the best trial that is not a baseline
-    searched_value: float | None = None
-    test_metric: str = ""
-    baseline_test: float | None = None
-    searched_test: float | None = None  # when the study's best trial is a searched one
-
-    def sentences(self) -> list[str]:
-        """What a reader wants to know, in one or two lines."""
-        first = (
-            f"best baseline {self.name!r} (trial #{self.number}): {self.metric} = {self.value:.4f}"
-        )
-        if self.searched_value is None:
-            return [first + "; no searched trial completed yet"]
-        first += (
-            f"; the search's best (trial #{self.searched_number}, {self.searched_value:.4f}) "
-            + _verdict(self.metric, self.searched_value, self.value)
-        )
-        lines = [first]
-        if self.baseline_test is not None and self.searched_test is not None:
-            lines.append(
-                f"on the test split: {self.test_metric} {self.searched_test:.4f} (trial "
-                f"#{self.searched_number}) against {self.baseline_test:.4f} (baseline "
-                f"{self.name!r}): "
-                + _verdict(self.test_metric, self.searched_test, self.baseline_test)
-            )
-        elif self.baseline_test is not None:
-            lines.append(
-                f"on the test split: the baseline {self.name!r} is the study's best, "
-                f"{self.test_metric} = {self.baseline_test:.4f}"
-            )
-        return lines
-
-
-def _verdict(metric: str, ours: float, theirs: float) -> str:
-    gain = (ours - theirs) * (1 if metric_direction(metric) == "maximize" else -1)
-    if gain > 0:
-        return f"beats it by {abs(ours - theirs):.4f}"
-    if gain < 0:
-        return f"falls short of it by {abs(ours - theirs):.4f}"
-    return "ties it"
-
-
-def _rank(value: float, number: int, direction: str) -> tuple[float, int]:
-    """A trial's place in the one order of "best": lower ranks first (see `pick_best`)."""
-    return (-value if direction.lower() == "maximize" else value), number
-
-
-def pick_best(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best complete trial: the best value, then the lowest number among equal values.
-
-    The one definition of "best" (checkpoints, the test evaluation, the summary, reports): a
-    total order, so every process names the same trial whatever order ties finished in."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    return min(done, key=lambda t: _rank(t.value, t.number, direction), default=None)
-
-
-def _best_of(study: optuna.Study, baseline: bool) -> FrozenTrial | None:
-    """The best complete trial among the baselines, or among the searched trials."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    chosen = [t for t in trials if ("baseline" in t.user_attrs) == baseline]
-    return pick_best(chosen, study.direction.name)
-
-
-def compare_with_baselines(study: optuna.Study) -> BaselineComparison | None:
-    """The search against its best baseline, or None when no baseline completed."""
-    bb = _best_of(study, baseline=True)
-    if bb is None:
-        return None
-    metric = study.user_attrs.get("metric", "value")
-    bs = _best_of(study, baseline=False)
-    attrs = study.user_attrs
-    test_metric = "test_" + metric.removeprefix("val_")
-    c = BaselineComparison(metric, bb.user_attrs["baseline"], bb.number, bb.value)  # type: ignore[arg-type]
-    c.test_metric = test_metric
-    if bs is not None:
-        c.searched_number, c.searched_value = bs.number, bs.value
-    if attrs.get("baseline_test_trial") == bb.number:
-        c.baseline_test = attrs.get("baseline_test_metrics", {}).get(test_metric)
-    if bs is not None and attrs.get("test_trial") == bs.number:
-        c.searched_test = attrs.get("test_metrics", {}).get(test_metric)
-    return c
-
-
-def was_interrupted(trial: FrozenTrial) -> bool:
-    """Cut short (Ctrl-C, --timeout, its worker killed: marked `interrupted`), or failed without
-    a reason of its own: its process died and the heartbeat failed it. Such a trial does not
-    count toward n_trials and its configuration runs again, once for a death (`kills`)."""
-    if trial.state != TrialState.FAIL:
-        return False
-    attrs = trial.user_attrs
-    if attrs.get("interrupted"):
-        return True
-    return "fail_reason" not in attrs and attrs.get("kills", 0) < 1
-
-
-def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trials by state, with the interrupted ones (see `was_interrupted`) apart from FAIL."""
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    counts["INTERRUPTED"] = sum(was_interrupted(t) for t in trials)
-    counts["FAIL"] -= counts["INTERRUPTED"]
-    return counts
-
-
-def count_finished(study: optuna.Study) -> int:
-    """Finished trials toward n_trials: complete, pruned and failed, not the interrupted ones."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(1 for t in trials if not was_interrupted(t))
-
-
-def _budget_used(trials: list[FrozenTrial]) -> int:
-    """Trials that hold a place in n_trials: running ones and finished ones not interrupted."""
-    return sum(
-        1
-        for t in trials
-        if t.state == TrialState.RUNNING or (t.state in FINISHED and not was_interrupted(t))
-    )
-
-
 def run_study(
     spec: Spec,
     tracker: Tracker,
@@ -482,6 +158,7 @@ def run_study(
     url = resolve_storage(spec, storage)
     check_spec(spec)  # the sampler's and pruner's options, before anything is written
     pruner = make_pruner(spec)
+    flush_denormals()  # before the data's first torch operation starts the intra-op threads
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
     executor = executor or ThreadExecutor(spec, str(device))
@@ -500,7 +177,7 @@ def run_study(
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
     opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale, retry=driver.retry)
-    stored = _refuse_changed_spec(opened, url, name, fingerprints, data.info)
+    stored = refuse_changed_spec(opened, url, name, fingerprints, data.info)
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
     tracker.open()
@@ -524,7 +201,7 @@ def run_study(
                 "hpo_version": __version__,
                 "metric": spec.study.metric,
                 "data": data.info,
-                "spec_yaml": _stored_yaml(spec),
+                "spec_yaml": stored_yaml(spec),
                 "spec_dir": str(Path(spec.source_dir).resolve()),
                 "seed": seed,  # the --seed override, if any
             }.items():
@@ -561,7 +238,7 @@ def run_study(
             study.set_user_attr("mlflow_parent_run_id", parent_id)
             study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
             study.set_user_attr("tracking_uri", redact_url(tracker.uri))
-            tracker.log_text(_stored_yaml(spec), "spec.yaml")
+            tracker.log_text(stored_yaml(spec), "spec.yaml")
         driver.close_runs_of_finished_trials(study)
         enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
@@ -802,7 +479,7 @@ class _Driver:
         `fixed`, only when no other trial waits in the queue (it would be asked first)."""
         with storage_lock(self.url, self.lock_key, self.retry):
             trials = self.study.get_trials(deepcopy=False)
-            if _budget_used(trials) >= self.total:
+            if budget_used(trials) >= self.total:
                 return None
             if fixed is not None:
                 if any(t.state == TrialState.WAITING for t in trials):
@@ -879,82 +556,48 @@ class _Driver:
         self._told(number, record)()
 
     def _told(self, number: int, record: TrialRecord) -> Callable[[], None]:
-        """Store a finished trial's result and tell Optuna; what is left (closing its MLflow
+        """Store a finished trial's result and tell Optuna; what is left (closing its tracker
         run, the progress line) comes back to be called once the next trial has started."""
         r = self.running.pop(number)
         self.cohort_of.pop(number, None)
         self.submitted.discard(number)
-        trial, outcome = r.trial, record.outcome
-        value = record.value(self.metric) if outcome == "COMPLETE" else None
-        if outcome == "COMPLETE" and value is None:
-            outcome, record.failure = "FAIL", f"{self.metric} is not finite at the kept epoch"
-        attrs: dict[str, Any] = {
-            "n_params": record.n_params,
-            "epochs_run": len(record.history),
-            "stopped_by": record.stopped_by,
-        }
-        tags: dict[str, str] = {}
-        final: dict[str, float] = {}
-        if "fused_with" in trial.user_attrs:
-            tags["hpo.fused_with"] = ",".join(map(str, trial.user_attrs["fused_with"]))
-        if record.fit is not None:
-            attrs["fit"], attrs["fit_evidence"] = record.fit, record.fit_evidence
-            tags["hpo.fit"], tags["hpo.fit_evidence"] = record.fit, str(record.fit_evidence)
-        if outcome == "COMPLETE":
-            attrs["best_epoch"] = record.kept_epoch
-            attrs["stopped_early"] = record.stopped_by == "early_stopping"
-            attrs["metrics"] = record.kept
-            kept = record.kept.items()
-            final = {f"best_{k}": v for k, v in kept if k.startswith(("train", "val"))}
-            final["best_epoch"] = float(record.kept_epoch or 0)
-        elif outcome == "FAIL":
-            attrs["fail_reason"] = tags["hpo.fail_reason"] = record.failure or "unknown error"
-        elif outcome == "INTERRUPTED":
-            attrs["interrupted"] = True
-        set_user_attrs(trial, attrs)
-        if outcome == "COMPLETE" and r.run_id is not None:
-            assert value is not None
-            self._keep_if_best(trial, value, record, r.run_id)
-        state = {
-            "COMPLETE": TrialState.COMPLETE,
-            "PRUNED": TrialState.PRUNED,
-        }.get(outcome, TrialState.FAIL)
-        frozen = self._tell(trial, state, value)
-        if outcome == "INTERRUPTED":
+        trial = r.trial
+        settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
+        set_user_attrs(trial, settled.attrs)
+        if settled.state == TrialState.COMPLETE and r.run_id is not None:
+            assert settled.value is not None
+            self._keep_if_best(trial, settled.value, record, r.run_id)
+        frozen = self._tell(trial, settled.state, settled.value)
+        if settled.retry:
             self._retry(self.study, trial, trial.user_attrs.get("kills", 0))
-        mlflow_state = "KILLED" if outcome == "INTERRUPTED" else outcome
         params = {k: v for k, v in r.config.items() if k != "width"}  # widths lists them
 
         def rest() -> None:
             if r.run_id is not None:
-                self.tracker.end_trial(r.run_id, mlflow_state, params, final, tags)
+                self.tracker.end_trial(
+                    r.run_id, settled.run_state, params, settled.final, settled.tags
+                )
             if frozen is not None:
-                note = "interrupted: runs again" if outcome == "INTERRUPTED" else ""
-                self._progress(frozen, note)
+                self._progress(frozen, "interrupted: runs again" if settled.retry else "")
 
         return rest
 
     def _on_lost(self, number: int, reason: str) -> None:
-        """Its worker died: failed, and run again once (a configuration that kills its
-        worker twice, say by running out of memory, is failed for good)."""
+        """Its worker died: failed, and run again once (`settle_lost`)."""
         r = self.running.pop(number)
         self.cohort_of.pop(number, None)
         self.submitted.discard(number)
         kills = r.trial.user_attrs.get("kills", 0)
-        if kills >= 1:
-            r.trial.set_user_attr("fail_reason", f"{reason}, a second time: not run again")
-        else:
-            r.trial.set_user_attr("interrupted", True)
-            r.trial.set_user_attr("lost", reason)
-        frozen = self._tell(r.trial, TrialState.FAIL, None)
-        if kills < 1:
+        settled = settle_lost(reason, kills)
+        set_user_attrs(r.trial, settled.attrs)
+        frozen = self._tell(r.trial, settled.state, None)
+        if settled.retry:
             self._retry(self.study, r.trial, kills + 1)
         params = {k: v for k, v in r.config.items() if k != "width"}
         if r.run_id is not None:
-            state = "KILLED" if kills < 1 else "FAIL"
-            self.tracker.end_trial(r.run_id, state, params, {}, {"hpo.fail_reason": reason})
+            self.tracker.end_trial(r.run_id, settled.run_state, params, {}, settled.tags)
         if frozen is not None:
-            self._progress(frozen, f"{reason}; " + ("runs again" if kills < 1 else "failed"))
+            self._progress(frozen, f"{reason}; " + ("runs again" if settled.retry else "failed"))
 
     def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None) -> Any:
         try:
@@ -971,13 +614,10 @@ class _Driver:
 
     @staticmethod
     def _retry(study: optuna.Study, trial: optuna.Trial | FrozenTrial, kills: int) -> None:
-        """Queue a cut-short trial to run again: its configuration, its seed and batch order
-        (an interrupted study's trials train as they would have), a baseline stays one."""
-        attrs = {"retry_of": trial.number, "kills": kills}
-        for name in ("baseline", "seed", "batch_seed"):
-            if name in trial.user_attrs:
-                attrs[name] = trial.user_attrs[name]
-        study.enqueue_trial(trial.params, user_attrs=attrs)
+        """Queue a cut-short trial's configuration to run again (`retry_attrs`)."""
+        study.enqueue_trial(
+            trial.params, user_attrs=retry_attrs(trial.number, trial.user_attrs, kills)
+        )
 
     def on_stale(self, study: optuna.Study, frozen: FrozenTrial) -> None:
         """A trial of a dead process, just failed by the heartbeat check in this process."""
@@ -1042,10 +682,8 @@ class _Driver:
         best = best_or_none(self.study)
         d = self.study.direction.name
         # a contender ranks no lower than the best would with the best's number (ties too)
-        contender = best is None or _rank(value, best.number, d) <= _rank(
-            best.value, best.number, d
-        )
-        is_best = best is None or _rank(value, trial.number, d) < _rank(best.value, best.number, d)
+        contender = best is None or rank(value, best.number, d) <= rank(best.value, best.number, d)
+        is_best = best is None or rank(value, trial.number, d) < rank(best.value, best.number, d)
         log_all = self.spec.tracking.log_model == "all"
         # A baseline's weights are kept too: after the search it is measured on the test split
         # beside the best trial.
@@ -1152,7 +790,7 @@ class _Driver:
         """The best baseline's kept weights on the test split, once, beside the best trial's:
         the reference the search is measured against (never used to choose anything)."""
         attrs = self.study.user_attrs
-        bb = _best_of(self.study, baseline=True)
+        bb = best_of(self.study, baseline=True)
         if bb is None or attrs.get("baseline_test_trial") == bb.number:
             return
         if bb.number == best.number:
@@ -1242,70 +880,6 @@ def _dead_here(driver: str) -> bool:
     except PermissionError:
         pass  # alive, another user's
     return start != "?" and _process_id(int(pid)) != driver
-
-
-def _refuse_changed_spec(
-    storage: optuna.storages.BaseStorage,
-    storage_url: str,
-    name: str,
-    fingerprints: tuple[str, ...],
-    info: dict[str, Any],
-) -> dict[str, Any]:
-    """Refuse to resume a study whose spec or data changed (`fingerprints`: the spec's hash,
-    then the ones a study stored by an older hpo may have; `info`: the data's, whose split,
-    features and classes must be the study's); else its attributes."""
-    split_hash = info["split_hash"]
-    try:
-        existing = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return {}
-    old_info = existing.user_attrs.get("data", {})
-    for key, what in (("n_features", "inputs"), ("n_classes", "classes")):
-        if key in old_info and old_info[key] != info.get(key):
-            # e.g. one-hot columns that a test file added, before hpo learned them from the
-            # training file only: the stored trials' weights would not fit the new models
-            raise SpecError(
-                [
-                    f"dataset: the data of study {name!r} now gives {info.get(key)} {what} "
-                    f"where its trials had {old_info[key]}; to start a new study, change "
-                    "`name:` in the spec or pass --study-name NEW_NAME"
-                ]
-            )
-    old_split = existing.user_attrs.get("data", {}).get("split_hash")
-    if old_split is not None and old_split != split_hash:
-        raise SpecError(
-            [
-                f"dataset: the data of study {name!r} changed since it started (split hash "
-                f"{old_split} vs {split_hash}); to start a new study, change `name:` in the spec "
-                f"or pass --study-name NEW_NAME"
-            ]
-        )
-    old = existing.user_attrs.get("spec_hash")
-    if old is not None and old not in fingerprints:
-        raise SpecError(
-            [
-                f"name: study {name!r} in {redact_url(storage_url)} was run with a different spec "
-                f"(data, search space, training or metric changed; hash {old} vs "
-                f"{fingerprints[0]}); "
-                f"to start a new study, change `name:` in the spec or pass --study-name NEW_NAME"
-            ]
-        )
-    return existing.user_attrs
-
-
-def _stored_yaml(spec: Spec) -> str:
-    """The spec's text as a study stores it: without the passwords of its URLs."""
-    text = spec.to_yaml()
-    for url in (spec.study.storage, spec.tracking.uri):
-        if url:
-            text = text.replace(url, redact_url(url) or "")
-    return redact(text)
-
-
-def best_or_none(study: optuna.Study) -> FrozenTrial | None:
-    """The study's best trial (see `pick_best`), or None while no trial has completed."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return pick_best(trials, study.direction.name)
 
 
 def spec_of(study: optuna.Study) -> Spec:

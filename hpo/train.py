@@ -37,11 +37,17 @@ from hpo.steppers import (
 
 __all__ = ["EVAL_BATCH", "Tensors", "evaluate", "fit", "train", "train_cohort"]
 
-# Saturated sigmoid/tanh units and shrinking weights produce denormal floats, which x86 CPUs
-# handle tens of times slower (a 4 x 509 sigmoid net ran 19 s an epoch instead of 3). The
-# flush-to-zero mode is per thread, and torch's intra-op worker threads copy it from the thread
-# that starts them: set it here, before any of them exists, and check it again in `fit`.
-torch.set_flush_denormal(True)
+
+def flush_denormals() -> None:
+    """Flush denormal floats to zero in this thread, and so in the intra-op worker threads
+    it starts from now on.
+
+    Saturated sigmoid/tanh units and shrinking weights produce denormal floats, which x86 CPUs
+    handle tens of times slower (a 4 x 509 sigmoid net ran 19 s an epoch instead of 3). The
+    mode is per thread, and torch's intra-op worker threads copy it from the thread that
+    starts them: hpo's processes call this before their first torch operation, and `fit`
+    checks it again (training moves to a fresh thread when the workers do not flush)."""
+    torch.set_flush_denormal(True)
 
 
 @dataclass
@@ -160,14 +166,14 @@ def training_loop(loop: Callable[..., Any]) -> Callable[..., Any]:
 def on_flushing_threads(fn: Callable[[], Any]) -> Any:
     """Run `fn` where denormals are flushed: here, or in a new thread (whose intra-op worker
     threads start afresh, with flushing on) when this thread's were started before it was."""
-    torch.set_flush_denormal(True)
+    flush_denormals()
     if denormals_flushed():
         return fn()
     out: list[Any] = []
     errors: list[BaseException] = []
 
     def run() -> None:
-        torch.set_flush_denormal(True)
+        flush_denormals()
         try:
             out.append(fn())
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread

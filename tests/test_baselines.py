@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.config import SpecError, parse_spec
 from hpo.data import load_data
-from hpo.study import enqueue_baselines, make_sampler
+from hpo.search import enqueue_baselines, make_sampler
 from hpo.tracking import tracker_for
 from hpo.train import TrainConfig, evaluate
 from hpo.trial import build_model

@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from hpo.cli import app
 from hpo.config import load_spec
+from hpo.outcomes import count_finished, state_counts, was_interrupted
 from hpo.report.compare import summarise
-from hpo.study import GRACE_S, count_finished, state_counts, was_interrupted
+from hpo.storage import GRACE_S
 
 runner = CliRunner()
 

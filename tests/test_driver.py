@@ -276,3 +276,46 @@ def test_fused_trials_go_to_the_executor_as_cohorts_of_one_shape(tmp_path):
         assert len({structure(c) for c in configs}) == 1
         assert all(study.trials[n].user_attrs["fused_with"] == numbers for n in numbers)
     assert result.counts["COMPLETE"] == 6
+
+
+def _record(stopped_by="max_epochs", value=0.9, **kw):
+    history = [{"train_loss": 0.4, "val_loss": 0.5, "val_accuracy": value}]
+    return TrialRecord(3, {}, 0, history=history, stopped_by=stopped_by, kept_epoch=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "record, state, value, run_state, retry",
+    [
+        (_record(), TrialState.COMPLETE, 0.9, "COMPLETE", False),
+        (_record(value=float("nan")), TrialState.FAIL, None, "FAIL", False),
+        (_record("pruned"), TrialState.PRUNED, None, "PRUNED", False),
+        (_record("diverged", failure="train_loss became nan"), TrialState.FAIL, None, "FAIL",
+         False),
+        (_record("interrupted"), TrialState.FAIL, None, "KILLED", True),
+    ],
+)  # fmt: skip
+def test_what_a_finished_record_becomes(record, state, value, run_state, retry):
+    from hpo.outcomes import settle
+
+    settled = settle(record, "val_accuracy", fused_with=[3, 4])
+    assert (settled.state, settled.value, settled.run_state, settled.retry) == (
+        state, value, run_state, retry
+    )  # fmt: skip
+    assert settled.tags["hpo.fused_with"] == "3,4"
+    if state == TrialState.COMPLETE:
+        assert settled.attrs["metrics"] == record.history[0] and settled.final["best_epoch"] == 1
+    if state == TrialState.FAIL and not retry:
+        assert settled.attrs["fail_reason"] == settled.tags["hpo.fail_reason"]
+        reasons = ("train_loss became nan", "val_accuracy is not finite at the kept epoch")
+        assert settled.attrs["fail_reason"] in reasons
+
+
+def test_a_lost_trial_runs_again_once_and_a_retry_repeats_its_seed():
+    from hpo.outcomes import retry_attrs, settle_lost
+
+    first, second = settle_lost("killed", 0), settle_lost("killed", 1)
+    assert (first.retry, first.run_state, first.attrs["lost"]) == (True, "KILLED", "killed")
+    assert (second.retry, second.run_state) == (False, "FAIL")
+    assert "a second time" in second.attrs["fail_reason"]
+    attrs = retry_attrs(7, {"seed": 11, "batch_seed": 5, "baseline": "mlp", "other": 1}, 1)
+    assert attrs == {"retry_of": 7, "kills": 1, "seed": 11, "batch_seed": 5, "baseline": "mlp"}

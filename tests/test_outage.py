@@ -28,8 +28,8 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from hpo.outage import Retry, ServerLost, stop_signals_between_calls
+from hpo.outcomes import count_finished, was_interrupted
 from hpo.storage import open_storage
-from hpo.study import count_finished, was_interrupted
 
 # Trials of a second or more (100 epochs, no early stop), so a server can be stopped while one
 # is training, whatever the speed of the machine: the tests wait for one to be 1 to 50 epochs

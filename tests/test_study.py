@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from hpo.config import SpecError, parse_spec
 from hpo.registry import PRUNERS, SAMPLERS
-from hpo.study import make_pruner, make_sampler
+from hpo.search import make_pruner, make_sampler
 
 
 def run(workdir, mlflow_uri, name, **over):

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.config import SpecError, parse_spec
 from hpo.data import load_data
+from hpo.outcomes import pick_best
 from hpo.redact import redact, redact_url, url_problem
-from hpo.study import pick_best
 
 runner = CliRunner()
 ON_THE_SERVER = pytest.mark.xdist_group("mlflow_server")
@@ -464,7 +464,7 @@ def test_a_stopped_worker_is_failed_as_stalled_killed_replaced_and_its_trial_run
     machine took over 5 s once: a false stall would retry a healthy trial) its trial is FAIL
     as stalled, its process killed, a new worker started, the configuration run again once,
     and the study ends with n_trials."""
-    from hpo.study import FINISHED, was_interrupted
+    from hpo.outcomes import FINISHED, was_interrupted
 
     spec = small_spec(
         name="stall",
@@ -573,15 +573,15 @@ def test_class_numbers_match_across_files_when_a_blank_makes_one_column_floats(t
 def test_a_study_whose_data_now_gives_other_inputs_is_not_resumed():
     """A table study from before classes and categories came from the training file only:
     its trials' weights have another number of inputs."""
-    from hpo.study import _refuse_changed_spec
+    from hpo.preflight import refuse_changed_spec
 
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(study_name="old", storage=storage)
     study.set_user_attr("data", {"split_hash": "abc", "n_features": 6, "n_classes": 2})
     same = {"split_hash": "abc", "n_features": 6, "n_classes": 2}
-    assert _refuse_changed_spec(storage, "sqlite://", "old", ("h",), same)["data"] == same
+    assert refuse_changed_spec(storage, "sqlite://", "old", ("h",), same)["data"] == same
     with pytest.raises(SpecError) as e:
-        _refuse_changed_spec(storage, "sqlite://", "old", ("h",), {**same, "n_features": 5})
+        refuse_changed_spec(storage, "sqlite://", "old", ("h",), {**same, "n_features": 5})
     assert e.value.problems == [
         "dataset: the data of study 'old' now gives 5 inputs where its trials had 6; to start "
         "a new study, change `name:` in the spec or pass --study-name NEW_NAME"

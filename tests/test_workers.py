@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from hpo.cli import app
 from hpo.config import parse_spec
-from hpo.study import FINISHED, count_finished, state_counts, was_interrupted
+from hpo.outcomes import FINISHED, count_finished, state_counts, was_interrupted
 
 runner = CliRunner()
 # The tests on the session's `mlflow server` and the module's shared study run in one test

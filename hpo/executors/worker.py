@@ -16,7 +16,7 @@ import torch
 
 from hpo.config import Spec
 from hpo.data import Data, load_data
-from hpo.train import Flag
+from hpo.train import Flag, flush_denormals
 from hpo.trial import run
 
 
@@ -35,6 +35,7 @@ def serve(
     interrupt: Flag | None = None,
 ) -> None:
     """Run trials sent over `channel` until told to exit (or the channel closes)."""
+    flush_denormals()  # before the first torch operation starts the intra-op threads
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -53,7 +53,7 @@ def summarise(study: optuna.Study) -> StudySummary:
     counts, as they are out of n_trials: they never finished, and hpo runs their configurations
     again. Only their number is kept, for the page to say so.
     """
-    from hpo.study import best_or_none, state_counts, was_interrupted
+    from hpo.outcomes import best_or_none, state_counts, was_interrupted
 
     maximize = study.direction.name == "MAXIMIZE"
     trials = study.get_trials(deepcopy=False)

@@ -156,7 +156,7 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
 def baseline_rows(trials) -> list[BaselineRow]:
     """The baselines' trials: one row per baseline, its finished run (the last, when a cut-short
     one ran again)."""
-    from hpo.study import was_interrupted
+    from hpo.outcomes import was_interrupted
 
     rows: dict[str, BaselineRow] = {}
     for t in trials:
@@ -187,7 +187,7 @@ def _spec_of(study: optuna.Study):
 def _overview(study, trials, spec) -> Overview:
     attrs = study.user_attrs
     data = attrs.get("data", {})
-    from hpo.study import best_or_none, compare_with_baselines, state_counts
+    from hpo.outcomes import best_or_none, compare_with_baselines, state_counts
 
     compared = compare_with_baselines(study)
 

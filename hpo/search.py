@@ -1,0 +1,184 @@
+"""Samplers and pruners from the spec: Optuna's, built with the spec's options (each option
+checked against the class's own signature, one line per problem), and the baselines queued
+before the search so that they run first and once per study."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpo.config import Spec, SpecError
+from hpo.registry import PRUNERS, SAMPLERS
+from hpo.space import grid_space
+
+# Options counted in trials or epochs, and the least each may be ("auto" is also allowed).
+_AT_LEAST = {
+    "n_startup_trials": 0,
+    "n_warmup_steps": 0,
+    "interval_steps": 1,
+    "n_min_trials": 1,
+    "min_resource": 1,
+    "max_resource": 1,
+    "reduction_factor": 2,
+    "min_early_stopping_rate": 0,
+    "patience": 0,
+}
+
+
+def _check_options(where: str, what: str, cls: type, opts: dict, skip: tuple = ()) -> None:
+    """Every option is one the class takes, of the type of its default, within its range."""
+    params = {p: v for p, v in inspect.signature(cls).parameters.items() if p not in skip}
+    allowed = list(params) or ["no options"]
+    problems = []
+    for k, v in opts.items():
+        if k not in params:
+            problems.append(
+                f"{where}.{k}: not an option of the {what}; allowed: {', '.join(allowed)}"
+            )
+            continue
+        default = params[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            problems.append(f"{where}.{k}: must be true or false (got {v!r})")
+        elif type(default) in (int, float) and not isinstance(default, bool):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) or v == "auto"
+            if type(default) is int and isinstance(v, float) and not v.is_integer():
+                ok = False
+            if not ok:
+                kind = "an integer" if type(default) is int else "a number"
+                problems.append(f"{where}.{k}: must be {kind} (got {v!r})")
+                continue
+        if k in _AT_LEAST and v != "auto" and isinstance(v, (int, float)) and v < _AT_LEAST[k]:
+            problems.append(f"{where}.{k}: must be >= {_AT_LEAST[k]} (got {v})")
+    if problems:
+        raise SpecError(problems)
+
+
+def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler a spec names, with its options; bad options raise `SpecError`."""
+    s = spec.study.sampler
+    seed = s.seed if seed is None else seed
+    cls = SAMPLERS.load(s.name)
+    _check_options("study.sampler", f"{s.name} sampler", cls, s.options, ("seed", "search_space"))
+    try:
+        if "search_space" in inspect.signature(cls).parameters:  # grid: the points to walk
+            sampler = cls(grid_space(spec.space), seed=seed, **s.options)
+        else:
+            sampler = cls(seed=seed, **s.options)
+    except (TypeError, ValueError) as e:
+        raise SpecError([f"study.sampler: {e}"]) from None
+    return BaselineBlind(sampler) if spec.baselines else sampler
+
+
+class _WithoutBaselines:
+    """A study as a sampler should see it: its trials less the baselines."""
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, **kw)
+        return [t for t in trials if "baseline" not in t.user_attrs]
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+
+class BaselineBlind(optuna.samplers.BaseSampler):
+    """A sampler that does not learn from baseline trials.
+
+    A baseline is a fixed configuration that need not lie inside the search space (a linear
+    model when n_layers starts at 1, weight_decay 0 under a log range), so its trial has no
+    sampled parameters; seen by a multivariate sampler, such a trial would empty the
+    intersection of the parameters it models jointly.
+    """
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler):
+        self.inner = sampler
+
+    def __getattr__(self, name: str) -> Any:  # the grid sampler's own attributes, for one
+        return getattr(self.__dict__["inner"], name)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        return self.inner.infer_relative_search_space(_WithoutBaselines(study), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
+        return self.inner.sample_relative(_WithoutBaselines(study), trial, space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        return self.inner.sample_independent(_WithoutBaselines(study), trial, name, distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: Any, values: Any
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
+    """The pruner a spec names, fed by per-epoch values; bad options raise `SpecError`."""
+    name, opts = spec.study.pruner.name, spec.study.pruner.options
+    try:
+        if name != "patient":
+            return _pruner(spec, name, opts)
+        # patient: {patience: 2, min_delta: 0.0, wrapped: median, ...options of the wrapped one}
+        own = {k: opts.pop(k) for k in ("patience", "min_delta") if k in opts}
+        wrapped = opts.pop("wrapped", "median")
+        if wrapped not in PRUNERS or wrapped == "patient":
+            allowed = ", ".join(p for p in PRUNERS if p != "patient")
+            raise SpecError([f"study.pruner.wrapped: must be one of {allowed} (got {wrapped!r})"])
+        inner = _pruner(spec, wrapped, opts)
+        return PRUNERS.load("patient")(inner, **{"patience": 2, **own})
+    except (TypeError, ValueError) as e:
+        raise SpecError([f"study.pruner: {e}"]) from None
+
+
+def _pruner(spec: Spec, name: str, opts: dict[str, Any]) -> optuna.pruners.BasePruner:
+    cls = PRUNERS.load(name)
+    _check_options("study.pruner", f"{name} pruner", cls, opts)
+    defaults: dict[str, Any] = {
+        "percentile": {"percentile": 25.0},
+        "hyperband": {"min_resource": 1, "max_resource": spec.training.max_epochs},
+    }.get(name, {})
+    return cls(**{**defaults, **opts})
+
+
+def check_spec(spec: Spec) -> None:
+    """The checks that need Optuna: sampler and pruner options."""
+    problems: list[str] = []
+    for build in (lambda: make_sampler(spec), lambda: make_pruner(spec)):
+        try:
+            build()
+        except SpecError as e:
+            problems += e.problems
+    if problems:
+        raise SpecError(problems)
+
+
+def enqueue_baselines(study: optuna.Study, spec: Spec) -> list[str]:
+    """Queue each of the spec's baselines that the study has not run or queued yet, so that
+    they run first and once per study, however many processes start (call it under the
+    study's lock). Returns the names queued now."""
+    had = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    queued = []
+    for entry in spec.baselines:
+        if entry["name"] not in had:
+            study.enqueue_trial({}, user_attrs={"baseline": entry["name"]})
+            queued.append(entry["name"])
+    return queued
