@@ -360,8 +360,8 @@ def run(
         for note in d.get("notes") or []:
             display.print(f"  note: {note}")
         for entry in loaded.baselines:
-            asked = loaded.baseline_config(entry["name"])["batch_size"]
-            capped = loaded.baseline_config(entry["name"], d["n_train"])["batch_size"]
+            asked = loaded.baseline_config(entry["name"]).batch_size
+            capped = loaded.baseline_config(entry["name"], d["n_train"]).batch_size
             if capped != asked:
                 display.print(
                     f"  note: baseline {entry['name']!r} trains at batch size {capped}, "

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hpo.params import PARAMS, Param, default_config
+from hpo.params import PARAMS, Param, TrialConfig, default_config
 from hpo.redact import url_problem
 from hpo.registry import (
     DATASETS,
@@ -177,7 +177,7 @@ class Spec(_Strict):
         p = Path(value).expanduser()
         return p if p.is_absolute() else Path(self.source_dir) / p
 
-    def baseline_config(self, name: str, n_train: int | None = None) -> dict[str, Any]:
+    def baseline_config(self, name: str, n_train: int | None = None) -> TrialConfig:
         """A baseline's full configuration: the defaults, the search space's fixed values, then
         the baseline's own; `width` may list one width per layer. With `n_train`, its batch
         size is at most the training rows (the default 128 on 113 rows said 128 and was 113)."""
@@ -187,7 +187,7 @@ class Spec(_Strict):
         config.update({k: v for k, v in entry.items() if k != "name"})
         if n_train is not None and int(config["batch_size"]) > n_train:
             config["batch_size"] = n_train
-        return with_widths(config)
+        return TrialConfig.of(config)
 
     def to_yaml(self) -> str:
         """The spec as written, or its validated form when it did not come from a file."""
@@ -229,13 +229,6 @@ def read_yaml(text: str) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
-
-
-def with_widths(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with `widths`, one per hidden layer: `width` is one for all, or a list."""
-    width, n = config["width"], int(config["n_layers"])
-    config["widths"] = [int(w) for w in width] if isinstance(width, list) else [int(width)] * n
-    return config
 
 
 def _parse_entry(value: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Literal
 
 from hpo.registry import ACTIVATIONS, INITS, LR_SCHEDULES, OPTIMIZERS, Registry, sync_section
@@ -112,6 +112,51 @@ PARAMS: Mapping[str, Param] = {p.name: p for p in _ROWS}
 
 # What the members of a fused cohort share (per-layer widths are `width_0`, `width_1`, ...).
 STRUCTURAL = tuple(name for name, p in PARAMS.items() if p.structural)
+
+
+_TYPES = {"real": float, "int": int, "bool": bool, "choice": str}
+
+
+def _of(cls: type, params: Mapping[str, Any]) -> Any:
+    """A trial's configuration from sampled (or stored) values: every row of the table, its
+    default where `params` leaves it out; `widths`, one per hidden layer, from `width` (one
+    for all, or a list) and `n_layers` unless given. A key the table lacks is an error."""
+    unknown = sorted(set(params) - set(PARAMS) - {"widths"})
+    if unknown:
+        raise ValueError(f"not hyperparameters: {', '.join(unknown)}")
+    values = {name: params.get(name, p.default) for name, p in PARAMS.items()}
+    width = values["width"]
+    if isinstance(width, list | tuple):
+        values["width"] = tuple(int(w) for w in width)
+    widths = params.get("widths")
+    if widths is None:
+        n = int(values["n_layers"])
+        widths = values["width"] if isinstance(values["width"], tuple) else (values["width"],) * n
+    for name, p in PARAMS.items():
+        if name != "width" and values[name] is not None:
+            values[name] = _TYPES[p.kind](values[name])
+    return cls(**values, widths=tuple(int(w) for w in widths))
+
+
+def _as_dict(self: Any) -> dict[str, Any]:
+    """The configuration as stored (Optuna's `config` user attribute, MLflow params):
+    plain values, `width` and `widths` as lists."""
+    out = {name: getattr(self, name) for name in PARAMS}
+    if isinstance(out["width"], tuple):
+        out["width"] = list(out["width"])
+    return out | {"widths": list(self.widths)}
+
+
+# One trial's hyperparameters, typed and frozen: built once from the sampled values
+# (`hpo.space.suggest_params`) or a baseline, it travels to the worker and the trainer. Its
+# fields are the table's rows (defaults included), plus `widths`, one per hidden layer.
+TrialConfig = make_dataclass(
+    "TrialConfig",
+    [(name, _TYPES[p.kind], field(default=p.default)) for name, p in PARAMS.items()]
+    + [("widths", tuple, field(default=()))],
+    frozen=True,
+    namespace={"of": classmethod(_of), "as_dict": _as_dict, "__module__": __name__},
+)
 
 
 def default_config() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpo.config import Distribution, Spec, parse_bytes
-from hpo.params import PARAMS
+from hpo.params import PARAMS, TrialConfig
 from hpo.train import EVAL_BATCH
 
 FLOAT = 4  # bytes per float32
@@ -128,14 +128,14 @@ def footprint(
     )
 
 
-def of_config(config: dict[str, Any], shape: Shape, on_cpu: bool) -> Footprint:
+def of_config(config: TrialConfig, shape: Shape, on_cpu: bool) -> Footprint:
     """The footprint of one sampled configuration (its `widths`, batch size and optimizer)."""
     return footprint(
-        [(int(w), 1) for w in config["widths"]],
+        [(int(w), 1) for w in config.widths],
         shape,
-        int(config["batch_size"]),
-        str(config["optimizer"]),
-        float(config.get("momentum", 0.0)) > 0,
+        config.batch_size,
+        config.optimizer,
+        config.momentum > 0,
         on_cpu,
         data_copies=0,  # the data is there already, and counted once for the whole run
     )

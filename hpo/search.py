@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from hpo._private import TrialsSeenBy
 from hpo.config import Spec, SpecError
 from hpo.registry import PRUNERS, SAMPLERS
 from hpo.space import grid_space
@@ -72,25 +73,9 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     return BaselineBlind(sampler) if spec.baselines else sampler
 
 
-class _WithoutBaselines:
+def _without_baselines(study: optuna.Study) -> Any:
     """A study as a sampler should see it: its trials less the baselines."""
-
-    def __init__(self, study: optuna.Study):
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, **kw)
-        return [t for t in trials if "baseline" not in t.user_attrs]
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list:
-        return self.get_trials()
+    return TrialsSeenBy(study, lambda t: "baseline" not in t.user_attrs)
 
 
 class BaselineBlind(optuna.samplers.BaseSampler):
@@ -109,15 +94,15 @@ class BaselineBlind(optuna.samplers.BaseSampler):
         return getattr(self.__dict__["inner"], name)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
-        return self.inner.infer_relative_search_space(_WithoutBaselines(study), trial)
+        return self.inner.infer_relative_search_space(_without_baselines(study), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
-        return self.inner.sample_relative(_WithoutBaselines(study), trial, space)
+        return self.inner.sample_relative(_without_baselines(study), trial, space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
     ) -> Any:
-        return self.inner.sample_independent(_WithoutBaselines(study), trial, name, distribution)
+        return self.inner.sample_independent(_without_baselines(study), trial, name, distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.inner.before_trial(study, trial)

@@ -6,8 +6,8 @@ from typing import Any
 
 import optuna
 
-from hpo.config import Distribution, grid_values, with_widths
-from hpo.params import PARAMS, STRUCTURAL, default_config
+from hpo.config import Distribution, grid_values
+from hpo.params import PARAMS, STRUCTURAL, TrialConfig, default_config
 
 
 def is_structural(name: str) -> bool:
@@ -15,14 +15,14 @@ def is_structural(name: str) -> bool:
     return name in STRUCTURAL or name.startswith("width_")
 
 
-def structure(config: dict[str, Any]) -> tuple:
+def structure(config: TrialConfig) -> tuple:
     """What members of one cohort must have in common: their structural settings, widths
     listed per layer."""
     shared = [name for name in STRUCTURAL if name not in ("n_layers", "width")]
-    return (tuple(int(w) for w in config["widths"]), *(config[name] for name in shared))
+    return (config.widths, *(getattr(config, name) for name in shared))
 
 
-def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
+def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> TrialConfig:
     """Sample one configuration: every known hyperparameter, with `widths` listed per layer."""
     params = default_config()
     for name, entry in _ordered(space):
@@ -36,7 +36,7 @@ def suggest_params(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]
             params[name] = _suggest(trial, name, entry)
         else:
             params[name] = entry
-    return with_widths(params)
+    return TrialConfig.of(params)
 
 
 def _ordered(space: dict[str, Any]) -> list[tuple[str, Any]]:

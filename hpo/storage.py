@@ -20,9 +20,15 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial
 
+from hpo._private import (
+    cached_storage,
+    cached_user_attrs,
+    heartbeat_base,
+    trial_id,
+    write_user_attrs,
+)
 from hpo.config import SpecError
 from hpo.outage import Retry
 from hpo.redact import first_line, redact_url, url_problem
@@ -199,14 +205,17 @@ def open_storage(
                 rdb = optuna.storages.RDBStorage(url, **kw)
         if retry is None:
             return rdb
-        return _Resilient(optuna.storages._CachedStorage(rdb), rdb, retry)
+        return _Resilient(cached_storage(rdb), rdb, retry)
     except SpecError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed URL, no server, bad credentials
         raise SpecError([f"storage: cannot open {redact_url(url)!r}: {first_line(e)}"]) from None
 
 
-class _Resilient(BaseStorage, BaseHeartbeat):
+BaseHeartbeat = heartbeat_base()
+
+
+class _Resilient(BaseStorage, BaseHeartbeat):  # type: ignore[misc,valid-type]
     """An Optuna storage whose every call goes through a `Retry`."""
 
     def __init__(self, inner: BaseStorage, rdb: optuna.storages.RDBStorage, retry: Retry):
@@ -224,18 +233,9 @@ class _Resilient(BaseStorage, BaseHeartbeat):
         self._retry(self._write_user_attrs, trial_id, attrs)
 
     def _write_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
-        try:  # Optuna's own per-attribute write, without its commit
-            from optuna.storages._rdb.models import TrialUserAttributeModel
-            from optuna.storages._rdb.storage import _create_scoped_session
-
-            write = self._rdb._set_trial_attr_without_commit
-        except (ImportError, AttributeError):  # an Optuna without them: one at a time
+        if not write_user_attrs(self._rdb, trial_id, attrs):  # an Optuna without the calls
             for key, value in attrs.items():
                 self._inner.set_trial_user_attr(trial_id, key, value)
-            return
-        with _create_scoped_session(self._rdb.scoped_session, True) as session:
-            for key, value in attrs.items():
-                write(session, TrialUserAttributeModel, trial_id, key, value)
 
 
 def _through_retry(name: str) -> Callable[..., Any]:
@@ -255,13 +255,13 @@ _Resilient.__abstractmethods__ = frozenset()
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """`trial.set_user_attr` for each of `attrs`, in one transaction where the storage is
     `open_storage`'s."""
-    storage = trial.storage
-    if not isinstance(storage, _Resilient) or not hasattr(trial, "_cached_frozen_trial"):
+    storage, cached = trial.storage, cached_user_attrs(trial)
+    if not isinstance(storage, _Resilient) or cached is None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    storage.set_trial_user_attrs(trial._trial_id, attrs)
-    trial._cached_frozen_trial.user_attrs.update(attrs)  # what trial.user_attrs reads
+    storage.set_trial_user_attrs(trial_id(trial), attrs)
+    cached.update(attrs)  # what trial.user_attrs reads
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

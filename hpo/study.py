@@ -28,6 +28,7 @@ from optuna.pruners import NopPruner
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import __version__, resources
+from hpo._private import GRID_STOPPED, storage_of, trial_id
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.diagnose import FIT_LABELS
@@ -48,6 +49,7 @@ from hpo.outcomes import (
     state_counts,
     was_interrupted,
 )
+from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
 from hpo.redact import redact_url
 from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
@@ -251,7 +253,7 @@ class _Running:
 
     trial: optuna.Trial
     run_id: str | None  # None until its MLflow run is created
-    config: dict[str, Any]
+    config: TrialConfig | None  # None until sampled (or when sampling failed)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -325,7 +327,7 @@ class _Driver:
                 interrupted = True
                 # Ctrl-C may land inside a storage write: drop that half-done transaction,
                 # whose SQLite lock would otherwise block every write that follows.
-                self.study._storage.remove_session()
+                storage_of(self.study).remove_session()
                 self.executor.close(interrupt=True)
                 self._stop_waiting(CLEANUP_RETRY_S)  # whoever presses Ctrl-C wants out
                 self._interrupt_all("interrupted (Ctrl-C)")
@@ -367,7 +369,7 @@ class _Driver:
             if now - stale_checked >= HEARTBEAT_S / 2:
                 # Our own heartbeats first: after an outage they may all be old.
                 for r in list(self.running.values()):
-                    self.study._storage.record_heartbeat(r.trial._trial_id)
+                    storage_of(self.study).record_heartbeat(trial_id(r.trial))
                 fail_stale_trials(self.study)  # trials of dead processes: on_stale
                 self._fail_dead_here()
                 stale_checked = now
@@ -413,11 +415,11 @@ class _Driver:
                 self._open_run(number)
 
     def _beat(self) -> None:
-        storage = self.study._storage
+        storage = storage_of(self.study)
         while not self._beat_stop.wait(HEARTBEAT_S):
             for r in list(self.running.values()):
                 try:
-                    storage.record_heartbeat(r.trial._trial_id)
+                    storage.record_heartbeat(trial_id(r.trial))
                 except Exception:  # noqa: BLE001 - the storage is away; the loop will notice
                     pass
 
@@ -488,12 +490,12 @@ class _Driver:
             with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
                 warnings.simplefilter("ignore", UserWarning)
                 trial = self.study.ask()  # an enqueued retry first, if there is one
-            self.study._storage.record_heartbeat(trial._trial_id)
+            storage_of(self.study).record_heartbeat(trial_id(trial))
             # seed: the torch seed; retraining with it repeats the trial (a retry has the seed
             # of the trial it runs again, queued with it)
             seed = trial.user_attrs.get("seed", self.base_seed * 100_003 + trial.number)
             set_user_attrs(trial, {"driver": self.me, "seed": seed})
-        self.running[trial.number] = running = _Running(trial, None, {})
+        self.running[trial.number] = running = _Running(trial, None, None)
         baseline = trial.user_attrs.get("baseline")
         try:
             if baseline is not None:  # fixed: the sampler is not asked, so params stay empty
@@ -502,9 +504,9 @@ class _Driver:
                 running.config = suggest_params(trial, self.spec.space)
         except Exception as e:  # noqa: BLE001 - a sampler's error fails this trial only
             self._open_run(trial.number)  # its run shows why
-            self._on_done(trial.number, TrialRecord(trial.number, {}, seed, failure=str(e)))
+            self._on_done(trial.number, TrialRecord(trial.number, None, seed, failure=str(e)))
             return None
-        trial.set_user_attr("config", running.config)
+        trial.set_user_attr("config", running.config.as_dict())
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         peers = [t.user_attrs["metrics"]["val_loss"] for t in done if "metrics" in t.user_attrs]
         return TrialJob(
@@ -570,7 +572,7 @@ class _Driver:
         frozen = self._tell(trial, settled.state, settled.value)
         if settled.retry:
             self._retry(self.study, trial, trial.user_attrs.get("kills", 0))
-        params = {k: v for k, v in r.config.items() if k != "width"}  # widths lists them
+        params = _params(r.config)
 
         def rest() -> None:
             if r.run_id is not None:
@@ -593,7 +595,7 @@ class _Driver:
         frozen = self._tell(r.trial, settled.state, None)
         if settled.retry:
             self._retry(self.study, r.trial, kills + 1)
-        params = {k: v for k, v in r.config.items() if k != "width"}
+        params = _params(r.config)
         if r.run_id is not None:
             self.tracker.end_trial(r.run_id, settled.run_state, params, {}, settled.tags)
         if frozen is not None:
@@ -605,12 +607,12 @@ class _Driver:
         except optuna.exceptions.UpdateFinishedTrialError:
             return None  # another process failed it as stale meanwhile; its result is dropped
         except RuntimeError as e:
-            if "Study.stop" not in str(e):
+            if GRID_STOPPED not in str(e):
                 raise
             # The grid sampler calls study.stop() once its grid is walked (the trial is stored
             # by then): ask for no more trials.
             self.exhausted = True
-            return self.study._storage.get_trial(trial._trial_id)
+            return storage_of(self.study).get_trial(trial_id(trial))
 
     @staticmethod
     def _retry(study: optuna.Study, trial: optuna.Trial | FrozenTrial, kills: int) -> None:
@@ -631,18 +633,18 @@ class _Driver:
     def _fail_dead_here(self) -> None:
         """Fail at once the running trials of a dead `hpo run` on this machine (killed, or
         stopped after losing its storage), rather than after the heartbeat's grace period."""
-        storage = self.study._storage
+        storage = storage_of(self.study)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             driver = t.user_attrs.get("driver")
             if not driver or driver == self.me or not _dead_here(driver):
                 continue
             try:
-                storage.set_trial_user_attr(t._trial_id, "lost", f"its hpo run {driver} died")
-                failed = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                storage.set_trial_user_attr(trial_id(t), "lost", f"its hpo run {driver} died")
+                failed = storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another process got there first
             if failed:
-                self.on_stale(self.study, storage.get_trial(t._trial_id))
+                self.on_stale(self.study, storage.get_trial(trial_id(t)))
 
     def close_runs_of_finished_trials(self, study: optuna.Study) -> None:
         """Close the MLflow runs left RUNNING for trials that have finished: their process
@@ -689,7 +691,7 @@ class _Driver:
         # beside the best trial.
         baseline = "baseline" in trial.user_attrs
         if (contender or log_all or baseline) and record.weights is not None:
-            self.tracker.save_checkpoint(run_id, record.weights, record.config)
+            self.tracker.save_checkpoint(run_id, record.weights, record.config.as_dict())
             trial.set_user_attr("checkpoint", True)
             if log_all:
                 model = self._model(record.config, record.weights)
@@ -722,7 +724,10 @@ class _Driver:
 
     # ------------------------------------------------------------ the end
 
-    def _model(self, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    def _model(self, config: Any, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A trial's network holding `weights`; `config`: its `TrialConfig`, or as stored."""
+        if isinstance(config, dict):
+            config = TrialConfig.of(config)
         model = build_model(config, self.data, self.data.train[0].device)
         model.load_state_dict(weights)
         return model
@@ -859,6 +864,13 @@ class _Driver:
         )
 
 
+def _params(config: TrialConfig | None) -> dict[str, Any]:
+    """A trial's configuration as its tracker run's params (`widths` lists the widths)."""
+    if config is None:
+        return {}
+    return {k: v for k, v in config.as_dict().items() if k != "width"}
+
+
 def _process_id(pid: int) -> str:
     """host:pid:start, naming one process for good (a reused pid has another start time)."""
     try:  # field 22 of /proc/PID/stat, counted after the command name in parentheses
@@ -906,7 +918,7 @@ def retrain_best(
     best = best_or_none(study)
     if best is None:
         raise SpecError([f"study {study.study_name!r} has no complete trial to retrain"])
-    config = best.user_attrs["config"]
+    config = TrialConfig.of(best.user_attrs["config"])
     rows = []
     for seed in seeds:
         torch.manual_seed(seed)

@@ -74,10 +74,17 @@ class TrainConfig:
     precision: str = "auto"  # a name in PRECISIONS
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], **kw: Any) -> TrainConfig:
-        """Take the training hyperparameters out of a sampled configuration."""
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in params.items() if k in names}, **kw)
+    def of(cls, config: Any, **settings: Any) -> TrainConfig:
+        """A trial's training settings: the training hyperparameters of its configuration (a
+        `hpo.params.TrialConfig`: the table's rows that are fields here; the others shape
+        the model) and `settings`, the spec's."""
+        return cls(**{name: getattr(config, name) for name in training_params()}, **settings)
+
+
+def training_params() -> tuple[str, ...]:
+    """The hyperparameters the trainer takes (the others are the model's, `build_mlp`'s)."""
+    fields = set(TrainConfig.__dataclass_fields__)
+    return tuple(name for name in PARAMS if name in fields)
 
 
 # Why training stopped. Pruning and interruption come from `on_epoch_end` or `interrupt`.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -20,6 +19,7 @@ from hpo.config import Spec
 from hpo.data import Data
 from hpo.diagnose import chance_loss, diagnose_fit
 from hpo.model import build_mlp, count_parameters
+from hpo.params import TrialConfig
 from hpo.train import Flag, TrainConfig, TrainResult, fit
 
 # What a finished trial is, from its stop reason: complete, pruned, failed or interrupted.
@@ -38,7 +38,7 @@ class TrialJob:
     """What a trial needs besides the data: its number, configuration and seed."""
 
     number: int
-    config: dict[str, Any]
+    config: TrialConfig
     seed: int
     peer_val_losses: list[float] = field(default_factory=list)  # for the fit diagnosis
     # the batch order's seed when not `seed`: a retry of a member of a fused cohort repeats
@@ -77,7 +77,7 @@ class TrialRecord:
     """Everything a trial produced, as plain data."""
 
     number: int
-    config: dict[str, Any]
+    config: TrialConfig | None  # None: the sampler failed before there was one
     seed: int
     n_params: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
@@ -104,23 +104,23 @@ class TrialRecord:
         return v if v is not None and math.isfinite(v) else None
 
 
-def build_model(config: dict[str, Any], data: Data, device: torch.device | str) -> torch.nn.Module:
+def build_model(config: TrialConfig, data: Data, device: torch.device | str) -> torch.nn.Module:
     """The MLP a configuration describes, for this data, on `device`."""
     return build_mlp(
         data.n_features,
         data.n_outputs,
-        config["widths"],
-        config["activation"],
-        config["dropout"],
-        config["batchnorm"],
-        config["init"],
+        config.widths,
+        config.activation,
+        config.dropout,
+        config.batchnorm,
+        config.init,
     ).to(device)
 
 
-def train_config(spec: Spec, data: Data, config: dict[str, Any], seed: int) -> TrainConfig:
+def train_config(spec: Spec, data: Data, config: TrialConfig, seed: int) -> TrainConfig:
     """The training settings of one trial: the spec's, with the configuration's own."""
     es = spec.training.early_stopping
-    return TrainConfig.from_params(
+    return TrainConfig.of(
         config,
         task=data.task,
         max_epochs=spec.training.max_epochs,
@@ -252,7 +252,7 @@ def _recorded(
             chance,
             job.peer_val_losses,
             record.stopped_by,
-            lr=job.config.get("lr"),
+            lr=job.config.lr,
         )
         record.fit, record.fit_evidence = fit_.label, fit_.evidence
     return record

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.config import SpecError, parse_spec
 from hpo.data import load_data
+from hpo.params import TrialConfig
 from hpo.search import enqueue_baselines, make_sampler
 from hpo.tracking import tracker_for
 from hpo.train import TrainConfig, evaluate
@@ -56,10 +57,10 @@ def test_baselines_are_checked_like_the_search_space():
 def test_a_baseline_config_is_the_defaults_the_fixed_values_and_its_own():
     spec = parse_spec(small_spec(baselines=BASELINES))
     mlp = spec.baseline_config("mlp-32-16")
-    assert mlp["widths"] == [32, 16] and mlp["dropout"] == 0.2 and mlp["lr"] == 0.005
-    assert mlp["batch_size"] == 64  # the search space's fixed value
-    assert mlp["optimizer"] == "adam"  # the default
-    assert spec.baseline_config("linear")["widths"] == []
+    assert mlp.widths == (32, 16) and mlp.dropout == 0.2 and mlp.lr == 0.005
+    assert mlp.batch_size == 64  # the search space's fixed value
+    assert mlp.optimizer == "adam"  # the default
+    assert spec.baseline_config("linear").widths == ()
 
 
 def test_baselines_run_first_once_and_are_never_pruned(workdir, mlflow_uri):
@@ -135,7 +136,7 @@ def test_the_summary_compares_the_search_with_the_best_baseline(workdir):
     loaded = parse_spec(yaml.safe_load(spec.read_text()))
     data = load_data(loaded, "cpu")
     weights = tracker_for(loaded).load_checkpoint(base.user_attrs["mlflow_run_id"])
-    model = build_model(base.user_attrs["config"], data, "cpu")
+    model = build_model(TrialConfig.of(base.user_attrs["config"]), data, "cpu")
     model.load_state_dict(weights)
     again = evaluate(model, data.take_test(), TrainConfig())
     assert tested["test_accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
@@ -176,5 +177,5 @@ def test_the_image_examples_start_from_textbook_mlps_and_the_perceptron(example)
         "keras-784-1000-10",
         "perceptron",
     ]
-    assert spec.baseline_config("perceptron")["widths"] == []  # depth 0: a linear model
-    assert spec.baseline_config("keras-784-1000-10")["batch_size"] == 1024
+    assert spec.baseline_config("perceptron").widths == ()  # depth 0: a linear model
+    assert spec.baseline_config("keras-784-1000-10").batch_size == 1024

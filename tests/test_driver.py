@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from hpo.config import parse_spec
 from hpo.executors import Done, Epoch, Lost, Started
+from hpo.params import TrialConfig
 from hpo.report.data import report_data
 from hpo.space import structure
 from hpo.study import run_study
@@ -212,7 +213,7 @@ def test_ties_name_one_best_trial_everywhere_whichever_finishes_first(tmp_path, 
 
 def test_a_better_trial_later_becomes_the_best_and_is_the_one_tested(tmp_path):
     spec = _spec(n_trials=4)
-    value = lambda config: config["lr"]  # noqa: E731 - the largest rate wins
+    value = lambda config: config.lr  # noqa: E731 - the largest rate wins
     result, study, tracker = _run(tmp_path, spec, FakeExecutor(value=value))
     best = max(study.trials, key=lambda t: t.value)
     assert result.best_number == best.number == study.user_attrs["test_trial"]
@@ -273,14 +274,14 @@ def test_fused_trials_go_to_the_executor_as_cohorts_of_one_shape(tmp_path):
     assert executor.submitted == [[0, 1, 2], [3, 4, 5]]
     for numbers in executor.submitted:
         configs = [study.trials[n].user_attrs["config"] for n in numbers]
-        assert len({structure(c) for c in configs}) == 1
+        assert len({structure(TrialConfig.of(c)) for c in configs}) == 1
         assert all(study.trials[n].user_attrs["fused_with"] == numbers for n in numbers)
     assert result.counts["COMPLETE"] == 6
 
 
 def _record(stopped_by="max_epochs", value=0.9, **kw):
     history = [{"train_loss": 0.4, "val_loss": 0.5, "val_accuracy": value}]
-    return TrialRecord(3, {}, 0, history=history, stopped_by=stopped_by, kept_epoch=1, **kw)
+    return TrialRecord(3, None, 0, history=history, stopped_by=stopped_by, kept_epoch=1, **kw)
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,10 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sklearn.datasets import load_digits
 
-from hpo.config import default_config, parse_spec, with_widths
+from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp
+from hpo.params import TrialConfig
 from hpo.registry import LR_SCHEDULES, OPTIMIZERS, Entry
 from hpo.space import structure
 from hpo.train import TrainConfig, train, train_cohort
@@ -246,13 +247,11 @@ def test_members_get_their_own_dropout_masks(digits):
 def test_run_cohort_gives_one_record_per_member(digits):
     spec = parse_spec(small_spec(training={"max_epochs": 3}))
     data = load_data(spec, "cpu")
-    base = with_widths(
-        default_config() | {"n_layers": 1, "width": 32, "batch_size": 64, "optimizer": "sgd"}
-    )
+    base = dict({"n_layers": 1, "width": 32, "batch_size": 64, "optimizer": "sgd"})
     jobs = [
-        TrialJob(0, base | {"lr": 1e-2}, seed=1),
-        TrialJob(1, base | {"lr": 1e12}, seed=2),  # diverges
-        TrialJob(2, base | {"lr": 1e-3}, seed=3),
+        TrialJob(0, TrialConfig.of(base | {"lr": 1e-2}), seed=1),
+        TrialJob(1, TrialConfig.of(base | {"lr": 1e12}), seed=2),  # diverges
+        TrialJob(2, TrialConfig.of(base | {"lr": 1e-3}), seed=3),
     ]
     assert len({structure(j.config) for j in jobs}) == 1
     records = []
@@ -270,7 +269,7 @@ def test_a_failure_to_hand_a_record_back_is_the_callers_not_the_trials(digits):
     failure, so no record is handed back for it."""
     spec = parse_spec(small_spec(training={"max_epochs": 2}))
     data = load_data(spec, "cpu")
-    job = TrialJob(0, with_widths(default_config() | {"n_layers": 1, "width": 8}), seed=0)
+    job = TrialJob(0, TrialConfig.of({"n_layers": 1, "width": 8}), seed=0)
     handed = []
 
     def closed(record):
@@ -297,7 +296,7 @@ def test_a_fused_study_is_trials_like_any_other(workdir, mlflow_uri):
     assert cohorts == {(0, 1, 2, 3), (4, 5, 6, 7)}
     for cohort in cohorts:
         members = [trials[n] for n in cohort]
-        shapes = {structure(t.user_attrs["config"]) for t in members}
+        shapes = {structure(TrialConfig.of(t.user_attrs["config"])) for t in members}
         assert len(shapes) == 1  # one structure per cohort
         assert len({t.params["lr"] for t in members}) == len(cohort)  # its own lr each
         assert len({t.user_attrs["seed"] for t in members}) == len(cohort)
@@ -425,8 +424,8 @@ def test_closing_while_a_cohort_waits_for_its_answers_does_not_hang(digits):
 
     spec = parse_spec(small_spec(training={"max_epochs": 50, "early_stopping": {"patience": 50}}))
     data = load_data(spec, "cpu")
-    base = with_widths(default_config() | {"n_layers": 1, "width": 16, "batch_size": 64})
-    jobs = [TrialJob(n, base | {"lr": 1e-3 * (n + 1)}, seed=n) for n in range(3)]
+    base = {"n_layers": 1, "width": 16, "batch_size": 64}
+    jobs = [TrialJob(n, TrialConfig.of(base | {"lr": 1e-3 * (n + 1)}), seed=n) for n in range(3)]
     executor = ThreadExecutor(spec, "cpu")
     executor.start(data)
     executor.submit(CohortJob(jobs))
@@ -501,7 +500,7 @@ def test_a_follower_of_another_shape_waits_for_a_free_slot(workdir, mlflow_uri):
     assert len(trials) == 9 and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         mates = t.user_attrs.get("fused_with", [t.number])
-        shapes = {structure(trials[n].user_attrs["config"]) for n in mates}
+        shapes = {structure(TrialConfig.of(trials[n].user_attrs["config"])) for n in mates}
         assert len(shapes) == 1
     # the case this test is for happened: a trial asked as a follower trained alone
     assert [t.number for t in trials if "fused_with" not in t.user_attrs] == [2]

@@ -1,6 +1,6 @@
-"""The fence around the private torch APIs hpo calls (`hpo/_private.py`): each is checked
-against the installed torch, so an upgrade that renames or removes one fails here, by name,
-and no private call is made from anywhere else in hpo."""
+"""The fence around the private torch and Optuna APIs hpo calls (`hpo/_private.py`): each is
+checked against the installed versions, so an upgrade that renames or removes one fails here,
+by name, and no private call is made from anywhere else in hpo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ast
 import inspect
 from pathlib import Path
 
+import optuna
 import torch
 
 from hpo import _private
@@ -55,3 +56,62 @@ def test_no_private_torch_call_outside_the_fence():
         for call in _private_torch_calls(path)
     ]
     assert calls == []
+
+
+def test_optunas_private_calls_still_do_what_hpo_relies_on(tmp_path):
+    from optuna.trial import TrialState
+
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = _private.cached_storage(rdb)
+    assert isinstance(storage, optuna.storages.BaseStorage)
+    assert issubclass(optuna.storages.RDBStorage, _private.heartbeat_base())
+    study = optuna.create_study(storage=storage)
+    assert _private.storage_of(study) is storage
+    trial = study.ask()
+    assert _private.trial_id(trial) == study.trials[0]._trial_id
+    assert _private.write_user_attrs(rdb, _private.trial_id(trial), {"a": 1, "b": [2]}), (
+        "Optuna's one-transaction attribute write is gone: see hpo/_private.py"
+    )
+    assert rdb.get_trial(_private.trial_id(trial)).user_attrs == {"a": 1, "b": [2]}
+    assert _private.cached_user_attrs(trial) is not None
+    # samplers read the study's trials through the method TrialsSeenBy filters
+    seen = _private.TrialsSeenBy(study, lambda t: t.number > 0)
+    study.tell(trial, 1.0)
+    study.tell(study.ask(), 2.0)
+    assert [t.number for t in seen.get_trials()] == [1]
+    assert [t.number for t in seen._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] == [
+        1
+    ]
+    import inspect
+
+    assert "_get_trials" in inspect.getsource(optuna.samplers.TPESampler), (
+        "Optuna's samplers no longer read trials through Study._get_trials: see TrialsSeenBy"
+    )
+
+
+def test_the_grid_sampler_still_stops_the_study_with_the_text_hpo_reads():
+    """Telling the trial that walks the last grid point raises (outside `optimize`) the
+    RuntimeError whose text the driver reads to ask for no more trials."""
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [0, 1]}))
+    raised = []
+    for _ in range(2):
+        trial = study.ask()
+        trial.suggest_categorical("x", [0, 1])
+        try:
+            study.tell(trial, 0.0)
+        except RuntimeError as e:
+            raised.append(str(e))
+    assert len(raised) == 1 and _private.GRID_STOPPED in raised[0], raised
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_no_private_optuna_call_outside_the_fence():
+    names = ("._storage", "._trial_id", "._get_trials", "._cached_frozen_trial", "storages._")
+    found = [
+        f"{path.name}: {name}"
+        for path in sorted(HPO.rglob("*.py"))
+        if path.name != "_private.py"
+        for name in names
+        if name in path.read_text()
+    ]
+    assert found == []

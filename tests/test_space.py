@@ -16,7 +16,7 @@ def sample(space: dict, n: int = 20, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         trial = study.ask()
-        out.append(suggest_params(trial, spec.space))
+        out.append(suggest_params(trial, spec.space).as_dict())
         study.tell(trial, 0.0)
     return out
 
@@ -49,7 +49,7 @@ def test_conditional_is_sampled_only_when_its_condition_holds():
     seen = set()
     for _ in range(30):
         trial = study.ask()
-        p = suggest_params(trial, spec.space)
+        p = suggest_params(trial, spec.space).as_dict()
         seen.add(p["optimizer"])
         assert ("momentum" in trial.params) == (p["optimizer"] == "sgd")
         assert (p["momentum"] >= 0.5) == (p["optimizer"] == "sgd")
@@ -114,6 +114,8 @@ def test_grid_points_counts_the_grid_optuna_walks(name, entry, walked):
     sampler = optuna.samplers.GridSampler(grid_space(spec.space), seed=0)
     study = optuna.create_study(sampler=sampler)
     seen = []
-    study.optimize(lambda t: seen.append(suggest_params(t, spec.space)[name]) or 0.0, 100)
+    study.optimize(
+        lambda t: seen.append(suggest_params(t, spec.space).as_dict()[name]) or 0.0, 100
+    )
     assert len(seen) == len(set(map(str, seen))) == walked
     assert grid_points(d) == walked
