@@ -33,11 +33,11 @@ from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.diagnose import FIT_LABELS
 from hpo.executors import Done, Epoch, Executor, Lost, Started
+from hpo.final import Final
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.outcomes import (
     FINISHED,
     BaselineComparison,
-    best_of,
     best_or_none,
     budget_used,
     compare_with_baselines,
@@ -66,7 +66,7 @@ from hpo.storage import (
 )
 from hpo.tracker import Tracker
 from hpo.tracking import STATUS
-from hpo.train import TrainConfig, evaluate, flush_denormals, precision_warning, train
+from hpo.train import evaluate, flush_denormals, precision_warning, train
 from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
@@ -274,16 +274,15 @@ class _Driver:
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
         self.held: list[TrialJob] = []  # reserved, waiting for a free slot
         self.submitted: set[int] = set()  # trials handed to the executor
-        self._test: Any = None  # the test split, once taken
         self.stopping: str | None = None  # "timeout" once --timeout has passed
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
-        self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
         self.durations: list[float] = []
         self.on_trial_end: Callable[[Progress], None] | None = None
         self.on_epoch: Callable[[EpochProgress], None] | None = None
         self.started = time.perf_counter()
         self._beat_stop = threading.Event()
         self.retry = Retry("Optuna storage", url, 0.0)  # run_study sets the window
+        self.final = Final(spec, data, tracker, url, self.lock_key, self.retry)
         self.me = _process_id(os.getpid())
 
     # ------------------------------------------------------------ the loop
@@ -297,6 +296,7 @@ class _Driver:
         on_epoch: Callable[[EpochProgress], None] | None,
     ) -> StudyResult:
         self.study, self.base_seed = study, base_seed
+        self.final.study, self.final.retry = study, self.retry
         self.on_trial_end, self.on_epoch = on_trial_end, on_epoch
         if on_start is not None:
             best = best_or_none(study)
@@ -341,7 +341,7 @@ class _Driver:
                 raise
             self.executor.close()
             status = "KILLED"  # until the test evaluation is through: a second Ctrl-C lands here
-            test, note = self._final_evaluation()
+            test, note = self.final.evaluate()
             status = "KILLED" if interrupted else "FINISHED"
         finally:
             self._beat_stop.set()
@@ -694,11 +694,11 @@ class _Driver:
             self.tracker.save_checkpoint(run_id, record.weights, record.config.as_dict())
             trial.set_user_attr("checkpoint", True)
             if log_all:
-                model = self._model(record.config, record.weights)
+                model = self.final.model(record.config, record.weights)
                 example = self.data.raw_example
-                self.tracker.log_model(self._deployable(model), example, run_id=run_id)
+                self.tracker.log_model(self.final.deployable(model), example, run_id=run_id)
             if is_best:
-                self.best_weights = (trial.number, record.weights)
+                self.final.best_weights = (trial.number, record.weights)
 
     def _progress(self, trial: FrozenTrial, note: str = "") -> None:
         if trial.duration is not None:
@@ -723,101 +723,6 @@ class _Driver:
         )
 
     # ------------------------------------------------------------ the end
-
-    def _model(self, config: Any, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """A trial's network holding `weights`; `config`: its `TrialConfig`, or as stored."""
-        if isinstance(config, dict):
-            config = TrialConfig.of(config)
-        model = build_model(config, self.data, self.data.train[0].device)
-        model.load_state_dict(weights)
-        return model
-
-    def _deployable(self, model: torch.nn.Module) -> Any:
-        """The network with the data's preprocessing built in (see hpo/serving.py)."""
-        from hpo.serving import Predictor  # imports mlflow.pyfunc: only when a model is logged
-
-        return Predictor(model, self.data.prep)
-
-    def _final_evaluation(self) -> tuple[dict[str, float], str]:
-        """The best trial's kept weights on the test split, once per best trial, by the last
-        process out; then the best model logged (again, if an earlier upload was cut short)."""
-        with storage_lock(self.url, self.lock_key, self.retry):
-            attrs = self.study.user_attrs
-            if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                note = "other processes are still training; the last one evaluates the best model"
-                return attrs.get("test_metrics") or {}, note
-            best = best_or_none(self.study)
-            if best is None:
-                return {}, ""
-            cached = self.best_weights is not None and self.best_weights[0] == best.number
-            if not (cached or best.user_attrs.get("checkpoint")):
-                # a tie an older hpo resolved the other way: no test metrics of another trial
-                note = f"the best trial #{best.number} kept no weights: no test evaluation"
-                return {}, note
-            model = None
-            if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
-                test = attrs["test_metrics"]  # this model already had its one look at the test
-            else:
-                model = self._best_model(best)
-                test = self._on_test(model)
-                self.study.set_user_attr("test_metrics", test)
-                self.study.set_user_attr("test_trial", best.number)
-                self.tracker.log_summary(
-                    {**test, f"best_{self.metric}": best.value},
-                    {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
-                )
-            self._test_best_baseline(best, test)
-            wanted = self.spec.tracking.log_model != "none"
-            if wanted and self.study.user_attrs.get("model_trial") != best.number:
-                self.tracker.fail_pending_models()  # an upload a Ctrl-C cut short
-                model = model or self._best_model(best)
-                uri = self.tracker.log_model(self._deployable(model), self.data.raw_example)
-                self.tracker.log_summary({}, {"hpo.model_uri": uri})
-                self.study.set_user_attr("model_uri", uri)
-                self.study.set_user_attr("model_trial", best.number)
-        return test, ""
-
-    def _on_test(self, model: torch.nn.Module) -> dict[str, float]:
-        """A model's test_* metrics, computed as its validation metrics were."""
-        cfg = TrainConfig(
-            task=self.data.task, y_scale=self.data.y_scale, precision=self.spec.training.precision
-        )
-        return {f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()}
-
-    def _test_split(self) -> Any:
-        """The test split, taken once for this process: the best trial's and the best
-        baseline's evaluations share it."""
-        if self._test is None:
-            self._test = self.data.take_test()
-        return self._test
-
-    def _test_best_baseline(self, best: FrozenTrial, test: dict[str, float]) -> None:
-        """The best baseline's kept weights on the test split, once, beside the best trial's:
-        the reference the search is measured against (never used to choose anything)."""
-        attrs = self.study.user_attrs
-        bb = best_of(self.study, baseline=True)
-        if bb is None or attrs.get("baseline_test_trial") == bb.number:
-            return
-        if bb.number == best.number:
-            tested = test
-        elif bb.user_attrs.get("checkpoint"):
-            weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
-            model = self._model(bb.user_attrs["config"], weights)
-            tested = self._on_test(model)
-        else:
-            return  # trained before baselines kept their weights
-        self.study.set_user_attr("baseline_test_metrics", tested)
-        self.study.set_user_attr("baseline_test_trial", bb.number)
-        self.tracker.log_summary(
-            {f"baseline_{k}": v for k, v in tested.items()},
-            {"hpo.baseline_test_trial": bb.number},
-        )
-
-    def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
-        if self.best_weights is not None and self.best_weights[0] == best.number:
-            return self._model(best.user_attrs["config"], self.best_weights[1])
-        weights = self.tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
-        return self._model(best.user_attrs["config"], weights)
 
     def _close_parent(self, status: str) -> None:
         """The parent run ends with the study: left RUNNING while other processes train."""

@@ -1,0 +1,132 @@
+"""The end of a study in one process: the best trial's kept weights on the test split, once
+per best trial and by the last process out, the best baseline's beside it (a reference, never
+used to choose anything), and the deployable model logged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.config import Spec
+from hpo.data import Data
+from hpo.outage import Retry
+from hpo.outcomes import best_of, best_or_none
+from hpo.params import TrialConfig
+from hpo.storage import storage_lock
+from hpo.tracker import Tracker
+from hpo.train import TrainConfig, evaluate
+from hpo.trial import build_model
+
+
+class Final:
+    """The test evaluation and the model for one driver's study. `best_weights`: the weights
+    of the best trial this process trained, kept in memory (the driver sets it), so that the
+    test needs no download of its checkpoint."""
+
+    def __init__(
+        self, spec: Spec, data: Data, tracker: Tracker, url: str, lock_key: str, retry: Retry
+    ):
+        self.spec, self.data, self.tracker = spec, data, tracker
+        self.url, self.lock_key, self.retry = url, lock_key, retry
+        self.metric = spec.study.metric
+        self.study: optuna.Study = None  # type: ignore[assignment]  # set by the driver
+        self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._test: Any = None  # the test split, once taken
+
+    def model(self, config: Any, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A trial's network holding `weights`; `config`: its `TrialConfig`, or as stored."""
+        if isinstance(config, dict):
+            config = TrialConfig.of(config)
+        model = build_model(config, self.data, self.data.train[0].device)
+        model.load_state_dict(weights)
+        return model
+
+    def deployable(self, model: torch.nn.Module) -> Any:
+        """The network with the data's preprocessing built in (see hpo/serving.py)."""
+        from hpo.serving import Predictor  # imports mlflow.pyfunc: only when a model is logged
+
+        return Predictor(model, self.data.prep)
+
+    def evaluate(self) -> tuple[dict[str, float], str]:
+        """The best trial's kept weights on the test split, once per best trial, by the last
+        process out; then the best model logged (again, if an earlier upload was cut short)."""
+        with storage_lock(self.url, self.lock_key, self.retry):
+            attrs = self.study.user_attrs
+            if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                note = "other processes are still training; the last one evaluates the best model"
+                return attrs.get("test_metrics") or {}, note
+            best = best_or_none(self.study)
+            if best is None:
+                return {}, ""
+            cached = self.best_weights is not None and self.best_weights[0] == best.number
+            if not (cached or best.user_attrs.get("checkpoint")):
+                # a tie an older hpo resolved the other way: no test metrics of another trial
+                note = f"the best trial #{best.number} kept no weights: no test evaluation"
+                return {}, note
+            model = None
+            if attrs.get("test_trial") == best.number and attrs.get("test_metrics"):
+                test = attrs["test_metrics"]  # this model already had its one look at the test
+            else:
+                model = self._best_model(best)
+                test = self._on_test(model)
+                self.study.set_user_attr("test_metrics", test)
+                self.study.set_user_attr("test_trial", best.number)
+                self.tracker.log_summary(
+                    {**test, f"best_{self.metric}": best.value},
+                    {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
+                )
+            self._test_best_baseline(best, test)
+            wanted = self.spec.tracking.log_model != "none"
+            if wanted and self.study.user_attrs.get("model_trial") != best.number:
+                self.tracker.fail_pending_models()  # an upload a Ctrl-C cut short
+                model = model or self._best_model(best)
+                uri = self.tracker.log_model(self.deployable(model), self.data.raw_example)
+                self.tracker.log_summary({}, {"hpo.model_uri": uri})
+                self.study.set_user_attr("model_uri", uri)
+                self.study.set_user_attr("model_trial", best.number)
+        return test, ""
+
+    def _on_test(self, model: torch.nn.Module) -> dict[str, float]:
+        """A model's test_* metrics, computed as its validation metrics were."""
+        cfg = TrainConfig(
+            task=self.data.task, y_scale=self.data.y_scale, precision=self.spec.training.precision
+        )
+        return {f"test_{k}": v for k, v in evaluate(model, self._test_split(), cfg).items()}
+
+    def _test_split(self) -> Any:
+        """The test split, taken once for this process: the best trial's and the best
+        baseline's evaluations share it."""
+        if self._test is None:
+            self._test = self.data.take_test()
+        return self._test
+
+    def _test_best_baseline(self, best: FrozenTrial, test: dict[str, float]) -> None:
+        """The best baseline's kept weights on the test split, once, beside the best trial's:
+        the reference the search is measured against (never used to choose anything)."""
+        attrs = self.study.user_attrs
+        bb = best_of(self.study, baseline=True)
+        if bb is None or attrs.get("baseline_test_trial") == bb.number:
+            return
+        if bb.number == best.number:
+            tested = test
+        elif bb.user_attrs.get("checkpoint"):
+            weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
+            model = self.model(bb.user_attrs["config"], weights)
+            tested = self._on_test(model)
+        else:
+            return  # trained before baselines kept their weights
+        self.study.set_user_attr("baseline_test_metrics", tested)
+        self.study.set_user_attr("baseline_test_trial", bb.number)
+        self.tracker.log_summary(
+            {f"baseline_{k}": v for k, v in tested.items()},
+            {"hpo.baseline_test_trial": bb.number},
+        )
+
+    def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
+        if self.best_weights is not None and self.best_weights[0] == best.number:
+            return self.model(best.user_attrs["config"], self.best_weights[1])
+        weights = self.tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
+        return self.model(best.user_attrs["config"], weights)
