@@ -2,7 +2,7 @@
 
 For each net (784-64-64-10 and 784-512-512-10, batch size 512, Adam) and each K, trains K
 members (each its own seed and learning rate) for one epoch, first one after the other with
-`hpo.train.train`, then as one cohort with `hpo.train.train_cohort`, and reports samples per
+`hpo.train.train`, then as one cohort with `hpo.train.fit`, and reports samples per
 second (K x training images / wall time) and the ratio. Each round trains both ways; medians
 of --repeats rounds (3 at least for the small net) after a warm-up.
 
@@ -22,7 +22,7 @@ import torch
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp
-from hpo.train import TrainConfig, train, train_cohort
+from hpo.train import TrainConfig, fit, train
 
 BATCH = 512
 # name -> (hidden widths, fewest rounds). A small net's epoch lasts a quarter of a second, so
@@ -62,7 +62,7 @@ def fused(widths, k, data, device) -> float:
     models = _models(widths, cfgs, device)
     _sync(device)
     t0 = time.perf_counter()
-    train_cohort(models, cfgs, data.train, data.val)
+    fit(models, cfgs, data.train, data.val)
     _sync(device)
     return time.perf_counter() - t0
 

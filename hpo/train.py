@@ -35,7 +35,7 @@ from hpo.steppers import (
     metrics_of,
 )
 
-__all__ = ["EVAL_BATCH", "Tensors", "evaluate", "fit", "train", "train_cohort"]
+__all__ = ["EVAL_BATCH", "Tensors", "evaluate", "fit", "train"]
 
 
 def flush_denormals() -> None:
@@ -428,19 +428,6 @@ def train(
     if on_epoch_end is not None:
         hook = lambda metrics, epoch: {0: on_epoch_end(epoch, metrics[0])}  # noqa: E731
     return fit([model], [cfg], train_data, val_data, hook, None, interrupt)[0]
-
-
-def train_cohort(
-    models: list[nn.Sequential],
-    cfgs: list[TrainConfig],
-    train_data: Tensors,
-    val_data: Tensors,
-    on_epoch_end: EpochHook | None = None,
-    on_done: DoneHook | None = None,
-    interrupt: Flag | None = None,
-) -> list[TrainResult]:
-    """Train networks of one shape together (see `fit`)."""
-    return fit(models, cfgs, train_data, val_data, on_epoch_end, on_done, interrupt)
 
 
 @training_loop

@@ -19,7 +19,7 @@ from hpo import train as train_module
 from hpo.config import SpecError, parse_spec
 from hpo.data import load_data, resolve_device
 from hpo.model import build_mlp
-from hpo.train import StepGraph, TrainConfig, train, train_cohort
+from hpo.train import StepGraph, TrainConfig, fit, train
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
@@ -100,7 +100,7 @@ def test_a_cohort_waits_for_the_gpu_a_few_times_an_epoch():
     for cfg in cfgs:
         torch.manual_seed(cfg.seed)
         models.append(build_mlp(64, 10, [64, 64], dropout=0.1).cuda())
-    results, syncs = _host_syncs(lambda: train_cohort(models, cfgs, train_data, val_data))
+    results, syncs = _host_syncs(lambda: fit(models, cfgs, train_data, val_data))
     assert [len(r.history) for r in results] == [2] * 4
     assert syncs <= 20, f"{syncs} host syncs in 2 epochs of {len(train_data[0]) // BATCH} steps"
 
@@ -130,7 +130,7 @@ def test_a_member_fused_on_the_gpu_follows_its_curve_alone(optimizer):
         return out
 
     alone = [train(m, *data, c).history for m, c in zip(models(), cfgs, strict=True)]
-    fused = [r.history for r in train_cohort(models(), cfgs, *data)]
+    fused = [r.history for r in fit(models(), cfgs, *data)]
     for a, f in zip(alone, fused, strict=True):
         assert len(a) == len(f) == 3
         for ea, ef in zip(a, f, strict=True):
@@ -243,7 +243,7 @@ def test_a_cohort_replayed_as_a_cuda_graph_trains_as_launched_alone(
         for cfg in cfgs:
             torch.manual_seed(cfg.seed)
             models.append(build_mlp(64, 10, [32, 16], "relu", 0.0, True).double().cuda())
-        results = train_cohort(models, cfgs, *data, on_epoch_end=prune_1_after_2)
+        results = fit(models, cfgs, *data, on_epoch_end=prune_1_after_2)
         return [r.history for r in results]
 
     graphed, alone = _both_ways(monkeypatch, replays, run)
@@ -267,7 +267,7 @@ def test_a_cohort_with_dropout_in_a_cuda_graph(monkeypatch, replays):
         for cfg in cfgs:
             torch.manual_seed(cfg.seed)
             models.append(build_mlp(64, 10, [64], "relu", 0.2).cuda())
-        return [r.history for r in train_cohort(models, cfgs, *data)]
+        return [r.history for r in fit(models, cfgs, *data)]
 
     graphed, alone = _both_ways(monkeypatch, replays, run)
     assert replays[0] == 3 * (len(data[0][0]) // BATCH) - 3

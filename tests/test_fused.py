@@ -27,7 +27,7 @@ from hpo.model import build_mlp
 from hpo.params import TrialConfig
 from hpo.registry import LR_SCHEDULES, OPTIMIZERS, Entry
 from hpo.space import structure
-from hpo.train import TrainConfig, train, train_cohort
+from hpo.train import TrainConfig, fit, train
 from hpo.trial import CohortJob, TrialJob, run
 
 # Relative difference allowed between a member's per-epoch losses fused and alone. The stacked
@@ -128,7 +128,7 @@ def test_each_member_follows_its_curve_trained_alone(
     cfgs = _configs(optimizer, schedule, nesterov)
     alone = _alone(cfgs, digits, activation=activation, batchnorm=batchnorm)
     models = _models(cfgs, activation, batchnorm)
-    fused = train_cohort(models, cfgs, *digits)
+    fused = fit(models, cfgs, *digits)
     assert _worst(alone, [r.history for r in fused]) < TOLERANCE
     # and each model ends holding its kept weights, as `train` leaves it
     for model, result in zip(models, fused, strict=True):
@@ -144,7 +144,7 @@ def test_bf16_members_follow_their_bf16_curves_alone(digits32):
     bf16 and fp32 runs of one member are 2.5e-2 apart)."""
     cfgs = [replace(c, precision="bf16") for c in _configs("adam")]
     alone = _alone(cfgs, digits32, dtype=torch.float32)
-    fused = train_cohort(_models(cfgs, dtype=torch.float32), cfgs, *digits32)
+    fused = fit(_models(cfgs, dtype=torch.float32), cfgs, *digits32)
     assert _worst(alone, [r.history for r in fused]) < 5e-2
     fp32 = _alone(_configs("adam"), digits32, dtype=torch.float32)
     assert _worst(fp32, [r.history for r in fused]) > 1e-3  # bf16 products did change them
@@ -157,7 +157,7 @@ def test_bf16_members_with_batch_norm_keep_float32_statistics(digits32):
     cfgs = [replace(c, precision="bf16", max_epochs=3) for c in _configs("adam")]
     alone = _alone(cfgs, digits32, batchnorm=True, dtype=torch.float32)
     models = _models(cfgs, batchnorm=True, dtype=torch.float32)
-    fused = train_cohort(models, cfgs, *digits32)
+    fused = fit(models, cfgs, *digits32)
     assert [r.failure for r in fused] == [None] * 3
     assert _worst(alone, [r.history for r in fused]) < 5e-2
     for model in models:
@@ -174,7 +174,7 @@ def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
     def hook(metrics, epoch):
         return {m: "pruned" if m == 1 and epoch == 2 else None for m in metrics}
 
-    fused = train_cohort(_models(cfgs), cfgs, *digits, hook, lambda m, r: done.append(m))
+    fused = fit(_models(cfgs), cfgs, *digits, hook, lambda m, r: done.append(m))
     assert [r.stopped_by for r in fused] == ["max_epochs", "pruned", "max_epochs"]
     assert [len(r.history) for r in fused] == [6, 2, 6]
     assert done == [1, 0, 2]  # handed back as soon as it stopped
@@ -191,7 +191,7 @@ def test_a_pruned_member_stops_and_the_others_go_on_unchanged(digits):
 def test_early_stopping_is_per_member(digits):
     members = [dict(MEMBERS[0]), dict(MEMBERS[2], lr=0.0)]  # the second never improves
     cfgs = _configs("sgd", epochs=8, patience=2, members=members)
-    fused = train_cohort(_models(cfgs), cfgs, *digits)
+    fused = fit(_models(cfgs), cfgs, *digits)
     assert fused[1].stopped_by == "early_stopping" and len(fused[1].history) == 3
     assert fused[1].best_epoch == 1
     assert fused[0].stopped_by == "max_epochs" and len(fused[0].history) == 8
@@ -201,7 +201,7 @@ def test_a_non_finite_loss_fails_that_member_only(digits):
     members = [MEMBERS[0], dict(MEMBERS[0], lr=1e12), MEMBERS[2]]
     cfgs = _configs("sgd", epochs=4, members=members)
     alone = _alone([cfgs[0], cfgs[2]], digits)
-    fused = train_cohort(_models(cfgs), cfgs, *digits)
+    fused = fit(_models(cfgs), cfgs, *digits)
     assert fused[1].stopped_by == "diverged"
     assert any(f"train_loss became {x}" in (fused[1].failure or "") for x in ("nan", "inf"))
     assert [fused[0].stopped_by, fused[2].stopped_by] == ["max_epochs", "max_epochs"]
@@ -227,7 +227,7 @@ def test_a_new_optimizer_and_schedule_are_one_registry_entry_each(digits, monkey
     )
     cfgs = _configs("adamax", "exponential", epochs=4)
     alone = _alone(cfgs, digits)
-    fused = train_cohort(_models(cfgs), cfgs, *digits)
+    fused = fit(_models(cfgs), cfgs, *digits)
     assert _worst(alone, [r.history for r in fused]) < TOLERANCE
     for cfg, result in zip(cfgs, fused, strict=True):
         assert [e["lr"] for e in result.history] == pytest.approx(
@@ -240,7 +240,7 @@ def test_members_get_their_own_dropout_masks(digits):
     cfgs = _configs("adam", epochs=1, members=[MEMBERS[0], MEMBERS[0]])
     models = [build_mlp(64, 10, (32, 16), "relu", 0.3).double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())  # identical twins but for dropout
-    fused = train_cohort(models, cfgs, *digits)
+    fused = fit(models, cfgs, *digits)
     assert fused[0].history[0]["train_loss"] != fused[1].history[0]["train_loss"]
 
 
@@ -460,7 +460,7 @@ def test_members_with_and_without_dropout_share_a_cohort(digits, batchnorm):
         models.append(build_mlp(64, 10, (32, 16), "relu", rate, batchnorm).double())
     assert set(models[0].state_dict()) != set(models[1].state_dict())
     alone = _alone(cfgs[:1], digits, batchnorm=batchnorm)
-    fused = train_cohort(models, cfgs, *digits)
+    fused = fit(models, cfgs, *digits)
     assert [r.stopped_by for r in fused] == ["max_epochs", "max_epochs"]
     assert _worst(alone, [fused[0].history]) < TOLERANCE  # the one without dropout, as alone
     rebuilt = build_mlp(64, 10, (32, 16), "relu", 0.3, batchnorm)

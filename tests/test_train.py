@@ -316,12 +316,22 @@ def test_training_flushes_denormals_on_worker_threads_started_before_it():
 
 
 def test_a_product_of_denormals_is_zero_only_when_flushed():
+    """Each check in a fresh thread, whose intra-op workers start with its mode."""
+    import threading
+
     from hpo.train import denormals_flushed
 
-    torch.set_flush_denormal(False)
-    try:
-        flushed_off = denormals_flushed()
-    finally:
-        torch.set_flush_denormal(True)
-    assert flushed_off is False
-    assert denormals_flushed() is True
+    def in_thread(flush):
+        out = []
+
+        def run():
+            torch.set_flush_denormal(flush)
+            out.append(denormals_flushed())
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        return out[0]
+
+    assert in_thread(False) is False
+    assert in_thread(True) is True
