@@ -22,7 +22,7 @@ import torch
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp
-from hpo.train import TrainConfig, fit, train
+from hpo.train import TrainConfig, fit, flush_denormals, train
 
 BATCH = 512
 # name -> (hidden widths, fewest rounds). A small net's epoch lasts a quarter of a second, so
@@ -111,6 +111,7 @@ def measure(device: str, ks: list[int], repeats: int = 3) -> list[dict]:
 
 
 def main() -> None:
+    flush_denormals()  # as hpo's processes do, before the first torch operation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=3)

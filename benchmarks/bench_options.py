@@ -25,7 +25,7 @@ import torch
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp
-from hpo.train import TrainConfig, train
+from hpo.train import TrainConfig, flush_denormals, train
 
 WIDTHS, BATCH = [512, 512], 128
 BASE = "relu, adam"
@@ -85,6 +85,7 @@ def measure(device: str, repeats: int = 3, warm_all: bool = True) -> list[dict]:
 
 
 def main() -> None:
+    flush_denormals()  # as hpo's processes do, before the first torch operation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.model import build_mlp, count_parameters
-from hpo.train import TrainConfig, bf16_native, products, train
+from hpo.train import TrainConfig, bf16_native, flush_denormals, products, train
 
 BATCH = 512
 # name -> (hidden widths, dropout). The dropout row is a net from mnist.yaml's search space:
@@ -165,6 +165,7 @@ def measure(
 
 
 def main() -> None:
+    flush_denormals()  # as hpo's processes do, before the first torch operation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")

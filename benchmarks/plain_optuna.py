@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hpo.config import load_spec
 from hpo.data import load_data
+from hpo.train import flush_denormals
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -120,6 +121,7 @@ def run(spec_path: str, timeout: float, target: float, seed: int = 0, device: st
 
 
 def main() -> None:
+    flush_denormals()  # as hpo's processes do, before the first torch operation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="search_spaces/mnist.yaml")
     parser.add_argument("--timeout", type=float, default=600)

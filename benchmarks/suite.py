@@ -45,7 +45,7 @@ import bench_fused  # noqa: E402
 import bench_options  # noqa: E402
 import bench_train  # noqa: E402
 
-from hpo.train import bf16_native, products  # noqa: E402
+from hpo.train import bf16_native, flush_denormals, products  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -448,6 +448,7 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
+    flush_denormals()  # as hpo's processes do, before the first torch operation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

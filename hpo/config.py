@@ -765,8 +765,9 @@ def grid_values(d: Distribution) -> Sequence[Any]:
         points = np.unique(np.round(np.geomspace(low, high, GRID_FLOAT_POINTS)).astype(int))
         return [int(v) for v in points]
     if d.step:
-        # (clamped: the last step may land a rounding error above high)
-        return [min(float(v), high) for v in np.arange(low, high + d.step / 2, d.step)]
+        # numpy's values as they are (the last may be a rounding error above high): Optuna's
+        # grid sampler compares a resumed study's grid with the stored one value for value
+        return [float(v) for v in np.arange(low, high + d.step / 2, d.step)]
     spaced = np.geomspace if d.log else np.linspace
     return [float(v) for v in spaced(low, high, GRID_FLOAT_POINTS)]
 

@@ -103,7 +103,9 @@ _ROWS = [
           "biases): its gradient `l1 * sign(w)` joins the loss's; `train_loss` is reported "
           "without it", min=0.0),
     Param("batch_size", "int", 128, "mini-batch size", min=1, structural=True),
-    Param("lr_schedule", "choice", "none", "how the rate changes from epoch to epoch",
+    Param("lr_schedule", "choice", "none", "how the rate changes from epoch to epoch: "
+          "constant, cosine annealing to 0 over `max_epochs`, or halved after 2 epochs "
+          "without a lower `val_loss`",
           registry=LR_SCHEDULES, structural=True),
     Param("grad_clip", "real", 0.0, "maximum global gradient norm; 0 is off", min=0.0),
 ]  # fmt: skip
@@ -126,8 +128,9 @@ def _of(cls: type, params: Mapping[str, Any]) -> Any:
         raise ValueError(f"not hyperparameters: {', '.join(unknown)}")
     values = {name: params.get(name, p.default) for name, p in PARAMS.items()}
     width = values["width"]
-    if isinstance(width, list | tuple):
-        values["width"] = tuple(int(w) for w in width)
+    values["width"] = (
+        tuple(int(w) for w in width) if isinstance(width, list | tuple) else int(width)
+    )
     widths = params.get("widths")
     if widths is None:
         n = int(values["n_layers"])
@@ -136,6 +139,14 @@ def _of(cls: type, params: Mapping[str, Any]) -> Any:
         if name != "width" and values[name] is not None:
             values[name] = _TYPES[p.kind](values[name])
     return cls(**values, widths=tuple(int(w) for w in widths))
+
+
+def _post_init(self: Any) -> None:
+    """`TrialConfig(...)` without `widths`: one per hidden layer, as `of` gives them."""
+    if not self.widths and self.n_layers:
+        width = self.width
+        widths = width if isinstance(width, tuple) else (width,) * int(self.n_layers)
+        object.__setattr__(self, "widths", tuple(int(w) for w in widths))
 
 
 def _as_dict(self: Any) -> dict[str, Any]:
@@ -155,7 +166,12 @@ TrialConfig = make_dataclass(
     [(name, _TYPES[p.kind], field(default=p.default)) for name, p in PARAMS.items()]
     + [("widths", tuple, field(default=()))],
     frozen=True,
-    namespace={"of": classmethod(_of), "as_dict": _as_dict, "__module__": __name__},
+    namespace={
+        "of": classmethod(_of),
+        "as_dict": _as_dict,
+        "__post_init__": _post_init,
+        "__module__": __name__,
+    },
 )
 
 
@@ -173,7 +189,7 @@ def applies(name: str, config: Mapping[str, Any]) -> bool:
         return True
     if p.hidden and config.get("n_layers") == 0:
         return False
-    return config.get("optimizer") in p.optimizers
+    return not p.optimizer_setting or config.get("optimizer") in p.optimizers
 
 
 def markdown_table() -> str:

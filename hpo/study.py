@@ -823,6 +823,7 @@ def retrain_best(
     best = best_or_none(study)
     if best is None:
         raise SpecError([f"study {study.study_name!r} has no complete trial to retrain"])
+    flush_denormals()  # before this process's first training starts the intra-op threads
     config = TrialConfig.of(best.user_attrs["config"])
     rows = []
     for seed in seeds:

@@ -48,11 +48,11 @@ class Tracker(Protocol):
         run_id: str,
         state: str,
         params: dict[str, Any],
-        metrics: dict[str, float],
-        tags: dict[str, str],
+        final: dict[str, float],
+        tags: dict[str, str] | None = None,
     ) -> None:
-        """A trial's run closed, with its configuration, kept metrics and tags; `state`:
-        COMPLETE, PRUNED, FAIL or KILLED."""
+        """A trial's run closed, with its configuration, its kept epoch's metrics and tags;
+        `state`: COMPLETE, PRUNED, FAIL or KILLED."""
 
     def close_run(self, run_id: str, status: str = "KILLED", state: str = "KILLED") -> None:
         """Close a run another process left open (its trial was failed as stale)."""

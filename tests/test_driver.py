@@ -62,8 +62,8 @@ class RecordingTracker:
     def log_epoch(self, run_id, epoch, metrics):
         self.runs[run_id]["epochs"].append(epoch)
 
-    def end_trial(self, run_id, state, params, metrics, tags):
-        self.runs[run_id].update(state=state, params=params, metrics=metrics)
+    def end_trial(self, run_id, state, params, final, tags=None):
+        self.runs[run_id].update(state=state, params=params, metrics=final)
 
     def close_run(self, run_id, status="KILLED", state="KILLED"):
         self.runs[run_id]["state"] = state

@@ -46,3 +46,10 @@ def test_what_applies_reads_the_table_and_the_optimizers_entries():
     assert applies("momentum", sgd) and applies("nesterov", sgd) and applies("dropout", sgd)
     assert applies("momentum", {"optimizer": "rmsprop"})
     assert not applies("nesterov", {"optimizer": "rmsprop"})
+    # with no optimizer known (a configuration stored as parameters only), the others apply
+    assert applies("lr", {}) and applies("dropout", {"n_layers": 1})
+
+
+def test_a_configuration_built_directly_has_its_widths():
+    assert TrialConfig().widths == (PARAMS["width"].default,) * PARAMS["n_layers"].default
+    assert TrialConfig(n_layers=0).widths == () and TrialConfig.of({"width": 64.0}).width == 64
