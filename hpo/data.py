@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpo.config import Spec, SpecError, column_kind, infer_task
+from hpo.config import Spec, SpecError
 from hpo.redact import first_line
 from hpo.registry import DATASETS
+from hpo.tables import check_files, column_kind, infer_task
 
 
 @dataclass
@@ -640,7 +641,9 @@ def _unseen_categories(train, test) -> list[str]:  # frames of raw features
 
 
 def load_table(spec: Spec) -> RawData:
-    """A CSV or Parquet file with a target column, and its own test file if given."""
+    """A CSV or Parquet file with a target column, and its own test file if given; the files
+    checked first (`hpo.tables.check_files`: every problem, one line each)."""
+    check_files(spec)
     frame = _read_table(spec, "path")
     test = _read_table(spec, "test_path") if spec.dataset.test_path else None
     return _from_frame(

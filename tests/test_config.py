@@ -14,6 +14,16 @@ def problems_of(spec: dict, tmp_path=None) -> list[str]:
     return info.value.problems
 
 
+def file_problems(spec: dict, tmp_path) -> list[str]:
+    """A csv spec parses without reading its files; loading its data checks them."""
+    from hpo.data import load_data
+
+    parsed = parse_spec(spec, source_dir=tmp_path)
+    with pytest.raises(SpecError) as info:
+        load_data(parsed)
+    return info.value.problems
+
+
 def one_problem(spec: dict, tmp_path=None) -> str:
     problems = problems_of(spec, tmp_path)
     assert len(problems) == 1, problems
@@ -141,13 +151,13 @@ def test_metric_that_does_not_fit_the_task():
 
 def test_missing_data_file(tmp_path):
     spec = small_spec(dataset={"name": "csv", "path": "nope.csv", "target": "y"})
-    msg = one_problem(spec, tmp_path)
+    [msg] = file_problems(spec, tmp_path)
     assert msg.startswith("dataset.path: file not found:") and "nope.csv" in msg
 
 
 def test_missing_target_column(tmp_path):
     (tmp_path / "d.csv").write_text("a,b,label\n1,2,x\n3,4,y\n")
-    msg = one_problem(
+    [msg] = file_problems(
         small_spec(dataset={"name": "csv", "path": "d.csv", "target": "lable"}), tmp_path
     )
     assert msg.startswith("dataset.target: no column 'lable' in d.csv; did you mean 'label'?")
@@ -155,7 +165,7 @@ def test_missing_target_column(tmp_path):
 
 def test_constant_target_column(tmp_path):
     (tmp_path / "d.csv").write_text("a,label\n1,x\n3,x\n")
-    msg = one_problem(
+    [msg] = file_problems(
         small_spec(dataset={"name": "csv", "path": "d.csv", "target": "label"}), tmp_path
     )
     assert msg.startswith("dataset.target: column 'label' in d.csv is constant")
@@ -164,7 +174,7 @@ def test_constant_target_column(tmp_path):
 def test_csv_task_inferred_from_target_for_metric_check(tmp_path):
     (tmp_path / "r.csv").write_text("a,y\n" + "".join(f"{i},{i * 0.37}\n" for i in range(40)))
     spec = small_spec(dataset={"name": "csv", "path": "r.csv", "target": "y"}, task="auto")
-    msg = one_problem(spec, tmp_path)
+    [msg] = file_problems(spec, tmp_path)
     assert msg.startswith("study.metric: 'val_accuracy' does not fit a regression task")
 
 
@@ -247,3 +257,12 @@ def test_numbers_in_exponent_form_without_a_dot_are_numbers(tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(path)
     assert e.value.problems == ["search_space.lr: must be a number (got '1e-3')"]
+
+
+def test_a_spec_parses_without_reading_its_data_files(tmp_path):
+    """`hpo report` and `hpo compare` read stored specs whose data may have moved: parsing one
+    reads no file; loading the data says what is wrong."""
+    spec = small_spec(dataset={"name": "csv", "path": "gone.csv", "target": "y"}, task="auto")
+    parsed = parse_spec(spec, source_dir=tmp_path)
+    assert parsed.dataset.path == "gone.csv"
+    assert file_problems(spec, tmp_path)[0].startswith("dataset.path: file not found:")
