@@ -520,13 +520,6 @@ def load_fashion_mnist(spec: Spec) -> RawData:
 # ---------------------------------------------------------------- tables
 
 
-def _read_table(spec: Spec, key: str):  # -> pd.DataFrame
-    import pandas as pd
-
-    path = spec.data_path(key)  # type: ignore[arg-type]
-    return pd.read_csv(path) if spec.dataset.name == "csv" else pd.read_parquet(path)
-
-
 def _from_frame(frame, target: str, task: str, test=None, unseen: str = "error") -> RawData:
     """Features and labels of a table; with a `test` table, everything learned (one-hot
     categories, classes) comes from the training rows only, as `hpo predict` sees new rows."""
@@ -643,9 +636,8 @@ def _unseen_categories(train, test) -> list[str]:  # frames of raw features
 def load_table(spec: Spec) -> RawData:
     """A CSV or Parquet file with a target column, and its own test file if given; the files
     checked first (`hpo.tables.check_files`: every problem, one line each)."""
-    check_files(spec)
-    frame = _read_table(spec, "path")
-    test = _read_table(spec, "test_path") if spec.dataset.test_path else None
+    frames = check_files(spec)  # read once, checked, then used
+    frame, test = frames["path"], frames.get("test_path")
     return _from_frame(
         frame, spec.dataset.target, spec.task, test, spec.dataset.test_unseen_labels
     )

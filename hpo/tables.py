@@ -18,21 +18,23 @@ from hpo.config import MAX_ONE_HOT, Spec, SpecError, metric_problems
 from hpo.registry import DATASETS, did_you_mean
 
 
-def check_files(spec: Spec) -> None:
-    """Raise `SpecError` with every problem of a csv or parquet spec's files (nothing for
-    the other datasets)."""
+def check_files(spec: Spec) -> dict[str, pd.DataFrame]:
+    """A csv or parquet spec's tables as read ("path", and "test_path" when given), or
+    `SpecError` with every problem of its files; nothing for the other datasets."""
     entry = DATASETS.get(spec.dataset.name)
     if entry is None or entry.task is not None or "path" not in entry.requires:
-        return
-    detected, problems = _check_table(spec)
+        return {}
+    detected, frames, problems = _check_table(spec)
     if spec.task == "auto" and detected is not None:
         problems += metric_problems(spec, detected)
     if problems:
         raise SpecError(problems)
+    return frames
 
 
-def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
-    """Check csv/parquet files and the target column; return the task the target implies."""
+def _check_table(spec: Spec) -> tuple[str | None, dict[str, Any], list[str]]:
+    """Check csv/parquet files and the target column: the task the target implies, the
+    tables read, the problems."""
 
     problems: list[str] = []
     ds = spec.dataset
@@ -83,7 +85,7 @@ def _check_table(spec: Spec) -> tuple[str | None, list[str]]:
             detected = infer_task(y)
     if len(frames) == 2:
         problems += _check_test_table(frames["path"], frames["test_path"], spec)
-    return detected, problems
+    return detected, frames, problems
 
 
 def _check_test_table(train: Any, test: Any, spec: Spec) -> list[str]:
