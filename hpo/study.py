@@ -40,9 +40,9 @@ from hpo.outcomes import (
     BaselineComparison,
     best_or_none,
     budget_used,
+    checkpoint_policy,
     compare_with_baselines,
     count_finished,
-    rank,
     retry_attrs,
     settle,
     settle_lost,
@@ -681,16 +681,16 @@ class _Driver:
         """Keep a trial's weights when it beats or ties the best so far: a tie with a lower
         number becomes the best (`pick_best`), so it must have its checkpoint, whichever of the
         two finished first and in whichever process."""
-        best = best_or_none(self.study)
-        d = self.study.direction.name
-        # a contender ranks no lower than the best would with the best's number (ties too)
-        contender = best is None or rank(value, best.number, d) <= rank(best.value, best.number, d)
-        is_best = best is None or rank(value, trial.number, d) < rank(best.value, best.number, d)
         log_all = self.spec.tracking.log_model == "all"
-        # A baseline's weights are kept too: after the search it is measured on the test split
-        # beside the best trial.
-        baseline = "baseline" in trial.user_attrs
-        if (contender or log_all or baseline) and record.weights is not None:
+        keep, is_best = checkpoint_policy(
+            value,
+            trial.number,
+            best_or_none(self.study),
+            self.study.direction.name,
+            log_all=log_all,
+            baseline="baseline" in trial.user_attrs,
+        )
+        if keep and record.weights is not None:
             self.tracker.save_checkpoint(run_id, record.weights, record.config.as_dict())
             trial.set_user_attr("checkpoint", True)
             if log_all:

@@ -320,3 +320,47 @@ def test_a_lost_trial_runs_again_once_and_a_retry_repeats_its_seed():
     assert "a second time" in second.attrs["fail_reason"]
     attrs = retry_attrs(7, {"seed": 11, "batch_seed": 5, "baseline": "mlp", "other": 1}, 1)
     assert attrs == {"retry_of": 7, "kills": 1, "seed": 11, "batch_seed": 5, "baseline": "mlp"}
+
+
+@pytest.mark.parametrize(
+    "value, number, best, keep, is_best",
+    [
+        (0.9, 0, None, True, True),  # the first complete trial
+        (0.95, 5, (0.9, 2), True, True),  # better
+        (0.9, 5, (0.9, 2), True, False),  # ties a best with a lower number: kept, not best
+        (0.9, 1, (0.9, 2), True, True),  # ties a best with a higher number: the best now
+        (0.8, 5, (0.9, 2), False, False),  # worse
+    ],
+)
+def test_the_checkpoint_policy_keeps_every_trial_that_is_or_ties_the_best(
+    value, number, best, keep, is_best
+):
+    from optuna.trial import create_trial
+
+    from hpo.outcomes import checkpoint_policy
+
+    frozen = None
+    if best is not None:
+        frozen = create_trial(value=best[0])
+        frozen.number = best[1]
+    got = checkpoint_policy(value, number, frozen, "MAXIMIZE", log_all=False, baseline=False)
+    assert got == (keep, is_best)
+    # every trial's model logged, or a baseline: kept whatever its value
+    kept, _ = checkpoint_policy(value, number, frozen, "MAXIMIZE", log_all=True, baseline=False)
+    assert kept
+    kept, _ = checkpoint_policy(value, number, frozen, "MAXIMIZE", log_all=False, baseline=True)
+    assert kept
+    # minimizing: the same order, the other way
+    low = checkpoint_policy(-value, number, _negated(frozen), "MINIMIZE", log_all=False,
+                            baseline=False)  # fmt: skip
+    assert low == (keep, is_best)
+
+
+def _negated(frozen):
+    if frozen is None:
+        return None
+    from optuna.trial import create_trial
+
+    out = create_trial(value=-frozen.value)
+    out.number = frozen.number
+    return out
