@@ -198,7 +198,7 @@ def limits(spec: Spec) -> tuple[int | None, int | None]:
 
 
 # On a CPU, cohorts of fused trials are formed for nets up to this many parameters: a wider
-# one is bound by its matrix products and gains nothing stacked (see study._fusing_pays).
+# one is bound by its matrix products and gains nothing stacked (see space.leads_a_cohort).
 FUSE_CPU_MAX_PARAMS = 250_000
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
@@ -13,6 +14,25 @@ from hpo.params import PARAMS, STRUCTURAL, TrialConfig, default_config
 def is_structural(name: str) -> bool:
     """Whether a sampled parameter is one a cohort's members share."""
     return name in STRUCTURAL or name.startswith("width_")
+
+
+def leads_a_cohort(
+    spec: Any, user_attrs: Mapping[str, Any], config: TrialConfig, shape: Any, on_cpu: bool
+) -> bool:
+    """Whether a trial the sampler proposed leads a cohort of up to `study.fused_trials`,
+    followers of its structure queued behind it. Not under the grid sampler (which walks each
+    point once), not a baseline or a retry (they run as they ran first: alone), and on a CPU
+    not a wide net, already bound by its matrix products: stacked it trains no faster
+    (measured on 2 cores, 4 fused vs one after the other: 784-64-64 2.0x, 784-256 1.2x,
+    784-256-256 1.05x, 784-512-512 0.9x)."""
+    from hpo import resources
+
+    if spec.study.fused_trials <= 1 or spec.study.sampler.name == "grid":
+        return False
+    if {"baseline", "retry_of"} & set(user_attrs):
+        return False
+    fits = resources.of_config(config, shape, True).params <= resources.FUSE_CPU_MAX_PARAMS
+    return not on_cpu or fits
 
 
 def structure(config: TrialConfig) -> tuple:

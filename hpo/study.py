@@ -53,7 +53,7 @@ from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
 from hpo.redact import redact_url
 from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
-from hpo.space import is_structural, structure, suggest_params
+from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
 from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,
@@ -441,12 +441,14 @@ class _Driver:
         hyperparameters, the sampler picking the rest. Baselines and retries run alone, and so
         does a follower whose shape differs (a trial another process queued came first)."""
         leader = self._ask()
-        k = self.spec.study.fused_trials
-        if leader is None or k <= 1 or self.spec.study.sampler.name == "grid":
-            return [leader] if leader is not None else []
+        if leader is None:
+            return []
         trial = self.running[leader.number].trial
-        if {"baseline", "retry_of"} & set(trial.user_attrs) or not self._fusing_pays(leader):
+        on_cpu = self.data.train[0].device.type == "cpu"
+        shape = resources.Shape.of(self.data)
+        if not leads_a_cohort(self.spec, trial.user_attrs, leader.config, shape, on_cpu):
             return [leader]
+        k = self.spec.study.fused_trials
         fixed = {n: v for n, v in trial.params.items() if is_structural(n)}
         members, alone = [leader], []
         for _ in range(k - 1):
@@ -464,17 +466,6 @@ class _Driver:
             set_user_attrs(self.running[job.number].trial, attrs)
             self.cohort_of[job.number] = leader.number
         return [CohortJob(members), *alone]
-
-    def _fusing_pays(self, leader: TrialJob) -> bool:
-        """On a CPU a wide net is already bound by its matrix products: stacked, it trains
-        no faster (measured on 2 cores, 4 fused vs one after the other: 784-64-64 2.0x,
-        784-256 1.2x, 784-256-256 1.05x, 784-512-512 0.9x), so such trials train alone."""
-        if self.data.train[0].device.type != "cpu":
-            return True
-        shape = resources.Shape.of(self.data)
-        return (
-            resources.of_config(leader.config, shape, True).params <= resources.FUSE_CPU_MAX_PARAMS
-        )
 
     def _ask(self, fixed: dict[str, Any] | None = None) -> TrialJob | None:
         """Ask for a trial while the budget has room, counting every process's trials; with

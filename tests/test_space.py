@@ -119,3 +119,23 @@ def test_grid_points_counts_the_grid_optuna_walks(name, entry, walked):
     )
     assert len(seen) == len(set(map(str, seen))) == walked
     assert grid_points(d) == walked
+
+
+def test_which_trials_lead_a_cohort():
+    from hpo.params import TrialConfig
+    from hpo.resources import Shape
+    from hpo.space import leads_a_cohort
+
+    spec = parse_spec(small_spec(study={"fused_trials": 4}))
+    alone = parse_spec(small_spec(study={"fused_trials": 1}))
+    grid = parse_spec(small_spec(study={"fused_trials": 4, "sampler": {"name": "grid"}}))
+    shape = Shape(n_features=784, n_outputs=10, n_rows=1200)
+    small = TrialConfig.of({"n_layers": 2, "width": 64})
+    wide = TrialConfig.of({"n_layers": 2, "width": 512})
+    assert leads_a_cohort(spec, {}, small, shape, on_cpu=True)
+    assert not leads_a_cohort(alone, {}, small, shape, on_cpu=True)
+    assert not leads_a_cohort(grid, {}, small, shape, on_cpu=True)  # the grid runs alone
+    assert not leads_a_cohort(spec, {"baseline": "mlp"}, small, shape, on_cpu=True)
+    assert not leads_a_cohort(spec, {"retry_of": 3}, small, shape, on_cpu=True)
+    assert not leads_a_cohort(spec, {}, wide, shape, on_cpu=True)  # a CPU-bound wide net
+    assert leads_a_cohort(spec, {}, wide, shape, on_cpu=False)  # on a GPU it pays
