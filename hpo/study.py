@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import threading
 import time
 import warnings
@@ -36,24 +35,22 @@ from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.final import Final
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.outcomes import (
-    FINISHED,
     BaselineComparison,
     best_or_none,
     budget_used,
     checkpoint_policy,
     compare_with_baselines,
     count_finished,
-    retry_attrs,
     settle,
     settle_lost,
     state_counts,
-    was_interrupted,
 )
 from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
 from hpo.redact import redact_url
 from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
 from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
+from hpo.stale import StaleTrials, process_id, queue_again
 from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,
@@ -65,7 +62,6 @@ from hpo.storage import (
     storage_lock,
 )
 from hpo.tracker import Tracker
-from hpo.tracking import STATUS
 from hpo.train import evaluate, flush_denormals, precision_warning, train
 from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
 
@@ -178,7 +174,7 @@ def run_study(
     tracker.check()
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
-    opened = open_storage(url, heartbeat=True, on_stale=driver.on_stale, retry=driver.retry)
+    opened = open_storage(url, heartbeat=True, on_stale=driver.stale.on_stale, retry=driver.retry)
     stored = refuse_changed_spec(opened, url, name, fingerprints, data.info)
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
@@ -241,7 +237,7 @@ def run_study(
             study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
             study.set_user_attr("tracking_uri", redact_url(tracker.uri))
             tracker.log_text(stored_yaml(spec), "spec.yaml")
-        driver.close_runs_of_finished_trials(study)
+        driver.stale.close_runs_of_finished_trials(study)
         enqueue_baselines(study, spec)
     base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
     return driver.run(study, base_seed, on_start, on_trial_end, on_epoch)
@@ -283,7 +279,8 @@ class _Driver:
         self._beat_stop = threading.Event()
         self.retry = Retry("Optuna storage", url, 0.0)  # run_study sets the window
         self.final = Final(spec, data, tracker, url, self.lock_key, self.retry)
-        self.me = _process_id(os.getpid())
+        self.me = process_id(os.getpid())
+        self.stale = StaleTrials(tracker, self.me)
 
     # ------------------------------------------------------------ the loop
 
@@ -371,7 +368,7 @@ class _Driver:
                 for r in list(self.running.values()):
                     storage_of(self.study).record_heartbeat(trial_id(r.trial))
                 fail_stale_trials(self.study)  # trials of dead processes: on_stale
-                self._fail_dead_here()
+                self.stale.fail_dead_here(self.study)
                 stale_checked = now
             if (self.stopping or self.exhausted) and self.held:
                 for job in self.held:  # reserved, never started: they run again later
@@ -562,7 +559,7 @@ class _Driver:
             self._keep_if_best(trial, settled.value, record, r.run_id)
         frozen = self._tell(trial, settled.state, settled.value)
         if settled.retry:
-            self._retry(self.study, trial, trial.user_attrs.get("kills", 0))
+            queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
         params = _params(r.config)
 
         def rest() -> None:
@@ -585,7 +582,7 @@ class _Driver:
         set_user_attrs(r.trial, settled.attrs)
         frozen = self._tell(r.trial, settled.state, None)
         if settled.retry:
-            self._retry(self.study, r.trial, kills + 1)
+            queue_again(self.study, r.trial, kills + 1)
         params = _params(r.config)
         if r.run_id is not None:
             self.tracker.end_trial(r.run_id, settled.run_state, params, {}, settled.tags)
@@ -604,51 +601,6 @@ class _Driver:
             # by then): ask for no more trials.
             self.exhausted = True
             return storage_of(self.study).get_trial(trial_id(trial))
-
-    @staticmethod
-    def _retry(study: optuna.Study, trial: optuna.Trial | FrozenTrial, kills: int) -> None:
-        """Queue a cut-short trial's configuration to run again (`retry_attrs`)."""
-        study.enqueue_trial(
-            trial.params, user_attrs=retry_attrs(trial.number, trial.user_attrs, kills)
-        )
-
-    def on_stale(self, study: optuna.Study, frozen: FrozenTrial) -> None:
-        """A trial of a dead process, just failed by the heartbeat check in this process."""
-        kills = frozen.user_attrs.get("kills", 0)
-        if kills < 1:
-            self._retry(study, frozen, kills + 1)
-        run_id = frozen.user_attrs.get("mlflow_run_id")
-        if run_id:
-            self.tracker.close_run(run_id, "KILLED", "KILLED" if kills < 1 else "FAIL")
-
-    def _fail_dead_here(self) -> None:
-        """Fail at once the running trials of a dead `hpo run` on this machine (killed, or
-        stopped after losing its storage), rather than after the heartbeat's grace period."""
-        storage = storage_of(self.study)
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            driver = t.user_attrs.get("driver")
-            if not driver or driver == self.me or not _dead_here(driver):
-                continue
-            try:
-                storage.set_trial_user_attr(trial_id(t), "lost", f"its hpo run {driver} died")
-                failed = storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another process got there first
-            if failed:
-                self.on_stale(self.study, storage.get_trial(trial_id(t)))
-
-    def close_runs_of_finished_trials(self, study: optuna.Study) -> None:
-        """Close the MLflow runs left RUNNING for trials that have finished: their process
-        lost the tracking server between telling Optuna and closing the run."""
-        open_runs = self.tracker.running_trial_runs()
-        if not open_runs:
-            return
-        finished = {t.number: t for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        for run_id, number in open_runs.items():
-            t = finished.get(number)
-            if t is not None:
-                state = "KILLED" if was_interrupted(t) else t.state.name
-                self.tracker.close_run(run_id, STATUS[state], state)
 
     def _interrupt_all(self, why: str) -> None:
         for number in list(self.running):
@@ -765,29 +717,6 @@ def _params(config: TrialConfig | None) -> dict[str, Any]:
     if config is None:
         return {}
     return {k: v for k, v in config.as_dict().items() if k != "width"}
-
-
-def _process_id(pid: int) -> str:
-    """host:pid:start, naming one process for good (a reused pid has another start time)."""
-    try:  # field 22 of /proc/PID/stat, counted after the command name in parentheses
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        start = "?"
-    return f"{socket.gethostname()}:{pid}:{start}"
-
-
-def _dead_here(driver: str) -> bool:
-    """Whether the process a `_process_id` names ran on this machine and is gone."""
-    host, pid, start = driver.rsplit(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, another user's
-    return start != "?" and _process_id(int(pid)) != driver
 
 
 def spec_of(study: optuna.Study) -> Spec:

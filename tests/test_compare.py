@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, chromium, rendered_dom, small_spec, study_run
 
 from hpo.config import parse_spec
+from hpo.outcomes import was_interrupted
 from hpo.report.compare import (
     SeedStats,
     best_so_far_figure,
@@ -20,7 +21,7 @@ from hpo.report.compare import (
     verdict,
     write_compare,
 )
-from hpo.study import retrain_best, was_interrupted
+from hpo.study import retrain_best
 
 
 def test_seed_stats_mean_and_t_interval():
