@@ -131,18 +131,16 @@ def _of(cls: type, params: Mapping[str, Any]) -> Any:
     values["width"] = (
         tuple(int(w) for w in width) if isinstance(width, list | tuple) else int(width)
     )
-    widths = params.get("widths")
-    if widths is None:
-        n = int(values["n_layers"])
-        widths = values["width"] if isinstance(values["width"], tuple) else (values["width"],) * n
     for name, p in PARAMS.items():
         if name != "width" and values[name] is not None:
             values[name] = _TYPES[p.kind](values[name])
-    return cls(**values, widths=tuple(int(w) for w in widths))
+    widths = params.get("widths")  # stored with the configuration; else derived (`_post_init`)
+    given = {} if widths is None else {"widths": tuple(int(w) for w in widths)}
+    return cls(**values, **given)
 
 
 def _post_init(self: Any) -> None:
-    """`TrialConfig(...)` without `widths`: one per hidden layer, as `of` gives them."""
+    """`widths` when not given: one per hidden layer, from `width` (one for all, or a list)."""
     if not self.widths and self.n_layers:
         width = self.width
         widths = width if isinstance(width, tuple) else (width,) * int(self.n_layers)

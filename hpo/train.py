@@ -285,14 +285,6 @@ def cuda_graphs(device: torch.device) -> bool:
 _capture_failed = False
 
 
-def graphable(opt: torch.optim.Optimizer) -> bool:
-    """Whether a CUDA graph can replay `opt`'s step: its state lives on the device (SGD keeps
-    no step count; the others must be capturable)."""
-    return isinstance(opt, torch.optim.SGD) or all(
-        g.get("capturable", False) for g in opt.param_groups
-    )
-
-
 class StepGraph:
     """A training step replayed as one CUDA graph for every full batch of an epoch.
 
@@ -308,7 +300,8 @@ class StepGraph:
     member dropped) captures again, into the same memory pool. A capture that fails leaves
     this loop, and every later one in the process, running as usual, with a warning.
     `generators`: those the step draws from besides the device's default. `enabled`: whether
-    the step can be captured at all (see `graphable`).
+    the step can be captured at all (every optimizer keeps its state on the device:
+    `hpo.optim.can_capture`).
     """
 
     WARM_STEPS = 3
@@ -466,8 +459,7 @@ def fit(
     else:
         stepper = StackStepper(models, cfgs, train_data, cast, capturable, shuffle_seed)
     graph = StepGraph(
-        stepper.step, batch, device, stepper.generators,
-        enabled=all(graphable(u.opt) for u in stepper.updates),
+        stepper.step, batch, device, stepper.generators, enabled=capturable,
     )  # fmt: skip
     members = list(range(len(models)))  # the member at each row of the stepper
     results = [TrainResult() for _ in models]
