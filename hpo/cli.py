@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
+from hpo.distributions import Distribution
 from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
 from hpo.params import STRUCTURAL, applies
 from hpo.redact import MASK, first_line, recorded_uri, redact, redact_url, url_problem
@@ -149,7 +150,7 @@ def validate(spec: SpecArg) -> None:
         checked, warnings = check_data(loaded)
     except SpecError as e:
         _fail_spec(e, spec)
-    n = len([v for v in loaded.search_space.values() if isinstance(v, dict)])
+    n = len([v for v in loaded.space.values() if isinstance(v, Distribution)])
     typer.echo(
         f"{spec}: ok - study {loaded.name!r} on {loaded.dataset.name}, {n} searched "
         f"hyperparameter{'s' * (n != 1)}, {loaded.study.n_trials} trials, "
@@ -288,26 +289,16 @@ def run(
         ("training", "max_epochs", max_epochs),
         ("dataset", "max_samples", max_samples),
     )
-    if any(value is not None for _, _, value in overrides):
-        from hpo.config import parse_spec
-
-        raw = loaded.model_dump()
-        for section, key, value in overrides:
-            if value is not None:
-                raw[section][key] = value
+    values = {f"{section}.{key}": value for section, key, value in overrides if value is not None}
+    if values:
         try:
-            new = parse_spec(raw, source_dir=loaded.source_dir, raw_text=loaded.raw_text)
+            loaded = loaded.with_values(values)
         except SpecError as e:  # told by the option that set the value
             problems = e.problems
-            for section, key, value in overrides:
-                if value is not None:
-                    at, flag = f"{section}.{key}:", f"--{key.replace('_', '-')}:"
-                    problems = [flag + p[len(at) :] if p.startswith(at) else p for p in problems]
+            for path in values:
+                at, flag = f"{path}:", f"--{path.split('.')[1].replace('_', '-')}:"
+                problems = [flag + p[len(at) :] if p.startswith(at) else p for p in problems]
             _fail_spec(SpecError(problems), None)
-        # The spec logged with the study is the file as written, unless what trains changed.
-        if new.fingerprint() != loaded.fingerprint():
-            new = new.model_copy(update={"raw_text": ""})
-        loaded = new
     for key, given, cli in (
         ("study.storage", loaded.study.storage, storage),
         ("tracking.uri", loaded.tracking.uri, tracking_uri),
@@ -360,8 +351,8 @@ def run(
         for note in d.get("notes") or []:
             display.print(f"  note: {note}")
         for entry in loaded.baselines:
-            asked = loaded.baseline_config(entry["name"]).batch_size
-            capped = loaded.baseline_config(entry["name"], d["n_train"]).batch_size
+            asked = loaded.baseline_config(entry.name).batch_size
+            capped = loaded.baseline_config(entry.name, d["n_train"]).batch_size
             if capped != asked:
                 display.print(
                     f"  note: baseline {entry['name']!r} trains at batch size {capped}, "

@@ -1,41 +1,60 @@
 """The experiment spec: YAML loaded with safe_load, validated into typed models.
 
 Every problem is collected with its YAML path before anything runs; `SpecError` carries them all.
+Fields and their bounds are the models' (search_space and baselines in `hpo.distributions`,
+built from the hyperparameter table); the rules that read two settings at once are here.
+Parsing reads no file: data files are checked when the data is loaded (`hpo.tables`).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
-import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from hpo.params import PARAMS, Param, TrialConfig, default_config
-from hpo.redact import url_problem
-from hpo.registry import (
-    DATASETS,
-    PRECISIONS,
-    PRUNERS,
-    SAMPLERS,
-    did_you_mean,
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
+
+from hpo.distributions import (
+    MAX_NAME,
+    TAGS,
+    Baseline,
+    Categorical,
+    Distribution,
+    FloatRange,
+    IntRange,
+    SearchSpace,
+    grid_points,
+    name_problem,
+    problem,
+    registry_name,
+    show,
+    value_type,
+)
+from hpo.params import PARAMS, TrialConfig, default_config
+from hpo.redact import url_problem
+from hpo.registry import DATASETS, PRECISIONS, PRUNERS, SAMPLERS, did_you_mean
 
 MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; this is far beyond any real one
 MAX_SPEC_VALUES = 100_000  # values in the loaded document, aliases expanded
 MAX_GRID_POINTS = 100_000  # configurations a grid may have (Optuna builds the grid in memory)
-MAX_NAME = 100  # characters in a study name
 MAX_ONE_HOT = 1_000  # features a table's text columns may one-hot encode into
-GRID_FLOAT_POINTS = 4  # points per float range the grid sampler gets when no step is given
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 CLASSIFICATION_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 REGRESSION_METRICS = ("train_loss", "val_loss", "train_rmse", "val_rmse")
@@ -60,14 +79,14 @@ class _Strict(BaseModel):
 
 
 class SplitSpec(_Strict):
-    val: float = 0.1
-    test: float = 0.1
+    val: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    test: Annotated[float, Field(gt=0, lt=1)] = 0.1
     stratify: bool = True
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
 
 
 class DatasetSpec(_Strict):
-    name: str  # a name in registry.DATASETS
+    name: registry_name(DATASETS)  # type: ignore[valid-type]
     path: str | None = None
     test_path: str | None = None
     target: str | None = None
@@ -77,46 +96,47 @@ class DatasetSpec(_Strict):
     # Test-file rows whose label the training file lacks: an error, or dropped and counted.
     test_unseen_labels: Literal["error", "drop"] = "error"
     # Keep at most this many samples of the training pool (stratified); null keeps all.
-    max_samples: int | None = None
+    max_samples: Annotated[int, Field(ge=10)] | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
     scale: Literal["standard", "minmax", "none"] = "standard"
 
 
-class Distribution(_Strict):
-    type: Literal["int", "float", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
-    when: dict[str, Any] | None = None
-    per_layer: bool = False
-
-
 class EarlyStoppingSpec(_Strict):
     monitor: str = "val_loss"
-    patience: int = 5  # epochs without improvement before stopping
-    min_delta: float = 0.0
+    patience: Annotated[int, Field(ge=1)] = 5  # epochs without improvement before stopping
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
     restore_best: bool = True
 
 
+def _device(value: str) -> str:
+    if not re.fullmatch(_DEVICE, value):
+        raise problem(f"must be auto, cpu, cuda, cuda:N or mps (got {value!r})")
+    return value
+
+
+_DEVICE = r"auto|cpu|cuda(:\d+)?|mps"
+
+
 class TrainingSpec(_Strict):
-    max_epochs: int = 30
+    max_epochs: Annotated[int, Field(ge=1)] = 30
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | tf32 | bf16: how matrix products are computed
+    device: Annotated[
+        str, AfterValidator(_device), Field(json_schema_extra={"pattern": f"^({_DEVICE})$"})
+    ] = "auto"
+    # how matrix products are computed
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
     # Opt-ins to search a space whose largest models do not fit: configurations past either
     # limit fail as trials, with the reason, instead of the spec being refused (see resources).
-    max_params: int | None = None
-    memory_limit: int | float | str | None = None  # bytes, or "8GB", "512MiB"
+    max_params: Annotated[int, Field(ge=1)] | None = None
+    memory_limit: Annotated[ByteSize, Field(gt=0)] | None = None  # bytes, or "8GB", "512MiB"
     # A worker process silent for 10x its trial's median epoch, and at least this many
     # seconds, has stalled: killed, replaced, its trial run again once. null: never.
-    stall_timeout: float | None = 300.0
+    stall_timeout: Annotated[float, Field(gt=0)] | None = 300.0
 
 
 class SamplerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")  # the sampler's own options pass through
-    name: str = "tpe"  # a name in registry.SAMPLERS
+    name: registry_name(SAMPLERS) = "tpe"  # type: ignore[valid-type]
     seed: int | None = 0
 
     @property
@@ -126,7 +146,7 @@ class SamplerSpec(BaseModel):
 
 class PrunerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = "median"  # a name in registry.PRUNERS
+    name: registry_name(PRUNERS) = "median"  # type: ignore[valid-type]
 
     @property
     def options(self) -> dict[str, Any]:
@@ -134,14 +154,14 @@ class PrunerSpec(BaseModel):
 
 
 class StudySpec(_Strict):
-    n_trials: int = 40
-    timeout: float | None = None
+    n_trials: Annotated[int, Field(ge=1)] = 40
+    timeout: Annotated[float, Field(gt=0)] | None = None  # seconds
     metric: str = "val_accuracy"
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec(n_warmup_steps=3))
     storage: str | None = None
     # Trials trained together as one stacked model on one device (see hpo/steppers.py).
-    fused_trials: int = 1
+    fused_trials: Annotated[int, Field(ge=1)] = 1
 
 
 class TrackingSpec(_Strict):
@@ -150,24 +170,53 @@ class TrackingSpec(_Strict):
     log_model: Literal["best", "all", "none"] = "best"
 
 
+YAML_KEYS = (
+    "name",
+    "dataset",
+    "task",
+    "search_space",
+    "training",
+    "study",
+    "tracking",
+    "baselines",
+)
+
+
 class Spec(_Strict):
     name: str
     dataset: DatasetSpec
     task: Literal["auto", "classification", "regression"] = "auto"
-    search_space: dict[str, Any]
+    search_space: SearchSpace  # type: ignore[valid-type]
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     study: StudySpec = Field(default_factory=StudySpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     # Named fixed configurations run once per study before the search (see `baseline_config`).
-    baselines: list[Any] = Field(default_factory=list)
+    baselines: list[Baseline] = Field(default_factory=list)  # type: ignore[valid-type]
     # Not YAML keys: where the spec came from, so relative data paths resolve against it.
     source_dir: str = Field(default=".", exclude=True)
     raw_text: str = Field(default="", exclude=True)
 
+    _document: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_document(cls, data: Any, handler: Any) -> Any:
+        spec = handler(data)
+        if isinstance(data, dict):
+            spec._document = copy.deepcopy({k: v for k, v in data.items() if k in YAML_KEYS})
+        return spec
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, v: str) -> str:
+        if (why := name_problem(v, "")) is not None:
+            raise problem(why.removeprefix(": "))
+        return v
+
     @property
     def space(self) -> dict[str, Any]:
-        """search_space with every entry parsed: a fixed value or a `Distribution`."""
-        return {k: _parse_entry(v) for k, v in self.search_space.items()}
+        """search_space's entries as written: a fixed value or a `Distribution` each."""
+        return self.search_space.as_dict()
 
     def data_path(self, key: Literal["path", "test_path"]) -> Path | None:
         """A dataset file path, resolved against the spec's folder."""
@@ -181,25 +230,44 @@ class Spec(_Strict):
         """A baseline's full configuration: the defaults, the search space's fixed values, then
         the baseline's own; `width` may list one width per layer. With `n_train`, its batch
         size is at most the training rows (the default 128 on 113 rows said 128 and was 113)."""
-        [entry] = [b for b in self.baselines if b.get("name") == name]
+        [entry] = [b for b in self.baselines if b.name == name]
         config = default_config()
         config.update({k: v for k, v in self.space.items() if not isinstance(v, Distribution)})
-        config.update({k: v for k, v in entry.items() if k != "name"})
+        config.update(entry.values())
         if n_train is not None and int(config["batch_size"]) > n_train:
             config["batch_size"] = n_train
         return TrialConfig.of(config)
 
     def to_yaml(self) -> str:
-        """The spec as written, or its validated form when it did not come from a file."""
+        """The spec as written: its file, or the document it was parsed from."""
         if self.raw_text:
             return self.raw_text
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self._document, sort_keys=False)
+
+    def with_values(self, values: dict[str, Any]) -> Spec:
+        """This spec with some keys set (dotted YAML paths: `study.n_trials`), validated as a
+        file is. It keeps its file's text, as the study logs it, unless what trains changed."""
+        document = copy.deepcopy(self._document)
+        for path, value in values.items():
+            *parents, key = path.split(".")
+            node = document
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[key] = value
+        new = parse_spec(document, source_dir=self.source_dir, raw_text=self.raw_text)
+        if new.fingerprint() != self.fingerprint():
+            new.raw_text = ""
+        return new
 
     def fingerprint(self, search_space: dict[str, Any] | None = None) -> str:
         """Hash of what makes trials comparable: data, task, search space and training."""
-        keep = self.model_dump(include={"dataset", "task", "search_space", "training"})
+        keep = self.model_dump(include={"dataset", "task", "training"})
+        # as written (typed, `1` would hash as `1.0` and "8GB" as 8000000000)
+        keep["search_space"] = self._document.get("search_space", {})
         if search_space is not None:
             keep["search_space"] = search_space
+        if self.training.memory_limit is not None:
+            keep["training"]["memory_limit"] = self._document["training"]["memory_limit"]
         keep["training"].pop("device", None)
         # neither changes what a trial trains on or how: studies from before them resume
         keep["training"].pop("stall_timeout", None)
@@ -229,10 +297,6 @@ def read_yaml(text: str) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
-
-
-def _parse_entry(value: Any) -> Any:
-    return Distribution(**value) if isinstance(value, dict) else value
 
 
 # ---------------------------------------------------------------- loading
@@ -332,87 +396,64 @@ def _count_values(value: Any, limit: int) -> int:
 def parse_spec(raw: Any, source_dir: str | Path = ".", raw_text: str = "") -> Spec:
     """Validate an already-parsed YAML document into a `Spec`."""
     if not isinstance(raw, dict):
-        raise SpecError([f"(top level): must be a mapping of keys (got {_show(raw)})"])
+        raise SpecError([f"(top level): must be a mapping of keys (got {show(raw)})"])
     problems: list[str] = []
-    spec = None
+    spec = partial = None
     try:
-        spec = Spec(**raw, source_dir=str(source_dir), raw_text=raw_text)
+        spec = partial = Spec(**raw, source_dir=str(source_dir), raw_text=raw_text)
     except ValidationError as e:
         problems += [_format_pydantic(err) for err in e.errors()]
-        # Drop the offending keys and try again, so the cross-field rules still get to report
-        # their problems in the same pass.
+        # Drop the offending values and try again, so the cross-field rules still get to
+        # report their problems in the same pass.
         pruned = _without(raw, [tuple(err["loc"]) for err in e.errors()])
         try:
             partial = Spec(**pruned, source_dir=str(source_dir), raw_text=raw_text)
         except (ValidationError, TypeError):
             partial = None
-        if partial is not None:
-            problems += _check_semantics(partial)
     except TypeError as e:  # non-string keys at the top level
         problems.append(f"(top level): {e}")
-    space = raw.get("search_space")
-    if isinstance(space, dict):
-        problems += _check_search_space(space)
-    if isinstance(raw.get("baselines"), list):
-        problems += _check_baselines(raw["baselines"], raw.get("search_space"))
-    if spec is not None:
-        problems += _check_semantics(spec)
+    if partial is not None:
+        space = raw.get("search_space")
+        written = list(space) if isinstance(space, dict) else []
+        named = spec is not None or partial.dataset.name == raw["dataset"].get("name")
+        problems += _check_semantics(partial, written, dataset_named=named)
     if problems:
         raise SpecError(problems)
     assert spec is not None
     return spec
 
 
-def _check_baselines(baselines: list[Any], space: Any) -> list[str]:
-    """Each baseline: a unique name and known hyperparameters with allowed fixed values."""
-    problems: list[str] = []
-    seen: set[str] = set()
-    fixed = (
-        {k: v for k, v in space.items() if not isinstance(v, dict)}
-        if isinstance(space, dict)
-        else {}
-    )
-    for i, entry in enumerate(baselines):
-        path = f"baselines[{i}]"
-        if not isinstance(entry, dict):
-            problems.append(f"{path}: must be a mapping with a name and hyperparameters")
-            continue
-        name = entry.get("name")
-        if not isinstance(name, str):
-            problems.append(f"{path}.name: required, a name for the baseline")
-        else:
-            problem = name_problem(name, f"{path}.name")
-            if problem:
-                problems.append(problem)
-            if name in seen:
-                problems.append(f"{path}.name: {name!r} is used by an earlier baseline")
-            seen.add(name)
-        for key, value in entry.items():
-            where = f"{path}.{key}"
-            if key == "name":
-                continue
-            if key not in PARAMS:
-                hint = did_you_mean(key, list(PARAMS))
-                problems.append(f"{where}: unknown hyperparameter; {hint}")
-            elif key == "width" and isinstance(value, list):
-                for j, w in enumerate(value):
-                    problems += _check_value(f"{where}[{j}]", "width", w)
-                n = entry.get("n_layers", fixed.get("n_layers", PARAMS["n_layers"].default))
-                if isinstance(n, int) and len(value) != n:
-                    problems.append(
-                        f"{where}: {len(value)} widths for n_layers {n}; give one per layer"
-                    )
-            elif isinstance(value, dict):
-                problems.append(f"{where}: a baseline takes fixed values (got a distribution)")
-            else:
-                problems += _check_value(where, key, value)
-    return problems
+_STAND_INS: dict[tuple[str, ...], Any] = {
+    ("name",): "unchecked",
+    ("search_space",): {},
+    ("dataset", "name"): "digits",  # the dataset's own rules are then not checked
+}
 
 
 def _without(raw: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any]:
-    """A copy of `raw` with the value at each location removed."""
+    """A copy of `raw` with the value at each location removed (a search-space entry whole,
+    the baselines all)."""
     out = copy.deepcopy(raw)
     for loc in locs:
+        if loc in _STAND_INS:  # required: a valid value stands in (its problem is reported)
+            node = out.get(loc[0]) if len(loc) == 2 else out
+            if isinstance(node, dict):
+                node[loc[-1]] = _STAND_INS[loc]
+            continue
+        if loc[:1] == ("search_space",):
+            loc = loc[:2]
+        elif loc[:1] == ("baselines",) and len(loc) >= 2 and isinstance(loc[1], int):
+            i, entry = loc[1], out["baselines"][loc[1]]
+            if len(loc) == 2 or loc[2] == "name" or not isinstance(entry, dict):
+                # a name that stands in for the baseline's (its problem is reported already)
+                entry = out["baselines"][i] = (
+                    dict(entry, name=f"unchecked-{i}")
+                    if isinstance(entry, dict)
+                    else {"name": f"unchecked-{i}"}
+                )
+            else:
+                entry.pop(loc[2], None)
+            continue
         node: Any = out
         for part in loc[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
@@ -424,14 +465,12 @@ def _without(raw: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any]
 # ---------------------------------------------------------------- messages
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return str(value)
+def _plain(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location as the YAML path: without the union tags pydantic adds inside
+    search-space entries and baselines."""
+    if loc[:1] not in (("search_space",), ("baselines",)):
+        return loc
+    return loc[:2] + tuple(p for p in loc[2:] if p not in TAGS)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -451,155 +490,81 @@ _MODELS: dict[str, type[BaseModel]] = {
     "tracking": TrackingSpec,
 }
 _HIDDEN_FIELDS = {"source_dir", "raw_text"}
+_KINDS: dict[str, type[Distribution]] = {
+    "int": IntRange,
+    "float": FloatRange,
+    "categorical": Categorical,
+}
+# what each kind of pydantic error says, in the spec's words ("got" follows)
+_SAYS = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be finite",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "byte_size": "must be a size such as 8GB, 512MiB or a number of bytes",
+    "byte_size_unit": "must be a size such as 8GB, 512MiB or a number of bytes",
+}
 
 
-def _format_pydantic(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    kind = err["type"]
-    got = err.get("input")
+def _format_pydantic(err: Any) -> str:
+    """One pydantic error as the spec's one line: where, what is allowed, what was given."""
+    raw_loc = tuple(err["loc"])
+    loc = _plain(raw_loc)
+    kind, got, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     where = _dotted(loc) or "(top level)"
+    if kind == "spec":
+        return f"{where}: {err['msg']}"
     if kind == "extra_forbidden":
-        parent = _dotted(loc[:-1])
-        model = _MODELS.get(parent)
-        known = [f for f in model.model_fields if f not in _HIDDEN_FIELDS] if model else []
-        return f"{where}: unknown key; {did_you_mean(str(loc[-1]), known)}"
+        return f"{where}: {_unknown(raw_loc, loc)}"
     if kind == "missing":
         return f"{where}: is required"
+    if kind == "too_short":
+        return f"{where}: must not be empty"
+    if kind == "union_tag_not_found":
+        return f"{where}.type: is required: int, float or categorical"
+    if kind == "union_tag_invalid":
+        tags = " or ".join(re.findall(r"'([^']*)'", ctx.get("expected_tags", "")))
+        return f"{where}.type: {loc[-1]} takes type: {tags}, or a fixed value (got {got['type']})"
     if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        allowed = ", ".join(re.findall(r"'([^']*)'", expected)) or expected
-        close = difflib.get_close_matches(str(got), allowed.split(", "), n=1, cutoff=0.5)
+        allowed = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        close = difflib.get_close_matches(str(got), allowed, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{where}: must be one of {allowed} (got {_show(got)}){hint}"
-    msg = err["msg"]
-    msg = msg[0].lower() + msg[1:] if msg else msg
-    msg = msg.replace("input should be", "must be")
-    return f"{where}: {msg} (got {_show(got)})"
-
-
-# ---------------------------------------------------------------- search space
-
-_DIST_KEYS = list(Distribution.model_fields)
-
-
-def _check_value(path: str, name: str, value: Any) -> list[str]:
-    """A fixed value, or a choice, against the hyperparameter's kind and bounds."""
-    rule = PARAMS[name]
-    kind = rule.kind
-    if kind == "bool":
-        ok = isinstance(value, bool)
-        return [] if ok else [f"{path}: must be true or false (got {_show(value)})"]
-    if kind == "choice":
-        assert rule.registry is not None
-        problem = rule.registry.problem(path, value)
-        return [problem] if problem else []
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        what = "an integer" if kind == "int" else "a number"
-        return [f"{path}: must be {what} (got {_show(value)})"]
-    if kind == "int" and not float(value).is_integer():
-        return [f"{path}: must be an integer (got {value})"]
-    return _check_bounds(path, rule, value)
-
-
-def _check_bounds(path: str, rule: Param, value: float) -> list[str]:
-    problem = rule.bound_problem(value)
-    return [f"{path}: {problem} (got {value})"] if problem else []
-
-
-def _check_search_space(space: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    known = list(PARAMS)
-    for name, entry in space.items():
-        path = f"search_space.{name}"
-        if name not in PARAMS:
-            problems.append(f"{path}: unknown hyperparameter; {did_you_mean(str(name), known)}")
-            continue
-        if not isinstance(entry, dict):
-            problems += _check_value(path, name, entry)
-            continue
-        try:
-            dist = Distribution(**entry)
-        except ValidationError as e:
-            for err in e.errors():
-                err = dict(err, loc=("search_space", name, *err["loc"]))
-                if err["type"] == "extra_forbidden":
-                    key = str(err["loc"][-1])
-                    problems.append(
-                        f"{_dotted(err['loc'])}: unknown key; {did_you_mean(key, _DIST_KEYS)}"
-                    )
-                else:
-                    problems.append(_format_pydantic(err))
-            continue
-        problems += _check_distribution(path, name, dist, space)
-    return problems
-
-
-def _check_distribution(path: str, name: str, d: Distribution, space: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    rule = PARAMS[name]
-    if d.type == "categorical":
-        for key in ("low", "high", "step"):
-            if getattr(d, key) is not None:
-                problems.append(f"{path}.{key}: not used with type: categorical (use choices)")
-        if d.log:
-            problems.append(f"{path}.log: not used with type: categorical")
-        if d.choices is None:
-            problems.append(f"{path}.choices: is required for type: categorical")
-        elif not d.choices:
-            problems.append(f"{path}.choices: must not be empty")
-        else:
-            for i, c in enumerate(d.choices):
-                problems += _check_value(f"{path}.choices[{i}]", name, c)
+        return f"{where}: must be one of {', '.join(allowed)} (got {show(got)}){hint}"
+    if kind in _SAYS:
+        msg = _SAYS[kind].format(**ctx)
     else:
-        if rule.kind in ("bool", "choice"):
-            problems.append(
-                f"{path}.type: {name} takes type: categorical or a fixed value (got {d.type})"
-            )
-            return problems
-        if rule.kind == "int" and d.type == "float":
-            problems.append(f"{path}.type: {name} is an integer; use type: int (got float)")
-        if d.choices is not None:
-            problems.append(f"{path}.choices: only used with type: categorical")
-        for key in ("low", "high"):
-            if getattr(d, key) is None:
-                problems.append(f"{path}.{key}: is required for type: {d.type}")
-        if d.low is not None and d.high is not None:
-            if d.low > d.high:
-                problems.append(f"{path}: low must be <= high (got low={d.low}, high={d.high})")
-            log_low = d.log and d.low <= 0
-            if log_low:
-                problems.append(f"{path}.low: must be > 0 when log: true (got {d.low})")
-            for key in ("low", "high"):
-                v = getattr(d, key)
-                if key == "low" and log_low:
-                    continue  # already reported, more specifically
-                if d.type == "int" and not float(v).is_integer():
-                    problems.append(f"{path}.{key}: must be an integer for type: int (got {v})")
-                else:
-                    problems += _check_bounds(f"{path}.{key}", rule, v)
-        if d.step is not None:
-            if d.log:
-                problems.append(f"{path}.step: cannot be combined with log: true")
-            if d.step <= 0:
-                problems.append(f"{path}.step: must be > 0 (got {d.step})")
-            elif d.type == "int" and not float(d.step).is_integer():
-                problems.append(f"{path}.step: must be an integer for type: int (got {d.step})")
-    if d.per_layer and name != "width":
-        problems.append(f"{path}.per_layer: only width can be per layer (got it on {name})")
-    if d.when is not None:
-        for cond, allowed in d.when.items():
-            if cond not in space or cond == name:
-                others = [k for k in space if k != name]
-                problems.append(
-                    f"{path}.when.{cond}: must name another entry of search_space; "
-                    f"{did_you_mean(str(cond), others)}"
-                )
-                continue
-            values = allowed if isinstance(allowed, list) else [allowed]
-            for v in values:
-                if cond in PARAMS:
-                    problems += _check_value(f"{path}.when.{cond}", cond, v)
-    return problems
+        msg = err["msg"][:1].lower() + err["msg"][1:]
+        msg = msg.replace("input should be", "must be")
+    return f"{where}: {msg} (got {show(got)})"
+
+
+def _unknown(raw_loc: tuple[Any, ...], loc: tuple[Any, ...]) -> str:
+    """Why a key is not allowed where it is, with the names that are."""
+    key, parent = str(loc[-1]), loc[:-1]
+    if parent == ("search_space",) or (parent[:1] == ("baselines",) and len(parent) == 2):
+        return f"unknown hyperparameter; {did_you_mean(key, list(PARAMS))}"
+    if parent[:1] == ("search_space",):  # a distribution's key; its kind is the tag before
+        kind = str(raw_loc[-2])
+        if key != "type" and any(key in d.model_fields for d in _KINDS.values()):
+            hint = " (use choices)" if kind == "categorical" else ""
+            return f"not used with type: {kind}{hint}"
+        return f"unknown key; {did_you_mean(key, list(_KINDS[kind].model_fields))}"
+    model = _MODELS.get(_dotted(parent))
+    known = [f for f in model.model_fields if f not in _HIDDEN_FIELDS] if model else []
+    return f"unknown key; {did_you_mean(key, known)}"
 
 
 # ---------------------------------------------------------------- cross-field rules
@@ -625,123 +590,105 @@ def metric_problems(spec: Spec, task: str) -> list[str]:
     return problems
 
 
-def _check_semantics(spec: Spec) -> list[str]:
+def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True) -> list[str]:
+    """The rules that read two settings at once; `written` names search_space's entries as
+    written (some may have been dropped for their own problems); without `dataset_named` the
+    dataset's name was not one, and its own rules are left out."""
     problems: list[str] = []
     ds = spec.dataset
     sp = ds.split
-    for key in ("val", "test"):
-        v = getattr(sp, key)
-        if not 0.0 < v < 1.0:
-            problems.append(f"dataset.split.{key}: must be between 0 and 1, exclusive (got {v})")
-    if 0 < sp.val < 1 and 0 < sp.test < 1 and sp.val + sp.test >= 1:
+    if sp.val + sp.test >= 1:
         problems.append(
             f"dataset.split: val + test must leave data to train on (got {sp.val} + {sp.test})"
         )
-    if not 0 <= sp.seed < 2**32:
-        problems.append(f"dataset.split.seed: must be between 0 and 2**32 - 1 (got {sp.seed})")
     if ds.test_unseen_labels != "error" and not ds.test_path:
         problems.append("dataset.test_unseen_labels: only used with dataset.test_path")
-    if ds.max_samples is not None and ds.max_samples < 10:
-        problems.append(f"dataset.max_samples: must be >= 10 or null (got {ds.max_samples})")
 
     task = spec.task
-    names = (
-        (DATASETS, ds.name),
-        (SAMPLERS, spec.study.sampler.name),
-        (PRUNERS, spec.study.pruner.name),
-    )
-    problems += [p for reg, name in names if (p := reg.problem(reg.key, name))]
-    entry = DATASETS.get(ds.name)
-    if entry is not None:
-        for key in ("path", "test_path", "target", "openml", "drop_missing_target"):
-            given = getattr(ds, key) not in (None, False)
-            if key in entry.requires and not given:
-                what = " (a name or an id)" if key == "openml" else ""
-                problems.append(f"dataset.{key}: is required for dataset {ds.name}{what}")
-            elif given and key not in entry.requires + entry.accepts:
-                problems.append(f"dataset.{key}: not used with dataset {ds.name}")
-        if entry.task is not None:  # a table's target says which (`hpo.tables`)
-            if task not in ("auto", entry.task):
-                problems.append(f"task: {ds.name} is a {entry.task} dataset (got {task})")
-            task = entry.task
-
+    entry = DATASETS[ds.name]
+    for key in ("path", "test_path", "target", "openml", "drop_missing_target"):
+        if not dataset_named:
+            break
+        given = getattr(ds, key) not in (None, False)
+        if key in entry.requires and not given:
+            what = " (a name or an id)" if key == "openml" else ""
+            problems.append(f"dataset.{key}: is required for dataset {ds.name}{what}")
+        elif given and key not in entry.requires + entry.accepts:
+            problems.append(f"dataset.{key}: not used with dataset {ds.name}")
+    if entry.task is not None and dataset_named:  # a table's target says which (`hpo.tables`)
+        if task not in ("auto", entry.task):
+            problems.append(f"task: {ds.name} is a {entry.task} dataset (got {task})")
+        task = entry.task
     problems += metric_problems(spec, task)
 
-    t = spec.training
-    if t.max_epochs < 1:
-        problems.append(f"training.max_epochs: must be >= 1 (got {t.max_epochs})")
-    if t.early_stopping.patience < 1:
-        problems.append(
-            f"training.early_stopping.patience: must be >= 1 (got {t.early_stopping.patience})"
-        )
-    if t.early_stopping.min_delta < 0:
-        problems.append(
-            f"training.early_stopping.min_delta: must be >= 0 (got {t.early_stopping.min_delta})"
-        )
-    if t.stall_timeout is not None and not t.stall_timeout > 0:
-        problems.append(
-            f"training.stall_timeout: must be > 0 seconds or null (got {t.stall_timeout})"
-        )
-    if t.max_params is not None and t.max_params < 1:
-        problems.append(f"training.max_params: must be >= 1 (got {t.max_params})")
-    if t.memory_limit is not None and parse_bytes(t.memory_limit) is None:
-        problems.append(
-            f"training.memory_limit: must be a size such as 8GB, 512MiB or a number of bytes "
-            f"(got {str(t.memory_limit)[:40]!r})"
-        )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
-        problems.append(
-            f"training.device: must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})"
-        )
-    if t.precision not in PRECISIONS:
-        problems.append(
-            f"training.precision: must be one of {', '.join(PRECISIONS)} (got {t.precision!r})"
-        )
-
-    st = spec.study
-    if st.n_trials < 1:
-        problems.append(f"study.n_trials: must be >= 1 (got {st.n_trials})")
-    if st.fused_trials < 1:
-        problems.append(f"study.fused_trials: must be >= 1 (got {st.fused_trials})")
-    for where, url in (("study.storage", st.storage), ("tracking.uri", spec.tracking.uri)):
+    for where, url in (("study.storage", spec.study.storage), ("tracking.uri", spec.tracking.uri)):
         if problem := url_problem(url, where):
             problems.append(problem)
-    if st.timeout is not None and st.timeout <= 0:
-        problems.append(f"study.timeout: must be > 0 seconds or null (got {st.timeout})")
-    problem = name_problem(spec.name, "name")
-    if problem:
-        problems.append(problem)
-    if st.sampler.name == "grid":
+    problems += _check_links(spec.space, written)
+    problems += _check_baselines(spec)
+    if spec.study.sampler.name == "grid":
         problems += _check_grid(spec)
     return problems
 
 
-_SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_SIZE_UNITS.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
+def _check_links(space: dict[str, Any], written: list[str]) -> list[str]:
+    """`when` names other entries, with values they take."""
+    problems: list[str] = []
+    for name, d in space.items():
+        if not isinstance(d, Distribution):
+            continue
+        path = f"search_space.{name}"
+        for cond, allowed in (d.when or {}).items():
+            if cond not in written or cond == name:
+                others = [k for k in written if k != name]
+                problems.append(
+                    f"{path}.when.{cond}: must name another entry of search_space; "
+                    f"{did_you_mean(str(cond), others)}"
+                )
+                continue
+            values = allowed if isinstance(allowed, list) else [allowed]
+            for v in values:
+                problems += _value_problems(f"{path}.when.{cond}", cond, v)
+    return problems
 
 
-def parse_bytes(value: Any) -> int | None:
-    """A memory size: a number of bytes, or '8GB', '512 MiB', '2g'. None when not one."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return int(value) if 0 < value < 1e18 else None
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(value).lower())
-    if not m:
-        return None
-    n = float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]
-    return int(n) if 0 < n < 1e18 else None
+@functools.cache
+def _values_of(name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(value_type(PARAMS[name]))
 
 
-def name_problem(name: str, where: str) -> str | None:
-    """None for a usable study name, else why not: it names files and folders (reports)."""
-    if len(name) <= MAX_NAME and _NAME.fullmatch(name):
-        return None
-    shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name):,} characters)"
-    return (
-        f"{where}: must be 1 to {MAX_NAME} letters, digits, '-', '_' or '.', starting with a "
-        f"letter or digit (got {shown})"
-    )
+def _value_problems(where: str, name: str, value: Any) -> list[str]:
+    """A fixed value of hyperparameter `name` held to its type and bounds."""
+    if name not in PARAMS:
+        return []
+    try:
+        _values_of(name).validate_python(value)
+    except ValidationError as e:
+        return [
+            _format_pydantic(dict(err, loc=())).replace("(top level)", where, 1)
+            for err in e.errors()
+        ]
+    return []
+
+
+def _check_baselines(spec: Spec) -> list[str]:
+    """Baselines' names are unique; a list of widths has one per layer."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    fixed = {k: v for k, v in spec.space.items() if not isinstance(v, Distribution)}
+    for i, entry in enumerate(spec.baselines):
+        path = f"baselines[{i}]"
+        if entry.name in seen:
+            problems.append(f"{path}.name: {entry.name!r} is used by an earlier baseline")
+        seen.add(entry.name)
+        values = entry.values()
+        width = values.get("width")
+        n = values.get("n_layers", fixed.get("n_layers", PARAMS["n_layers"].default))
+        if isinstance(width, list) and isinstance(n, int) and len(width) != n:
+            problems.append(
+                f"{path}.width: {len(width)} widths for n_layers {n}; give one per layer"
+            )
+    return problems
 
 
 def folder_name(name: str) -> str:
@@ -752,41 +699,17 @@ def folder_name(name: str) -> str:
     return safe or "study"
 
 
-def grid_values(d: Distribution) -> Sequence[Any]:
-    """The values the grid sampler walks for one distribution: every choice; every value (every
-    `step`) of an int range; every `step` of a float range from `low`, `high` included when a
-    step lands on it; `GRID_FLOAT_POINTS` points of a float range without `step` and of a log
-    int range (log-spaced with `log: true`, rounded and unique for ints). A range of ints
-    stays a `range`, so its size is known without listing it."""
-    if d.type == "categorical":
-        return list(d.choices or [])
-    low, high = float(d.low or 0), float(d.high or 0)
-    if d.type == "int" and not d.log:
-        return range(int(low), int(high) + 1, int(d.step or 1))
-    if d.type == "int":
-        points = np.unique(np.round(np.geomspace(low, high, GRID_FLOAT_POINTS)).astype(int))
-        return [int(v) for v in points]
-    if d.step:
-        # numpy's values as they are (the last may be a rounding error above high): Optuna's
-        # grid sampler compares a resumed study's grid with the stored one value for value
-        return [float(v) for v in np.arange(low, high + d.step / 2, d.step)]
-    spaced = np.geomspace if d.log else np.linspace
-    return [float(v) for v in spaced(low, high, GRID_FLOAT_POINTS)]
-
-
-def grid_points(d: Distribution) -> int:
-    """How many values the grid sampler walks for one distribution."""
-    if d.type == "float" and d.step:  # numpy.arange's length, without making the array
-        return max(math.ceil((float(d.high) + d.step / 2 - float(d.low)) / d.step), 0)
-    return len(grid_values(d))
+def _largest(entry: Any) -> Any:
+    """The largest value a search-space entry can take."""
+    if isinstance(entry, Categorical):
+        return max(entry.choices)
+    return entry.high if isinstance(entry, Distribution) else entry
 
 
 def _check_grid(spec: Spec) -> list[str]:
     space = {k: v for k, v in spec.space.items() if isinstance(v, Distribution)}
-    if any(d.low is None or d.high is None for d in space.values() if d.type != "categorical"):
-        return []  # reported already
     n_layers = spec.space.get("n_layers", PARAMS["n_layers"].default)
-    layers = int(n_layers.high) if isinstance(n_layers, Distribution) else int(n_layers)
+    layers = int(_largest(n_layers))
     total, biggest = 1, ("", 0)
     for name, d in space.items():
         n = grid_points(d)

@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hpo.config import Distribution, Spec, parse_bytes
+from hpo.config import Spec
+from hpo.distributions import Distribution
 from hpo.params import PARAMS, TrialConfig
 from hpo.train import EVAL_BATCH
 
@@ -194,7 +195,7 @@ def host_available() -> int:
 def limits(spec: Spec) -> tuple[int | None, int | None]:
     """The spec's opt-in limits: training.max_params and training.memory_limit in bytes."""
     t = spec.training
-    return t.max_params, parse_bytes(t.memory_limit) if t.memory_limit is not None else None
+    return t.max_params, t.memory_limit
 
 
 # On a CPU, cohorts of fused trials are formed for nets up to this many parameters: a wider
@@ -224,10 +225,10 @@ def check_fits(
     free, what = free_memory(device)
     problems = []
     for entry in spec.baselines:
-        fp = of_config(spec.baseline_config(entry["name"]), shape, on_cpu)
+        fp = of_config(spec.baseline_config(entry.name), shape, on_cpu)
         if fp.total + big.data > free:
             problems.append(
-                f"baselines: {entry['name']!r} needs {human(fp.total + big.data)} "
+                f"baselines: {entry.name!r} needs {human(fp.total + big.data)} "
                 f"({fp.describe()}); {device} has {human(free)} {what}"
             )
     if need <= free:

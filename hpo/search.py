@@ -163,7 +163,7 @@ def enqueue_baselines(study: optuna.Study, spec: Spec) -> list[str]:
     had = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
     queued = []
     for entry in spec.baselines:
-        if entry["name"] not in had:
-            study.enqueue_trial({}, user_attrs={"baseline": entry["name"]})
-            queued.append(entry["name"])
+        if entry.name not in had:
+            study.enqueue_trial({}, user_attrs={"baseline": entry.name})
+            queued.append(entry.name)
     return queued

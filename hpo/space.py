@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from hpo.config import Distribution, grid_values
+from hpo.distributions import Distribution, grid_values
 from hpo.params import PARAMS, STRUCTURAL, TrialConfig, default_config
 
 

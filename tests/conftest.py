@@ -333,7 +333,7 @@ def tmpfs(folder: Path, size: str):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def kill_a_worker_training(study_name: str, storage: str, alongside: int = 1):
+def kill_a_worker_training(study_name: str, storage: str, alongside: int = 1, process=None):
     """Wait for a trial RUNNING on a worker process, 2 to 50 epochs in (with `alongside` - 1
     cohort mates RUNNING too), kill -9 that worker, and return the trial. Its trials must be
     longer than 50 epochs: far from its end, it is still that worker's trial when killed."""
@@ -353,13 +353,15 @@ def kill_a_worker_training(study_name: str, storage: str, alongside: int = 1):
                     return t
         return None
 
-    victim = wait_for(training, f"{alongside} trial(s) of a cohort RUNNING on a worker")
+    what = f"{alongside} trial(s) of a cohort RUNNING on a worker"
+    victim = wait_for(training, what, process=process)
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     return victim
 
 
-def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05):
-    """Poll until `condition()` is truthy and return it; the limit only stops a hung test."""
+def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05, process=None):
+    """Poll until `condition()` is truthy and return it; the limit only stops a hung test. With
+    `process` (a Popen), fail as soon as it has ended without the condition."""
     import time
 
     deadline = time.monotonic() + limit
@@ -367,6 +369,9 @@ def wait_for(condition, what: str, limit: float = 600.0, every: float = 0.05):
         value = condition()
         if value:
             return value
+        if process is not None and process.poll() is not None:
+            out = process.stdout.read() if process.stdout is not None else ""
+            raise AssertionError(f"never saw: {what}; the process ended first:\n{out}")
         time.sleep(every)
     raise AssertionError(f"never saw: {what}")
 

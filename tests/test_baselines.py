@@ -39,15 +39,15 @@ def test_baselines_are_checked_like_the_search_space():
     with pytest.raises(SpecError) as e:
         parse_spec(bad)
     assert e.value.problems == [
-        "baselines[0].name: required, a name for the baseline",
+        "baselines[0].name: is required",
         widht := e.value.problems[1],
-        "baselines[2].name: 'a' is used by an earlier baseline",
-        "baselines[2].width: 3 widths for n_layers 2; give one per layer",
-        "baselines[3].lr: a baseline takes fixed values (got a distribution)",
+        "baselines[3].lr: must be a fixed value, not a distribution (got a mapping)",
         "baselines[4].name: must be 1 to 100 letters, digits, '-', '_' or '.', starting with a "
         "letter or digit (got '../x')",
-        baselines_problem := e.value.problems[6],
-        "baselines[5]: must be a mapping with a name and hyperparameters",
+        baselines_problem := e.value.problems[4],
+        "baselines[5]: must be a mapping (got 'linear')",
+        "baselines[2].name: 'a' is used by an earlier baseline",
+        "baselines[2].width: 3 widths for n_layers 2; give one per layer",
     ]
     assert widht.startswith("baselines[1].widht: unknown hyperparameter; did you mean 'width'?")
     assert baselines_problem.startswith("baselines[4].activation: ")
@@ -172,7 +172,7 @@ def test_the_image_examples_start_from_textbook_mlps_and_the_perceptron(example)
     from hpo.config import load_spec
 
     spec = load_spec(REPO / "search_spaces" / example)
-    assert [b["name"] for b in spec.baselines] == [
+    assert [b.name for b in spec.baselines] == [
         "mlp-784-128-64-10",
         "keras-784-1000-10",
         "perceptron",

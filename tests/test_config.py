@@ -6,6 +6,7 @@ import pytest
 from conftest import REPO, small_spec, write_spec
 
 from hpo.config import SpecError, load_spec, parse_spec
+from hpo.params import PARAMS
 
 
 def problems_of(spec: dict, tmp_path=None) -> list[str]:
@@ -79,13 +80,27 @@ def test_wrong_type_names_path_and_value():
 def test_low_greater_than_high():
     spec = small_spec()
     spec["search_space"]["width"] = {"type": "int", "low": 64, "high": 16}
-    assert one_problem(spec) == "search_space.width: low must be <= high (got low=64.0, high=16.0)"
+    assert one_problem(spec) == "search_space.width: low must be <= high (got low=64, high=16)"
 
 
 def test_log_with_non_positive_low():
     spec = small_spec()
-    spec["search_space"]["lr"] = {"type": "float", "low": 0.0, "high": 0.1, "log": True}
-    assert one_problem(spec) == "search_space.lr.low: must be > 0 when log: true (got 0.0)"
+    spec["search_space"]["dropout"] = {"type": "float", "low": 0.0, "high": 0.5, "log": True}
+    assert one_problem(spec) == "search_space.dropout.low: must be > 0 when log: true (got 0.0)"
+
+
+def test_a_range_is_held_to_the_hyperparameters_bounds():
+    """A range's ends are values of the hyperparameter: the table's bounds hold for them."""
+    spec = small_spec()
+    spec["search_space"]["lr"] = {"type": "float", "low": 0.0, "high": 0.1}
+    spec["search_space"]["dropout"] = {"type": "float", "low": 0.1, "high": 1.0}
+    spec["search_space"]["width"] = {"type": "float", "low": 8, "high": 64}
+    assert problems_of(spec) == [
+        "search_space.width.type: width takes type: int or categorical, or a fixed value "
+        "(got float)",
+        "search_space.dropout.high: must be < 1.0 (got 1.0)",
+        "search_space.lr.low: must be > 0.0 (got 0.0)",
+    ]
 
 
 def test_step_with_log():
@@ -211,9 +226,7 @@ def test_a_fractional_step_of_an_int_range_is_refused():
     spec["search_space"]["n_layers"] = {"type": "int", "low": 1, "high": 4, "step": 0.5}
     with pytest.raises(SpecError) as info:
         parse_spec(spec)
-    assert info.value.problems == [
-        "search_space.n_layers.step: must be an integer for type: int (got 0.5)"
-    ]
+    assert info.value.problems == ["search_space.n_layers.step: must be an integer (got 0.5)"]
 
 
 def test_precision_auto_keeps_older_studies_fingerprint_and_bf16_changes_it():
@@ -266,3 +279,86 @@ def test_a_spec_parses_without_reading_its_data_files(tmp_path):
     parsed = parse_spec(spec, source_dir=tmp_path)
     assert parsed.dataset.path == "gone.csv"
     assert file_problems(spec, tmp_path)[0].startswith("dataset.path: file not found:")
+
+
+# Recorded by hpo before the spec became typed models: a study stored by it must resume.
+_FINGERPRINTS_BEFORE = {
+    "digits.yaml": "42dab20310480cd2",
+    "fashion_mnist.yaml": "a5d2b4565c7aea6a",
+    "mnist.yaml": "38e7eb04d8cb742e",
+    "wine_csv.yaml": "7721ad3c317b49ea",
+    "xor.yaml": "d61ebb542b2cc8bd",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FINGERPRINTS_BEFORE))
+def test_a_shipped_specs_fingerprint_is_the_one_stored_studies_have(name):
+    assert load_spec(REPO / "search_spaces" / name).fingerprint() == _FINGERPRINTS_BEFORE[name]
+
+
+def test_fingerprints_hash_values_as_written_not_as_typed():
+    """A size given as text, a choice given as an int (a float once typed) and distributions
+    of every kind hash as hpo hashed them before the typed models."""
+    space = small_spec()["search_space"] | {
+        "weight_decay": {"type": "categorical", "choices": [0, 1e-5]},
+        "dropout": {"type": "float", "low": 0, "high": 0.5, "step": 0.1},
+        "width": {"type": "int", "low": 16, "high": 64, "per_layer": True},
+        "momentum": {"type": "float", "low": 0.0, "high": 0.9, "when": {"optimizer": "sgd"}},
+        "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+        "batchnorm": True,
+        "l1": 0,
+    }
+    size = {"memory_limit": "8GB", "max_params": 100000}
+    assert parse_spec(small_spec(search_space=space)).fingerprint() == "b631168996c8c664"
+    assert parse_spec(small_spec(training=size)).fingerprint() == "a7e276dff1b6415b"
+    assert parse_spec(small_spec(training={"memory_limit": 2**30})).fingerprint() == (
+        "d4ccff296659ff7d"
+    )
+    assert parse_spec(small_spec(training=size)).training.memory_limit == 8 * 10**9
+
+
+def test_the_spec_schema_describes_every_hyperparameter_and_distribution():
+    """What an editor reads (`Spec.model_json_schema()`): each hyperparameter with its bounds,
+    the registries' names, and distributions told apart by `type`."""
+    from hpo.config import Spec
+
+    schema = Spec.model_json_schema()
+    defs = schema["$defs"]
+    space = defs["SearchSpace"]["properties"]
+    assert set(space) == set(PARAMS) and defs["SearchSpace"]["additionalProperties"] is False
+    fixed, dist = space["dropout"]["oneOf"]
+    assert (fixed["minimum"], fixed["exclusiveMaximum"]) == (0.0, 1.0)
+    assert set(dist["discriminator"]["mapping"]) == {"int", "float", "categorical"}
+    assert set(space["activation"]["oneOf"][1]["discriminator"]["mapping"]) == {"categorical"}
+    assert "relu" in space["activation"]["oneOf"][0]["enum"]
+    assert "tpe" in defs["SamplerSpec"]["properties"]["name"]["enum"]
+
+
+def test_a_spec_crosses_to_a_worker_process_whole():
+    """Worker processes receive the spec pickled: its typed entries, the entries as written
+    (the fingerprint) and the baselines arrive as they left."""
+    import pickle
+
+    spec = parse_spec(small_spec(baselines=[{"name": "a", "width": [8, 4], "n_layers": 2}]))
+    back = pickle.loads(pickle.dumps(spec))
+    assert back.space == spec.space and back.fingerprint() == spec.fingerprint()
+    assert back.baseline_config("a") == spec.baseline_config("a")
+
+
+def test_a_value_set_from_the_command_line_keeps_the_studys_fingerprint(tmp_path):
+    """`--n-trials` changes no trial: the study resumes, and logs the file as written; a new
+    `max_epochs` does change them, and the study logs the document with it."""
+    import yaml
+
+    path = write_spec(tmp_path, small_spec(training={"memory_limit": "8GB"}))
+    spec = load_spec(path)
+    more = spec.with_values({"study.n_trials": 50})
+    assert more.study.n_trials == 50 and more.fingerprint() == spec.fingerprint()
+    assert more.to_yaml() == spec.to_yaml() == path.read_text()
+    shorter = spec.with_values({"training.max_epochs": 2})
+    assert shorter.fingerprint() != spec.fingerprint()
+    again = parse_spec(yaml.safe_load(shorter.to_yaml()))
+    assert again.training.max_epochs == 2 and again.fingerprint() == shorter.fingerprint()
+    with pytest.raises(SpecError) as e:
+        spec.with_values({"study.n_trials": 0})
+    assert e.value.problems == ["study.n_trials: must be >= 1 (got 0)"]

@@ -33,9 +33,11 @@ from hpo.cli import app
 from hpo.config import (
     PARAMS,
     PRECISIONS,
+    Categorical,
     DatasetSpec,
-    Distribution,
     EarlyStoppingSpec,
+    FloatRange,
+    IntRange,
     PrunerSpec,
     SamplerSpec,
     Spec,
@@ -157,7 +159,7 @@ def test_every_default_example_holds_the_real_defaults():
     default = parse_spec({**MINIMAL, "name": "every-default"})
     for key in ("dataset", "task", "training", "study", "tracking", "baselines"):
         assert getattr(spec, key) == getattr(default, key), key
-    assert spec.search_space == default_config()
+    assert spec.space == default_config()
 
 
 def test_hyperparameter_table_is_the_one_hpo_params_writes(tmp_path):
@@ -180,7 +182,8 @@ def test_hyperparameter_table_is_the_one_hpo_params_writes(tmp_path):
 def test_spec_reference_names_every_key_and_value():
     spans = re.findall(r"`([^`\n]+)`", SPEC_DOC.read_text())
     words = {w for s in spans for w in re.split(r"[^\w]+", s) if w}
-    models = (Spec, DatasetSpec, SplitSpec, Distribution, TrainingSpec, EarlyStoppingSpec)
+    models = (Spec, DatasetSpec, SplitSpec, IntRange, FloatRange, Categorical, TrainingSpec)
+    models += (EarlyStoppingSpec,)
     models += (StudySpec, SamplerSpec, PrunerSpec, TrackingSpec)
     keys = {f for model in models for f in model.model_fields} - {"source_dir", "raw_text"}
     names = {n for reg in registry.ALL.values() for n in reg}

@@ -329,7 +329,7 @@ def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
         running = study.get_trials(states=(TrialState.RUNNING,))
         return len(running) == 3 and all("fused_with" in t.user_attrs for t in running)
 
-    wait_for(cohort_running, "a cohort of three running", limit=300)
+    wait_for(cohort_running, "a cohort of three running", limit=300, process=proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
@@ -399,7 +399,7 @@ def test_kill_9_of_a_worker_fails_its_whole_cohort_and_each_member_runs_again(wo
     proc = hpo_process(["run", path, "--workers", 2, "--fused-trials", 2], workdir)
     db = "sqlite:///optuna.db"
 
-    victim = kill_a_worker_training("tiny", db, alongside=2)  # both members of a cohort
+    victim = kill_a_worker_training("tiny", db, alongside=2, process=proc)  # both in a cohort
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     study = optuna.load_study(study_name="tiny", storage=db)

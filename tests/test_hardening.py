@@ -131,7 +131,7 @@ def test_study_names_that_could_write_elsewhere_are_refused(workdir, name, shown
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({"dataset": {"split": {"seed": -1}}}, "dataset.split.seed: must be between 0 and"),
+        ({"dataset": {"split": {"seed": -1}}}, "dataset.split.seed: must be >= 0 (got -1)"),
         (
             {"study": {"sampler": {"name": "tpe", "n_startup_trials": "abc"}}},
             "study.sampler.n_startup_trials: must be an integer (got 'abc')",

@@ -86,7 +86,9 @@ def test_a_database_restart_mid_study_is_waited_for(tmp_path, own_postgres):
     proc = hpo_process(["run", path, "--storage", storage, "--retry-for", 600], tmp_path)
     out = Output(proc)
     # one trial a few epochs into its 100 (a state, not a number of seconds)
-    wait_for(lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training")
+    wait_for(
+        lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training", process=proc
+    )
     own_postgres.stop()  # fast: every open connection is cut, as in a restart or failover
     wait_for(lambda: out.has("unreachable: retrying for up to 600 s"), "the outage noticed")
     own_postgres.start()
@@ -108,7 +110,9 @@ def test_a_database_gone_for_good_stops_the_run_and_a_rerun_continues(tmp_path, 
     args = ["run", path, "--storage", storage, "--retry-for", 2]
     proc = hpo_process(args, tmp_path)
     out = Output(proc)
-    wait_for(lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training")
+    wait_for(
+        lambda: 1 <= _epochs_of_running_trial_pg(storage) <= 50, "a trial training", process=proc
+    )
     own_postgres.stop()
     code, text = out.finish()
     assert code == 1, text

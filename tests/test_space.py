@@ -6,7 +6,9 @@ import optuna
 import pytest
 from conftest import small_spec
 
-from hpo.config import PARAMS, grid_points, parse_spec
+from hpo.config import parse_spec
+from hpo.distributions import grid_points
+from hpo.params import PARAMS
 from hpo.space import grid_space, suggest_params
 
 

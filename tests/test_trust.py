@@ -485,7 +485,7 @@ def test_a_stopped_worker_is_failed_as_stalled_killed_replaced_and_its_trial_run
                 return t
         return None
 
-    victim = wait_for(training, "a trial RUNNING on a worker, 2 to 30 epochs in")
+    victim = wait_for(training, "a trial RUNNING on a worker, 2 to 30 epochs in", process=proc)
     pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
     os.kill(pid, signal.SIGSTOP)
     out = proc.communicate(timeout=600)[0]

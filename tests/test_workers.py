@@ -209,7 +209,7 @@ def test_kill_9_of_a_worker_fails_its_trial_and_runs_it_again_once(tmp_path, pos
     proc = hpo_process(["run", path, "--storage", storage, "--tracking-uri", mlflow_server,
                         "--workers", 2], tmp_path)  # fmt: skip
 
-    victim = kill_a_worker_training("killed", storage)
+    victim = kill_a_worker_training("killed", storage, process=proc)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     assert "died (signal 9)" in out

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.config import Distribution, SpecError
+from hpo.config import SpecError
 from hpo.diagnose import FIT_LABELS
+from hpo.distributions import Distribution
 from hpo.redact import recorded_uri
 
 EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) counts as its edge
