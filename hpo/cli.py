@@ -29,6 +29,21 @@ def _untyped_flags(params: list[Any]) -> list[Any]:
     return params
 
 
+def _quiet_libraries() -> None:
+    """What the libraries say on their own is kept to warnings: hpo prints its own lines."""
+    import logging
+    import warnings
+
+    # MLflow sets its loggers' level from this when imported (after this, lazily)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it was imported already
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # It logs a database error at length before raising it; hpo reports it in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="mlflow")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 class _OneLineErrors(TyperGroup):
     """Bad command lines are told as everything else bad is: `error: ...` on one line of
     stderr, exit status 2, instead of typer's boxed usage message."""
@@ -37,6 +52,7 @@ class _OneLineErrors(TyperGroup):
         return _untyped_flags(super().get_params(ctx))
 
     def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
+        _quiet_libraries()
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kw)
         try:

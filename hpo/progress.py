@@ -18,7 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hpo.study import EpochProgress, Progress
+from hpo.results import EpochProgress, Progress
 
 
 def fmt_time(seconds: float | None) -> str:

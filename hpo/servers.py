@@ -327,11 +327,7 @@ def _views(client: Any, uri: str, study: str | None, base: str) -> list[tuple[st
 def _mlflow_client(uri: str) -> Any:
     from mlflow import MlflowClient
 
-    from hpo.tracking import _quiet
-
-    client = MlflowClient(tracking_uri=uri)
-    _quiet()
-    return client
+    return MlflowClient(tracking_uri=uri)
 
 
 def _find_study(client: Any, study: str | None) -> tuple[Any, str | None]:

@@ -30,16 +30,13 @@ from hpo import __version__, resources
 from hpo._private import GRID_STOPPED, storage_of, trial_id
 from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
-from hpo.diagnose import FIT_LABELS
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.final import Final
 from hpo.outage import RETRY_S, Retry, ServerLost
 from hpo.outcomes import (
-    BaselineComparison,
     best_or_none,
     budget_used,
     checkpoint_policy,
-    compare_with_baselines,
     count_finished,
     settle,
     settle_lost,
@@ -48,6 +45,7 @@ from hpo.outcomes import (
 from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
 from hpo.redact import redact_url
+from hpo.results import EpochProgress, Progress, StudyResult, progress_of, result_of
 from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
 from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
 from hpo.stale import StaleTrials, process_id, queue_again
@@ -71,58 +69,6 @@ CLEANUP_RETRY_S = 10.0  # after Ctrl-C, how long a lost server is waited for whi
 
 
 # ---------------------------------------------------------------- running a study
-
-
-@dataclass
-class Progress:
-    """What the CLI shows after each finished trial."""
-
-    done: int
-    total: int
-    trial: FrozenTrial
-    best_value: float | None
-    best_number: int | None
-    elapsed: float
-    eta: float | None
-    note: str = ""  # e.g. why an interrupted trial stopped and that it will run again
-
-
-@dataclass
-class EpochProgress:
-    """What the CLI shows of a running trial after each of its epochs."""
-
-    number: int
-    epoch: int
-    max_epochs: int
-    value: float  # the study's metric at this epoch
-    decision: str | None  # None (goes on), "pruned" or "interrupted"
-
-
-@dataclass
-class StudyResult:
-    study_name: str
-    storage: str
-    tracking_uri: str
-    metric: str
-    counts: dict[str, int]
-    best_number: int | None
-    best_value: float | None
-    best_params: dict[str, Any]
-    test_metrics: dict[str, float]
-    parent_run_id: str | None
-    device: str
-    interrupted: bool = False
-    fit_trials: dict[str, list[int]] = field(default_factory=dict)  # label -> trial numbers
-    new_trials: int = 0
-    wall_time: float = 0.0
-    data_info: dict[str, Any] = field(default_factory=dict)
-    test_note: str = ""  # why there is no test evaluation from this process, if there is none
-    baselines: BaselineComparison | None = None  # the search's best against the best baseline
-    model_uri: str | None = None  # the best trial's logged model, when it is the best's
-
-    @property
-    def fit_counts(self) -> dict[str, int]:
-        return {label: len(numbers) for label, numbers in self.fit_trials.items()}
 
 
 def run_study(
@@ -646,24 +592,12 @@ class _Driver:
     def _progress(self, trial: FrozenTrial, note: str = "") -> None:
         if trial.duration is not None:
             self.durations.append(trial.duration.total_seconds())
-        if self.on_trial_end is None:
-            return
-        done = count_finished(self.study)
-        best = best_or_none(self.study)
-        mean = sum(self.durations) / len(self.durations) if self.durations else None
-        slots = max(self.executor.slots, 1)
-        self.on_trial_end(
-            Progress(
-                done=done,
-                total=self.total,
-                trial=trial,
-                best_value=best.value if best else None,
-                best_number=best.number if best else None,
-                elapsed=time.perf_counter() - self.started,
-                eta=mean * max(self.total - done, 0) / slots if mean is not None else None,
-                note=note,
+        if self.on_trial_end is not None:
+            elapsed = time.perf_counter() - self.started
+            slots = self.executor.slots
+            self.on_trial_end(
+                progress_of(self.study, trial, self.total, self.durations, slots, elapsed, note)
             )
-        )
 
     # ------------------------------------------------------------ the end
 
@@ -679,36 +613,20 @@ class _Driver:
             self.tracker.close_parent(status)
 
     def _result(self, interrupted: bool, test: dict[str, float], note: str) -> StudyResult:
-        study = self.study
-        best = best_or_none(study)
-        trials = study.get_trials(deepcopy=False)
-        return StudyResult(
+        return result_of(
+            self.study,
             study_name=self.name,
             storage=redact_url(self.url),
             tracking_uri=redact_url(self.tracker.uri),
             metric=self.metric,
-            counts=state_counts(trials),
-            best_number=best.number if best else None,
-            best_value=best.value if best else None,
-            best_params=best.user_attrs.get("config", best.params) if best else {},
             test_metrics=test,
             parent_run_id=self.tracker.parent_id,
             device=str(self.data.train[0].device),
             interrupted=interrupted,
-            fit_trials={
-                label: [t.number for t in trials if t.user_attrs.get("fit") == label]
-                for label in FIT_LABELS
-            },
             new_trials=len(self.durations),
             wall_time=time.perf_counter() - self.started,
             data_info=self.data.info,
             test_note=note,
-            baselines=compare_with_baselines(study),
-            model_uri=(
-                study.user_attrs.get("model_uri")
-                if best and study.user_attrs.get("model_trial") == best.number
-                else None
-            ),
         )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -36,16 +35,12 @@ def resolve_uri(spec_uri: str | None, cli_uri: str | None) -> str:
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def _quiet() -> None:
-    for name in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # It logs a database error at length before raising it; hpo reports it in one line.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", module="mlflow")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # With a tracking server, MLflow prints "View run ... at: URL" to stdout as each run ends:
-    # two lines a trial through hpo's progress, the URL's password with them, and one more
-    # request to the server to get the run's name. hpo prints where to browse the runs once.
+def _no_urls_printed() -> None:
+    """With a tracking server, MLflow prints "View run ... at: URL" to stdout as each run
+    ends: the URL's password with it, two lines a trial through hpo's progress, and one more
+    request to the server for the run's name. hpo prints where to browse the runs once. (The
+    one setting hpo changes outside the CLI, when it first talks to MLflow: a password is
+    never printed, from a notebook either.)"""
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
@@ -112,7 +107,7 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         if self._client is None:
             from mlflow import MlflowClient
 
-            _quiet()  # after the import: mlflow sets its logger's level when imported
+            _no_urls_printed()
             self._client = MlflowClient(tracking_uri=self.uri)
         if self.retry is not None:
             return _Retrying(self._client, self.retry)
@@ -462,7 +457,7 @@ def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
     if missing_sqlite(uri):
         raise FileNotFoundError(f"no tracking store {uri} (give --tracking-uri)")
     mlflow.set_tracking_uri(uri)
-    _quiet()
+    _no_urls_printed()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = mlflow.pyfunc.load_model(model_uri)
@@ -479,7 +474,7 @@ def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) ->
     """Files of a folder as artifacts of an existing run (a report on the study's parent run)."""
     from mlflow import MlflowClient
 
-    _quiet()
+    _no_urls_printed()
     MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(folder), artifact_path)
 
 

@@ -1,0 +1,125 @@
+"""What a study tells whoever runs it: progress after each epoch and trial, and its result.
+
+Plain data built from the study's stored trials; the CLI prints them, the Python API returns
+them. Imports neither torch nor mlflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpo.diagnose import FIT_LABELS
+from hpo.outcomes import (
+    BaselineComparison,
+    best_or_none,
+    compare_with_baselines,
+    count_finished,
+    state_counts,
+)
+
+
+@dataclass
+class Progress:
+    """What the CLI shows after each finished trial."""
+
+    done: int
+    total: int
+    trial: FrozenTrial
+    best_value: float | None
+    best_number: int | None
+    elapsed: float
+    eta: float | None
+    note: str = ""  # e.g. why an interrupted trial stopped and that it will run again
+
+
+@dataclass
+class EpochProgress:
+    """What the CLI shows of a running trial after each of its epochs."""
+
+    number: int
+    epoch: int
+    max_epochs: int
+    value: float  # the study's metric at this epoch
+    decision: str | None  # None (goes on), "pruned" or "interrupted"
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    storage: str
+    tracking_uri: str
+    metric: str
+    counts: dict[str, int]
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    test_metrics: dict[str, float]
+    parent_run_id: str | None
+    device: str
+    interrupted: bool = False
+    fit_trials: dict[str, list[int]] = field(default_factory=dict)  # label -> trial numbers
+    new_trials: int = 0
+    wall_time: float = 0.0
+    data_info: dict[str, Any] = field(default_factory=dict)
+    test_note: str = ""  # why there is no test evaluation from this process, if there is none
+    baselines: BaselineComparison | None = None  # the search's best against the best baseline
+    model_uri: str | None = None  # the best trial's logged model, when it is the best's
+
+    @property
+    def fit_counts(self) -> dict[str, int]:
+        return {label: len(numbers) for label, numbers in self.fit_trials.items()}
+
+
+def progress_of(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    total: int,
+    durations: list[float],
+    slots: int,
+    elapsed: float,
+    note: str = "",
+) -> Progress:
+    """The study after `trial` finished: how many of `total` are done, the best so far, and
+    the time left at the mean of this process's trial `durations` over its `slots`."""
+    done = count_finished(study)
+    best = best_or_none(study)
+    mean = sum(durations) / len(durations) if durations else None
+    return Progress(
+        done=done,
+        total=total,
+        trial=trial,
+        best_value=best.value if best else None,
+        best_number=best.number if best else None,
+        elapsed=elapsed,
+        eta=mean * max(total - done, 0) / max(slots, 1) if mean is not None else None,
+        note=note,
+    )
+
+
+def result_of(study: optuna.Study, **given: Any) -> StudyResult:
+    """The study's result: its counts, best trial, fit labels, baselines and served model read
+    from the storage, with what only this process knows (`given`: names, URIs, the test
+    metrics, the device, timings)."""
+    best = best_or_none(study)
+    trials = study.get_trials(deepcopy=False)
+    return StudyResult(
+        counts=state_counts(trials),
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=best.user_attrs.get("config", best.params) if best else {},
+        fit_trials={
+            label: [t.number for t in trials if t.user_attrs.get("fit") == label]
+            for label in FIT_LABELS
+        },
+        baselines=compare_with_baselines(study),
+        model_uri=(
+            study.user_attrs.get("model_uri")
+            if best and study.user_attrs.get("model_trial") == best.number
+            else None
+        ),
+        **given,
+    )
