@@ -53,6 +53,7 @@ format: install
 docs: install
 	$(BIN)/python -c "from hpo.registry import sync_readme; sync_readme('README.md')"
 	$(BIN)/python -c "from hpo.params import sync_doc; sync_doc('docs/spec.md')"
+	$(BIN)/hpo schema > docs/spec.schema.json
 
 # reports/benchmarks.md and .json: trainer vs DataLoader loop, fused trials, platform overhead,
 # time to 98% on MNIST vs a plain Optuna script (benchmarks/suite.py); then trials per hour

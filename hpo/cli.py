@@ -4,6 +4,7 @@ its terminal display (hpo/progress.py)."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.distributions import Distribution
-from hpo.outage import RETRY_S, ServerLost, stop_signals_between_calls
+from hpo.outage import RETRY_S, ServerLost
 from hpo.params import STRUCTURAL, applies
 from hpo.redact import MASK, first_line, recorded_uri, redact, redact_url, url_problem
 
@@ -82,7 +83,6 @@ class _Command(TyperCommand):
 
 app = typer.Typer(
     cls=_OneLineErrors,
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # Markdown: a paragraph's lines are joined and wrapped to the terminal, and brackets
@@ -154,6 +154,35 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from hpo import __version__
+
+        typer.echo(f"hpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print hpo's version."),
+    ] = False,
+) -> None:
+    """Hyperparameter studies of PyTorch MLPs, from a YAML spec, tracked in MLflow."""
+
+
+@command()
+def schema() -> None:
+    """Print the spec's JSON Schema, for editors: with `# yaml-language-server: $schema=FILE`
+    atop a spec, VS Code and others check its keys, types, bounds and names as you type."""
+    import json
+
+    from hpo.config import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=1))
+
+
 @command()
 def validate(spec: SpecArg) -> None:
     """Check a spec and report every problem; run nothing."""
@@ -219,6 +248,15 @@ def names(
 @command()
 def run(
     spec: SpecArg,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Any key of the spec set as KEY=VALUE, the key dotted and the value YAML: "
+            "training.max_epochs=5 study.sampler.name=random search_space.lr=1.0e-3. They "
+            "beat the flags below, which beat the environment, which beats the spec.",
+            show_default=False,
+        ),
+    ] = None,
     n_trials: Annotated[
         int | None, typer.Option(help="Total trials (overrides study.n_trials).")
     ] = None,
@@ -297,7 +335,7 @@ def run(
         _err(f"error: --seed: must be from 0 to 4294967295 (got {seed})")
         raise typer.Exit(code=2)
     loaded = _load(spec)
-    overrides = (
+    flags = (
         ("study", "n_trials", n_trials),
         ("study", "timeout", timeout),
         ("study", "fused_trials", fused_trials),
@@ -305,51 +343,26 @@ def run(
         ("training", "max_epochs", max_epochs),
         ("dataset", "max_samples", max_samples),
     )
-    values = {f"{section}.{key}": value for section, key, value in overrides if value is not None}
-    if values:
+    given = _overrides(overrides or [])
+    values = {f"{section}.{key}": value for section, key, value in flags if value is not None}
+    if values or given:
         try:
-            loaded = loaded.with_values(values)
+            loaded = loaded.with_values(values | given)
         except SpecError as e:  # told by the option that set the value
             problems = e.problems
-            for path in values:
+            for path in set(values) - set(given):
                 at, flag = f"{path}:", f"--{path.split('.')[1].replace('_', '-')}:"
                 problems = [flag + p[len(at) :] if p.startswith(at) else p for p in problems]
+            problems = [p if p.startswith("--") else f"command line: {p}" for p in problems]
             _fail_spec(SpecError(problems), None)
-    for key, given, cli in (
-        ("study.storage", loaded.study.storage, storage),
-        ("tracking.uri", loaded.tracking.uri, tracking_uri),
-    ):
-        if given and cli and given != cli:
-            _err(
-                f"warning: {key} in the spec ({redact_url(given)}) takes precedence over "
-                f"the command line ({redact_url(cli)})"
-            )
 
     import optuna
 
-    from hpo.executors.local import local_executor
+    from hpo import api
     from hpo.progress import StudyDisplay
-    from hpo.study import run_study
-    from hpo.tracking import tracker_for
 
     # Our own line per trial replaces Optuna's log (which prints a traceback per failed trial).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        if ray is not None:
-            from hpo.executors.ray import ray_executor
-
-            executor = ray_executor(loaded, ray, workers, gpus_per_worker)
-        else:
-            if gpus_per_worker is not None:
-                raise SpecError(["--gpus-per-worker: only used with --ray"])
-            executor = local_executor(loaded, workers, workers_per_gpu)
-    except SpecError as e:
-        _fail_spec(e, "command line")
-    try:
-        tracker = tracker_for(loaded, tracking_uri, study_name)
-    except SpecError as e:
-        _fail_spec(e, None)
-
     display = StudyDisplay(loaded.study.metric)
 
     def started(info: dict[str, Any]) -> None:
@@ -371,7 +384,7 @@ def run(
             capped = loaded.baseline_config(entry.name, d["n_train"]).batch_size
             if capped != asked:
                 display.print(
-                    f"  note: baseline {entry['name']!r} trains at batch size {capped}, "
+                    f"  note: baseline {entry.name!r} trains at batch size {capped}, "
                     f"the training rows ({asked} asked): one step an epoch"
                 )
         n_base, total = len(loaded.baselines), info["total"]
@@ -383,23 +396,27 @@ def run(
         display.on_start(info)
 
     try:
-        # A scheduler's SIGTERM is handled like Ctrl-C; neither cuts a storage write in two.
-        with stop_signals_between_calls(), display:
-            result = run_study(
+        # A scheduler's SIGTERM is handled like Ctrl-C; neither cuts a storage write in two
+        # (`hpo.run` sees to it).
+        with display:
+            result = api.run(
                 loaded,
-                tracker,
-                executor,
                 study_name=study_name,
                 storage=storage,
+                tracking_uri=tracking_uri,
                 seed=seed,
-                on_trial_end=display.on_trial_end,
+                workers=workers,
+                workers_per_gpu=workers_per_gpu,
+                ray=ray,
+                gpus_per_worker=gpus_per_worker,
+                retry_for=retry_for,
                 on_start=started,
+                on_trial_end=display.on_trial_end,
                 on_epoch=display.on_epoch,
-                retry_s=retry_for,
                 on_notice=lambda line: _err(f"warning: {line}"),
-            )
+            ).summary
     except SpecError as e:
-        _fail_spec(e, spec)
+        _fail_spec(e, e.source or spec)
     except ServerLost as e:
         _err(
             f"error: {e}; {e.then}run the same command again to continue the study (the trials "
@@ -412,6 +429,7 @@ def run(
     except KeyboardInterrupt:
         _err("interrupted before the study finished; run the same command again to continue")
         raise typer.Exit(code=130) from None
+    assert result is not None
 
     _summary(result)
     if result.interrupted:
@@ -420,6 +438,29 @@ def run(
             f"{loaded.study.n_trials} trials finished; run the same command again to continue"
         )
         raise typer.Exit(code=130)
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE arguments as dotted paths and values read as the spec's YAML is."""
+    from hpo.config import read_yaml
+
+    values: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            problems.append(
+                f"{item!r}: an override is KEY=VALUE with a dotted key, such as "
+                "training.max_epochs=5 or search_space.lr=1.0e-3"
+            )
+            continue
+        try:
+            values[key] = read_yaml(text) if text.strip() else None
+        except Exception as e:  # noqa: BLE001 - yaml's errors, told in one line
+            problems.append(f"{key}: the value {text!r} is not YAML: {first_line(str(e))}")
+    if problems:
+        _fail_spec(SpecError(problems), "command line")
+    return values
 
 
 def _interrupted(counts: dict[str, int]) -> str:

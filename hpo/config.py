@@ -30,6 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from hpo.distributions import (
     MAX_NAME,
@@ -193,8 +194,8 @@ class Spec(_Strict):
     # Named fixed configurations run once per study before the search (see `baseline_config`).
     baselines: list[Baseline] = Field(default_factory=list)  # type: ignore[valid-type]
     # Not YAML keys: where the spec came from, so relative data paths resolve against it.
-    source_dir: str = Field(default=".", exclude=True)
-    raw_text: str = Field(default="", exclude=True)
+    source_dir: SkipJsonSchema[str] = Field(default=".", exclude=True)
+    raw_text: SkipJsonSchema[str] = Field(default="", exclude=True)
 
     _document: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -290,6 +291,18 @@ class Spec(_Strict):
         return (self.fingerprint(),)
 
 
+def json_schema() -> dict[str, Any]:
+    """The spec's JSON Schema: every key, its type, bounds, allowed names and doc (for editors:
+    the YAML language server checks a spec as it is typed)."""
+    schema = Spec.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "hpo spec",
+        "description": "A study of PyTorch MLP hyperparameters: hpo run SPEC.yaml",
+        **{k: v for k, v in schema.items() if k not in ("title", "description")},
+    }
+
+
 def read_yaml(text: str) -> Any:
     """A spec's YAML as hpo reads it (numbers as in YAML 1.2); raises yaml.YAMLError."""
     loader = _SpecLoader(text)
@@ -322,26 +335,34 @@ def load_spec(path: str | Path) -> Spec:
                 "save it as UTF-8"
             ]
         ) from None
+    return spec_from_text(text, path.parent, str(path))
+
+
+def spec_from_text(text: str, source_dir: str | Path, where: str) -> Spec:
+    """Validate a spec's YAML text (`where` names it in errors: its file, say)."""
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise SpecError([f"{where}: {len(text.encode()):,} bytes; a spec is at most "
+                         f"{MAX_SPEC_BYTES:,}"])  # fmt: skip
     loader = _SpecLoader(text)
     try:
         raw = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError([f"{path}: invalid YAML at {where}: {problem}"]) from None
+        raise SpecError([f"{where}: invalid YAML at {at}: {problem}"]) from None
     finally:
         loader.dispose()
     if loader.problems:
-        raise SpecError([f"{path}: {p}" for p in loader.problems])
+        raise SpecError([f"{where}: {p}" for p in loader.problems])
     if _count_values(raw, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
         raise SpecError(
             [
-                f"{path}: the YAML expands to more than {MAX_SPEC_VALUES:,} values (an alias, "
+                f"{where}: the YAML expands to more than {MAX_SPEC_VALUES:,} values (an alias, "
                 "*name, repeats all it points to); write the values out instead"
             ]
         )
-    return parse_spec(raw, source_dir=path.parent, raw_text=text)
+    return parse_spec(raw, source_dir=source_dir, raw_text=text)
 
 
 class _SpecLoader(yaml.SafeLoader):

@@ -3,6 +3,7 @@ needs, the storage to use, and a resumed study whose spec or data changed."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import optuna
@@ -57,8 +58,9 @@ def check_data(spec: Spec) -> tuple[str, list[str]]:
 
 
 def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
-    """study.storage, else --storage, else sqlite:///optuna.db in the working folder."""
-    return spec.study.storage or cli_storage or DEFAULT_STORAGE
+    """--storage (or the API's `storage`), else $HPO_STORAGE, else study.storage, else
+    sqlite:///optuna.db in the working folder: the command line, the environment, the spec."""
+    return cli_storage or os.environ.get("HPO_STORAGE") or spec.study.storage or DEFAULT_STORAGE
 
 
 def refuse_changed_spec(

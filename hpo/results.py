@@ -34,6 +34,7 @@ class Progress:
     elapsed: float
     eta: float | None
     note: str = ""  # e.g. why an interrupted trial stopped and that it will run again
+    study: optuna.Study | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class StudyResult:
     test_note: str = ""  # why there is no test evaluation from this process, if there is none
     baselines: BaselineComparison | None = None  # the search's best against the best baseline
     model_uri: str | None = None  # the best trial's logged model, when it is the best's
+    study: optuna.Study | None = field(default=None, repr=False)
 
     @property
     def fit_counts(self) -> dict[str, int]:
@@ -97,6 +99,7 @@ def progress_of(
         elapsed=elapsed,
         eta=mean * max(total - done, 0) / max(slots, 1) if mean is not None else None,
         note=note,
+        study=study,
     )
 
 
@@ -121,5 +124,6 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
             if best and study.user_attrs.get("model_trial") == best.number
             else None
         ),
+        study=study,
         **given,
     )

@@ -115,7 +115,10 @@ def run_study(
         if slow and on_notice is not None:
             on_notice(slow)
     fingerprints = spec.fingerprints()
-    given = "study.storage" if spec.study.storage else "--storage" if storage else "storage"
+    given = (
+        "--storage" if storage else "HPO_STORAGE" if os.environ.get("HPO_STORAGE") else
+        "study.storage" if spec.study.storage else "storage"
+    )  # fmt: skip
     check_storage_writable(url, given)
     tracker.check()
     driver = _Driver(spec, name, url, tracker, data, executor)

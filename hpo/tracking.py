@@ -20,13 +20,15 @@ STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLE
 
 
 def resolve_uri(spec_uri: str | None, cli_uri: str | None) -> str:
-    """tracking.uri, else --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///mlflow.db:
+    the command line, the environment, the spec.
 
     The default is made absolute: MLflow caches one store per URI string in a process, so a
     relative one would keep pointing at the first working folder it was used in.
     """
-    uri = spec_uri or cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    where = "tracking.uri" if spec_uri else "--tracking-uri" if cli_uri else "MLFLOW_TRACKING_URI"
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = cli_uri or env or spec_uri
+    where = "--tracking-uri" if cli_uri else "MLFLOW_TRACKING_URI" if env else "tracking.uri"
     problem = url_problem(uri, where)
     if problem:
         from hpo.config import SpecError

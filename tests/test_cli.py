@@ -428,3 +428,65 @@ def test_a_study_stored_when_1e_5_was_read_as_text_resumes(workdir):
     (workdir / "spec.yaml").write_text(text.replace("1e-3", "2e-3"))
     code, out = invoke("run", workdir / "spec.yaml", "--n-trials", 3)
     assert code == 2 and "was run with a different spec" in out, out
+
+
+def test_any_key_is_set_from_the_command_line_as_a_dotted_key_and_a_yaml_value(workdir):
+    path = write_spec(workdir, small_spec())
+    code, out = invoke(
+        "run", path, "study.n_trials=1", "training.max_epochs=1", "search_space.lr=1e-3",
+        "study.sampler.name=tpe", "search_space.dropout={type: float, low: 0.1, high: 0.2}",
+    )  # fmt: skip
+    assert code == 0, out
+    [trial] = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db").trials
+    config = trial.user_attrs["config"]
+    assert config["lr"] == 1e-3 and 0.1 <= config["dropout"] <= 0.2
+    assert list(trial.intermediate_values) == [1]
+
+
+def test_a_bad_override_names_its_key_and_what_is_allowed(workdir):
+    path = write_spec(workdir, small_spec())
+    code, out = invoke("run", path, "training.max_epoch=1", "study.n_trials=zero")
+    assert code == 2 and out.splitlines() == [
+        "error: command line: training.max_epoch: unknown key; did you mean 'max_epochs'? "
+        "allowed: max_epochs, early_stopping, device, precision, max_params, memory_limit, "
+        "stall_timeout",
+        "error: command line: study.n_trials: must be an integer (got 'zero')",
+    ]
+    code, out = invoke("run", path, "epochs")
+    assert code == 2 and out.startswith("error: command line: 'epochs': an override is KEY=VALUE")
+    code, out = invoke("run", path, "--max-epochs", 0)
+    assert code == 2 and out == "error: --max-epochs: must be >= 1 (got 0)\n"
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_version_and_the_specs_json_schema(workdir):
+    import json
+
+    import jsonschema
+
+    from hpo import __version__
+    from hpo.config import read_yaml
+
+    code, out = invoke("--version")
+    assert (code, out) == (0, f"hpo {__version__}\n")
+    code, out = invoke("schema")
+    schema = json.loads(out)
+    assert code == 0 and json.loads((REPO / "docs" / "spec.schema.json").read_text()) == schema, (
+        "docs/spec.schema.json is stale: run `make docs`"
+    )
+    check = jsonschema.Draft202012Validator(schema)
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith("# yaml-language-server: $schema=../docs/spec.schema.json\n")
+        assert list(check.iter_errors(read_yaml(text))) == [], path.name
+    bad = {
+        "unknown key": {"trainig": {}},
+        "wrong type": {"training": {"max_epochs": "many"}},
+        "unknown name": {"study": {"sampler": {"name": "tpee"}}},
+        "out of range": {"search_space": {"dropout": {"type": "float", "low": 0, "high": 1}}},
+        "unknown hyperparameter": {"search_space": {"lrr": 0.1}},
+        "a distribution's key": {"search_space": {"lr": {"type": "float", "low": 0.1}}},
+    }
+    for what, change in bad.items():
+        spec = small_spec(**change)
+        assert list(check.iter_errors(spec)), what

@@ -6,18 +6,30 @@ import base64
 
 import pytest
 import torch
-from conftest import http_server
+from conftest import http_server, small_spec
 from mlflow import MlflowClient
 
 from hpo.config import SpecError
 from hpo.tracking import MlflowTracker, resolve_uri
 
 
-def test_uri_precedence(workdir, monkeypatch):
-    assert resolve_uri("sqlite:///a.db", "sqlite:///b.db") == "sqlite:///a.db"
-    assert resolve_uri(None, "sqlite:///b.db") == "sqlite:///b.db"
+def test_uri_precedence_is_command_line_then_environment_then_spec(workdir, monkeypatch):
+    from hpo.config import parse_spec
+    from hpo.preflight import resolve_storage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+    spec = parse_spec(
+        small_spec(study={"storage": "sqlite:///spec.db"}, tracking={"uri": "sqlite:///s.db"})
+    )
+    assert resolve_uri("sqlite:///s.db", None) == "sqlite:///s.db"
+    assert resolve_storage(spec) == "sqlite:///spec.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert resolve_uri(None, None) == "sqlite:///env.db"
+    monkeypatch.setenv("HPO_STORAGE", "sqlite:///env.db")
+    assert resolve_uri("sqlite:///s.db", None) == "sqlite:///env.db"
+    assert resolve_storage(spec) == "sqlite:///env.db"
+    assert resolve_uri("sqlite:///s.db", "sqlite:///cli.db") == "sqlite:///cli.db"
+    assert resolve_storage(spec, "sqlite:///cli.db") == "sqlite:///cli.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_uri(None, None) == f"sqlite:///{workdir / 'mlflow.db'}"
 

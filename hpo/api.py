@@ -1,0 +1,195 @@
+"""hpo from Python: run a study from a spec, read a finished one back.
+
+```python
+import hpo
+
+result = hpo.run("search_spaces/digits.yaml", n_trials=20, training={"max_epochs": 10})
+result.best_trial, result.test_metrics, result.study      # an optuna.Study
+model = result.best_model()                               # raw rows in, labels out
+hpo.load("digits-mlp", storage="sqlite:///optuna.db")     # a finished study's result
+```
+
+The CLI's `hpo run` is this `run` with a terminal display. Process workers (`workers=2`)
+start fresh Python processes: in a script, call `run` under `if __name__ == "__main__":`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpo.config import Spec, SpecError, load_spec, parse_spec, spec_from_text
+from hpo.outage import RETRY_S, stop_signals_between_calls
+from hpo.outcomes import best_or_none
+from hpo.results import EpochProgress, Progress, StudyResult
+
+SpecLike = Spec | Mapping[str, Any] | str | os.PathLike[str]
+Callback = Callable[[optuna.Study, FrozenTrial], None]  # Optuna's `optimize` callbacks
+
+
+@dataclass
+class Result:
+    """A study's outcome: the `optuna.Study` itself, its best trial, the test metrics of the
+    best model (evaluated once), and that model."""
+
+    study: optuna.Study
+    tracking_uri: str | None
+    summary: StudyResult | None = None  # what this run did; None for a loaded study
+
+    @property
+    def best_trial(self) -> FrozenTrial | None:
+        """The best finished trial (ties go to the lower number); None if none completed."""
+        return best_or_none(self.study)
+
+    @property
+    def test_metrics(self) -> dict[str, float]:
+        """The best model's test_* metrics, once it has been evaluated."""
+        attrs = self.study.user_attrs
+        best = self.best_trial
+        if best is None or attrs.get("test_trial") != best.number:
+            return {}
+        return dict(attrs.get("test_metrics") or {})
+
+    def best_model(self) -> Any:
+        """The best trial's logged model (`hpo.serving.Predictor`): `predict(rows)` takes raw
+        rows (a DataFrame of the data file's columns, or raw pixels) and gives labels."""
+        from hpo.tracking import load_predictor
+
+        uri = self.study.user_attrs.get("model_uri")
+        best = self.best_trial
+        if uri is None or best is None or self.study.user_attrs.get("model_trial") != best.number:
+            raise LookupError(
+                f"study {self.study.study_name!r} has no logged model of its best trial "
+                "(tracking.log_model: none, or the study has not finished)"
+            )
+        return load_predictor(uri, self.tracking_uri)
+
+
+def spec_of(spec: SpecLike, values: Mapping[str, Any] | None = None) -> Spec:
+    """A validated spec from a path, YAML text or a mapping, with `values` set (dotted paths,
+    `{"training.max_epochs": 5}`, or sections, `{"training": {"max_epochs": 5}}`)."""
+    if isinstance(spec, Spec):
+        parsed = spec
+    elif isinstance(spec, Mapping):
+        parsed = parse_spec(dict(spec))
+    elif isinstance(spec, os.PathLike) or _names_a_file(spec):
+        parsed = load_spec(spec)
+    else:
+        parsed = spec_from_text(spec, ".", "spec")
+    dotted = _dotted(values or {})
+    return parsed.with_values(dotted) if dotted else parsed
+
+
+def _names_a_file(text: str) -> bool:
+    """A one-line string is a path (YAML text of a spec has several lines)."""
+    return "\n" not in text.strip()
+
+
+def _dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Sections as dotted paths; a search-space entry (a distribution) stays whole."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        whole = prefix.startswith("search_space.") or path in ("search_space", "baselines")
+        if isinstance(value, Mapping) and value and not whole:
+            out |= _dotted(value, f"{path}.")
+        elif isinstance(value, Mapping) and path == "search_space":
+            out |= {f"search_space.{k}": v for k, v in value.items()}
+        else:
+            out[path] = value
+    return out
+
+
+def run(
+    spec: SpecLike,
+    *,
+    n_trials: int | None = None,
+    study_name: str | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    workers_per_gpu: int | None = None,
+    fused_trials: int | None = None,
+    ray: str | None = None,
+    gpus_per_worker: float | None = None,
+    callbacks: Iterable[Callback] = (),
+    retry_for: float = RETRY_S,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+    on_trial_end: Callable[[Progress], None] | None = None,
+    on_epoch: Callable[[EpochProgress], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
+    **values: Any,
+) -> Result:
+    """Run (or continue, or join) the study `spec` describes and evaluate its best model once
+    on the test split. Keyword sections override the spec's (`training={"max_epochs": 10}`)
+    and are validated as the file is; `storage` and `tracking_uri` beat $HPO_STORAGE and
+    $MLFLOW_TRACKING_URI, which beat the spec. `callbacks` are called as Optuna's are, with
+    the study and each finished trial. KeyboardInterrupt stops cleanly: running trials are
+    interrupted and run again when the same call is made again."""
+    from hpo.executors.local import local_executor
+    from hpo.study import run_study
+    from hpo.tracking import tracker_for
+
+    if n_trials is not None:
+        values["study"] = {**values.get("study", {}), "n_trials": n_trials}
+    if fused_trials is not None:
+        values["study"] = {**values.get("study", {}), "fused_trials": fused_trials}
+    loaded = spec_of(spec, values)
+    try:
+        if ray is not None:
+            from hpo.executors.ray import ray_executor
+
+            executor = ray_executor(loaded, ray, workers, gpus_per_worker)
+        else:
+            if gpus_per_worker is not None:
+                raise SpecError(["--gpus-per-worker: only used with --ray"])
+            executor = local_executor(loaded, workers, workers_per_gpu)
+    except SpecError as e:
+        raise SpecError(e.problems, source="command line") from None
+    tracker = tracker_for(loaded, tracking_uri, study_name)
+    hooks = list(callbacks)
+
+    def trial_end(p: Progress) -> None:
+        if on_trial_end is not None:
+            on_trial_end(p)
+        for hook in hooks:
+            hook(p.study, p.trial)
+
+    # Ctrl-C (a notebook's interrupt) and SIGTERM stop the study as in the CLI, never inside a
+    # write to the storage or the tracking store; signals can only be caught on the main thread.
+    main = threading.current_thread() is threading.main_thread()
+    with stop_signals_between_calls() if main else contextlib.nullcontext():
+        summary = run_study(
+            loaded,
+            tracker,
+            executor,
+            study_name=study_name,
+            storage=storage,
+            seed=seed,
+            on_trial_end=trial_end,
+            on_start=on_start,
+            on_epoch=on_epoch,
+            retry_s=retry_for,
+            on_notice=on_notice,
+        )
+    assert summary.study is not None
+    return Result(summary.study, tracker.uri, summary)
+
+
+def load(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> Result:
+    """A study's result, read from its storage (default: $HPO_STORAGE, else
+    sqlite:///optuna.db in the working folder)."""
+    from hpo.storage import DEFAULT_STORAGE, open_storage
+
+    url = storage or os.environ.get("HPO_STORAGE") or DEFAULT_STORAGE
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    uri = tracking_uri or study.user_attrs.get("tracking_uri")
+    return Result(study, uri)
