@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -121,6 +122,7 @@ def run(
     ray: str | None = None,
     gpus_per_worker: float | None = None,
     callbacks: Iterable[Callback] = (),
+    progress: bool = True,
     retry_for: float = RETRY_S,
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_trial_end: Callable[[Progress], None] | None = None,
@@ -132,8 +134,10 @@ def run(
     on the test split. Keyword sections override the spec's (`training={"max_epochs": 10}`)
     and are validated as the file is; `storage` and `tracking_uri` beat $HPO_STORAGE and
     $MLFLOW_TRACKING_URI, which beat the spec. `callbacks` are called as Optuna's are, with
-    the study and each finished trial. KeyboardInterrupt stops cleanly: running trials are
-    interrupted and run again when the same call is made again."""
+    the study and each finished trial. `progress` prints a line per trial (with a live panel
+    on a terminal) unless `on_start`, `on_trial_end` or `on_epoch` take over. KeyboardInterrupt
+    stops cleanly: running trials are interrupted and run again when the same call is made
+    again."""
     from hpo.executors.local import local_executor
     from hpo.study import run_study
     from hpo.tracking import tracker_for
@@ -156,6 +160,12 @@ def run(
         raise SpecError(e.problems, source="command line") from None
     tracker = tracker_for(loaded, tracking_uri, study_name)
     hooks = list(callbacks)
+    display: Any = contextlib.nullcontext()
+    if progress and on_start is None and on_trial_end is None and on_epoch is None:
+        from hpo.progress import StudyDisplay
+
+        display = StudyDisplay(loaded.study.metric, spec=loaded)
+        on_start, on_trial_end, on_epoch = display.on_start, display.on_trial_end, display.on_epoch
 
     def trial_end(p: Progress) -> None:
         if on_trial_end is not None:
@@ -166,7 +176,7 @@ def run(
     # Ctrl-C (a notebook's interrupt) and SIGTERM stop the study as in the CLI, never inside a
     # write to the storage or the tracking store; signals can only be caught on the main thread.
     main = threading.current_thread() is threading.main_thread()
-    with stop_signals_between_calls() if main else contextlib.nullcontext():
+    with stop_signals_between_calls() if main else contextlib.nullcontext(), display:
         summary = run_study(
             loaded,
             tracker,
@@ -186,10 +196,54 @@ def run(
 
 def load(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> Result:
     """A study's result, read from its storage (default: $HPO_STORAGE, else
-    sqlite:///optuna.db in the working folder)."""
+    sqlite:///optuna.db in the working folder); its model from `tracking_uri`, else the
+    tracking store the study recorded (unless its URL had a password, which is not stored)."""
+    from hpo.redact import recorded_uri
     from hpo.storage import DEFAULT_STORAGE, open_storage
 
     url = storage or os.environ.get("HPO_STORAGE") or DEFAULT_STORAGE
     study = optuna.load_study(study_name=study_name, storage=open_storage(url))
-    uri = tracking_uri or study.user_attrs.get("tracking_uri")
+    uri = tracking_uri or recorded_uri(study.user_attrs.get("tracking_uri"))
     return Result(study, uri)
+
+
+@dataclass
+class Written:
+    """What `report` and `compare` wrote: the folder (index.html, report.md, figures) and the
+    same content as values."""
+
+    folder: Path
+    data: Any  # the report's data (report.json's, as a dict); a comparison's `CompareData`
+
+
+def report(
+    study_name: str,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+) -> Written:
+    """`hpo report`: the study's report written to `out` (default reports/STUDY)."""
+    import json
+
+    from hpo.reports import write_report
+
+    loaded = load(study_name, storage, tracking_uri)
+    folder = write_report(loaded.study, out, loaded.tracking_uri)
+    return Written(folder, json.loads((folder / "report.json").read_text()))
+
+
+def compare(
+    study_names: list[str],
+    storage: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    reseed: int = 0,
+) -> Written:
+    """`hpo compare`: the studies side by side (with `reseed` K, each best configuration
+    trained K more times to weigh the difference against seed noise)."""
+    from hpo.config import folder_name
+    from hpo.reports.compare import compare_data, write_compare
+
+    studies = [load(name, storage).study for name in study_names]
+    folder = Path(out or Path("reports") / folder_name("compare-" + "-".join(study_names)))
+    data = compare_data(studies, reseed)
+    return Written(write_compare(studies, folder, reseed, data), data)

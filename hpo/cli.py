@@ -363,37 +363,7 @@ def run(
 
     # Our own line per trial replaces Optuna's log (which prints a traceback per failed trial).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    display = StudyDisplay(loaded.study.metric)
-
-    def started(info: dict[str, Any]) -> None:
-        d = info["data"]
-        display.print(
-            f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
-            f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
-            f"{info['workers']}"
-            + (f", up to {k} trials fused a cohort" if (k := info["fused_trials"]) > 1 else "")
-        )
-        display.print(
-            f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "
-            f"{info['done']} of {info['total']} trials already done"
-        )
-        for note in d.get("notes") or []:
-            display.print(f"  note: {note}")
-        for entry in loaded.baselines:
-            asked = loaded.baseline_config(entry.name).batch_size
-            capped = loaded.baseline_config(entry.name, d["n_train"]).batch_size
-            if capped != asked:
-                display.print(
-                    f"  note: baseline {entry.name!r} trains at batch size {capped}, "
-                    f"the training rows ({asked} asked): one step an epoch"
-                )
-        n_base, total = len(loaded.baselines), info["total"]
-        if n_base >= total and info["done"] < total:
-            display.print(
-                f"warning: the {n_base} baselines use all {total} trials; the search runs "
-                f"none: raise --n-trials (to {n_base + 10} for 10 searched trials)"
-            )
-        display.on_start(info)
+    display = StudyDisplay(loaded.study.metric, spec=loaded)
 
     try:
         # A scheduler's SIGTERM is handled like Ctrl-C; neither cuts a storage write in two
@@ -410,7 +380,7 @@ def run(
                 ray=ray,
                 gpus_per_worker=gpus_per_worker,
                 retry_for=retry_for,
-                on_start=started,
+                on_start=display.on_start,
                 on_trial_end=display.on_trial_end,
                 on_epoch=display.on_epoch,
                 on_notice=lambda line: _err(f"warning: {line}"),
@@ -667,7 +637,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Folder \\[default: reports/STUDY].")] = None,
 ) -> None:
     """Write a study report: index.html (opens offline), report.md with PNG figures."""
-    from hpo.report import write_report
+    from hpo.reports import write_report
 
     (loaded,) = _load_studies([study], storage)
     _check_out(out or Path("reports"))
@@ -779,7 +749,7 @@ def compare(
     ] = 0,
 ) -> None:
     """Compare studies side by side; with --reseed K, weigh the difference against seed noise."""
-    from hpo.report.compare import write_compare
+    from hpo.reports.compare import write_compare
 
     if len(studies) < 2:
         _err("error: compare needs at least two study names")

@@ -18,6 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from hpo.config import Spec
 from hpo.results import EpochProgress, Progress
 
 
@@ -51,14 +52,47 @@ def trial_line(p: Progress, metric: str) -> str:
     )
 
 
+def start_lines(info: dict[str, Any], spec: Spec) -> list[str]:
+    """The lines a study starts with: what it runs on, where it is stored, notes."""
+    lines = []
+    d = info["data"]
+    lines.append(
+        f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
+        f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
+        f"{info['workers']}"
+        + (f", up to {k} trials fused a cohort" if (k := info["fused_trials"]) > 1 else "")
+    )
+    lines.append(
+        f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "
+        f"{info['done']} of {info['total']} trials already done"
+    )
+    for note in d.get("notes") or []:
+        lines.append(f"  note: {note}")
+    for entry in spec.baselines:
+        asked = spec.baseline_config(entry.name).batch_size
+        capped = spec.baseline_config(entry.name, d["n_train"]).batch_size
+        if capped != asked:
+            lines.append(
+                f"  note: baseline {entry.name!r} trains at batch size {capped}, "
+                f"the training rows ({asked} asked): one step an epoch"
+            )
+    n_base, total = len(spec.baselines), info["total"]
+    if n_base >= total and info["done"] < total:
+        lines.append(
+            f"warning: the {n_base} baselines use all {total} trials; the search runs "
+            f"none: raise --n-trials (to {n_base + 10} for 10 searched trials)"
+        )
+    return lines
+
+
 REDRAW_S = 0.1
 
 
 class StudyDisplay:
     """The terminal's view of one `hpo run`; use it as a context manager around the study."""
 
-    def __init__(self, metric: str, console: Console | None = None):
-        self.metric = metric
+    def __init__(self, metric: str, console: Console | None = None, spec: Spec | None = None):
+        self.metric, self.spec = metric, spec
         self.console = console or Console(highlight=False)
         self.live = self.console.is_terminal and not self.console.is_dumb_terminal
         self.running: dict[int, EpochProgress] = {}
@@ -85,6 +119,9 @@ class StudyDisplay:
     # ------------------------------------------------------------ what the study reports
 
     def on_start(self, info: dict[str, Any]) -> None:
+        if self.spec is not None:
+            for line in start_lines(info, self.spec):
+                self.print(line)
         with self._lock:
             self.done, self.total = info["done"], info["total"]
             if info.get("best_number") is not None:  # a resumed study has a best already

@@ -74,6 +74,14 @@ def test_run_returns_the_study_its_best_model_and_calls_back_as_optuna_does(work
     assert again.best_trial.number == best.number
     assert again.test_metrics == result.test_metrics
 
+    written = hpo.report("tiny")  # what `hpo report` writes, as files and values
+    assert (written.folder / "index.html").is_file() and written.folder.name == "tiny"
+    assert json.loads((written.folder / "report.json").read_text()) == written.data
+    hpo.run(small_spec(), n_trials=2, study_name="tiny-b", progress=False)
+    both = hpo.compare(["tiny", "tiny-b"])
+    assert (both.folder / "report.md").is_file()
+    assert [s.name for s in both.data.studies] == ["tiny", "tiny-b"]
+
 
 def test_a_plain_python_process_runs_interrupts_and_continues_a_study(tmp_path):
     """A script, as a user writes one: a dict spec, keyword overrides, process workers under
@@ -127,3 +135,100 @@ def test_a_plain_python_process_runs_interrupts_and_continues_a_study(tmp_path):
     assert proc.returncode == 0, out
     counts = json.loads(out.splitlines()[-1])["counts"]
     assert counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"] == finished + 1
+
+
+def _kernel_env(tmp_path) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"PYTHONUNBUFFERED": "1", "HOME": os.environ.get("HOME", str(tmp_path))}
+
+
+def test_a_notebook_runs_a_study_with_a_dict_spec_overrides_and_a_callback(tmp_path):
+    """In a Jupyter kernel (nbclient runs the notebook): progress lines in the cell's output,
+    the callback called per trial, the best model predicting raw rows, the study read back."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    spec = small_spec(tracking={"log_model": "best"})
+    cells = [
+        f"import hpo\nspec = {spec!r}\nseen = []",
+        "result = hpo.run(spec, n_trials=3, training={'max_epochs': 4},\n"
+        "                 callbacks=[lambda study, trial: seen.append(trial.number)])",
+        "from sklearn.datasets import load_digits\n"
+        "X, y = load_digits(return_X_y=True)\n"
+        "labels = result.best_model().predict(X[:200])\n"
+        "again = hpo.load('tiny')\n"
+        "print(seen, again.best_trial.number == result.best_trial.number, len(labels),\n"
+        "      sorted(result.test_metrics))",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute(env=_kernel_env(tmp_path))
+    run_output = "".join(o.get("text", "") for o in notebook.cells[1].outputs)
+    assert "[3/3] trial 2" in run_output, run_output
+    [printed] = [o["text"] for o in notebook.cells[2].outputs if o.get("name") == "stdout"]
+    assert printed.startswith("[0, 1, 2] True 200 ['test_accuracy', 'test_loss']"), printed
+
+
+def test_an_interrupted_kernel_leaves_nothing_running_and_the_same_call_continues(tmp_path):
+    """The kernel's interrupt (Jupyter's stop button: SIGINT) mid-study: the call returns with
+    `interrupted`, no trial is RUNNING, and running the cell again finishes the budget."""
+    from jupyter_client.manager import start_new_kernel
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    spec = small_spec(training={"max_epochs": 20})
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), env=_kernel_env(tmp_path))
+    try:
+        printed: list[str] = []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                printed.append(msg["content"]["text"])
+
+        kc.execute_interactive(f"import hpo\nspec = {spec!r}", timeout=120)
+        kc.execute("result = hpo.run(spec, n_trials=200)")
+
+        def one_done_and_one_training():
+            try:
+                study = optuna.load_study(study_name="tiny", storage=storage)
+            except KeyError:
+                return None
+            trials = study.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state.is_finished()]
+            return done and any(
+                t.state == TrialState.RUNNING and t.intermediate_values for t in trials
+            )
+
+        wait_for(one_done_and_one_training, "a trial done and one training in the kernel")
+        km.interrupt_kernel()
+        kc.execute_interactive(
+            "print(result.summary.interrupted, result.summary.counts['RUNNING'])",
+            timeout=300,
+            output_hook=hook,
+        )
+        assert "".join(printed).split()[-2:] == ["True", "0"], printed
+        study = optuna.load_study(study_name="tiny", storage=storage)
+        assert not study.get_trials(states=(TrialState.RUNNING,))
+        finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+        printed.clear()
+        kc.execute_interactive(
+            f"result = hpo.run(spec, n_trials={finished + 1}, progress=False)\n"
+            "print(result.summary.interrupted, result.best_trial is not None)",
+            timeout=600,
+            output_hook=hook,
+        )
+        assert "".join(printed).split()[-2:] == ["False", "True"], printed
+        study = optuna.load_study(study_name="tiny", storage=storage)
+        assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == (
+            finished + 1
+        )
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.config import load_spec
 from hpo.outcomes import count_finished, state_counts, was_interrupted
-from hpo.report.compare import summarise
+from hpo.reports.compare import summarise
 from hpo.storage import GRACE_S
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ from conftest import REPO, chromium, rendered_dom, small_spec, study_run
 
 from hpo.config import parse_spec
 from hpo.outcomes import was_interrupted
-from hpo.report.compare import (
+from hpo.reports.compare import (
     SeedStats,
     best_so_far_figure,
     compare_data,

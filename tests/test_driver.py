@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from hpo.config import parse_spec
 from hpo.executors import Done, Epoch, Lost, Started
 from hpo.params import TrialConfig
-from hpo.report.data import report_data
+from hpo.reports.data import report_data
 from hpo.space import structure
 from hpo.study import run_study
 from hpo.trial import TrialRecord, build_model

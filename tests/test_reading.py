@@ -58,8 +58,8 @@ def test_a_digits_report_has_no_phantom_values_and_no_baseline_lines(workdir, ml
     from conftest import study_run
 
     from hpo.config import parse_spec
-    from hpo.report.data import report_data
-    from hpo.report.render import plotly_figures
+    from hpo.reports.data import report_data
+    from hpo.reports.render import plotly_figures
 
     spec = small_spec(
         name="phantoms",
@@ -107,8 +107,8 @@ def test_no_report_advises_widening_a_parameter_it_says_barely_matters(workdir):
     advice says nothing of widening it, and the flat list says why not."""
     import yaml
 
-    from hpo.report.data import report_data
-    from hpo.report.render import render_markdown
+    from hpo.reports.data import report_data
+    from hpo.reports.render import render_markdown
 
     space = {
         "n_layers": 1,

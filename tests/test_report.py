@@ -12,9 +12,9 @@ from conftest import chromium, rendered_dom, small_spec, study_run
 from mlflow import MlflowClient
 
 from hpo.config import parse_spec
-from hpo.report import write_report
-from hpo.report.data import param_importances, report_data, search_space_advice, yaml_float
-from hpo.report.render import NO_ADVICE, render_markdown
+from hpo.reports import write_report
+from hpo.reports.data import param_importances, report_data, search_space_advice, yaml_float
+from hpo.reports.render import NO_ADVICE, render_markdown
 
 
 def in_memory_study(lrs_and_values, direction="maximize"):
@@ -235,7 +235,7 @@ def test_report_and_comparison_render_in_headless_chromium_without_script_errors
     assert "data-script-errors" not in html_tag, html_tag  # the page's error hook saw nothing
     assert dom.count('class="main-svg"') >= 5  # every chart drew its SVG
 
-    from hpo.report.compare import write_compare
+    from hpo.reports.compare import write_compare
 
     cmp = write_compare([finished_study, again], other / "cmp")
     dom = rendered_dom(cmp / "index.html", workdir / "chrome")
@@ -275,7 +275,7 @@ def wide_study(workdir, mlflow_uri):
 def test_every_figure_fits_the_column_and_slices_wrap_into_rows(wide_study, workdir, mlflow_uri):
     from PIL import Image
 
-    from hpo.report.render import COLUMN_PX, SLICE_COLS, plotly_figures
+    from hpo.reports.render import COLUMN_PX, SLICE_COLS, plotly_figures
 
     d = report_data(wide_study, mlflow_uri)
     figs = plotly_figures(wide_study, d)
@@ -339,7 +339,7 @@ def test_a_study_tracked_at_a_redacted_url_is_reported_without_connecting_to_it(
 
 def test_baselines_are_left_out_of_the_importances(workdir):
     """A baseline has no sampled parameters: counted in, it would leave none common to all."""
-    from hpo.report.data import importance_study
+    from hpo.reports.data import importance_study
 
     study = stored_study("with-baseline", EVEN, [0.5 + 0.4 * p for p in EVEN])
     study.add_trial(
@@ -377,7 +377,7 @@ def test_fanova_finds_the_one_parameter_that_matters_where_ped_anova_credits_a_c
         )
     ours = param_importances(study)
     assert ours["lr"] > 0.8 and ours["n_params"] < 0.01
-    from hpo.report.data import importance_study
+    from hpo.reports.data import importance_study
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,8 +13,8 @@ from conftest import REPO, study_run
 
 from hpo.config import parse_spec
 from hpo.diagnose import RULES
-from hpo.report import write_report
-from hpo.report.data import report_data
+from hpo.reports import write_report
+from hpo.reports.data import report_data
 
 SPEC = REPO / "search_spaces" / "xor.yaml"
 

@@ -1,4 +1,4 @@
-"""Study reports: compute the data (`report.data`), then draw it (`report.render`)."""
+"""Study reports: compute the data (`reports.data`), then draw it (`reports.render`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import optuna
 
 from hpo.config import folder_name
 from hpo.redact import recorded_uri
-from hpo.report.data import ReportData, report_data
-from hpo.report.render import render_html, render_markdown, to_json, write_pngs
+from hpo.reports.data import ReportData, report_data
+from hpo.reports.render import render_html, render_markdown, to_json, write_pngs
 
 __all__ = ["ReportData", "report_data", "write_report"]
 

@@ -312,7 +312,7 @@ def render_compare_html(d: CompareData) -> str:
     """A self-contained page: the table, best-so-far curves by trial and by time, seed noise."""
     from plotly.offline import get_plotlyjs
 
-    from hpo.report.render import _ERROR_HOOK, _STYLE
+    from hpo.reports.render import _ERROR_HOOK, _STYLE
 
     fig = best_so_far_figure(d)
     e = html.escape
@@ -371,14 +371,17 @@ def render_compare_markdown(d: CompareData, image: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_compare(studies: list[optuna.Study], out: Path, reseed: int = 0) -> Path:
-    """Write index.html, report.md and best_so_far.png comparing the studies; return the folder."""
+def write_compare(
+    studies: list[optuna.Study], out: Path, reseed: int = 0, data: CompareData | None = None
+) -> Path:
+    """Write index.html, report.md and best_so_far.png comparing the studies (`data`: their
+    `compare_data`, when already made); return the folder."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = compare_data(studies, reseed)
+    d = data if data is not None else compare_data(studies, reseed)
     out.mkdir(parents=True, exist_ok=True)
     groups = metric_groups(d)
     fig, axes = plt.subplots(

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 
 from hpo.diagnose import FIT_LABELS, RULES
-from hpo.report.data import (
+from hpo.reports.data import (
     ADVICE_RULES,
     IMPORTANCE,
     ReportData,
