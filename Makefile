@@ -48,10 +48,10 @@ format: install
 	$(BIN)/ruff format hpo tests benchmarks
 	$(BIN)/ruff check --fix hpo tests benchmarks
 
-# The README's list of names (datasets, samplers, ...) is written from hpo/registry.py, and
+# docs/spec.md's list of names (datasets, samplers, ...) is written from hpo/registry.py, its
 # docs/spec.md's table of hyperparameters from hpo/params.py.
 docs: install
-	$(BIN)/python -c "from hpo.registry import sync_readme; sync_readme('README.md')"
+	$(BIN)/python -c "from hpo.registry import sync_names; sync_names('docs/spec.md')"
 	$(BIN)/python -c "from hpo.params import sync_doc; sync_doc('docs/spec.md')"
 	$(BIN)/hpo schema > docs/spec.schema.json
 

@@ -92,7 +92,7 @@ def diagnose_fit(
         lowest says how far this data lets a model's loss on unseen data go down.
     stopped_by: why training ended: "max_epochs", "early_stopping" or "pruned".
     lr: the trial's learning rate, named in the evidence of an unstable trial.
-    The rules, in the order they are checked, are `RULES` (and README, "Fit diagnosis").
+    The rules, in the order they are checked, are `RULES` (and docs/reports.md, "Fit diagnosis").
     """
     tl = [h["train_loss"] for h in history]
     vl = [h["val_loss"] for h in history]

@@ -2,7 +2,7 @@
 optimizers, weight inits and learning-rate schedules.
 
 Adding one is one `Entry` here (plus its code, when it is ours). The spec's allowed values, its
-error messages, `hpo names` and the README's lists all read these tables. Targets are
+error messages, `hpo names` and docs/spec.md's lists all read these tables. Targets are
 "module:attribute" strings imported on first use, so this module (and `config.py`, which reads
 it) imports neither torch nor optuna.
 """
@@ -53,7 +53,7 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
 class Entry:
     name: str
     target: str  # "module:attribute", imported by `Registry.load`
-    doc: str  # one line, for `hpo names` and the README
+    doc: str  # one line, for `hpo names` and docs/spec.md
     # Datasets only: the `dataset.*` keys it needs and those it may take, and the task it always
     # is (None: read from the target column).
     requires: tuple[str, ...] = ()
@@ -231,7 +231,7 @@ ALL = {
 
 
 def names_markdown() -> str:
-    """Every registry as a README section body."""
+    """Every registry as the body of docs/spec.md's Names section."""
     parts = []
     for title, reg in ALL.items():
         heading = title.replace("_", " ").capitalize()
@@ -245,8 +245,8 @@ BEGIN, END = (
 )
 
 
-def sync_readme(path: str) -> bool:
-    """Rewrite the names section of a README from these registries; True if it changed."""
+def sync_names(path: str) -> bool:
+    """Rewrite the names section of docs/spec.md from these registries; True if it changed."""
     return sync_section(path, BEGIN, END, names_markdown())
 
 
