@@ -27,7 +27,6 @@ from pydantic import (
     PrivateAttr,
     TypeAdapter,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
@@ -40,6 +39,7 @@ from hpo.distributions import (
     Distribution,
     FloatRange,
     IntRange,
+    Name,
     SearchSpace,
     grid_points,
     name_problem,
@@ -184,7 +184,7 @@ YAML_KEYS = (
 
 
 class Spec(_Strict):
-    name: str
+    name: Name
     dataset: DatasetSpec
     task: Literal["auto", "classification", "regression"] = "auto"
     search_space: SearchSpace  # type: ignore[valid-type]
@@ -206,13 +206,6 @@ class Spec(_Strict):
         if isinstance(data, dict):
             spec._document = copy.deepcopy({k: v for k, v in data.items() if k in YAML_KEYS})
         return spec
-
-    @field_validator("name")
-    @classmethod
-    def _usable_name(cls, v: str) -> str:
-        if (why := name_problem(v, "")) is not None:
-            raise problem(why.removeprefix(": "))
-        return v
 
     @property
     def space(self) -> dict[str, Any]:

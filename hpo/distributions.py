@@ -278,15 +278,18 @@ def _widths(p: Param) -> Any:
     ]
 
 
-class _Baseline(_Written):
-    name: str
+def _usable(name: str) -> str:
+    if (why := name_problem(name, "")) is not None:
+        raise problem(why.removeprefix(": "))
+    return name
 
-    @field_validator("name")
-    @classmethod
-    def _usable_name(cls, v: str) -> str:
-        if (why := name_problem(v, "")) is not None:
-            raise problem(why.removeprefix(": "))
-        return v
+
+# A study's or a baseline's name: it names files and folders.
+Name = Annotated[str, AfterValidator(_usable)]
+
+
+class _Baseline(_Written):
+    name: Name
 
     def values(self) -> dict[str, Any]:
         """Its hyperparameters as given (width perhaps a list, one per layer)."""

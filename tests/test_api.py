@@ -83,6 +83,23 @@ def test_run_returns_the_study_its_best_model_and_calls_back_as_optuna_does(work
     assert [s.name for s in both.data.studies] == ["tiny", "tiny-b"]
 
 
+def _one_done_and_one_training(storage: str):
+    """A state of the study in `storage`: a trial finished and another one epochs into its
+    training (so an interrupt lands mid-study, whatever the machine's speed)."""
+
+    def seen():
+        try:
+            study = optuna.load_study(study_name="tiny", storage=storage)
+        except KeyError:  # not created yet
+            return None
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        return done and running
+
+    return seen
+
+
 def test_a_plain_python_process_runs_interrupts_and_continues_a_study(tmp_path):
     """A script, as a user writes one: a dict spec, keyword overrides, process workers under
     `if __name__ == "__main__"`. KeyboardInterrupt (SIGINT) mid-study leaves nothing RUNNING;
@@ -110,17 +127,8 @@ def test_a_plain_python_process_runs_interrupts_and_continues_a_study(tmp_path):
 
     proc = python(200)
 
-    def one_done_and_one_training():
-        try:
-            study = optuna.load_study(study_name="tiny", storage=storage)
-        except KeyError:
-            return None
-        trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state.is_finished()]
-        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
-        return done and running
-
-    wait_for(one_done_and_one_training, "a trial done and one training", process=proc)
+    seen = _one_done_and_one_training(storage)
+    wait_for(seen, "a trial done and one training", process=proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -194,18 +202,8 @@ def test_an_interrupted_kernel_leaves_nothing_running_and_the_same_call_continue
         kc.execute_interactive(f"import hpo\nspec = {spec!r}", timeout=120)
         kc.execute("result = hpo.run(spec, n_trials=200)")
 
-        def one_done_and_one_training():
-            try:
-                study = optuna.load_study(study_name="tiny", storage=storage)
-            except KeyError:
-                return None
-            trials = study.get_trials(deepcopy=False)
-            done = [t for t in trials if t.state.is_finished()]
-            return done and any(
-                t.state == TrialState.RUNNING and t.intermediate_values for t in trials
-            )
-
-        wait_for(one_done_and_one_training, "a trial done and one training in the kernel")
+        seen = _one_done_and_one_training(storage)
+        wait_for(seen, "a trial done and one training in the kernel")
         km.interrupt_kernel()
         kc.execute_interactive(
             "print(result.summary.interrupted, result.summary.counts['RUNNING'])",
