@@ -12,7 +12,14 @@ ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_VERSION=2.13.0
+# where torch comes from: PyTorch's CPU index by default (PyPI's torch is the CUDA build); a
+# folder of wheels (its torch first, the rest from PyPI): --build-arg TORCH_PIP_ARGS="--find-links /wheels"
+# with -v /path/to/wheels:/wheels (podman build and buildah take -v)
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_PIP_ARGS="--index-url ${TORCH_INDEX}"
+# behind a proxy that re-signs TLS, its CA bundle for pip (builds of dependencies included):
+# --build-arg PIP_CERT=/certs/ca-certificates.crt with -v /etc/ssl/certs:/certs:ro
+ARG PIP_CERT=""
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The CUDA bases come without Python: Debian's or Ubuntu's python3 and venv.
@@ -25,7 +32,7 @@ RUN if ! command -v python3 >/dev/null || ! python3 -c "import venv, ensurepip" 
 
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the index the base needs (CPU or CUDA): the rest does not pull another
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+RUN pip install ${TORCH_PIP_ARGS} "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/hpo
 COPY pyproject.toml README.md ./
