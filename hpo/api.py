@@ -142,10 +142,9 @@ def run(
     from hpo.study import run_study
     from hpo.tracking import tracker_for
 
-    if n_trials is not None:
-        values["study"] = {**values.get("study", {}), "n_trials": n_trials}
-    if fused_trials is not None:
-        values["study"] = {**values.get("study", {}), "fused_trials": fused_trials}
+    for key, value in (("study.n_trials", n_trials), ("study.fused_trials", fused_trials)):
+        if value is not None:
+            values[key] = value
     loaded = spec_of(spec, values)
     try:
         if ray is not None:
@@ -198,10 +197,11 @@ def load(study_name: str, storage: str | None = None, tracking_uri: str | None =
     """A study's result, read from its storage (default: $HPO_STORAGE, else
     sqlite:///optuna.db in the working folder); its model from `tracking_uri`, else the
     tracking store the study recorded (unless its URL had a password, which is not stored)."""
+    from hpo.preflight import resolve_storage
     from hpo.redact import recorded_uri
-    from hpo.storage import DEFAULT_STORAGE, open_storage
+    from hpo.storage import open_storage
 
-    url = storage or os.environ.get("HPO_STORAGE") or DEFAULT_STORAGE
+    url = resolve_storage(None, storage)
     study = optuna.load_study(study_name=study_name, storage=open_storage(url))
     uri = tracking_uri or recorded_uri(study.user_attrs.get("tracking_uri"))
     return Result(study, uri)

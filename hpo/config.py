@@ -42,6 +42,7 @@ from hpo.distributions import (
     Name,
     SearchSpace,
     grid_points,
+    largest,
     name_problem,
     problem,
     registry_name,
@@ -619,20 +620,13 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
         problems.append("dataset.test_unseen_labels: only used with dataset.test_path")
 
     task = spec.task
-    entry = DATASETS[ds.name]
-    for key in ("path", "test_path", "target", "openml", "drop_missing_target"):
-        if not dataset_named:
-            break
-        given = getattr(ds, key) not in (None, False)
-        if key in entry.requires and not given:
-            what = " (a name or an id)" if key == "openml" else ""
-            problems.append(f"dataset.{key}: is required for dataset {ds.name}{what}")
-        elif given and key not in entry.requires + entry.accepts:
-            problems.append(f"dataset.{key}: not used with dataset {ds.name}")
-    if entry.task is not None and dataset_named:  # a table's target says which (`hpo.tables`)
-        if task not in ("auto", entry.task):
-            problems.append(f"task: {ds.name} is a {entry.task} dataset (got {task})")
-        task = entry.task
+    if dataset_named:  # else the name is a stand-in: its dataset's rules say nothing
+        problems += _dataset_problems(ds)
+        entry = DATASETS[ds.name]
+        if entry.task is not None:  # a table's target says which (`hpo.tables`)
+            if task not in ("auto", entry.task):
+                problems.append(f"task: {ds.name} is a {entry.task} dataset (got {task})")
+            task = entry.task
     problems += metric_problems(spec, task)
 
     for where, url in (("study.storage", spec.study.storage), ("tracking.uri", spec.tracking.uri)):
@@ -642,6 +636,20 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
     problems += _check_baselines(spec)
     if spec.study.sampler.name == "grid":
         problems += _check_grid(spec)
+    return problems
+
+
+def _dataset_problems(ds: DatasetSpec) -> list[str]:
+    """The dataset keys its registry entry requires, and those it does not take."""
+    problems = []
+    entry = DATASETS[ds.name]
+    for key in ("path", "test_path", "target", "openml", "drop_missing_target"):
+        given = getattr(ds, key) not in (None, False)
+        if key in entry.requires and not given:
+            what = " (a name or an id)" if key == "openml" else ""
+            problems.append(f"dataset.{key}: is required for dataset {ds.name}{what}")
+        elif given and key not in entry.requires + entry.accepts:
+            problems.append(f"dataset.{key}: not used with dataset {ds.name}")
     return problems
 
 
@@ -713,17 +721,10 @@ def folder_name(name: str) -> str:
     return safe or "study"
 
 
-def _largest(entry: Any) -> Any:
-    """The largest value a search-space entry can take."""
-    if isinstance(entry, Categorical):
-        return max(entry.choices)
-    return entry.high if isinstance(entry, Distribution) else entry
-
-
 def _check_grid(spec: Spec) -> list[str]:
     space = {k: v for k, v in spec.space.items() if isinstance(v, Distribution)}
     n_layers = spec.space.get("n_layers", PARAMS["n_layers"].default)
-    layers = int(_largest(n_layers))
+    layers = int(largest(n_layers))
     total, biggest = 1, ("", 0)
     for name, d in space.items():
         n = grid_points(d)

@@ -29,7 +29,6 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
-    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -245,11 +244,6 @@ class _Written(Strict):
             model._order = [k for k in data if k in model.model_fields_set]
         return model
 
-    @model_serializer(mode="wrap")
-    def _as_written(self, handler: Any) -> dict[str, Any]:
-        full = handler(self)
-        return {k: full[k] for k in self._order if k in full}
-
     def items(self) -> Iterator[tuple[str, Any]]:
         """(name, value) of each entry given, in the written order."""
         return ((k, getattr(self, k)) for k in self._order)
@@ -305,6 +299,18 @@ Baseline = create_model(
         for name, p in PARAMS.items()
     },
 )
+
+
+def largest(entry: Any, default: Any = None) -> Any:
+    """The largest value a search-space entry can take (the default when it is absent)."""
+    if entry is None:
+        return default
+    if not isinstance(entry, Distribution):
+        return max(entry) if isinstance(entry, list) and entry else entry
+    if entry.type == "categorical":
+        numbers = [c for c in entry.choices or [] if isinstance(c, int | float)]
+        return max(numbers) if numbers else (entry.choices or [default])[0]
+    return entry.high
 
 
 # ---------------------------------------------------------------- the grid

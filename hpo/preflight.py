@@ -57,10 +57,11 @@ def check_data(spec: Spec) -> tuple[str, list[str]]:
     return checked, warnings
 
 
-def resolve_storage(spec: Spec, cli_storage: str | None = None) -> str:
+def resolve_storage(spec: Spec | None, cli_storage: str | None = None) -> str:
     """--storage (or the API's `storage`), else $HPO_STORAGE, else study.storage, else
     sqlite:///optuna.db in the working folder: the command line, the environment, the spec."""
-    return cli_storage or os.environ.get("HPO_STORAGE") or spec.study.storage or DEFAULT_STORAGE
+    in_spec = spec.study.storage if spec is not None else None
+    return cli_storage or os.environ.get("HPO_STORAGE") or in_spec or DEFAULT_STORAGE
 
 
 def refuse_changed_spec(

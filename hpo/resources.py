@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpo.config import Spec
-from hpo.distributions import Distribution
+from hpo.distributions import Distribution, largest
 from hpo.params import PARAMS, TrialConfig
 from hpo.train import EVAL_BATCH
 
@@ -142,25 +142,13 @@ def of_config(config: TrialConfig, shape: Shape, on_cpu: bool) -> Footprint:
     )
 
 
-def _largest(entry: Any, default: Any) -> Any:
-    """The largest value a search-space entry can take (the default when it is absent)."""
-    if entry is None:
-        return default
-    if not isinstance(entry, Distribution):
-        return max(entry) if isinstance(entry, list) and entry else entry
-    if entry.type == "categorical":
-        numbers = [c for c in entry.choices or [] if isinstance(c, int | float)]
-        return max(numbers) if numbers else (entry.choices or [default])[0]
-    return entry.high
-
-
 def corner(spec: Spec) -> tuple[int, int, int, str]:
     """The search space's largest corner: layers, width, batch size, and the optimizer that
     keeps the most state."""
     space = spec.space
-    n_layers = int(_largest(space.get("n_layers"), PARAMS["n_layers"].default))
-    width = int(_largest(space.get("width"), PARAMS["width"].default))
-    batch = int(_largest(space.get("batch_size"), PARAMS["batch_size"].default))
+    n_layers = int(largest(space.get("n_layers"), PARAMS["n_layers"].default))
+    width = int(largest(space.get("width"), PARAMS["width"].default))
+    batch = int(largest(space.get("batch_size"), PARAMS["batch_size"].default))
     opt = space.get("optimizer", PARAMS["optimizer"].default)
     choices = opt.choices if isinstance(opt, Distribution) else [opt]
     worst = max(choices or ["adam"], key=lambda o: OPTIMIZER_STATE.get(str(o), 2))
