@@ -58,17 +58,25 @@ class Result:
             return {}
         return dict(attrs.get("test_metrics") or {})
 
+    @classmethod
+    def of(cls, study: optuna.Study, tracking_uri: str | None = None) -> Result:
+        """A stored study's result; its model read from `tracking_uri`, else from the tracking
+        store the study recorded (unless its URL had a password, which is never stored)."""
+        from hpo.redact import recorded_uri
+
+        return cls(study, tracking_uri or recorded_uri(study.user_attrs.get("tracking_uri")))
+
     def best_model(self) -> Any:
-        """The best trial's logged model (`hpo.serving.Predictor`): `predict(rows)` takes raw
-        rows (a DataFrame of the data file's columns, or raw pixels) and gives labels."""
+        """The study's logged model, its best trial's (`hpo.serving.Predictor`):
+        `predict(rows)` takes raw rows (a DataFrame of the data file's columns, or raw pixels)
+        and gives labels. LookupError when there is none."""
         from hpo.tracking import load_predictor
 
         uri = self.study.user_attrs.get("model_uri")
-        best = self.best_trial
-        if uri is None or best is None or self.study.user_attrs.get("model_trial") != best.number:
+        if not uri:
             raise LookupError(
-                f"study {self.study.study_name!r} has no logged model of its best trial "
-                "(tracking.log_model: none, or the study has not finished)"
+                f"study {self.study.study_name!r} has no logged model (tracking.log_model: "
+                "none, or the search has not finished a trial yet)"
             )
         return load_predictor(uri, self.tracking_uri)
 
@@ -195,16 +203,14 @@ def run(
 
 def load(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> Result:
     """A study's result, read from its storage (default: $HPO_STORAGE, else
-    sqlite:///optuna.db in the working folder); its model from `tracking_uri`, else the
-    tracking store the study recorded (unless its URL had a password, which is not stored)."""
+    sqlite:///optuna.db in the working folder); see `Result.of` for its model."""
     from hpo.preflight import resolve_storage
-    from hpo.redact import recorded_uri
     from hpo.storage import open_storage
 
     url = resolve_storage(None, storage)
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
-    uri = tracking_uri or recorded_uri(study.user_attrs.get("tracking_uri"))
-    return Result(study, uri)
+    return Result.of(
+        optuna.load_study(study_name=study_name, storage=open_storage(url)), tracking_uri
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from hpo.config import Spec, SpecError, folder_name, load_spec, name_problem
 from hpo.distributions import Distribution
 from hpo.outage import RETRY_S, ServerLost
 from hpo.params import STRUCTURAL, applies
-from hpo.redact import MASK, first_line, recorded_uri, redact, redact_url, url_problem
+from hpo.redact import MASK, first_line, redact, redact_url, url_problem
 
 # click's error class, wherever this typer keeps click (its own copy since 0.25, else click)
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -668,26 +668,22 @@ def predict(
     """Predict with a study's best model, logged in MLflow: raw rows in, labels out."""
     import pandas as pd
 
+    from hpo.api import Result
     from hpo.serving import read_rows
-    from hpo.tracking import load_predictor
 
     (loaded,) = _load_studies([study], storage)
-    uri = loaded.user_attrs.get("model_uri")
-    if not uri:
-        _err(
-            f"error: study {study!r} has no logged model (tracking.log_model: none, or the "
-            "search has not finished a trial yet)"
-        )
-        raise typer.Exit(code=2)
+    try:
+        predictor = Result.of(loaded, tracking_uri).best_model()
+    except LookupError as e:  # none logged
+        _err(f"error: {e.args[0]}")
+        raise typer.Exit(code=2) from None
+    except Exception as e:  # noqa: BLE001 - a store that moved, an older model: one line
+        uri = loaded.user_attrs["model_uri"]
+        _err(f"error: cannot load the model {uri} of study {study!r}: {first_line(e, 200)}")
+        raise typer.Exit(code=2) from None
     if not data.is_file():
         _err(f"error: {data}: no such file")
         raise typer.Exit(code=2)
-    try:
-        recorded = recorded_uri(loaded.user_attrs.get("tracking_uri"))
-        predictor = load_predictor(uri, tracking_uri or recorded)
-    except Exception as e:  # noqa: BLE001 - a store that moved, an older model: one line
-        _err(f"error: cannot load the model {uri} of study {study!r}: {first_line(e, 200)}")
-        raise typer.Exit(code=2) from None
     try:
         frame = read_rows(data, predictor.prep)
     except Exception as e:  # noqa: BLE001 - a file that is not a table: the user's to fix

@@ -230,3 +230,9 @@ def test_an_interrupted_kernel_leaves_nothing_running_and_the_same_call_continue
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_study_without_a_logged_model_says_why_it_has_none():
+    study = optuna.create_study(study_name="bare")
+    with pytest.raises(LookupError, match="study 'bare' has no logged model .tracking.log_model"):
+        hpo.Result.of(study).best_model()
