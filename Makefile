@@ -55,7 +55,7 @@ docs: install
 	$(BIN)/python -c "from hpo.params import sync_doc; sync_doc('docs/spec.md')"
 	$(BIN)/hpo schema > docs/spec.schema.json
 
-# reports/benchmarks.md and .json: trainer vs DataLoader loop, fused trials, platform overhead,
+# reports/benchmarks.md and .json, and the figures of docs/performance.md: trainer vs DataLoader loop, fused trials, platform overhead,
 # time to 98% on MNIST vs a plain Optuna script (benchmarks/suite.py); then trials per hour
 # with 1 and 2 workers. bench-quick: the suite in under 10 minutes on a 2-core laptop.
 bench: install

@@ -447,6 +447,21 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_docs(results: dict, page: Path = ROOT / "docs" / "performance.md") -> None:
+    """Replace the page's section for this run's device kind (cpu or gpu) with its figures."""
+    kind = "gpu" if results.get("gpu") else "cpu"
+    begin, end = f"<!-- bench:{kind}:begin -->", f"<!-- bench:{kind}:end -->"
+    text = page.read_text()
+    head, _, rest = text.partition(begin)
+    _, found, tail = rest.partition(end)
+    if not found:
+        raise SystemExit(f"{page}: no {begin} ... {end} section to write the figures into")
+    body = render(results).split("\n", 2)[2]  # the page has its own title
+    body = body.replace("\n## ", "\n### ")
+    page.write_text(f"{head}{begin}\n{body}{end}{tail}")
+    print(f"wrote the {kind} figures into {page}")
+
+
 def main() -> None:
     flush_denormals()  # as hpo's processes do, before the first torch operation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -460,6 +475,11 @@ def main() -> None:
         choices=["trainer", "fused", "overhead", "target", "options"],
         default=None,
     )
+    parser.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="leave docs/performance.md alone (a full or quick run of every section writes it)",
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
     gpu = torch.device(args.device).type == "cuda"
@@ -471,6 +491,7 @@ def main() -> None:
     only = set(args.only or ["trainer", "fused", "overhead", "target", "options"])
     results: dict = {
         "device": device,
+        "gpu": gpu,
         "torch": torch.__version__,
         "mode": "quick" if args.quick else "full",
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -503,6 +524,8 @@ def main() -> None:
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "benchmarks.md").write_text(render(results))
     print(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.json'}")
+    if args.only is None and not args.no_docs:
+        write_docs(results)
 
 
 if __name__ == "__main__":

@@ -248,3 +248,34 @@ def test_no_tracked_file_points_outside_the_repository():
             if pattern.search(line) and not (allowed and allowed.match(line)):
                 found.append(f"{name}:{n}: {line.strip()}")
     assert not found, "tracked files point outside the repository:\n" + "\n".join(found)
+
+
+def test_make_bench_writes_the_performance_page_figures_and_nothing_else(tmp_path):
+    """docs/performance.md's figures are the benchmark report's: the suite replaces the section
+    of its device kind and leaves the rest of the page as written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("suite", REPO / "benchmarks" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    page = tmp_path / "performance.md"
+    original = (REPO / "docs" / "performance.md").read_text()
+    page.write_text(original)
+    results = {
+        "device": "CPU, 2 threads", "gpu": False, "torch": "2.13.0", "mode": "quick",
+        "date": "2026-12-07 12:00", "target_cap_s": 45.0,
+        "trainer": {"rows": []}, "fused": [], "overhead": [], "target": [],
+        "options": [{"option": "l1", "epoch_s": 0.5, "ratio": 1.06}],
+        "seconds": {"options": 3.0},
+    }  # fmt: skip
+    suite.write_docs(results, page)
+    written = page.read_text()
+    cpu = written.split("<!-- bench:cpu:begin -->")[1].split("<!-- bench:cpu:end -->")[0]
+    assert "Device: **CPU, 2 threads**, torch 2.13.0, quick suite, 2026-12-07 12:00" in cpu
+    assert "| l1 | 0.500 s | 1.06x |" in cpu and "\n### 5. What each option costs" in cpu
+    outside = re.sub(r"<!-- bench:cpu:begin -->.*<!-- bench:cpu:end -->", "", written, flags=re.S)
+    assert outside == re.sub(
+        r"<!-- bench:cpu:begin -->.*<!-- bench:cpu:end -->", "", original, flags=re.S
+    )
+    suite.write_docs(results, page)  # again: the same page, not a second copy
+    assert page.read_text() == written
