@@ -116,6 +116,14 @@ def _dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# What a worker process says when the script it imports calls hpo.run at its top level.
+WORKER_IMPORTED_SCRIPT = (
+    "hpo.run was called while a worker process imported the script that calls it: the "
+    "trials train in worker processes, which import that script; call hpo.run under `if "
+    '__name__ == "__main__":`'
+)
+
+
 def run(
     spec: SpecLike,
     *,
@@ -146,8 +154,13 @@ def run(
     on a terminal) unless `on_start`, `on_trial_end` or `on_epoch` take over. KeyboardInterrupt
     stops cleanly: running trials are interrupted and run again when the same call is made
     again."""
+    import multiprocessing
+
     from hpo.executors.local import local_executor
     from hpo.study import run_study
+
+    if multiprocessing.current_process().name.startswith("hpo-worker"):
+        raise RuntimeError(WORKER_IMPORTED_SCRIPT)
     from hpo.tracking import tracker_for
 
     for key, value in (("study.n_trials", n_trials), ("study.fused_trials", fused_trials)):

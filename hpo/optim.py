@@ -56,6 +56,13 @@ def make_optimizer(
     return opt
 
 
+def warm_up() -> None:
+    """Pay a process's one-time cost of torch's optimizers before its first trial: the first
+    `torch.optim.Optimizer` imports `torch._dynamo` (about a second on a CPU; a tenth of a
+    30-trial digits study), which a worker does while the driver opens its stores."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 def can_capture(name: str) -> bool:
     """Whether the optimizer `name` can keep its state on the device, as a CUDA graph of its
     step needs: SGD keeps no step count; the others must take `capturable`."""

@@ -6,6 +6,9 @@ them. Imports neither torch nor mlflow.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +51,55 @@ class EpochProgress:
     decision: str | None  # None (goes on), "pruned" or "interrupted"
 
 
+# A trial's life outside its epochs, step by step, as the driver lives it: what `Bookkeeping`
+# times. "worker idle" is not a driver step but its cost: the seconds a worker slot stood free
+# between a trial's end and the next trial handed to it.
+STEPS = (
+    "ask",  # the budget check under the lock, Optuna's ask and the sampler, the trial's attrs
+    "run creation",  # the trial's MLflow run
+    "epoch decision",  # report the epoch's value, ask the pruner (the worker waits for it)
+    "epoch logging",  # the epoch's metrics to the trial's MLflow run
+    "tell",  # the record settled into attrs, Optuna's tell
+    "checkpoint",  # the kept weights of a trial that beats or ties the best
+    "run end",  # params, final metrics, tags, the run closed
+    "progress",  # the progress line or callback
+    "storage checks",  # heartbeats and other processes' dead trials
+    "worker idle",
+)
+
+
+class Bookkeeping:
+    """Seconds spent in each of `STEPS` by one process's driver, and the seconds of training
+    its workers reported (their epochs' `epoch_seconds`): the platform's overhead measured from
+    the inside, for `make bench` and the curious (`StudyResult.bookkeeping`)."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.calls = dict.fromkeys(STEPS, 0)
+        self.training = 0.0
+        self.loop = 0.0  # seconds from the first trial asked to the last one told
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+        self.calls[name] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": dict(self.seconds),
+            "calls": dict(self.calls),
+            "training_seconds": self.training,
+            "loop_seconds": self.loop,
+        }
+
+
 @dataclass
 class StudyResult:
     study_name: str
@@ -69,6 +121,8 @@ class StudyResult:
     test_note: str = ""  # why there is no test evaluation from this process, if there is none
     baselines: BaselineComparison | None = None  # the search's best against the best baseline
     model_uri: str | None = None  # the best trial's logged model, when it is the best's
+    # this process's driver: seconds per step of `STEPS`, calls, and its workers' training
+    bookkeeping: dict[str, Any] = field(default_factory=dict, repr=False)
     study: optuna.Study | None = field(default=None, repr=False)
 
     @property

@@ -32,7 +32,7 @@ from hpo.config import Spec, SpecError, metric_direction
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.final import Final
-from hpo.outage import RETRY_S, Retry, ServerLost
+from hpo.outage import RETRY_S, Retry, ServerLost, uncut
 from hpo.outcomes import (
     best_or_none,
     budget_used,
@@ -45,7 +45,14 @@ from hpo.outcomes import (
 from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
 from hpo.redact import redact_url
-from hpo.results import EpochProgress, Progress, StudyResult, progress_of, result_of
+from hpo.results import (
+    Bookkeeping,
+    EpochProgress,
+    Progress,
+    StudyResult,
+    progress_of,
+    result_of,
+)
 from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
 from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
 from hpo.stale import StaleTrials, process_id, queue_again
@@ -127,69 +134,76 @@ def run_study(
     stored = refuse_changed_spec(opened, url, name, fingerprints, data.info)
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
-    tracker.open()
-    tracker.retry = Retry("tracking server", tracker.uri, retry_s, on_notice)
-    with storage_lock(url, driver.lock_key, driver.retry):
-        study = optuna.create_study(
-            study_name=name,
-            storage=opened,
-            pruner=pruner,
-            direction=metric_direction(spec.study.metric),
-            load_if_exists=True,
-        )
-        if study.metric_names != [spec.study.metric]:  # optuna-dashboard's axis title
-            with warnings.catch_warnings():  # experimental since optuna 3.2
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([spec.study.metric])
-        attrs = study.user_attrs
-        if "spec_hash" not in attrs:
-            for k, v in {
-                "spec_hash": fingerprints[0],
-                "hpo_version": __version__,
-                "metric": spec.study.metric,
-                "data": data.info,
-                "spec_yaml": stored_yaml(spec),
-                "spec_dir": str(Path(spec.source_dir).resolve()),
-                "seed": seed,  # the --seed override, if any
-            }.items():
-                study.set_user_attr(k, v)
-        # Each process that drives the study gets its own sampler stream: two processes with
-        # one seed would propose the same configurations, and a resumed one would replay them.
-        starts = int(attrs.get("driver_starts", 0))
-        study.set_user_attr("driver_starts", starts + 1)
-        sampler_seed = seed if seed is not None else spec.study.sampler.seed
-        if sampler_seed is not None:
-            sampler_seed = (sampler_seed + 1_000_003 * starts) % 2**32  # Optuna's range
-        study.sampler = make_sampler(spec, seed=sampler_seed)
-        parent_id = tracker.open_parent(
-            attrs.get("mlflow_parent_run_id"),
-            name,
-            params={
-                "dataset": spec.dataset.name,
-                "task": data.task,
-                "metric": spec.study.metric,
-                "sampler": spec.study.sampler.name,
-                "pruner": spec.study.pruner.name,
-                "n_trials": spec.study.n_trials,
-                "max_epochs": spec.training.max_epochs,
-                **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
-                "split.hash": data.info["split_hash"],
-            },
-            tags={
-                "hpo.study": name,
-                "hpo.storage": redact_url(url),
-                "hpo.spec_hash": fingerprints[0],
-            },
-        )
-        if attrs.get("mlflow_parent_run_id") != parent_id:
-            study.set_user_attr("mlflow_parent_run_id", parent_id)
-            study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-            study.set_user_attr("tracking_uri", redact_url(tracker.uri))
-            tracker.log_text(stored_yaml(spec), "spec.yaml")
-        driver.stale.close_runs_of_finished_trials(study)
-        enqueue_baselines(study, spec)
-    base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
-    return driver.run(study, base_seed, on_start, on_trial_end, on_epoch)
+    # The workers load their data and warm up while the stores open (driver.run waits for
+    # them, and closes them however it ends).
+    executor.start(data)
+    try:
+        tracker.open()
+        tracker.retry = Retry("tracking server", tracker.uri, retry_s, on_notice)
+        with storage_lock(url, driver.lock_key, driver.retry):
+            study = optuna.create_study(
+                study_name=name,
+                storage=opened,
+                pruner=pruner,
+                direction=metric_direction(spec.study.metric),
+                load_if_exists=True,
+            )
+            if study.metric_names != [spec.study.metric]:  # optuna-dashboard's axis title
+                with warnings.catch_warnings():  # experimental since optuna 3.2
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names([spec.study.metric])
+            attrs = study.user_attrs
+            if "spec_hash" not in attrs:
+                for k, v in {
+                    "spec_hash": fingerprints[0],
+                    "hpo_version": __version__,
+                    "metric": spec.study.metric,
+                    "data": data.info,
+                    "spec_yaml": stored_yaml(spec),
+                    "spec_dir": str(Path(spec.source_dir).resolve()),
+                    "seed": seed,  # the --seed override, if any
+                }.items():
+                    study.set_user_attr(k, v)
+            # Each process that drives the study gets its own sampler stream: two processes with
+            # one seed would propose the same configurations, and a resumed one would replay them.
+            starts = int(attrs.get("driver_starts", 0))
+            study.set_user_attr("driver_starts", starts + 1)
+            sampler_seed = seed if seed is not None else spec.study.sampler.seed
+            if sampler_seed is not None:
+                sampler_seed = (sampler_seed + 1_000_003 * starts) % 2**32  # Optuna's range
+            study.sampler = make_sampler(spec, seed=sampler_seed)
+            parent_id = tracker.open_parent(
+                attrs.get("mlflow_parent_run_id"),
+                name,
+                params={
+                    "dataset": spec.dataset.name,
+                    "task": data.task,
+                    "metric": spec.study.metric,
+                    "sampler": spec.study.sampler.name,
+                    "pruner": spec.study.pruner.name,
+                    "n_trials": spec.study.n_trials,
+                    "max_epochs": spec.training.max_epochs,
+                    **{f"split.{k}": v for k, v in data.info.items() if k.startswith("n_")},
+                    "split.hash": data.info["split_hash"],
+                },
+                tags={
+                    "hpo.study": name,
+                    "hpo.storage": redact_url(url),
+                    "hpo.spec_hash": fingerprints[0],
+                },
+            )
+            if attrs.get("mlflow_parent_run_id") != parent_id:
+                study.set_user_attr("mlflow_parent_run_id", parent_id)
+                study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+                study.set_user_attr("tracking_uri", redact_url(tracker.uri))
+                tracker.log_text(stored_yaml(spec), "spec.yaml")
+            driver.stale.close_runs_of_finished_trials(study)
+            enqueue_baselines(study, spec)
+        base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
+        return driver.run(study, base_seed, on_start, on_trial_end, on_epoch)
+    except BaseException:
+        executor.close(interrupt=True)
+        raise
 
 
 @dataclass
@@ -230,6 +244,8 @@ class _Driver:
         self.final = Final(spec, data, tracker, url, self.lock_key, self.retry)
         self.me = process_id(os.getpid())
         self.stale = StaleTrials(tracker, self.me)
+        self.book = Bookkeeping()
+        self.freed_at: list[float] = []  # when each free worker slot came free
 
     # ------------------------------------------------------------ the loop
 
@@ -266,9 +282,11 @@ class _Driver:
         beat.start()
         interrupted, status, test, note = False, "FAILED", {}, ""
         try:
-            self.executor.start(self.data)
+            self.executor.ready()
             try:
+                loop_start = time.perf_counter()
                 self._loop()
+                self.book.loop = time.perf_counter() - loop_start
             except KeyboardInterrupt:
                 interrupted = True
                 # Ctrl-C may land inside a storage write: drop that half-done transaction,
@@ -313,11 +331,12 @@ class _Driver:
             if deadline is not None and now >= deadline and not self.stopping:
                 self.stopping = "timeout"
             if now - stale_checked >= HEARTBEAT_S / 2:
-                # Our own heartbeats first: after an outage they may all be old.
-                for r in list(self.running.values()):
-                    storage_of(self.study).record_heartbeat(trial_id(r.trial))
-                fail_stale_trials(self.study)  # trials of dead processes: on_stale
-                self.stale.fail_dead_here(self.study)
+                with self.book.step("storage checks"):
+                    # Our own heartbeats first: after an outage they may all be old.
+                    for r in list(self.running.values()):
+                        storage_of(self.study).record_heartbeat(trial_id(r.trial))
+                    fail_stale_trials(self.study)  # trials of dead processes: on_stale
+                    self.stale.fail_dead_here(self.study)
                 stale_checked = now
             if (self.stopping or self.exhausted) and self.held:
                 for job in self.held:  # reserved, never started: they run again later
@@ -340,25 +359,48 @@ class _Driver:
                 elif isinstance(event, Done):
                     # The next trial starts before this one's MLflow run is closed and its
                     # line printed: the worker waits only for what the sampler needs (tell).
+                    busy = self._busy()
                     rest = self._told(event.number, event.record)
+                    if self._busy() < busy:
+                        self.freed_at.append(time.perf_counter())
                     try:
                         self._fill_slots()
                     finally:
                         rest()
                 elif isinstance(event, Lost):
                     self._on_lost(event.number, event.reason)
+            with self.book.step("epoch logging"):
+                self.tracker.flush(due_only=True)  # a fast trial's last second of epochs
 
     def _fill_slots(self) -> None:
         """Hand jobs to free executor slots, then open their trials' MLflow runs (the worker
-        trains meanwhile: it needs no run id)."""
+        trains meanwhile: it needs no run id); then ask for the next job of each slot.
+
+        One job per slot is asked for ahead, while the workers train: when a trial ends, the
+        next starts at once, without waiting for the storage and the sampler (a digits trial
+        trains in a fraction of a second, and its worker stood idle a tenth of it). So the
+        sampler proposes each trial without the result of the one before it on its slot, as
+        with one more worker; with one worker, which results it has seen is still the same
+        in every run of the same spec and seed."""
+        submitted = False
         while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
             job = self.held.pop(0) if self.held else self._next_job()
             if job is None:
                 break
             self.executor.submit(job)
+            if self.freed_at:
+                self.book.add("worker idle", time.perf_counter() - self.freed_at.pop(0))
             self.submitted |= set(job.numbers)
+            submitted = True
             for number in job.numbers:
                 self._open_run(number)
+        while submitted and not (self.stopping or self.exhausted):
+            if len(self.held) >= self.executor.slots:
+                break
+            jobs = self._reserve()
+            if not jobs:
+                break
+            self.held += jobs
 
     def _beat(self) -> None:
         storage = storage_of(self.study)
@@ -416,23 +458,30 @@ class _Driver:
     def _ask(self, fixed: dict[str, Any] | None = None) -> TrialJob | None:
         """Ask for a trial while the budget has room, counting every process's trials; with
         `fixed`, only when no other trial waits in the queue (it would be asked first)."""
-        with storage_lock(self.url, self.lock_key, self.retry):
-            trials = self.study.get_trials(deepcopy=False)
-            if budget_used(trials) >= self.total:
-                return None
-            if fixed is not None:
-                if any(t.state == TrialState.WAITING for t in trials):
+        with self.book.step("ask"):
+            return self._asked(fixed)
+
+    def _asked(self, fixed: dict[str, Any] | None) -> TrialJob | None:
+        # A stop between Optuna's ask and the trial's entry here would leave it RUNNING,
+        # unknown to this process: the stop waits for the entry.
+        with uncut():
+            with storage_lock(self.url, self.lock_key, self.retry):
+                trials = self.study.get_trials(deepcopy=False)
+                if budget_used(trials) >= self.total:
                     return None
-                self.study.enqueue_trial(fixed)
-            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
-                warnings.simplefilter("ignore", UserWarning)
-                trial = self.study.ask()  # an enqueued retry first, if there is one
-            storage_of(self.study).record_heartbeat(trial_id(trial))
-            # seed: the torch seed; retraining with it repeats the trial (a retry has the seed
-            # of the trial it runs again, queued with it)
-            seed = trial.user_attrs.get("seed", self.base_seed * 100_003 + trial.number)
-            set_user_attrs(trial, {"driver": self.me, "seed": seed})
-        self.running[trial.number] = running = _Running(trial, None, None)
+                if fixed is not None:
+                    if any(t.state == TrialState.WAITING for t in trials):
+                        return None
+                    self.study.enqueue_trial(fixed)
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = self.study.ask()  # an enqueued retry first, if there is one
+                storage_of(self.study).record_heartbeat(trial_id(trial))
+                # seed: the torch seed; retraining with it repeats the trial (a retry has the seed
+                # of the trial it runs again, queued with it)
+                seed = trial.user_attrs.get("seed", self.base_seed * 100_003 + trial.number)
+                set_user_attrs(trial, {"driver": self.me, "seed": seed})
+            self.running[trial.number] = running = _Running(trial, None, None)
         baseline = trial.user_attrs.get("baseline")
         try:
             if baseline is not None:  # fixed: the sampler is not asked, so params stay empty
@@ -461,8 +510,9 @@ class _Driver:
         tags = {"hpo.retry_of": str(retry_of)} if retry_of is not None else {}
         if baseline is not None:
             tags["hpo.baseline"] = baseline
-        r.run_id = self.tracker.start_trial(number, tags or None)
-        r.trial.set_user_attr("mlflow_run_id", r.run_id)
+        with self.book.step("run creation"):
+            r.run_id = self.tracker.start_trial(number, tags or None)
+            r.trial.set_user_attr("mlflow_run_id", r.run_id)
 
     def _on_epoch(self, e: Epoch) -> None:
         r = self.running.get(e.number)
@@ -470,6 +520,8 @@ class _Driver:
             self.executor.decide(e.number, "interrupted")
             return
         r.history.append(e.metrics)
+        self.book.training += e.metrics.get("epoch_seconds", 0.0)
+        t0 = time.perf_counter()
         # The worker waits for the decision: it is sent as soon as it is known. A baseline is
         # a reference point: it trains to the end, never pruned.
         decision = None
@@ -485,7 +537,9 @@ class _Driver:
             last = e.epoch >= self.spec.training.max_epochs
             decision = "pruned" if not last and r.trial.should_prune() else None
             self.executor.decide(e.number, decision)
-        self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
+        self.book.add("epoch decision", time.perf_counter() - t0)
+        with self.book.step("epoch logging"):
+            self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
         if self.on_epoch is not None:
             value = e.metrics.get(self.metric, math.nan)
             max_epochs = self.spec.training.max_epochs
@@ -501,23 +555,36 @@ class _Driver:
         self.cohort_of.pop(number, None)
         self.submitted.discard(number)
         trial = r.trial
+        t0 = time.perf_counter()
         settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
         set_user_attrs(trial, settled.attrs)
         if settled.state == TrialState.COMPLETE and r.run_id is not None:
             assert settled.value is not None
-            self._keep_if_best(trial, settled.value, record, r.run_id)
+            t1 = time.perf_counter()
+            try:
+                self._keep_if_best(trial, settled.value, record, r.run_id)
+            except ServerLost:
+                # Its weights could not be kept: it is interrupted with the others on the way
+                # out (told, queued to run again), not left RUNNING.
+                self.running[number] = r
+                raise
+            self.book.add("checkpoint", time.perf_counter() - t1)
+            t0 += time.perf_counter() - t1  # not the tell's
         frozen = self._tell(trial, settled.state, settled.value)
         if settled.retry:
             queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
         params = _params(r.config)
+        self.book.add("tell", time.perf_counter() - t0)
 
         def rest() -> None:
             if r.run_id is not None:
-                self.tracker.end_trial(
-                    r.run_id, settled.run_state, params, settled.final, settled.tags
-                )
+                with self.book.step("run end"):
+                    self.tracker.end_trial(
+                        r.run_id, settled.run_state, params, settled.final, settled.tags
+                    )
             if frozen is not None:
-                self._progress(frozen, "interrupted: runs again" if settled.retry else "")
+                with self.book.step("progress"):
+                    self._progress(frozen, "interrupted: runs again" if settled.retry else "")
 
         return rest
 
@@ -630,6 +697,7 @@ class _Driver:
             wall_time=time.perf_counter() - self.started,
             data_info=self.data.info,
             test_note=note,
+            bookkeeping=self.book.as_dict(),
         )
 
 

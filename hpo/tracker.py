@@ -41,7 +41,11 @@ class Tracker(Protocol):
     def start_trial(self, number: int, tags: dict[str, str] | None = None) -> str:
         """A trial's run, nested in the study's: its id."""
 
-    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+        """An epoch's metrics; they may wait for `flush` (or the trial's end) to be sent."""
+
+    def flush(self, due_only: bool = False) -> None:
+        """Send the epochs that wait (`due_only`: those that have waited long enough)."""
 
     def end_trial(
         self,

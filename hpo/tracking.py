@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -16,6 +17,10 @@ from hpo.outage import DiskFault, Retry, disk_fault, uncut
 from hpo.redact import first_line, redact, redact_url, url_problem
 
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+# A running trial's epochs reach its MLflow run at most this many seconds after they end.
+FLUSH_S = 1.0
+MAX_METRICS = 1000  # MLflow's limit of metrics in one log_batch call
+
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
 
 
@@ -100,6 +105,9 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self._client: Any = None
+        # Epoch metrics not yet sent, per trial run, and when each run's were last sent.
+        self._pending: dict[str, list[Any]] = {}
+        self._sent_at: dict[str, float] = {}
         # Set by the driver once the study is under way: a server that goes away then is
         # waited for (at start, one that does not answer is refused at once instead).
         self.retry: Retry | None = None
@@ -249,6 +257,8 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         """Close the run of a trial whose process died (its heartbeat went silent)."""
         from mlflow.entities import RunTag
 
+        if run_id in self._pending:
+            self._send(run_id)
         if run_id and self._exists(run_id):
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.log_batch(run_id, tags=[RunTag("hpo.state", state)])
@@ -348,6 +358,7 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
 
     def close_parent(self, status: str = "FINISHED") -> None:
         """End the parent run: FINISHED, KILLED (Ctrl-C) or FAILED."""
+        self.flush()
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)
 
@@ -368,14 +379,41 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         return run.info.run_id
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        """One epoch's metrics at step = epoch, sent as the epoch ends in one call: the MLflow
-        UI draws a running trial's curve, and a killed process loses none of its epochs."""
+        """One epoch's metrics at step = epoch. Sent at once when the run's last epochs went
+        out `FLUSH_S` ago or more (an epoch of a second or longer goes out as it ends), else
+        with the next send: a running trial's curve in the MLflow UI is at most `FLUSH_S`
+        behind (the driver calls `flush(due_only=True)` as it waits), and epochs of a few
+        milliseconds cost one write a second, not one each."""
         from mlflow.entities import Metric
 
         now = _now()
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if _finite(v)]
-        if batch:
-            self.client.log_batch(run_id, metrics=batch)
+        self._pending.setdefault(run_id, []).extend(batch)
+        if time.monotonic() - self._sent_at.get(run_id, -math.inf) >= FLUSH_S:
+            self._send(run_id)
+
+    def flush(self, due_only: bool = False) -> None:
+        """Send the epochs not sent yet: every run's, or (`due_only`) those of runs whose last
+        send was `FLUSH_S` ago or more."""
+        now = time.monotonic()
+        for run_id in list(self._pending):
+            if not due_only or now - self._sent_at.get(run_id, -math.inf) >= FLUSH_S:
+                self._send(run_id)
+
+    def _send(self, run_id: str, **with_them: Any) -> None:
+        """The run's pending epochs, and `with_them` (params, tags, metrics), in as few
+        `log_batch` calls as MLflow's limit of 1,000 metrics a call allows."""
+        metrics = self._pending.get(run_id, []) + with_them.pop("metrics", [])
+        first = True
+        while first or metrics:
+            chunk, metrics = metrics[:MAX_METRICS], metrics[MAX_METRICS:]
+            if chunk or with_them:
+                self.client.log_batch(run_id, metrics=chunk, **(with_them if first else {}))
+            first = False
+            # what was sent is not sent again when a later chunk's call fails
+            self._pending[run_id] = self._pending.get(run_id, [])[len(chunk) :]
+        self._pending.pop(run_id, None)
+        self._sent_at[run_id] = time.monotonic()
 
     def end_trial(
         self,
@@ -394,7 +432,8 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
             RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()
         ]
         p = [Param(k, _param(v)) for k, v in params.items()]
-        self.client.log_batch(run_id, metrics=metrics, params=p, tags=all_tags)
+        self._send(run_id, metrics=metrics, params=p, tags=all_tags)  # with its last epochs
+        self._sent_at.pop(run_id, None)
         self.client.set_terminated(run_id, STATUS.get(state, "FINISHED"))
 
     def save_checkpoint(self, run_id: str, state_dict: dict[str, Any], config: dict) -> None:

@@ -401,7 +401,9 @@ def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, flo
 
 # A member's epoch: (epoch, metrics) -> None or a stop reason (one model), or for a cohort
 # ({member: metrics}, epoch) -> {member: None or a stop reason}.
-EpochHook = Callable[[dict[int, dict[str, float]], int], dict[int, str | None]]
+# (metrics of each member still training, epoch, the members whose last epoch it is unless
+# told otherwise) -> each member's None or stop reason
+EpochHook = Callable[[dict[int, dict[str, float]], int, set[int]], dict[int, str | None]]
 DoneHook = Callable[[int, TrainResult], None]
 
 
@@ -419,7 +421,7 @@ def train(
     training at the next step."""
     hook = None
     if on_epoch_end is not None:
-        hook = lambda metrics, epoch: {0: on_epoch_end(epoch, metrics[0])}  # noqa: E731
+        hook = lambda metrics, epoch, last: {0: on_epoch_end(epoch, metrics[0])}  # noqa: E731
     return fit([model], [cfg], train_data, val_data, hook, None, interrupt)[0]
 
 
@@ -437,10 +439,12 @@ def fit(
     cohort; they share the batch order, the first one's `shuffle_seed` or `seed`).
 
     Each member keeps its own history, early stopping, kept weights and reason to stop.
-    `on_epoch_end({member: metrics}, epoch)` answers each member still training with None or
-    a stop reason; `on_done(member, result)` hears of each member as soon as it stops, with
-    its model already holding its kept weights; the others go on. `interrupt`, once set,
-    stops every member at the next step (the unfinished epoch is not recorded).
+    `on_epoch_end({member: metrics}, epoch, last)` answers each member still training with
+    None or a stop reason (`last`: the members that stop after this epoch unless told
+    otherwise, by early stopping or at max_epochs); `on_done(member, result)` hears of each
+    member as soon as it stops, with its model already holding its kept weights; the others
+    go on. `interrupt`, once set, stops every member at the next step (the unfinished epoch
+    is not recorded).
     """
     X, _ = train_data
     device = X.device
@@ -521,16 +525,21 @@ def fit(
                 kept[m] = stepper.kept(row) if cfg.restore_best else {}
             stepper.updates[row].epoch_end(metrics)
             epoch_metrics[m] = metrics
+        last = {
+            m
+            for m in epoch_metrics
+            if watches[m].bad_epochs >= cfgs[m].patience or epoch == lead.max_epochs
+        }
         decisions = {}
         if on_epoch_end is not None and epoch_metrics:  # not when every member diverged
-            decisions = on_epoch_end(epoch_metrics, epoch)
+            decisions = on_epoch_end(epoch_metrics, epoch, last)
         for m in epoch_metrics:
             stop = decisions.get(m)
             if stop is not None:
                 if stop not in STOP_REASONS:
                     raise ValueError(f"on_epoch_end must answer None or a stop reason: {stop!r}")
                 stopped[m] = stop
-            elif watches[m].bad_epochs >= cfgs[m].patience or epoch == lead.max_epochs:
+            elif m in last:
                 stopped[m] = "early_stopping" if epoch < lead.max_epochs else "max_epochs"
         if stopped:
             for m, why in stopped.items():

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 import hpo
 from hpo.api import spec_of
 from hpo.config import SpecError
+from hpo.results import STEPS
 
 
 def test_a_spec_is_a_path_yaml_text_or_a_dict_with_sections_or_dotted_keys(tmp_path):
@@ -63,6 +64,12 @@ def test_run_returns_the_study_its_best_model_and_calls_back_as_optuna_does(work
     best = result.best_trial
     assert best is not None and best.value == max(t.value for t in result.study.trials)
     assert set(result.test_metrics) >= {"test_accuracy", "test_loss"}
+    # where the driver's time went, step by step, beside what the worker trained
+    book = result.summary.bookkeeping
+    epochs = sum(len(t.intermediate_values) for t in result.study.trials)
+    assert book["calls"]["ask"] >= 3 and book["calls"]["run end"] == 3  # and the budget checks
+    assert book["calls"]["epoch decision"] == epochs and set(book["seconds"]) == set(STEPS)
+    assert 0 < book["training_seconds"] < book["loop_seconds"]
 
     from sklearn.datasets import load_digits
 

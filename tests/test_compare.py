@@ -95,7 +95,8 @@ def _load(name):
 @pytest.fixture
 def single_and_interrupted(workdir, mlflow_uri):
     """A study with a single finished trial, and one whose third trial was cut short by Ctrl-C
-    (a KeyboardInterrupt in the middle of its epochs, as a real Ctrl-C lands)."""
+    (a KeyboardInterrupt in the middle of its epochs, as a real Ctrl-C lands), with the fourth,
+    asked for ahead of it, which never started."""
     study_run(
         parse_spec(small_spec(name="one", study={"n_trials": 1}, tracking={"uri": mlflow_uri}))
     )
@@ -126,15 +127,15 @@ def test_interrupted_trials_are_counted_and_the_page_says_why_they_are_left_out(
     single_and_interrupted, workdir
 ):
     _, cut = single_and_interrupted
-    assert [t.number for t in cut.trials if was_interrupted(t)] == [2]
+    assert [t.number for t in cut.trials if was_interrupted(t)] == [2, 3]
     s = summarise(cut)
-    assert s.states["INTERRUPTED"] == 1 and s.states["COMPLETE"] == 2
+    assert s.states["INTERRUPTED"] == 2 and s.states["COMPLETE"] == 2
     assert [p[0] for p in s.best_so_far] == [1, 2]  # the two finished trials, nothing else
     out = write_compare(list(single_and_interrupted), workdir / "cmp")
     md = (out / "report.md").read_text()
-    assert "| cut |" in md and " 2 / 0 / 0 / 1 |" in md and " 1 / 0 / 0 / 0 |" in md
+    assert "| cut |" in md and " 2 / 0 / 0 / 2 |" in md and " 1 / 0 / 0 / 0 |" in md
     assert (
-        "cut: 1 interrupted trial (Ctrl-C, --timeout or a lost worker) left out of the curves "
+        "cut: 2 interrupted trials (Ctrl-C, --timeout or a lost worker) left out of the curves "
         "and counts: they never finished, do not count toward n_trials, and hpo runs their "
         "configurations again." in md
     )

@@ -46,14 +46,17 @@ def test_a_running_trials_curve_is_in_mlflow_while_it_trains(workdir, mlflow_uri
         run_id, curve, reported = wait_for(curve_of_a_running_trial, "a running curve", 300)
         assert client.get_run(run_id).info.status == "RUNNING"
         steps = [m.step for m in curve]
-        # Each epoch is logged as it is reported to Optuna, not in batches seconds later: the
-        # curve read after Optuna's epochs lacks at most the one being logged then.
-        assert len(steps) >= reported - 1, (len(steps), reported)
-        for _ in range(20):
-            trial = running_trial()
-            reported = max(trial.intermediate_values)
-            logged = len(client.get_metric_history(run_id, "val_loss"))
-            assert logged >= reported - 1, (logged, reported)
+        assert len(steps) <= reported  # nothing logged that Optuna has not heard of
+
+        # Epochs go out as they end, or (epochs shorter than a second) at most FLUSH_S later
+        # in one call: the curve keeps growing while the trial trains, not only at its end.
+        def grown():
+            later = client.get_metric_history(run_id, "val_loss")
+            still = running_trial()
+            return len(later) > len(steps) and still is not None and still.number == trial_no
+
+        trial_no = running_trial().number
+        wait_for(grown, "the running curve to grow", 300)
         assert steps == list(range(1, len(steps) + 1))
         assert all(math.isfinite(m.value) and m.value > 0 for m in curve)
         assert len(client.get_metric_history(run_id, "train_accuracy")) >= len(curve)

@@ -183,6 +183,36 @@ def test_a_tracking_server_gone_for_good_stops_the_run_and_a_rerun_closes_its_ru
         server.kill()
 
 
+def test_a_tracking_server_restart_mid_study_loses_no_epoch(tmp_path):
+    """The tracking server killed while a trial trains and started again within --retry-for:
+    the epochs that waited to be sent meanwhile (hpo sends a trial's fast epochs about once a
+    second) go out once it is back, and the trial's curve in MLflow is every epoch Optuna
+    heard of."""
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
+    try:
+        path = write_spec(tmp_path, small_spec(name="restart-tracking", study={"n_trials": 1},
+                                               training=LONG))  # fmt: skip
+        args = ["run", path, "--tracking-uri", server.url, "--retry-for", 600]
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        out = Output(hpo_process(args, tmp_path, env=quick))
+        db = tmp_path / "optuna.db"
+        wait_for(lambda: 1 <= _epochs_of_running_trial_sqlite(db) <= 50, "a trial training")
+        server.kill(9)
+        wait_for(lambda: out.has("unreachable: retrying for up to 600 s"), "the outage noticed")
+        server.start()
+        code, text = out.finish()
+        assert code == 0, text
+        assert "back after" in text
+        study = optuna.load_study(study_name="restart-tracking", storage=f"sqlite:///{db}")
+        [trial] = study.trials
+        assert trial.state == TrialState.COMPLETE and len(trial.intermediate_values) == 100
+        client = MlflowClient(server.url)
+        curve = client.get_metric_history(trial.user_attrs["mlflow_run_id"], "val_loss")
+        assert [m.step for m in curve] == list(range(1, 101))
+    finally:
+        server.kill()
+
+
 def test_retry_waits_out_a_lost_connection_but_not_a_bad_request():
     def refused():
         return sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))

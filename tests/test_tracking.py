@@ -10,7 +10,7 @@ from conftest import http_server, small_spec
 from mlflow import MlflowClient
 
 from hpo.config import SpecError
-from hpo.tracking import MlflowTracker, resolve_uri
+from hpo.tracking import FLUSH_S, MlflowTracker, resolve_uri
 
 
 def test_uri_precedence_is_command_line_then_environment_then_spec(workdir, monkeypatch):
@@ -34,18 +34,35 @@ def test_uri_precedence_is_command_line_then_environment_then_spec(workdir, monk
     assert resolve_uri(None, None) == f"sqlite:///{workdir / 'mlflow.db'}"
 
 
-def test_trial_run_nests_with_each_epoch_sent_as_it_ends(mlflow_uri):
+def test_trial_run_nests_with_its_epochs_sent_at_most_a_second_late(mlflow_uri, monkeypatch):
+    """An epoch goes out at once when the run's last send is FLUSH_S old; faster ones wait for
+    the next send (`flush(due_only=True)`, which the driver calls as it waits, or the trial's
+    end), in calls of at most 1,000 metrics. The clock is the tracker's, moved by the test."""
+    from hpo import tracking
+
+    now = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
     tracker = MlflowTracker(mlflow_uri, "tracking-batches")
     parent = tracker.open_parent(None, "study", {"dataset": "digits"}, {"hpo.study": "s"})
     run_id = tracker.start_trial(7)
     client = MlflowClient(mlflow_uri)
+
+    def logged(key="val_loss"):
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
     tracker.log_epoch(run_id, 1, {"train_loss": 1.0, "val_loss": 2.0, "lr": 0.1})
-    live = client.get_metric_history(run_id, "val_loss")
-    assert [(m.step, m.value) for m in live] == [(1, 2.0)]
-    for e in range(2, 401):
+    assert logged() == [(1, 2.0)]  # the first epoch: at once
+    for e in (2, 3):
         tracker.log_epoch(run_id, e, {"train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1})
-        if e == 3:  # each epoch is there as soon as it is logged, not only at the end
-            assert len(client.get_metric_history(run_id, "train_loss")) == 3
+    assert len(logged()) == 1  # within a second of the last send: they wait
+    tracker.flush(due_only=True)
+    assert len(logged()) == 1
+    now[0] += FLUSH_S
+    tracker.flush(due_only=True)  # a second on: sent
+    assert [s for s, _ in logged()] == [1, 2, 3] and len(logged("train_loss")) == 3
+    for e in range(4, 401):  # 1,191 metrics wait: more than one call's worth
+        tracker.log_epoch(run_id, e, {"train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1})
+    assert len(logged()) == 3
     tracker.end_trial(run_id, "PRUNED", {"lr": 0.1, "widths": [8, 4]}, {"best_epoch": 3})
     run = client.get_run(run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent
@@ -53,7 +70,23 @@ def test_trial_run_nests_with_each_epoch_sent_as_it_ends(mlflow_uri):
     assert run.info.status == "FINISHED" and run.data.params["widths"] == "[8, 4]"
     curve = client.get_metric_history(run_id, "val_loss")
     assert len(curve) == 400 and curve[-1].step == 400 and curve[-1].value == 2.0 / 400
+    assert [m.step for m in curve] == list(range(1, 401))
     assert run.data.metrics["best_epoch"] == 3
+
+
+def test_epochs_that_wait_are_sent_when_a_run_is_closed_and_when_the_study_ends(mlflow_uri):
+    tracker = MlflowTracker(mlflow_uri, "tracking-close")
+    tracker.open_parent(None, "study", {}, {})
+    client = MlflowClient(mlflow_uri)
+    stale, running = tracker.start_trial(1), tracker.start_trial(2)
+    for run_id in (stale, running):
+        for e in (1, 2, 3):  # the first at once, the others wait
+            tracker.log_epoch(run_id, e, {"val_loss": 1.0 / e})
+    tracker.close_run(stale)  # a trial failed as stale: its run closed with what it had
+    assert len(client.get_metric_history(stale, "val_loss")) == 3
+    assert len(client.get_metric_history(running, "val_loss")) == 1
+    tracker.close_parent("KILLED")  # the study's end (Ctrl-C, a lost server): all of it
+    assert len(client.get_metric_history(running, "val_loss")) == 3
 
 
 def test_joining_a_parent_leaves_live_trials_alone_and_closes_only_dead_ones(mlflow_uri):

@@ -225,6 +225,9 @@ def test_kill_9_of_a_worker_fails_its_trial_and_runs_it_again_once(tmp_path, pos
     by_number = {int(c.data.tags["hpo.trial_number"]): c for c in children}
     assert by_number[victim.number].info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in parents + children}
+    # the epochs the killed worker had finished are in its trial's run, every one
+    curve = client.get_metric_history(by_number[victim.number].info.run_id, "val_loss")
+    assert len(curve) == len(lost.intermediate_values) >= 2
 
 
 def test_timeout_stops_a_trial_at_its_next_epoch_and_a_rerun_runs_it_again(workdir):

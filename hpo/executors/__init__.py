@@ -58,7 +58,11 @@ class Executor(Protocol):
     description: str  # for the start-up line: "2 worker processes on cpu, 1 thread each"
 
     def start(self, data: Any) -> None:
-        """Start the workers (the driver's own data is shared where the device matches)."""
+        """Start the workers (the driver's own data is shared where the device matches);
+        they load their data and warm up while the driver opens its stores."""
+
+    def ready(self) -> None:
+        """Wait until every worker is ready for trials; raise if one cannot start."""
 
     def submit(self, job: TrialJob | CohortJob) -> None:
         """Run a trial (or a cohort of them) on a free worker."""

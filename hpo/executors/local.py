@@ -45,6 +45,9 @@ class _QueuePair:
     def recv(self) -> Any:
         return self.inbox.get()
 
+    def poll(self) -> bool:
+        return not self.inbox.empty()
+
 
 class ThreadExecutor:
     """One trial at a time in a thread of this process, on the driver's own data."""
@@ -68,6 +71,8 @@ class ThreadExecutor:
             daemon=True,
         )
         self._thread.start()
+
+    def ready(self) -> None:
         _expect_ready(self._outbox.get())
 
     def submit(self, job: TrialJob | CohortJob) -> None:
@@ -121,6 +126,11 @@ class WorkerSlots:
         self.slots = slots
         self._ready = [False] * slots
         self._job: list[set[int]] = [set() for _ in range(slots)]  # trial numbers per worker
+        # The worker each trial ran on, until its worker's next job: a worker that runs ahead
+        # of the answers (`hpo.executors.worker`) may report a trial done before the driver
+        # has answered its last epochs, and still reads those answers.
+        self._ran_on: dict[int, int] = {}
+        self._unanswered = [0] * slots  # epochs each worker has sent and not had answered
         self._pending: list[TrialJob | CohortJob] = []
         self._stall_s = stall_s  # None: never
         self._owed = [0.0] * slots  # since when the worker owes a message (0: it does not)
@@ -131,28 +141,44 @@ class WorkerSlots:
         raise NotImplementedError
 
     def _free(self) -> list[int]:
-        return [i for i in range(self.slots) if self._ready[i] and not self._job[i]]
+        """Workers ready for a job: none running, and every epoch they sent answered (a new
+        job's message must not arrive where the worker still reads answers)."""
+        return [
+            i
+            for i in range(self.slots)
+            if self._ready[i] and not self._job[i] and not self._unanswered[i]
+        ]
 
     def submit(self, job: TrialJob | CohortJob) -> None:
         free = self._free()
         if not free:
             self._pending.append(job)
             return
+        self._ran_on = {n: w for n, w in self._ran_on.items() if w != free[0]}
+        self._ran_on |= dict.fromkeys(job.numbers, free[0])
         self._job[free[0]] = set(job.numbers)
         self._epochs[free[0]] = []
         self._owed[free[0]] = time.monotonic()
         self._send(free[0], ("run", job))
+
+    def _forget(self, i: int) -> None:
+        """Worker `i` is replaced: its trials are lost, and no answer goes to its successor."""
+        self._job[i] = set()
+        self._ran_on = {n: w for n, w in self._ran_on.items() if w != i}
+        self._unanswered[i] = 0
 
     def _submit_pending(self) -> None:
         while self._pending and self._free():
             self.submit(self._pending.pop(0))
 
     def decide(self, number: int, decision: str | None) -> None:
-        worker = next((i for i, jobs in enumerate(self._job) if number in jobs), None)
+        worker = self._ran_on.get(number)
         if worker is not None:  # None: its worker died meanwhile (reported as Lost)
-            if not self._owed[worker]:
+            if not self._owed[worker] and number in self._job[worker]:
                 self._owed[worker] = time.monotonic()
             self._send(worker, ("decision", decision))
+            self._unanswered[worker] = max(0, self._unanswered[worker] - 1)
+            self._submit_pending()
 
     def _receive(self, i: int, message: tuple) -> Event | None:
         """A message from worker `i`: its readiness noted, a finished trial's slot freed, the
@@ -163,6 +189,8 @@ class WorkerSlots:
         event = _event(message)
         if event is not None and event.number not in self._job[i]:
             return None  # from a worker replaced as stalled, whose trial has run again
+        if isinstance(event, Epoch):
+            self._unanswered[i] += 1
         if isinstance(event, Epoch) and self._owed[i]:  # a cohort's first member's epoch
             took = time.monotonic() - self._owed[i]
             self._epochs[i].append(took)
@@ -204,7 +232,13 @@ def _expect_ready(message: tuple) -> None:
         raise RuntimeError(f"a worker could not start: {message[1]}")
 
 
-def _process_main(conn: Connection, spec: Spec, device: str, threads: int) -> None:
+def _process_main(
+    conn: Connection, spec: Spec, device: str, threads: int, environ: dict[str, str]
+) -> None:
+    # The driver's environment as it is now, not the fork server's when it started
+    # ($HPO_DATA_DIR, $CUDA_VISIBLE_DEVICES, ...).
+    os.environ.clear()
+    os.environ.update(environ)
     # Ctrl-C reaches the whole process group: the driver decides what happens to trials.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -220,8 +254,22 @@ def _process_main(conn: Connection, spec: Spec, device: str, threads: int) -> No
         pass  # the driver went away
 
 
+def _context() -> Any:
+    """Where the platform has it, a fork server that has imported torch and the worker's code
+    once: each worker (a study's, a replaced one, the next study's from the same Python
+    process) forks from it in milliseconds, ready to train, instead of importing torch again
+    for a second or more. Else spawn. Neither forks the driver, whose threads and open
+    connections a fork would copy."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["hpo.executors.worker", "hpo.executors.local", "torch._dynamo"])
+    return ctx
+
+
 class ProcessExecutor(WorkerSlots):
-    """N worker processes (spawned: safe with CUDA and threads), each with its own data copy.
+    """N worker processes (started afresh: safe with CUDA and threads; see `_context`), each
+    with its own data copy.
 
     CPU workers split the cores between them (torch threads); GPU workers are spread over
     `devices` round robin. A worker that dies is reported as `Lost` and replaced.
@@ -232,17 +280,22 @@ class ProcessExecutor(WorkerSlots):
         self._init_slots(len(devices), spec.training.stall_timeout)
         where = sorted(set(devices))
         per = f", {threads} torch thread{'s' if threads > 1 else ''} each"
+        if threads > 1:
+            per += " (1 for a small net)"
         cpu = all(d == "cpu" for d in devices)
-        self.description = f"{self.slots} worker processes on {', '.join(where)}" + (
-            per if cpu else ""
+        self.description = (
+            f"{self.slots} worker process{'es' if self.slots > 1 else ''} on {', '.join(where)}"
+            + (per if cpu else "")
         )
-        self._ctx = mp.get_context("spawn")
+        self._ctx = _context()
         self._procs: list[Any] = [None] * self.slots
         self._conns: list[Connection | None] = [None] * self.slots
 
     def start(self, data: Data | None = None) -> None:
         for i in range(self.slots):
             self._spawn(i)
+
+    def ready(self) -> None:
         for i in range(self.slots):
             self._await_ready(i)
 
@@ -250,7 +303,7 @@ class ProcessExecutor(WorkerSlots):
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_process_main,
-            args=(child, self.spec, self.devices[i], self.threads),
+            args=(child, self.spec, self.devices[i], self.threads, dict(os.environ)),
             name=f"hpo-worker-{i}",
             daemon=True,
         )
@@ -265,7 +318,9 @@ class ProcessExecutor(WorkerSlots):
             _expect_ready(conn.recv())
         except EOFError:
             code = self._procs[i].exitcode if self._procs[i] else None
-            raise RuntimeError(f"worker {i} died while starting (exit code {code})") from None
+            raise RuntimeError(
+                f"worker {i} died while starting (exit code {code}); its error is above"
+            ) from None
         self._ready[i] = True
 
     def _send(self, i: int, message: tuple) -> None:
@@ -308,7 +363,7 @@ class ProcessExecutor(WorkerSlots):
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         for number in sorted(self._job[i]):
             lost.append(Lost(number, reason or f"worker process {proc.pid} died ({why})"))
-        self._job[i] = set()
+        self._forget(i)
         self._conns[i].close()  # type: ignore[union-attr]
         self._spawn(i)  # ready again once its data is loaded (a "ready" message)
         return lost
@@ -392,9 +447,9 @@ def plan_workers(
 
 def local_executor(
     spec: Spec, workers: int | None = None, workers_per_gpu: int | None = None
-) -> ThreadExecutor | ProcessExecutor:
-    """In this process for one worker, else worker processes; see `plan_workers`."""
+) -> ProcessExecutor:
+    """Worker processes, one too: the driver's own bookkeeping (the storage, the tracking
+    store, the sampler: Python, as the training loop is) then runs beside the training, not
+    between its steps; see `plan_workers`."""
     devices, threads = plan_workers(spec.training.device, workers, workers_per_gpu)
-    if len(devices) == 1:
-        return ThreadExecutor(spec, devices[0])
     return ProcessExecutor(spec, devices, threads)

@@ -45,6 +45,9 @@ class _RayChannel:
     def recv(self) -> Any:
         return self.inbox.get()
 
+    def poll(self) -> bool:
+        return not self.inbox.empty()
+
 
 def _work(spec: Spec, slot: int, inbox: Any, outbox: Any, gpus: float, cpus: int) -> None:
     device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES for the task
@@ -81,6 +84,8 @@ class RayExecutor(WorkerSlots):
         self._outbox = Queue()
         for i in range(self.slots):
             self._spawn(i)
+
+    def ready(self) -> None:
         waiting = set(range(self.slots))
         while waiting:
             slot, message = self._outbox.get(timeout=600)
@@ -125,12 +130,12 @@ class RayExecutor(WorkerSlots):
                 why = type(e).__name__
             for number in sorted(self._job[i]):
                 events.append(Lost(number, f"Ray worker {i} died ({why})"))
-            self._job[i] = set()
+            self._forget(i)
             self._spawn(i)
         for i, why in self._stalled():  # its task is cancelled and replaced: never heard again
             ray.cancel(self._tasks[i], force=True)
             events += [Lost(number, why) for number in sorted(self._job[i])]
-            self._job[i] = set()
+            self._forget(i)
             self._spawn(i)
         self._submit_pending()
         return events
