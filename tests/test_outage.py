@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import threading
+from pathlib import Path
 
 import optuna
 import psycopg
@@ -138,18 +139,25 @@ def test_a_database_gone_for_good_stops_the_run_and_a_rerun_continues(tmp_path, 
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
 
 
+def _kill_the_tracking_server_mid_trial(
+    tmp_path, server: MlflowServer, name: str, retry_for: int
+) -> tuple[Output, Path, Path]:
+    """`hpo run` of one long trial tracked on `server`, which is killed a few epochs in (a
+    state, not a number of seconds); its output, spec and Optuna database."""
+    path = write_spec(tmp_path, small_spec(name=name, study={"n_trials": 1}, training=LONG))
+    args = ["run", path, "--tracking-uri", server.url, "--retry-for", retry_for]
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    out = Output(hpo_process(args, tmp_path, env=quick))
+    db = tmp_path / "optuna.db"
+    wait_for(lambda: 1 <= _epochs_of_running_trial_sqlite(db) <= 50, "a trial training")
+    server.kill(9)
+    return out, path, db
+
+
 def test_a_tracking_server_gone_for_good_stops_the_run_and_a_rerun_closes_its_runs(tmp_path):
     server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
     try:
-        path = write_spec(
-            tmp_path, small_spec(name="lost-tracking", study={"n_trials": 1}, training=LONG)
-        )
-        args = ["run", path, "--tracking-uri", server.url, "--retry-for", 2]
-        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-        out = Output(hpo_process(args, tmp_path, env=quick))
-        db = tmp_path / "optuna.db"
-        wait_for(lambda: 1 <= _epochs_of_running_trial_sqlite(db) <= 50, "a trial training")
-        server.kill(9)
+        out, path, db = _kill_the_tracking_server_mid_trial(tmp_path, server, "lost-tracking", 2)
         code, text = out.finish()
         assert code == 1, text
         assert "Traceback" not in text
@@ -190,14 +198,7 @@ def test_a_tracking_server_restart_mid_study_loses_no_epoch(tmp_path):
     heard of."""
     server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
     try:
-        path = write_spec(tmp_path, small_spec(name="restart-tracking", study={"n_trials": 1},
-                                               training=LONG))  # fmt: skip
-        args = ["run", path, "--tracking-uri", server.url, "--retry-for", 600]
-        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-        out = Output(hpo_process(args, tmp_path, env=quick))
-        db = tmp_path / "optuna.db"
-        wait_for(lambda: 1 <= _epochs_of_running_trial_sqlite(db) <= 50, "a trial training")
-        server.kill(9)
+        out, _, db = _kill_the_tracking_server_mid_trial(tmp_path, server, "restart-tracking", 600)
         wait_for(lambda: out.has("unreachable: retrying for up to 600 s"), "the outage noticed")
         server.start()
         code, text = out.finish()
