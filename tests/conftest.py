@@ -334,9 +334,9 @@ def tmpfs(folder: Path, size: str):
 
 
 def kill_a_worker_training(study_name: str, storage: str, alongside: int = 1, process=None):
-    """Wait for a trial RUNNING on a worker process, 2 to 50 epochs in (with `alongside` - 1
+    """Wait for a trial RUNNING on a worker process, 2 to 150 epochs in (with `alongside` - 1
     cohort mates RUNNING too), kill -9 that worker, and return the trial. Its trials must be
-    longer than 50 epochs: far from its end, it is still that worker's trial when killed."""
+    much longer than 150 epochs: far from its end, it is still that worker's trial when killed."""
     import optuna
     from optuna.trial import TrialState
 
@@ -347,7 +347,7 @@ def kill_a_worker_training(study_name: str, storage: str, alongside: int = 1, pr
             return None
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for t in running:
-            if "worker" in t.user_attrs and 2 <= len(t.intermediate_values) <= 50:
+            if "worker" in t.user_attrs and 2 <= len(t.intermediate_values) <= 150:
                 cohort = t.user_attrs.get("fused_with", [t.number])
                 if sum(r.number in cohort for r in running) >= alongside:
                     return t

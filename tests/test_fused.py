@@ -396,7 +396,7 @@ def test_kill_9_of_a_worker_fails_its_whole_cohort_and_each_member_runs_again(wo
 
     spec = small_spec(
         study={"n_trials": 4, "pruner": {"name": "none"}},
-        training={"max_epochs": 150, "early_stopping": {"patience": 150}},
+        training={"max_epochs": 400, "early_stopping": {"patience": 400}},
     )
     path = write_spec(workdir, spec)
     proc = hpo_process(["run", path, "--workers", 2, "--fused-trials", 2], workdir)

@@ -468,7 +468,9 @@ def test_a_stopped_worker_is_failed_as_stalled_killed_replaced_and_its_trial_run
 
     spec = small_spec(
         name="stall",
-        training={"max_epochs": 60, "early_stopping": {"patience": 60}, "stall_timeout": 8},
+        # 600 epochs (seconds a trial): the wait below sees a trial a few epochs in, far from
+        # its end, whatever the machine's speed
+        training={"max_epochs": 600, "early_stopping": {"patience": 600}, "stall_timeout": 8},
         study={"n_trials": 3},
     )
     path = write_spec(tmp_path, spec)
@@ -481,11 +483,11 @@ def test_a_stopped_worker_is_failed_as_stalled_killed_replaced_and_its_trial_run
         except KeyError:  # not created yet
             return None
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "worker" in t.user_attrs and 2 <= len(t.intermediate_values) <= 30:
+            if "worker" in t.user_attrs and 2 <= len(t.intermediate_values) <= 300:
                 return t
         return None
 
-    victim = wait_for(training, "a trial RUNNING on a worker, 2 to 30 epochs in", process=proc)
+    victim = wait_for(training, "a trial RUNNING on a worker, 2 to 300 epochs in", process=proc)
     pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
     os.kill(pid, signal.SIGSTOP)
     out = proc.communicate(timeout=600)[0]

@@ -201,8 +201,8 @@ def test_two_workers_on_the_default_local_storage(workdir):
 def test_kill_9_of_a_worker_fails_its_trial_and_runs_it_again_once(tmp_path, postgres,
                                                                    mlflow_server):  # fmt: skip
     storage = postgres.create_database("killed")
-    # 100 epochs a trial: the worker is killed 2 epochs or so into one, far from its end
-    training = {"max_epochs": 100, "early_stopping": {"patience": 100}}
+    # 400 epochs a trial: the worker is killed at most 150 epochs into one, far from its end
+    training = {"max_epochs": 400, "early_stopping": {"patience": 400}}
     path = write_spec(
         tmp_path, small_spec(name="killed", study={"n_trials": 3}, training=training)
     )
