@@ -106,11 +106,9 @@ def _dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in values.items():
         path = f"{prefix}{key}"
-        whole = prefix.startswith("search_space.") or path in ("search_space", "baselines")
+        whole = path.startswith("search_space.") or path == "baselines"
         if isinstance(value, Mapping) and value and not whole:
             out |= _dotted(value, f"{path}.")
-        elif isinstance(value, Mapping) and path == "search_space":
-            out |= {f"search_space.{k}": v for k, v in value.items()}
         else:
             out[path] = value
     return out
@@ -158,10 +156,10 @@ def run(
 
     from hpo.executors.local import local_executor
     from hpo.study import run_study
+    from hpo.tracking import tracker_for
 
     if multiprocessing.current_process().name.startswith("hpo-worker"):
         raise RuntimeError(WORKER_IMPORTED_SCRIPT)
-    from hpo.tracking import tracker_for
 
     for key, value in (("study.n_trials", n_trials), ("study.fused_trials", fused_trials)):
         if value is not None:

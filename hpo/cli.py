@@ -253,7 +253,8 @@ def run(
         typer.Argument(
             help="Any key of the spec set as KEY=VALUE, the key dotted and the value YAML: "
             "training.max_epochs=5 study.sampler.name=random search_space.lr=1.0e-3. They "
-            "beat the flags below, which beat the environment, which beats the spec.",
+            "beat the flags below for the same key. Where results go: --storage and "
+            "--tracking-uri, then $HPO_STORAGE and $MLFLOW_TRACKING_URI, then the spec.",
             show_default=False,
         ),
     ] = None,

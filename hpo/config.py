@@ -41,6 +41,7 @@ from hpo.distributions import (
     IntRange,
     Name,
     SearchSpace,
+    Strict,
     grid_points,
     largest,
     name_problem,
@@ -76,18 +77,14 @@ def metric_direction(metric: str) -> Literal["minimize", "maximize"]:
     return "maximize" if metric.endswith("accuracy") else "minimize"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SplitSpec(_Strict):
+class SplitSpec(Strict):
     val: Annotated[float, Field(gt=0, lt=1)] = 0.1
     test: Annotated[float, Field(gt=0, lt=1)] = 0.1
     stratify: bool = True
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(Strict):
     name: registry_name(DATASETS)  # type: ignore[valid-type]
     path: str | None = None
     test_path: str | None = None
@@ -103,7 +100,7 @@ class DatasetSpec(_Strict):
     scale: Literal["standard", "minmax", "none"] = "standard"
 
 
-class EarlyStoppingSpec(_Strict):
+class EarlyStoppingSpec(Strict):
     monitor: str = "val_loss"
     patience: Annotated[int, Field(ge=1)] = 5  # epochs without improvement before stopping
     min_delta: Annotated[float, Field(ge=0)] = 0.0
@@ -119,7 +116,7 @@ def _device(value: str) -> str:
 _DEVICE = r"auto|cpu|cuda(:\d+)?|mps"
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(Strict):
     max_epochs: Annotated[int, Field(ge=1)] = 30
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     device: Annotated[
@@ -155,7 +152,7 @@ class PrunerSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class StudySpec(_Strict):
+class StudySpec(Strict):
     n_trials: Annotated[int, Field(ge=1)] = 40
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds
     metric: str = "val_accuracy"
@@ -166,7 +163,7 @@ class StudySpec(_Strict):
     fused_trials: Annotated[int, Field(ge=1)] = 1
 
 
-class TrackingSpec(_Strict):
+class TrackingSpec(Strict):
     uri: str | None = None
     experiment: str | None = None
     log_model: Literal["best", "all", "none"] = "best"
@@ -184,7 +181,7 @@ YAML_KEYS = (
 )
 
 
-class Spec(_Strict):
+class Spec(Strict):
     name: Name
     dataset: DatasetSpec
     task: Literal["auto", "classification", "regression"] = "auto"
@@ -243,12 +240,20 @@ class Spec(_Strict):
         """This spec with some keys set (dotted YAML paths: `study.n_trials`), validated as a
         file is. It keeps its file's text, as the study logs it, unless what trains changed."""
         document = copy.deepcopy(self._document)
+        problems = []
         for path, value in values.items():
             *parents, key = path.split(".")
             node = document
-            for part in parents:
+            for i, part in enumerate(parents):
                 node = node.setdefault(part, {})
-            node[key] = value
+                if not isinstance(node, dict):
+                    where = ".".join(parents[: i + 1])
+                    problems.append(f"{path}: {where} is a value ({node!r}), not a section")
+                    break
+            else:
+                node[key] = value
+        if problems:
+            raise SpecError(problems)
         new = parse_spec(document, source_dir=self.source_dir, raw_text=self.raw_text)
         if new.fingerprint() != self.fingerprint():
             new.raw_text = ""

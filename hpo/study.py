@@ -394,9 +394,8 @@ class _Driver:
             submitted = True
             for number in job.numbers:
                 self._open_run(number)
-        while submitted and not (self.stopping or self.exhausted):
-            if len(self.held) >= self.executor.slots:
-                break
+        ahead = self.executor.slots
+        while submitted and not (self.stopping or self.exhausted) and len(self.held) < ahead:
             jobs = self._reserve()
             if not jobs:
                 break
@@ -558,6 +557,7 @@ class _Driver:
         t0 = time.perf_counter()
         settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
         set_user_attrs(trial, settled.attrs)
+        checkpoint_s = 0.0
         if settled.state == TrialState.COMPLETE and r.run_id is not None:
             assert settled.value is not None
             t1 = time.perf_counter()
@@ -568,13 +568,13 @@ class _Driver:
                 # out (told, queued to run again), not left RUNNING.
                 self.running[number] = r
                 raise
-            self.book.add("checkpoint", time.perf_counter() - t1)
-            t0 += time.perf_counter() - t1  # not the tell's
+            checkpoint_s = time.perf_counter() - t1
+            self.book.add("checkpoint", checkpoint_s)
         frozen = self._tell(trial, settled.state, settled.value)
         if settled.retry:
             queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
         params = _params(r.config)
-        self.book.add("tell", time.perf_counter() - t0)
+        self.book.add("tell", time.perf_counter() - t0 - checkpoint_s)
 
         def rest() -> None:
             if r.run_id is not None:

@@ -19,7 +19,6 @@ from hpo.redact import first_line, redact, redact_url, url_problem
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 # A running trial's epochs reach its MLflow run at most this many seconds after they end.
 FLUSH_S = 1.0
-MAX_METRICS = 1000  # MLflow's limit of metrics in one log_batch call
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
 
@@ -400,18 +399,11 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
             if not due_only or now - self._sent_at.get(run_id, -math.inf) >= FLUSH_S:
                 self._send(run_id)
 
-    def _send(self, run_id: str, **with_them: Any) -> None:
-        """The run's pending epochs, and `with_them` (params, tags, metrics), in as few
-        `log_batch` calls as MLflow's limit of 1,000 metrics a call allows."""
-        metrics = self._pending.get(run_id, []) + with_them.pop("metrics", [])
-        first = True
-        while first or metrics:
-            chunk, metrics = metrics[:MAX_METRICS], metrics[MAX_METRICS:]
-            if chunk or with_them:
-                self.client.log_batch(run_id, metrics=chunk, **(with_them if first else {}))
-            first = False
-            # what was sent is not sent again when a later chunk's call fails
-            self._pending[run_id] = self._pending.get(run_id, [])[len(chunk) :]
+    def _send(self, run_id: str, metrics: list[Any] | None = None, **with_them: Any) -> None:
+        """The run's pending epochs, with `metrics` and `with_them` (params, tags), in one
+        `log_batch` (which MLflow's client splits at its limits per request)."""
+        batch = self._pending.get(run_id, []) + (metrics or [])
+        self.client.log_batch(run_id, metrics=batch, **with_them)
         self._pending.pop(run_id, None)
         self._sent_at[run_id] = time.monotonic()
 

@@ -15,7 +15,7 @@ from conftest import small_spec, wait_for, write_spec
 from optuna.trial import TrialState
 
 import hpo
-from hpo.api import spec_of
+from hpo.api import WORKER_IMPORTED_SCRIPT, spec_of
 from hpo.config import SpecError
 from hpo.results import STEPS
 
@@ -36,6 +36,11 @@ def test_a_spec_is_a_path_yaml_text_or_a_dict_with_sections_or_dotted_keys(tmp_p
         9,
     )
     assert changed.space["width"] == by_dict.space["width"]  # the other entries stay
+    # a distribution given by its dotted path replaces the entry whole, as in a section
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+    by_path = spec_of(small_spec(), {"search_space.lr": lr})
+    assert by_path.space["lr"] == spec_of(small_spec(), {"search_space": {"lr": lr}}).space["lr"]
+    assert by_path.space["lr"].high == 1e-2
 
 
 def test_a_keyword_override_is_validated_as_the_file_is_and_nothing_is_written(workdir):
@@ -105,6 +110,18 @@ def _one_done_and_one_training(storage: str):
         return done and running
 
     return seen
+
+
+def test_a_script_without_the_main_guard_is_told_what_to_do(tmp_path):
+    """The trials train in a worker process, which imports the calling script: one that calls
+    hpo.run at its top level would start a study in the worker too. The worker says why it
+    stops, and the run does not start."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import hpo\nhpo.run({small_spec()!r}, n_trials=1, progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    assert WORKER_IMPORTED_SCRIPT in done.stderr and "worker 0 died while starting" in done.stderr
 
 
 def test_a_plain_python_process_runs_interrupts_and_continues_a_study(tmp_path):

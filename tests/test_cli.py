@@ -461,6 +461,11 @@ def test_a_bad_override_names_its_key_and_what_is_allowed(workdir):
     ]
     code, out = invoke("run", path, "epochs")
     assert code == 2 and out.startswith("error: command line: 'epochs': an override is KEY=VALUE")
+    code, out = invoke("run", path, "training.max_epochs.x=1")  # a value, not a section
+    assert code == 2 and out == (
+        "error: command line: training.max_epochs.x: training.max_epochs is a value (3), not a "
+        "section\n"
+    )
     code, out = invoke("run", path, "--max-epochs", 0)
     assert code == 2 and out == "error: --max-epochs: must be >= 1 (got 0)\n"
     assert not (workdir / "optuna.db").exists()

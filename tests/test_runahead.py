@@ -40,10 +40,10 @@ SLOW = {"val_loss": 1.0, "epoch_seconds": RUN_AHEAD_BELOW_S}
 def test_short_epochs_run_ahead_and_a_late_prune_stops_the_trial_at_the_next_epoch():
     channel = Channel()
     answers = _Answers(channel)
-    assert answers({7: FAST}, 1) == {7: None}  # no answer yet: it trains on
-    assert answers({7: FAST}, 2) == {7: None}
+    assert answers({7: FAST}, 1, set()) == {7: None}  # no answer yet: it trains on
+    assert answers({7: FAST}, 2, set()) == {7: None}
     channel.inbox += [("decision", None), ("decision", "pruned")]  # epochs 1 and 2
-    assert answers({7: FAST}, 3) == {7: "pruned"}  # read after epoch 3: it stops there
+    assert answers({7: FAST}, 3, set()) == {7: "pruned"}  # read after epoch 3: it stops there
     assert [m[2] for m in channel.sent] == [1, 2, 3]  # every epoch it trained was reported
     channel.inbox.append(("decision", "pruned"))
     assert answers.settle() is False and not channel.inbox  # epoch 3's answer read too
@@ -53,27 +53,41 @@ def test_at_most_AHEAD_epochs_go_unanswered():
     channel = Channel()
     answers = _Answers(channel)
     for epoch in range(1, AHEAD + 1):
-        answers({1: FAST}, epoch)
+        answers({1: FAST}, epoch, set())
     with pytest.raises(AssertionError, match="waited"):  # one more: it waits for the oldest
-        answers({1: FAST}, AHEAD + 1)
+        answers({1: FAST}, AHEAD + 1, set())
+
+
+def test_a_trials_last_epoch_reads_every_answer_so_a_prune_in_time_ends_it_pruned():
+    class InFlight(Channel):  # the answers are on their way: recv waits for them, poll no
+        def poll(self):
+            return False
+
+    channel = InFlight()
+    answers = _Answers(channel)
+    assert answers({5: FAST}, 1, set()) == {5: None}
+    channel.inbox += [("decision", "pruned"), ("decision", None)]  # epochs 1 and 2
+    # epoch 2 is its last (early stopping): it waits for both answers, the prune included
+    assert answers({5: FAST}, 2, {5}) == {5: "pruned"}
+    assert not answers.owed and not channel.inbox
 
 
 def test_slow_epochs_wait_for_their_own_answer():
     channel = Channel()
     answers = _Answers(channel)
     channel.inbox.append(("decision", "pruned"))
-    assert answers({3: SLOW}, 1) == {3: "pruned"}
+    assert answers({3: SLOW}, 1, set()) == {3: "pruned"}
     assert not answers.owed
 
 
 def test_a_cohort_reads_one_answer_per_member_in_order_and_an_exit_interrupts_the_rest():
     channel = Channel()
     answers = _Answers(channel)
-    assert answers({1: FAST, 2: FAST}, 1) == {1: None, 2: None}
+    assert answers({1: FAST, 2: FAST}, 1, set()) == {1: None, 2: None}
     channel.inbox += [("decision", "pruned"), ("decision", None)]
-    assert answers({1: FAST, 2: FAST}, 2) == {1: "pruned", 2: None}
+    assert answers({1: FAST, 2: FAST}, 2, set()) == {1: "pruned", 2: None}
     channel.inbox += [("exit",)]  # the driver closes instead of answering epoch 2
-    assert answers({2: FAST}, 3) == {2: "interrupted"}
+    assert answers({2: FAST}, 3, set()) == {2: "interrupted"}
     assert answers.settle() is True  # serve's loop ends: the second "exit" is its own
 
 

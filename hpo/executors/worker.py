@@ -117,7 +117,7 @@ class _Answers:
         self.exit = False  # an "exit" came instead of an answer: the driver sends no more
 
     def __call__(
-        self, metrics: dict[int, dict[str, float]], epoch: int, last: set[int] = frozenset()
+        self, metrics: dict[int, dict[str, float]], epoch: int, last: set[int]
     ) -> dict[int, str | None]:
         if self.exit:
             return dict.fromkeys(metrics, "interrupted")
@@ -125,12 +125,11 @@ class _Answers:
             self.channel.send(("epoch", number, epoch, m))
         self.owed.append(list(metrics))
         slow = any(m.get("epoch_seconds", 0.0) >= RUN_AHEAD_BELOW_S for m in metrics.values())
-        poll = getattr(self.channel, "poll", None)
         answers: dict[int, str | None] = {}
         # A trial's last epoch waits for every answer: a prune that came in time for any of its
         # epochs stops it as pruned, not as finished.
-        wait = slow or bool(last) or poll is None
-        while self.owed and (wait or len(self.owed) > AHEAD or poll()):
+        wait = slow or bool(last)
+        while self.owed and (wait or len(self.owed) > AHEAD or self.channel.poll()):
             for number, answer in self._read_one().items():
                 answers[number] = answers.get(number) or answer
         return {n: answers.get(n) for n in metrics}
