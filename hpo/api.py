@@ -114,6 +114,17 @@ def _dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# The options of `hpo run` (and keywords of `hpo.run`) that are shorthands for a spec key.
+SHORTHANDS = {
+    "n_trials": "study.n_trials",
+    "timeout": "study.timeout",
+    "fused_trials": "study.fused_trials",
+    "device": "training.device",
+    "max_epochs": "training.max_epochs",
+    "max_samples": "dataset.max_samples",
+}
+
+
 # What a worker process says when the script it imports calls hpo.run at its top level.
 WORKER_IMPORTED_SCRIPT = (
     "hpo.run was called while a worker process imported the script that calls it: the "
@@ -126,6 +137,10 @@ def run(
     spec: SpecLike,
     *,
     n_trials: int | None = None,
+    timeout: float | None = None,
+    device: str | None = None,
+    max_epochs: int | None = None,
+    max_samples: int | None = None,
     study_name: str | None = None,
     storage: str | None = None,
     tracking_uri: str | None = None,
@@ -161,9 +176,9 @@ def run(
     if multiprocessing.current_process().name.startswith("hpo-worker"):
         raise RuntimeError(WORKER_IMPORTED_SCRIPT)
 
-    for key, value in (("study.n_trials", n_trials), ("study.fused_trials", fused_trials)):
-        if value is not None:
-            values[key] = value
+    given = {"n_trials": n_trials, "timeout": timeout, "fused_trials": fused_trials,
+             "device": device, "max_epochs": max_epochs, "max_samples": max_samples}  # fmt: skip
+    values |= {SHORTHANDS[k]: v for k, v in given.items() if v is not None}
     loaded = spec_of(spec, values)
     try:
         if ray is not None:

@@ -336,16 +336,12 @@ def run(
         _err(f"error: --seed: must be from 0 to 4294967295 (got {seed})")
         raise typer.Exit(code=2)
     loaded = _load(spec)
-    flags = (
-        ("study", "n_trials", n_trials),
-        ("study", "timeout", timeout),
-        ("study", "fused_trials", fused_trials),
-        ("training", "device", device),
-        ("training", "max_epochs", max_epochs),
-        ("dataset", "max_samples", max_samples),
-    )
+    flags = {"n_trials": n_trials, "timeout": timeout, "fused_trials": fused_trials,
+             "device": device, "max_epochs": max_epochs, "max_samples": max_samples}  # fmt: skip
+    from hpo import api
+
     given = _overrides(overrides or [])
-    values = {f"{section}.{key}": value for section, key, value in flags if value is not None}
+    values = {api.SHORTHANDS[k]: v for k, v in flags.items() if v is not None}
     if values or given:
         try:
             loaded = loaded.with_values(values | given)
@@ -359,7 +355,6 @@ def run(
 
     import optuna
 
-    from hpo import api
     from hpo.progress import StudyDisplay
 
     # Our own line per trial replaces Optuna's log (which prints a traceback per failed trial).

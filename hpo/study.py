@@ -550,31 +550,34 @@ class _Driver:
     def _told(self, number: int, record: TrialRecord) -> Callable[[], None]:
         """Store a finished trial's result and tell Optuna; what is left (closing its tracker
         run, the progress line) comes back to be called once the next trial has started."""
-        r = self.running.pop(number)
-        self.cohort_of.pop(number, None)
-        self.submitted.discard(number)
-        trial = r.trial
-        t0 = time.perf_counter()
-        settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
-        set_user_attrs(trial, settled.attrs)
-        checkpoint_s = 0.0
-        if settled.state == TrialState.COMPLETE and r.run_id is not None:
-            assert settled.value is not None
-            t1 = time.perf_counter()
-            try:
-                self._keep_if_best(trial, settled.value, record, r.run_id)
-            except ServerLost:
-                # Its weights could not be kept: it is interrupted with the others on the way
-                # out (told, queued to run again), not left RUNNING.
-                self.running[number] = r
-                raise
-            checkpoint_s = time.perf_counter() - t1
-            self.book.add("checkpoint", checkpoint_s)
-        frozen = self._tell(trial, settled.state, settled.value)
-        if settled.retry:
-            queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
-        params = _params(r.config)
-        self.book.add("tell", time.perf_counter() - t0 - checkpoint_s)
+        # A stop (Ctrl-C) waits for the trial to be told: between leaving `running` and the
+        # tell, it would stay RUNNING in the storage, unknown to the clean-up.
+        with uncut():
+            r = self.running.pop(number)
+            self.cohort_of.pop(number, None)
+            self.submitted.discard(number)
+            trial = r.trial
+            t0 = time.perf_counter()
+            settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
+            set_user_attrs(trial, settled.attrs)
+            checkpoint_s = 0.0
+            if settled.state == TrialState.COMPLETE and r.run_id is not None:
+                assert settled.value is not None
+                t1 = time.perf_counter()
+                try:
+                    self._keep_if_best(trial, settled.value, record, r.run_id)
+                except ServerLost:
+                    # Its weights could not be kept: it is interrupted with the others on the way
+                    # out (told, queued to run again), not left RUNNING.
+                    self.running[number] = r
+                    raise
+                checkpoint_s = time.perf_counter() - t1
+                self.book.add("checkpoint", checkpoint_s)
+            frozen = self._tell(trial, settled.state, settled.value)
+            if settled.retry:
+                queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
+            params = _params(r.config)
+            self.book.add("tell", time.perf_counter() - t0 - checkpoint_s)
 
         def rest() -> None:
             if r.run_id is not None:
@@ -590,15 +593,16 @@ class _Driver:
 
     def _on_lost(self, number: int, reason: str) -> None:
         """Its worker died: failed, and run again once (`settle_lost`)."""
-        r = self.running.pop(number)
-        self.cohort_of.pop(number, None)
-        self.submitted.discard(number)
-        kills = r.trial.user_attrs.get("kills", 0)
-        settled = settle_lost(reason, kills)
-        set_user_attrs(r.trial, settled.attrs)
-        frozen = self._tell(r.trial, settled.state, None)
-        if settled.retry:
-            queue_again(self.study, r.trial, kills + 1)
+        with uncut():  # as in `_told`
+            r = self.running.pop(number)
+            self.cohort_of.pop(number, None)
+            self.submitted.discard(number)
+            kills = r.trial.user_attrs.get("kills", 0)
+            settled = settle_lost(reason, kills)
+            set_user_attrs(r.trial, settled.attrs)
+            frozen = self._tell(r.trial, settled.state, None)
+            if settled.retry:
+                queue_again(self.study, r.trial, kills + 1)
         params = _params(r.config)
         if r.run_id is not None:
             self.tracker.end_trial(r.run_id, settled.run_state, params, {}, settled.tags)

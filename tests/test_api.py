@@ -51,6 +51,12 @@ def test_a_keyword_override_is_validated_as_the_file_is_and_nothing_is_written(w
         "training.max_epoch: unknown key; did you mean 'max_epochs'? allowed: max_epochs, "
         "early_stopping, device, precision, max_params, memory_limit, stall_timeout",
     ]
+    # the options of `hpo run` are keywords here, validated as their keys
+    with pytest.raises(SpecError) as e:
+        hpo.run(small_spec(), max_epochs=0, timeout=-1, device="tpu", max_samples=0)
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "dataset.max_samples", "training.max_epochs", "training.device", "study.timeout"
+    ]  # fmt: skip
     with pytest.raises(SpecError, match="no such spec file"):
         hpo.run(workdir / "missing.yaml")
     assert list(workdir.iterdir()) == []
