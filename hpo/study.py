@@ -457,30 +457,30 @@ class _Driver:
     def _ask(self, fixed: dict[str, Any] | None = None) -> TrialJob | None:
         """Ask for a trial while the budget has room, counting every process's trials; with
         `fixed`, only when no other trial waits in the queue (it would be asked first)."""
-        with self.book.step("ask"):
+        # A stop (Ctrl-C) waits for the whole ask: a trial asked and not yet in `running`
+        # would stay RUNNING, unknown to the clean-up, and one not yet sampled would be queued
+        # again without its parameters.
+        with self.book.step("ask"), uncut():
             return self._asked(fixed)
 
     def _asked(self, fixed: dict[str, Any] | None) -> TrialJob | None:
-        # A stop between Optuna's ask and the trial's entry here would leave it RUNNING,
-        # unknown to this process: the stop waits for the entry.
-        with uncut():
-            with storage_lock(self.url, self.lock_key, self.retry):
-                trials = self.study.get_trials(deepcopy=False)
-                if budget_used(trials) >= self.total:
+        with storage_lock(self.url, self.lock_key, self.retry):
+            trials = self.study.get_trials(deepcopy=False)
+            if budget_used(trials) >= self.total:
+                return None
+            if fixed is not None:
+                if any(t.state == TrialState.WAITING for t in trials):
                     return None
-                if fixed is not None:
-                    if any(t.state == TrialState.WAITING for t in trials):
-                        return None
-                    self.study.enqueue_trial(fixed)
-                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
-                    warnings.simplefilter("ignore", UserWarning)
-                    trial = self.study.ask()  # an enqueued retry first, if there is one
-                storage_of(self.study).record_heartbeat(trial_id(trial))
-                # seed: the torch seed; retraining with it repeats the trial (a retry has the seed
-                # of the trial it runs again, queued with it)
-                seed = trial.user_attrs.get("seed", self.base_seed * 100_003 + trial.number)
-                set_user_attrs(trial, {"driver": self.me, "seed": seed})
-            self.running[trial.number] = running = _Running(trial, None, None)
+                self.study.enqueue_trial(fixed)
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()  # an enqueued retry first, if there is one
+            storage_of(self.study).record_heartbeat(trial_id(trial))
+            # seed: the torch seed; retraining with it repeats the trial (a retry has the seed
+            # of the trial it runs again, queued with it)
+            seed = trial.user_attrs.get("seed", self.base_seed * 100_003 + trial.number)
+            set_user_attrs(trial, {"driver": self.me, "seed": seed})
+        self.running[trial.number] = running = _Running(trial, None, None)
         baseline = trial.user_attrs.get("baseline")
         try:
             if baseline is not None:  # fixed: the sampler is not asked, so params stay empty

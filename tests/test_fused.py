@@ -315,7 +315,7 @@ def test_a_fused_study_is_trials_like_any_other(workdir, mlflow_uri):
 def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
     spec = small_spec(
         study={"n_trials": 6, "fused_trials": 3, "pruner": {"name": "none"}},
-        training={"max_epochs": 60, "early_stopping": {"patience": 60}},
+        training={"max_epochs": 300, "early_stopping": {"patience": 300}},  # seconds a cohort
     )
     path = write_spec(workdir, spec)
     proc = hpo_process(["run", path], workdir)
@@ -327,17 +327,21 @@ def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
         except KeyError:
             return False
         running = study.get_trials(states=(TrialState.RUNNING,))
-        return len(running) == 3 and all("fused_with" in t.user_attrs for t in running)
+        if len(running) == 3 and all("fused_with" in t.user_attrs for t in running):
+            return sorted(t.number for t in running)
+        return None
 
-    wait_for(cohort_running, "a cohort of three running", limit=300, process=proc)
+    cohort = wait_for(cohort_running, "a cohort of three running", limit=300, process=proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
     study = optuna.load_study(study_name="tiny", storage=db)
     cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
-    # the cohort that was training; beside it, any trial asked for ahead (it never started)
-    trained = [t for t in cut if "mlflow_run_id" in t.user_attrs]
-    assert len(trained) == 3 and len({tuple(t.user_attrs["fused_with"]) for t in trained}) == 1
+    # the cohort that was training; beside it, any trial asked for ahead, which never started
+    trained = [t for t in cut if t.number in cohort]
+    assert len(trained) == 3 and {tuple(t.user_attrs["fused_with"]) for t in trained} == {
+        tuple(cohort)
+    }
     assert all(not t.intermediate_values for t in cut if t not in trained)
 
     proc = hpo_process(["run", path], workdir)
@@ -348,11 +352,12 @@ def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
     assert len(done) == 6 and not study.get_trials(states=(TrialState.RUNNING,))
     again = {t.user_attrs["retry_of"]: t for t in done if "retry_of" in t.user_attrs}
     assert sorted(again) == sorted(t.number for t in cut)  # each cut member ran again
-    for t in cut:  # alone, with its seed and its cohort's batch order
+    for t in cut:  # as it was asked for, with its seed
         assert again[t.number].params == t.params
+        assert again[t.number].user_attrs["seed"] == t.user_attrs["seed"]
+    for t in trained:  # alone, on its cohort's batch order
         assert "fused_with" not in again[t.number].user_attrs
-        for name in ("seed", "batch_seed"):
-            assert again[t.number].user_attrs[name] == t.user_attrs[name]
+        assert again[t.number].user_attrs["batch_seed"] == t.user_attrs["batch_seed"]
 
 
 def test_on_a_cpu_wide_nets_train_alone(workdir, mlflow_uri):
