@@ -53,13 +53,14 @@ from hpo.results import (
     progress_of,
     result_of,
 )
-from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler
+from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler, prune_window
 from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
 from hpo.stale import StaleTrials, process_id, queue_again
 from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,
     HEARTBEAT_S,
+    at_rest,
     check_storage_writable,
     fail_stale_trials,
     open_storage,
@@ -204,6 +205,8 @@ def run_study(
     except BaseException:
         executor.close(interrupt=True)
         raise
+    finally:
+        at_rest(opened, url)
 
 
 @dataclass
@@ -246,6 +249,11 @@ class _Driver:
         self.stale = StaleTrials(tracker, self.me)
         self.book = Bookkeeping()
         self.freed_at: list[float] = []  # when each free worker slot came free
+        # What waits for a moment when no worker waits for the driver: asking ahead, closing
+        # told trials' MLflow runs, their progress lines (see `_loop`).
+        self.later: list[Callable[[], None]] = []
+        self.window = prune_window(spec)  # the epochs at which the pruner can prune at all
+        self.completed = 0  # trials completed in the study, as last seen (ask) and told here
 
     # ------------------------------------------------------------ the loop
 
@@ -294,6 +302,7 @@ class _Driver:
                 storage_of(self.study).remove_session()
                 self.executor.close(interrupt=True)
                 self._stop_waiting(CLEANUP_RETRY_S)  # whoever presses Ctrl-C wants out
+                self._drain_later(ask=False)
                 self._interrupt_all("interrupted (Ctrl-C)")
             except ServerLost as e:
                 status = "KILLED"
@@ -301,6 +310,7 @@ class _Driver:
                 # Clean up what can be reached now, without waiting again: a trial whose
                 # storage is gone stays RUNNING and is failed by the next process later.
                 self._stop_waiting(0.0)
+                self._drain_later(ask=False)
                 self._interrupt_all(f"interrupted: {e.what} {e.reason}")
                 raise
             self.executor.close()
@@ -315,6 +325,20 @@ class _Driver:
             except ServerLost:
                 pass  # the run's own ServerLost is on its way up; a rerun closes the parent
         return self._result(interrupted, test, note)
+
+    def _drain_later(self, ask: bool = True) -> None:
+        """Do all of `later` now; without `ask`, on the way out, ask for no trial. A tracking
+        server lost meanwhile leaves the rest: its runs are closed by the next process."""
+        while self.later:
+            then = self.later.pop(0)
+            if then == self._ask_ahead and not ask:
+                continue
+            try:
+                then()
+            except ServerLost:
+                if ask:
+                    raise
+                self.later = []
 
     def _stop_waiting(self, window_s: float) -> None:
         """Wait at most `window_s` for a lost server from now on (clean-up on the way out)."""
@@ -344,6 +368,9 @@ class _Driver:
                 self.held = []
             self._fill_slots()
             if not self.running:
+                if self.later:
+                    self._drain_later()
+                    continue
                 if self.stopping or self.exhausted or count_finished(self.study) >= self.total:
                     return
                 # The budget is held by other processes' trials: wait, in case one of them
@@ -351,40 +378,46 @@ class _Driver:
                 time.sleep(POLL_S)
                 stale_checked = 0.0
                 continue
-            for event in self.executor.wait(POLL_S):
+            # A worker's epoch is answered, and a finished trial's slot handed its next job,
+            # before what can wait: one thing of `later` at a time, when no message is in.
+            events = self.executor.wait(0.0 if self.later else POLL_S)
+            if not events and self.later:
+                self.later.pop(0)()
+            for event in events:
                 if isinstance(event, Started) and event.number in self.running:
                     self.running[event.number].trial.set_user_attr("worker", event.worker)
                 elif isinstance(event, Epoch):
                     self._on_epoch(event)
                 elif isinstance(event, Done):
-                    # The next trial starts before this one's MLflow run is closed and its
-                    # line printed: the worker waits only for what the sampler needs (tell).
+                    # The slot's next trial, asked for while this one trained, starts before
+                    # this one is told, its MLflow run closed and its line printed: the worker
+                    # waits for none of it.
                     busy = self._busy()
-                    rest = self._told(event.number, event.record)
+                    self.submitted.discard(event.number)
                     if self._busy() < busy:
                         self.freed_at.append(time.perf_counter())
-                    try:
-                        self._fill_slots()
-                    finally:
-                        rest()
+                    handed = self._submit(ask=False)
+                    rest = self._told(event.number, event.record)
+                    if self._submit() or handed:
+                        self.later.insert(0, self._ask_ahead)  # before the next trial ends
+                    self.later.append(rest)
                 elif isinstance(event, Lost):
                     self._on_lost(event.number, event.reason)
             with self.book.step("epoch logging"):
                 self.tracker.flush(due_only=True)  # a fast trial's last second of epochs
 
     def _fill_slots(self) -> None:
-        """Hand jobs to free executor slots, then open their trials' MLflow runs (the worker
-        trains meanwhile: it needs no run id); then ask for the next job of each slot.
+        """Hand jobs to free executor slots, then ask for the next job of each slot."""
+        if self._submit():
+            self._ask_ahead()
 
-        One job per slot is asked for ahead, while the workers train: when a trial ends, the
-        next starts at once, without waiting for the storage and the sampler (a digits trial
-        trains in a fraction of a second, and its worker stood idle a tenth of it). So the
-        sampler proposes each trial without the result of the one before it on its slot, as
-        with one more worker; with one worker, which results it has seen is still the same
-        in every run of the same spec and seed."""
+    def _submit(self, ask: bool = True) -> bool:
+        """Hand jobs to free executor slots (those asked for ahead first; without `ask`, only
+        those), then open their trials' MLflow runs: the worker trains meanwhile, needing no
+        run id. True when a job was handed over."""
         submitted = False
         while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
-            job = self.held.pop(0) if self.held else self._next_job()
+            job = self.held.pop(0) if self.held else self._next_job() if ask else None
             if job is None:
                 break
             self.executor.submit(job)
@@ -394,8 +427,16 @@ class _Driver:
             submitted = True
             for number in job.numbers:
                 self._open_run(number)
-        ahead = self.executor.slots
-        while submitted and not (self.stopping or self.exhausted) and len(self.held) < ahead:
+        return submitted
+
+    def _ask_ahead(self) -> None:
+        """Ask for the next job of each slot while the workers train: when a trial ends, the
+        next starts at once, without waiting for the storage and the sampler (a digits trial
+        trains in a fraction of a second, and its worker stood idle a tenth of it). So the
+        sampler proposes each trial without the result of the one before it on its slot, as
+        with one more worker; with one worker, which results it has seen is still the same
+        in every run of the same spec and seed."""
+        while not (self.stopping or self.exhausted) and len(self.held) < self.executor.slots:
             jobs = self._reserve()
             if not jobs:
                 break
@@ -493,6 +534,7 @@ class _Driver:
             return None
         trial.set_user_attr("config", running.config.as_dict())
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        self.completed = len(done)
         peers = [t.user_attrs["metrics"]["val_loss"] for t in done if "metrics" in t.user_attrs]
         return TrialJob(
             trial.number, running.config, seed, peers, trial.user_attrs.get("batch_seed")
@@ -521,24 +563,28 @@ class _Driver:
         r.history.append(e.metrics)
         self.book.training += e.metrics.get("epoch_seconds", 0.0)
         t0 = time.perf_counter()
-        # The worker waits for the decision: it is sent as soon as it is known. A baseline is
-        # a reference point: it trains to the end, never pruned.
-        decision = None
-        if self.stopping:
-            decision = "interrupted"
-            self.executor.decide(e.number, decision)
-        elif "baseline" in r.trial.user_attrs or isinstance(self.study.pruner, NopPruner):
-            self.executor.decide(e.number, None)  # before its value is stored, not after
-            r.trial.report(e.metrics[self.metric], e.epoch)
-        else:
-            r.trial.report(e.metrics[self.metric], e.epoch)
-            # Pruning at the last epoch would save nothing: the trial is complete.
-            last = e.epoch >= self.spec.training.max_epochs
-            decision = "pruned" if not last and r.trial.should_prune() else None
-            self.executor.decide(e.number, decision)
-        self.book.add("epoch decision", time.perf_counter() - t0)
-        with self.book.step("epoch logging"):
-            self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
+        # What Optuna hears of the epoch reaches the run too, whatever the moment of a
+        # Ctrl-C: the report and the logging are one uncut block.
+        with uncut():
+            # The worker waits for the decision: it is sent as soon as it is known. A baseline is
+            # a reference point: it trains to the end, never pruned.
+            decision = None
+            if self.stopping:
+                decision = "interrupted"
+                self.executor.decide(e.number, decision)
+            elif "baseline" in r.trial.user_attrs or isinstance(self.study.pruner, NopPruner):
+                self.executor.decide(e.number, None)  # before its value is stored, not after
+                r.trial.report(e.metrics[self.metric], e.epoch)
+            else:
+                r.trial.report(e.metrics[self.metric], e.epoch)
+                # Pruning at the last epoch would save nothing: the trial is complete.
+                last = e.epoch >= self.spec.training.max_epochs
+                may = self.window is None or self.window.may_prune(e.epoch, self.completed)
+                decision = "pruned" if may and not last and r.trial.should_prune() else None
+                self.executor.decide(e.number, decision)
+            self.book.add("epoch decision", time.perf_counter() - t0)
+            with self.book.step("epoch logging"):
+                self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
         if self.on_epoch is not None:
             value = e.metrics.get(self.metric, math.nan)
             max_epochs = self.spec.training.max_epochs
@@ -574,10 +620,16 @@ class _Driver:
                 checkpoint_s = time.perf_counter() - t1
                 self.book.add("checkpoint", checkpoint_s)
             frozen = self._tell(trial, settled.state, settled.value)
+            self.completed += frozen is not None and settled.state == TrialState.COMPLETE
             if settled.retry:
                 queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
             params = _params(r.config)
             self.book.add("tell", time.perf_counter() - t0 - checkpoint_s)
+
+        show: Callable[[], None] = lambda: None  # noqa: E731
+        if frozen is not None:
+            with self.book.step("progress"):
+                show = self._progress(frozen, "interrupted: runs again" if settled.retry else "")
 
         def rest() -> None:
             if r.run_id is not None:
@@ -585,9 +637,7 @@ class _Driver:
                     self.tracker.end_trial(
                         r.run_id, settled.run_state, params, settled.final, settled.tags
                     )
-            if frozen is not None:
-                with self.book.step("progress"):
-                    self._progress(frozen, "interrupted: runs again" if settled.retry else "")
+            show()
 
         return rest
 
@@ -607,7 +657,7 @@ class _Driver:
         if r.run_id is not None:
             self.tracker.end_trial(r.run_id, settled.run_state, params, {}, settled.tags)
         if frozen is not None:
-            self._progress(frozen, f"{reason}; " + ("runs again" if settled.retry else "failed"))
+            self._progress(frozen, f"{reason}; " + ("runs again" if settled.retry else "failed"))()
 
     def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None) -> Any:
         try:
@@ -663,15 +713,18 @@ class _Driver:
             if is_best:
                 self.final.best_weights = (trial.number, record.weights)
 
-    def _progress(self, trial: FrozenTrial, note: str = "") -> None:
+    def _progress(self, trial: FrozenTrial, note: str = "") -> Callable[[], None]:
+        """The study as `trial` leaves it (trials done, the best, the time left), read now;
+        the call returned hands it to `on_trial_end`, which may come a little later."""
         if trial.duration is not None:
             self.durations.append(trial.duration.total_seconds())
-        if self.on_trial_end is not None:
-            elapsed = time.perf_counter() - self.started
-            slots = self.executor.slots
-            self.on_trial_end(
-                progress_of(self.study, trial, self.total, self.durations, slots, elapsed, note)
-            )
+        on_trial_end = self.on_trial_end
+        if on_trial_end is None:
+            return lambda: None
+        elapsed = time.perf_counter() - self.started
+        slots = self.executor.slots
+        progress = progress_of(self.study, trial, self.total, self.durations, slots, elapsed, note)
+        return lambda: on_trial_end(progress)
 
     # ------------------------------------------------------------ the end
 

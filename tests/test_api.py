@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 
 import numpy as np
 import optuna
@@ -63,15 +65,24 @@ def test_a_keyword_override_is_validated_as_the_file_is_and_nothing_is_written(w
 
 
 def test_run_returns_the_study_its_best_model_and_calls_back_as_optuna_does(workdir):
-    seen = []
+    seen, journals = [], []
+
+    def callback(study, trial):
+        seen.append((study.study_name, trial.number))
+        journals.append(_journal(workdir / "optuna.db"))
+
     result = hpo.run(
         small_spec(tracking={"log_model": "best"}),
         n_trials=3,
         training={"max_epochs": 6},
-        callbacks=[lambda study, trial: seen.append((study.study_name, trial.number))],
+        callbacks=[callback],
     )
     assert isinstance(result.study, optuna.Study)
     assert seen == [("tiny", 0), ("tiny", 1), ("tiny", 2)]
+    # The storage writes ahead while the study runs, and is one file again once it ends.
+    assert journals == ["wal"] * 3
+    assert _journal(workdir / "optuna.db") == "delete"
+    assert not (workdir / "optuna.db-wal").exists()
     best = result.best_trial
     assert best is not None and best.value == max(t.value for t in result.study.trials)
     assert set(result.test_metrics) >= {"test_accuracy", "test_loss"}
@@ -99,6 +110,11 @@ def test_run_returns_the_study_its_best_model_and_calls_back_as_optuna_does(work
     both = hpo.compare(["tiny", "tiny-b"])
     assert (both.folder / "report.md").is_file()
     assert [s.name for s in both.data.studies] == ["tiny", "tiny-b"]
+
+
+def _journal(path) -> str:
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute("PRAGMA journal_mode").fetchone()[0]
 
 
 def _one_done_and_one_training(storage: str):

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from hpo.config import SpecError, parse_spec
 from hpo.executors.worker import AHEAD
 from hpo.registry import PRUNERS, SAMPLERS
-from hpo.search import make_pruner, make_sampler
+from hpo.search import make_pruner, make_sampler, prune_window
 
 
 def run(workdir, mlflow_uri, name, **over):
@@ -239,6 +239,45 @@ def test_pruner_and_sampler_options_pass_through_and_are_checked():
     bad = parse_spec(small_spec(study={"pruner": {"name": "median", "warmup": 3}}))
     with pytest.raises(SpecError, match="study.pruner.warmup: not an option of the median pruner"):
         make_pruner(bad)
+
+
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        {"name": "median"},
+        {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 4, "interval_steps": 3},
+        {"name": "percentile", "percentile": 90.0, "n_warmup_steps": 2, "interval_steps": 2},
+        {"name": "patient", "patience": 0, "wrapped": "median", "n_warmup_steps": 5},
+    ],
+)
+def test_the_epochs_where_the_driver_skips_the_pruner_are_those_where_it_says_no(pruner):
+    """The driver does not ask the pruner where `prune_window` says it cannot prune: checked
+    against Optuna's own answer, epoch by epoch, for every count of completed trials, with a
+    trial that is worse than every other at every epoch (so it is pruned wherever it can)."""
+    spec = parse_spec(small_spec(study={"pruner": pruner}))
+    window = prune_window(spec)
+    assert window is not None
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    asked, skipped = 0, 0
+    for completed in range(8):
+        worst = study.ask()
+        for epoch in range(1, 13):
+            worst.report(0.1, epoch)
+            pruned = worst.should_prune()
+            asked += 1
+            if not window.may_prune(epoch, completed):
+                skipped += 1
+                assert not pruned, (pruner, completed, epoch)
+            elif completed and pruner["name"] != "patient":
+                assert pruned, (pruner, completed, epoch)  # the window is not too narrow
+        study.tell(worst, state=optuna.trial.TrialState.FAIL)
+        good = study.ask()
+        for epoch in range(1, 13):
+            good.report(0.9, epoch)
+        study.tell(good, 0.9)
+    assert 0 < skipped < asked
+    # Pruners without such a window are asked at every epoch.
+    assert prune_window(parse_spec(small_spec(study={"pruner": {"name": "hyperband"}}))) is None
 
 
 def test_changed_data_behind_the_same_spec_is_refused(workdir, mlflow_uri):
