@@ -375,8 +375,9 @@ def render(results: dict) -> str:
         lines += [
             "",
             "Where the driver's time went, in milliseconds a trial (the driver runs beside the "
-            "worker: only `worker idle`, and the `epoch decision` a worker waits for at a "
-            "trial's last epoch, hold training up):",
+            "worker, which holds its next trial and runs up to 4 short epochs ahead of the "
+            "answers: the driver holds training up only when it falls further behind, or "
+            "when a worker has no trial to start, `worker idle`):",
             "",
             "| step | " + " | ".join(row["dataset"] for row in rows) + " |",
             "| --- |" + " ---: |" * len(rows),

@@ -57,6 +57,16 @@ def heartbeat_base() -> type:
 GRID_STOPPED = "Study.stop"
 
 
+# Where Optuna keeps the parameters a trial was queued with (`Study.enqueue_trial`) until the
+# trial suggests them, as its own `Study._pop_waiting_trial_id` reads them.
+FIXED_PARAMS = "fixed_params"
+
+
+def queued_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The parameters of a trial taken from the queue, suggested or not yet."""
+    return {**trial.system_attrs.get(FIXED_PARAMS, {}), **trial.params}
+
+
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage a study reads and writes: heartbeats, attributes of trials by id."""
     return study._storage

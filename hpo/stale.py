@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo._private import storage_of, trial_id
+from hpo._private import queued_params, storage_of, trial_id
 from hpo.outcomes import FINISHED, retry_attrs, was_interrupted
 from hpo.tracker import Tracker
 from hpo.tracking import STATUS
@@ -27,6 +27,30 @@ def queue_again(study: optuna.Study, trial: optuna.Trial | FrozenTrial, kills: i
     study.enqueue_trial(
         trial.params, user_attrs=retry_attrs(trial.number, trial.user_attrs, kills)
     )
+
+
+def fail_orphans(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
+    """Fail the trials whose process died as it asked for them: RUNNING without the `driver`
+    attribute, which the process that asks writes before it lets go of the storage's lock.
+    Call it holding that lock: whoever asked for them is gone. They are marked interrupted
+    (not counted); one taken from the queue (a retry, a baseline) is queued again as it was,
+    a fresh one was never sampled and has nothing to run again. True when one was failed."""
+    storage, failed = storage_of(study), False
+    for t in trials:
+        if t.state != TrialState.RUNNING or "driver" in t.user_attrs:
+            continue
+        try:
+            storage.set_trial_user_attr(trial_id(t), "lost", "its process died as it asked for it")
+            storage.set_trial_user_attr(trial_id(t), "interrupted", True)
+            if not storage.set_trial_state_values(trial_id(t), TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        failed = True
+        params = queued_params(t)
+        if params or t.user_attrs:
+            study.enqueue_trial(params, user_attrs=dict(t.user_attrs))
+    return failed
 
 
 class StaleTrials:

@@ -112,23 +112,48 @@ def check_storage_writable(url: str, where: str = "storage") -> None:
         )
 
 
+_LOCK_FDS: dict[Path, int] = {}
+
+
+def _lock_fd(path: Path) -> int:
+    """This process's descriptor of a SQLite database file, opened once and never closed:
+    closing any descriptor of a file drops every POSIX lock the process holds on it,
+    SQLite's included, and another process could then fold the write-ahead journal away
+    while this one still writes to it (a corrupt database). Opened again when the file was
+    replaced (a study deleted and started afresh)."""
+    key = path.absolute()
+    kept = _LOCK_FDS.get(key)
+    try:
+        if kept is not None and os.fstat(kept).st_ino == os.stat(path).st_ino:
+            return kept
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _LOCK_FDS[key] = fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    return fd
+
+
+def has_lock(url: str) -> bool:
+    """Whether `storage_lock` locks anything for this database (SQLite and PostgreSQL)."""
+    return sqlite_path(url) is not None or url.lower().startswith("postgresql")
+
+
 @contextmanager
 def storage_lock(url: str, key: str, retry: Retry | None = None) -> Iterator[None]:
     """Hold a lock named `key` among all processes using the database at `url`.
 
     SQLite: an exclusive flock on the database file (SQLite's own locks are of another kind
-    and do not interfere). PostgreSQL: a session advisory lock, taken through `retry` when the
-    server may be away. Other databases: no lock.
+    and do not interfere), through a descriptor kept open (`_lock_fd`). PostgreSQL: a session
+    advisory lock, taken through `retry` when the server may be away. Other databases: no lock.
     """
     path = sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _lock_fd(path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # closing releases the lock
+            fcntl.flock(fd, fcntl.LOCK_UN)
         return
     if url.lower().startswith("postgresql"):
         import sqlalchemy

@@ -55,7 +55,7 @@ from hpo.results import (
 )
 from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler, prune_window
 from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
-from hpo.stale import StaleTrials, process_id, queue_again
+from hpo.stale import StaleTrials, fail_orphans, process_id, queue_again
 from hpo.storage import (
     DEFAULT_STORAGE,
     GRACE_S,
@@ -63,6 +63,7 @@ from hpo.storage import (
     at_rest,
     check_storage_writable,
     fail_stale_trials,
+    has_lock,
     open_storage,
     set_user_attrs,
     storage_lock,
@@ -73,6 +74,7 @@ from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_confi
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
 POLL_S = 1.0  # how often an idle driver looks at the storage again
+LATER_S = 0.05  # the longest what can wait (`_Driver.later`) waits for a pause in messages
 CLEANUP_RETRY_S = 10.0  # after Ctrl-C, how long a lost server is waited for while cleaning up
 
 
@@ -217,6 +219,7 @@ class _Running:
     run_id: str | None  # None until its MLflow run is created
     config: TrialConfig | None  # None until sampled (or when sampling failed)
     history: list[dict[str, float]] = field(default_factory=list)
+    pruned: bool = False  # the driver answered one of its epochs "pruned"
 
 
 class _Driver:
@@ -234,7 +237,6 @@ class _Driver:
         self.base_seed = 0
         self.running: dict[int, _Running] = {}
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
-        self.held: list[TrialJob] = []  # reserved, waiting for a free slot
         self.submitted: set[int] = set()  # trials handed to the executor
         self.stopping: str | None = None  # "timeout" once --timeout has passed
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
@@ -252,6 +254,7 @@ class _Driver:
         # What waits for a moment when no worker waits for the driver: asking ahead, closing
         # told trials' MLflow runs, their progress lines (see `_loop`).
         self.later: list[Callable[[], None]] = []
+        self.later_since = 0.0  # when the oldest of `later` began to wait
         self.window = prune_window(spec)  # the epochs at which the pruner can prune at all
         self.completed = 0  # trials completed in the study, as last seen (ask) and told here
 
@@ -331,7 +334,7 @@ class _Driver:
         server lost meanwhile leaves the rest: its runs are closed by the next process."""
         while self.later:
             then = self.later.pop(0)
-            if then == self._ask_ahead and not ask:
+            if then == self._fill_slots and not ask:
                 continue
             try:
                 then()
@@ -362,11 +365,12 @@ class _Driver:
                     fail_stale_trials(self.study)  # trials of dead processes: on_stale
                     self.stale.fail_dead_here(self.study)
                 stale_checked = now
-            if (self.stopping or self.exhausted) and self.held:
-                for job in self.held:  # reserved, never started: they run again later
-                    self._interrupt(job.number, self.stopping or "no more trials to ask for")
-                self.held = []
-            self._fill_slots()
+            if self.stopping or self.exhausted:
+                for number in self.executor.cancel():  # never started: they run again later
+                    if number in self.running:
+                        self._interrupt(number, self.stopping or "no more trials to ask for")
+            if self._fill_slots(ahead=False):  # a worker with nothing to train gets a job now
+                self._ask_ahead_later()  # and the one it holds next, when there is a moment
             if not self.running:
                 if self.later:
                     self._drain_later()
@@ -378,69 +382,68 @@ class _Driver:
                 time.sleep(POLL_S)
                 stale_checked = 0.0
                 continue
-            # A worker's epoch is answered, and a finished trial's slot handed its next job,
-            # before what can wait: one thing of `later` at a time, when no message is in.
+            # A worker's epoch is answered, and a finished trial told, before what can wait:
+            # one thing of `later` at a time, when no message is in, or when the oldest has
+            # waited `LATER_S` (a driver that answers epochs without a pause gets to it too).
             events = self.executor.wait(0.0 if self.later else POLL_S)
-            if not events and self.later:
+            if self.later and (not events or time.monotonic() - self.later_since >= LATER_S):
                 self.later.pop(0)()
+                self.later_since = time.monotonic()
             for event in events:
                 if isinstance(event, Started) and event.number in self.running:
-                    self.running[event.number].trial.set_user_attr("worker", event.worker)
+                    self._on_started(event.number, event.worker)
                 elif isinstance(event, Epoch):
                     self._on_epoch(event)
                 elif isinstance(event, Done):
-                    # The slot's next trial, asked for while this one trained, starts before
-                    # this one is told, its MLflow run closed and its line printed: the worker
-                    # waits for none of it.
+                    # The worker has started the job it held: closing this trial's MLflow
+                    # run and printing its line wait for a moment when no worker waits.
                     busy = self._busy()
-                    self.submitted.discard(event.number)
-                    if self._busy() < busy:
+                    self._defer(self._told(event.number, event.record))
+                    if self._busy() < self.executor.slots <= busy:  # a worker has nothing
                         self.freed_at.append(time.perf_counter())
-                    handed = self._submit(ask=False)
-                    rest = self._told(event.number, event.record)
-                    if self._submit() or handed:
-                        self.later.insert(0, self._ask_ahead)  # before the next trial ends
-                    self.later.append(rest)
+                    self._ask_ahead_later()
                 elif isinstance(event, Lost):
                     self._on_lost(event.number, event.reason)
             with self.book.step("epoch logging"):
                 self.tracker.flush(due_only=True)  # a fast trial's last second of epochs
 
-    def _fill_slots(self) -> None:
-        """Hand jobs to free executor slots, then ask for the next job of each slot."""
-        if self._submit():
-            self._ask_ahead()
+    def _fill_slots(self, ahead: bool = True) -> bool:
+        """Hand every worker a job to train and, with `ahead`, one to hold next; True when a
+        job was handed over.
 
-    def _submit(self, ask: bool = True) -> bool:
-        """Hand jobs to free executor slots (those asked for ahead first; without `ask`, only
-        those), then open their trials' MLflow runs: the worker trains meanwhile, needing no
-        run id. True when a job was handed over."""
+        The job a worker holds is asked for while it trains: when a trial ends, the next
+        starts at once, without waiting for the storage, the sampler or the driver (a digits
+        trial trains in a fraction of a second, and its worker stood idle a tenth of it). So
+        the sampler proposes each trial without the result of the one before it on its
+        worker, as with one more worker; with one worker, which results it has seen is still
+        the same in every run of the same spec and seed. A trial's MLflow run is created when
+        its worker starts it (`_on_started`): one taken back unstarted when the study stops
+        has none."""
+        limit = self.executor.slots * (2 if ahead else 1)
         submitted = False
-        while not (self.stopping or self.exhausted) and self._busy() < self.executor.slots:
-            job = self.held.pop(0) if self.held else self._next_job() if ask else None
-            if job is None:
-                break
-            self.executor.submit(job)
-            if self.freed_at:
-                self.book.add("worker idle", time.perf_counter() - self.freed_at.pop(0))
-            self.submitted |= set(job.numbers)
-            submitted = True
-            for number in job.numbers:
-                self._open_run(number)
-        return submitted
-
-    def _ask_ahead(self) -> None:
-        """Ask for the next job of each slot while the workers train: when a trial ends, the
-        next starts at once, without waiting for the storage and the sampler (a digits trial
-        trains in a fraction of a second, and its worker stood idle a tenth of it). So the
-        sampler proposes each trial without the result of the one before it on its slot, as
-        with one more worker; with one worker, which results it has seen is still the same
-        in every run of the same spec and seed."""
-        while not (self.stopping or self.exhausted) and len(self.held) < self.executor.slots:
+        while not (self.stopping or self.exhausted) and self._busy() < limit:
             jobs = self._reserve()
             if not jobs:
                 break
-            self.held += jobs
+            for job in jobs:
+                if self.freed_at and self._busy() < self.executor.slots:
+                    self.book.add("worker idle", time.perf_counter() - self.freed_at.pop(0))
+                self.executor.submit(job)
+                self.submitted |= set(job.numbers)
+                submitted = True
+        return submitted
+
+    def _ask_ahead_later(self) -> None:
+        """Fill the workers' hands (`_fill_slots`) first thing when there is a moment."""
+        if self._fill_slots not in self.later:
+            self._defer(self._fill_slots, first=True)
+
+    def _defer(self, then: Callable[[], None], first: bool = False) -> None:
+        """Do `then` when there is a moment (see `_loop`): after what waits already, or
+        `first`."""
+        if not self.later:
+            self.later_since = time.monotonic()
+        self.later.insert(0 if first else len(self.later), then)
 
     def _beat(self) -> None:
         storage = storage_of(self.study)
@@ -454,14 +457,8 @@ class _Driver:
     # ------------------------------------------------------------ one trial's life
 
     def _busy(self) -> int:
-        """Executor slots in use: a cohort's trials take one between them."""
+        """Jobs handed to the executor, trained or held: a cohort is one job."""
         return len({self.cohort_of.get(n, n) for n in self.running if n in self.submitted})
-
-    def _next_job(self) -> TrialJob | CohortJob | None:
-        """One job for a free slot; trials reserved beside it wait for the next free one."""
-        jobs = self._reserve()
-        self.held += jobs[1:]
-        return jobs[0] if jobs else None
 
     def _reserve(self) -> list[TrialJob | CohortJob]:
         """The next trial to run, or with `study.fused_trials: K` a cohort of up to K: a leader
@@ -507,6 +504,8 @@ class _Driver:
     def _asked(self, fixed: dict[str, Any] | None) -> TrialJob | None:
         with storage_lock(self.url, self.lock_key, self.retry):
             trials = self.study.get_trials(deepcopy=False)
+            if has_lock(self.url) and fail_orphans(self.study, trials):  # see fail_orphans
+                trials = self.study.get_trials(deepcopy=False)
             if budget_used(trials) >= self.total:
                 return None
             if fixed is not None:
@@ -540,9 +539,17 @@ class _Driver:
             trial.number, running.config, seed, peers, trial.user_attrs.get("batch_seed")
         )
 
-    def _open_run(self, number: int) -> None:
-        """The trial's MLflow child run, once it is handed to a worker (a trial reserved and
-        never started gets none)."""
+    def _on_started(self, number: int, worker: str) -> None:
+        """A worker started the trial: its MLflow child run, unless the study is stopping (it
+        is interrupted at its first epoch), and where it runs, in one write."""
+        if self.stopping:
+            set_user_attrs(self.running[number].trial, {"worker": worker})
+        else:
+            self._open_run(number, worker=worker)
+
+    def _open_run(self, number: int, **attrs: Any) -> None:
+        """The trial's MLflow child run; its id goes to the trial's user attributes with
+        `attrs`."""
         r = self.running.get(number)
         if r is None or r.run_id is not None:
             return
@@ -553,7 +560,7 @@ class _Driver:
             tags["hpo.baseline"] = baseline
         with self.book.step("run creation"):
             r.run_id = self.tracker.start_trial(number, tags or None)
-            r.trial.set_user_attr("mlflow_run_id", r.run_id)
+            set_user_attrs(r.trial, {**attrs, "mlflow_run_id": r.run_id})
 
     def _on_epoch(self, e: Epoch) -> None:
         r = self.running.get(e.number)
@@ -563,6 +570,12 @@ class _Driver:
         r.history.append(e.metrics)
         self.book.training += e.metrics.get("epoch_seconds", 0.0)
         t0 = time.perf_counter()
+        if r.pruned:
+            # The worker trained on before the prune reached it: the epoch is logged, and
+            # Optuna's record of the trial ends where the pruner stopped it.
+            self.executor.decide(e.number, "pruned")
+            self._log_epoch(r, e)
+            return
         # What Optuna hears of the epoch reaches the run too, whatever the moment of a
         # Ctrl-C: the report and the logging are one uncut block.
         with uncut():
@@ -582,13 +595,18 @@ class _Driver:
                 may = self.window is None or self.window.may_prune(e.epoch, self.completed)
                 decision = "pruned" if may and not last and r.trial.should_prune() else None
                 self.executor.decide(e.number, decision)
+                r.pruned = decision == "pruned"
             self.book.add("epoch decision", time.perf_counter() - t0)
-            with self.book.step("epoch logging"):
-                self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
+            self._log_epoch(r, e)
         if self.on_epoch is not None:
             value = e.metrics.get(self.metric, math.nan)
             max_epochs = self.spec.training.max_epochs
             self.on_epoch(EpochProgress(e.number, e.epoch, max_epochs, value, decision))
+
+    def _log_epoch(self, r: _Running, e: Epoch) -> None:
+        if r.run_id is not None:  # None: started as the study stopped
+            with self.book.step("epoch logging"):
+                self.tracker.log_epoch(r.run_id, e.epoch, e.metrics)
 
     def _on_done(self, number: int, record: TrialRecord) -> None:
         self._told(number, record)()
@@ -604,6 +622,20 @@ class _Driver:
             self.submitted.discard(number)
             trial = r.trial
             t0 = time.perf_counter()
+            if r.pruned and record.outcome == "COMPLETE":
+                # The pruner's answer reached the worker after the trial's last epoch (it
+                # does not wait for it): pruned, as the driver answered.
+                record.stopped_by, record.weights = "pruned", None
+            lost: ServerLost | None = None
+            if r.run_id is not None:
+                # Its last epochs reach its run before it is told: a process killed before the
+                # run is closed (`rest`) loses none of a finished trial's curve. A tracking
+                # server gone for good does not keep it from being told: raised after.
+                try:
+                    with self.book.step("epoch logging"):
+                        self.tracker.flush(run_id=r.run_id)
+                except ServerLost as e:
+                    lost = e
             settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
             set_user_attrs(trial, settled.attrs)
             checkpoint_s = 0.0
@@ -625,6 +657,8 @@ class _Driver:
                 queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
             params = _params(r.config)
             self.book.add("tell", time.perf_counter() - t0 - checkpoint_s)
+        if lost is not None:
+            raise lost
 
         show: Callable[[], None] = lambda: None  # noqa: E731
         if frozen is not None:

@@ -44,8 +44,9 @@ class Tracker(Protocol):
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
         """An epoch's metrics; they may wait for `flush` (or the trial's end) to be sent."""
 
-    def flush(self, due_only: bool = False) -> None:
-        """Send the epochs that wait (`due_only`: those that have waited long enough)."""
+    def flush(self, due_only: bool = False, run_id: str | None = None) -> None:
+        """Send the epochs that wait (`due_only`: those that have waited long enough), of
+        every run or of `run_id`."""
 
     def end_trial(
         self,

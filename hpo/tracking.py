@@ -391,13 +391,15 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         if time.monotonic() - self._sent_at.get(run_id, -math.inf) >= FLUSH_S:
             self._send(run_id)
 
-    def flush(self, due_only: bool = False) -> None:
-        """Send the epochs not sent yet: every run's, or (`due_only`) those of runs whose last
-        send was `FLUSH_S` ago or more."""
+    def flush(self, due_only: bool = False, run_id: str | None = None) -> None:
+        """Send the epochs not sent yet: every run's (or `run_id`'s), or (`due_only`) those of
+        runs whose last send was `FLUSH_S` ago or more."""
         now = time.monotonic()
-        for run_id in list(self._pending):
-            if not due_only or now - self._sent_at.get(run_id, -math.inf) >= FLUSH_S:
-                self._send(run_id)
+        for pending in [run_id] if run_id is not None else list(self._pending):
+            if pending not in self._pending:
+                continue
+            if not due_only or now - self._sent_at.get(pending, -math.inf) >= FLUSH_S:
+                self._send(pending)
 
     def _send(self, run_id: str, metrics: list[Any] | None = None, **with_them: Any) -> None:
         """The run's pending epochs, with `metrics` and `with_them` (params, tags), in one

@@ -401,9 +401,8 @@ def evaluate(model: nn.Module, data: Tensors, cfg: TrainConfig) -> dict[str, flo
 
 # A member's epoch: (epoch, metrics) -> None or a stop reason (one model), or for a cohort
 # ({member: metrics}, epoch) -> {member: None or a stop reason}.
-# (metrics of each member still training, epoch, the members whose last epoch it is unless
-# told otherwise) -> each member's None or stop reason
-EpochHook = Callable[[dict[int, dict[str, float]], int, set[int]], dict[int, str | None]]
+# (metrics of each member still training, epoch) -> each member's None or stop reason
+EpochHook = Callable[[dict[int, dict[str, float]], int], dict[int, str | None]]
 DoneHook = Callable[[int, TrainResult], None]
 
 
@@ -421,7 +420,7 @@ def train(
     training at the next step."""
     hook = None
     if on_epoch_end is not None:
-        hook = lambda metrics, epoch, last: {0: on_epoch_end(epoch, metrics[0])}  # noqa: E731
+        hook = lambda metrics, epoch: {0: on_epoch_end(epoch, metrics[0])}  # noqa: E731
     return fit([model], [cfg], train_data, val_data, hook, None, interrupt)[0]
 
 
@@ -439,9 +438,8 @@ def fit(
     cohort; they share the batch order, the first one's `shuffle_seed` or `seed`).
 
     Each member keeps its own history, early stopping, kept weights and reason to stop.
-    `on_epoch_end({member: metrics}, epoch, last)` answers each member still training with
-    None or a stop reason (`last`: the members that stop after this epoch unless told
-    otherwise, by early stopping or at max_epochs); `on_done(member, result)` hears of each
+    `on_epoch_end({member: metrics}, epoch)` answers each member still training with None
+    or a stop reason; `on_done(member, result)` hears of each
     member as soon as it stops, with its model already holding its kept weights; the others
     go on. `interrupt`, once set, stops every member at the next step (the unfinished epoch
     is not recorded).
@@ -532,7 +530,7 @@ def fit(
         }
         decisions = {}
         if on_epoch_end is not None and epoch_metrics:  # not when every member diverged
-            decisions = on_epoch_end(epoch_metrics, epoch, last)
+            decisions = on_epoch_end(epoch_metrics, epoch)
         for m in epoch_metrics:
             stop = decisions.get(m)
             if stop is not None:

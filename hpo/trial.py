@@ -165,7 +165,7 @@ def run(
     jobs: list[TrialJob],
     spec: Spec,
     data: Data,
-    on_epoch_end: Callable[[dict[int, dict[str, float]], int, set[int]], dict[int, str | None]],
+    on_epoch_end: Callable[[dict[int, dict[str, float]], int], dict[int, str | None]],
     on_done: Callable[[TrialRecord], None],
     interrupt: Flag | None = None,
 ) -> None:
@@ -205,14 +205,8 @@ def run(
             except Exception as e:  # the caller's own failure (its channel closed, say)
                 raise _NotHandedBack(e) from e
 
-        def member_epochs(
-            metrics: dict[int, dict[str, float]], epoch: int, last: set[int]
-        ) -> dict:
-            answers = on_epoch_end(
-                {jobs[i].number: m for i, m in metrics.items()},
-                epoch,
-                {jobs[i].number for i in last},
-            )
+        def member_epochs(metrics: dict[int, dict[str, float]], epoch: int) -> dict:
+            answers = on_epoch_end({jobs[i].number: m for i, m in metrics.items()}, epoch)
             return {i: answers.get(jobs[i].number) for i in metrics}
 
         fit(models, cfgs, data.train, data.val, member_epochs, member_done, interrupt)

@@ -297,7 +297,7 @@ def _running_with_heartbeat(db) -> int:
 @pytest.mark.parametrize("where", ["this machine", "another machine"])
 def test_a_killed_process_loses_only_its_running_trials(workdir, where):
     """SIGKILL (no chance to clean up): the next run fails its trials as interrupted (the one
-    training and the one asked for ahead of it), does not count them, and reaches the total. On
+    training and the one its worker held next), does not count them, and reaches the total. On
     this machine the next run sees that the process is gone at once; from another machine, it
     waits until the trials' heartbeats are older than the grace period."""
     long_trials = {"max_epochs": 200, "early_stopping": {"patience": 200}}  # seconds, not ms
@@ -307,7 +307,7 @@ def test_a_killed_process_loses_only_its_running_trials(workdir, where):
 
     def one_done_and_one_training() -> bool:  # a state, not a number of seconds
         try:  # plain SQL: opening an Optuna storage here would race hpo to create the tables
-            if _running_with_heartbeat(db) not in (1, 2):  # with the one asked for ahead
+            if _running_with_heartbeat(db) not in (1, 2):  # with the one held next
                 return False
         except sqlite3.OperationalError:  # no tables yet
             return False
@@ -335,6 +335,11 @@ def test_a_killed_process_loses_only_its_running_trials(workdir, where):
     assert len(killed) in (1, 2)
     finished = count_finished(study)
     assert finished >= 1
+    # every epoch of a finished trial reached its MLflow run before the kill
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        curve = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_loss")
+        assert [m.step for m in curve] == sorted(t.intermediate_values), t.number
 
     proc = hpo_process(["run", path, "--n-trials", finished + 1], workdir)
     out, _ = proc.communicate(timeout=300)
@@ -342,7 +347,9 @@ def test_a_killed_process_loses_only_its_running_trials(workdir, where):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     for lost in (study.trials[n] for n in killed):
         assert lost.state == TrialState.FAIL and was_interrupted(lost)
-        if where == "this machine":  # failed at once, not by the heartbeat's grace period
+        if "driver" not in lost.user_attrs:  # killed as it asked for this one: see fail_orphans
+            assert lost.user_attrs["lost"] == "its process died as it asked for it"
+        elif where == "this machine":  # failed at once, not by the heartbeat's grace period
             assert lost.user_attrs["lost"].startswith(
                 f"its hpo run {socket.gethostname()}:{dead_pid}:"
             )

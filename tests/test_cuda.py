@@ -235,7 +235,7 @@ def test_a_cohort_replayed_as_a_cuda_graph_trains_as_launched_alone(
         for i in range(3)
     ]  # fmt: skip
 
-    def prune_1_after_2(metrics, epoch, last):
+    def prune_1_after_2(metrics, epoch):
         return {m: "pruned" if m == 1 and epoch == 2 else None for m in metrics}
 
     def run():

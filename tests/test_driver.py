@@ -4,6 +4,7 @@ what it is asked (no MLflow): the budget, ties for the best, a lost worker, a re
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import optuna
@@ -62,7 +63,7 @@ class RecordingTracker:
     def log_epoch(self, run_id, epoch, metrics):
         self.runs[run_id]["epochs"].append(epoch)
 
-    def flush(self, due_only=False):
+    def flush(self, due_only=False, run_id=None):
         pass
 
     def end_trial(self, run_id, state, params, final, tags=None):
@@ -119,13 +120,30 @@ class FakeExecutor:
         self.submitted.append(job.numbers)
         for member in job.members:
             self.running[member.number] = {"job": member, "epoch": 0, "waiting": False,
-                                           "started": False, "stop": None}  # fmt: skip
+                                           "started": False, "stop": None,
+                                           "of": job.numbers[0]}  # fmt: skip
+
+    def cancel(self):
+        """The jobs not started, taken back."""
+        jobs = {r["of"] for r in self.running.values()}
+        started = {r["of"] for r in self.running.values() if r["started"]}
+        numbers = [n for n, r in self.running.items() if r["of"] in jobs - started]
+        for n in numbers:
+            del self.running[n]
+        return numbers
 
     def wait(self, timeout):
         if self.ctrl_c_after is not None and self.ended >= self.ctrl_c_after:
             self.ctrl_c_after = None
             raise KeyboardInterrupt
-        ready = [n for n, r in self.running.items() if not r["waiting"]]
+        # As a real executor: at most `slots` jobs train; the others are held until one ends.
+        training = {r["of"] for r in self.running.values() if r["started"]}
+        free = self.slots - len(training)
+        held = sorted({r["of"] for r in self.running.values() if not r["started"]})[:free]
+        ready = [
+            n for n, r in self.running.items()
+            if not r["waiting"] and (r["of"] in training or r["of"] in held)
+        ]  # fmt: skip
         if not ready:
             return []
         number = self.order(ready)
@@ -257,23 +275,49 @@ def test_a_worker_lost_twice_on_one_configuration_fails_it_for_good(tmp_path):
 
 
 def test_ctrl_c_interrupts_the_running_trials_and_a_rerun_finishes_the_budget(tmp_path):
-    spec = _spec(n_trials=4)
-    result, study, tracker = _run(tmp_path, spec, FakeExecutor(slots=2, ctrl_c_after=1))
+    spec = _spec(n_trials=6)
+    turns = itertools.count()  # the two workers take turns: both trials start
+    executor = FakeExecutor(slots=2, ctrl_c_after=1, order=lambda ready: ready[next(turns) % 2])
+    result, study, tracker = _run(tmp_path, spec, executor)
     assert result.interrupted
     interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
-    # those asked for ahead of a free slot never started: they have no run to close
+    # those a worker held and had not started have no run to close; the other one's is killed
     started = [t for t in interrupted if "mlflow_run_id" in t.user_attrs]
-    assert started and all(tracker.runs[t.user_attrs["mlflow_run_id"]]["state"] == "KILLED"
-                           for t in started)  # fmt: skip
+    assert len(started) == 1 and len(interrupted) > 1
+    assert all(tracker.runs[t.user_attrs["mlflow_run_id"]]["state"] == "KILLED"
+               for t in started)  # fmt: skip
     assert len(tracker.runs) == len(started) + 1  # and the one that finished
     assert tracker.parent_status == "KILLED"
     result, study, _ = _run(tmp_path, spec, FakeExecutor(slots=2))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 4 and not result.interrupted
+    assert len(complete) == 6 and not result.interrupted
     for t in interrupted:  # each configuration ran again, with its seed
         [again] = [c for c in complete if c.user_attrs.get("retry_of") == t.number]
         assert again.params == t.params and again.user_attrs["seed"] == t.user_attrs["seed"]
+
+
+def test_trials_whose_process_died_as_it_asked_for_them_are_failed_and_a_queued_one_kept(
+    tmp_path,
+):
+    """A process killed between Optuna's ask and its own attributes leaves a RUNNING trial no
+    heartbeat and no process names; the next process, holding the storage's lock, knows its
+    asker is gone."""
+    spec = _spec(n_trials=3)
+    result, study, _ = _run(tmp_path, _spec(n_trials=1), FakeExecutor(slots=1))
+    first = study.trials[0]
+    study.enqueue_trial(first.params, user_attrs={"retry_of": 0, "seed": 5})
+    queued, fresh = study.ask(), study.ask()  # RUNNING, and nobody's
+    result, study, _ = _run(tmp_path, spec, FakeExecutor(slots=1))
+    for t in (study.trials[queued.number], study.trials[fresh.number]):
+        assert t.state == TrialState.FAIL and t.user_attrs["interrupted"]
+        assert t.user_attrs["lost"] == "its process died as it asked for it"
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == 0]
+    assert [t.number for t in retries][0] == queued.number and len(retries) == 2
+    again = retries[1]  # queued again as it was
+    assert again.state == TrialState.COMPLETE and again.user_attrs["seed"] == 5
+    assert again.params == first.params
+    assert result.counts["COMPLETE"] == 3 and result.counts["INTERRUPTED"] == 2
 
 
 def test_fused_trials_go_to_the_executor_as_cohorts_of_one_shape(tmp_path):

@@ -79,6 +79,11 @@ def test_optunas_private_calls_still_do_what_hpo_relies_on(tmp_path):
     study.tell(trial, 1.0)
     study.tell(study.ask(), 2.0)
     assert [t.number for t in seen.get_trials()] == [1]
+    # a queued trial taken by `ask` holds its parameters apart until it suggests them
+    study.enqueue_trial({"x": 3.0})
+    popped = study.ask()
+    assert _private.queued_params(study.trials[popped.number]) == {"x": 3.0}
+    study.tell(popped, state=TrialState.FAIL)
     assert [t.number for t in seen._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] == [
         1
     ]

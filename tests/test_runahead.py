@@ -1,7 +1,8 @@
-"""A worker trains ahead of the driver's answers while its epochs are short, reads every answer
-in order, and never takes an answer for a job message (`hpo.executors.worker._Answers`,
-`hpo.executors.local.WorkerSlots`). No timing: the channel is a fake whose answers arrive when
-the test says, and an epoch's length is the `epoch_seconds` it reports."""
+"""A worker trains ahead of the driver's answers while its epochs are short, holds its next job
+and starts it the moment the current one ends, and reads each trial's answers in order
+(`hpo.executors.worker`, `hpo.executors.local.WorkerSlots`). No timing: the channel is a fake
+whose answers arrive when the test says, and an epoch's length is the `epoch_seconds` it
+reports."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import collections
 
 import pytest
 
-from hpo.executors import Done, Epoch
+from hpo.executors import Done, Epoch, Started
 from hpo.executors.local import WorkerSlots
-from hpo.executors.worker import AHEAD, RUN_AHEAD_BELOW_S, _Answers
+from hpo.executors.worker import AHEAD, RUN_AHEAD_BELOW_S, Inbox, _Answers
 
 
 class Channel:
-    """The worker's end: what it sent, and the answers the driver has sent so far."""
+    """The worker's end: what it sent, and the messages the driver has sent so far."""
 
     def __init__(self):
         self.sent: list[tuple] = []
@@ -26,69 +27,84 @@ class Channel:
 
     def recv(self):
         if not self.inbox:
-            raise AssertionError("the worker waited for an answer that was not sent")
+            raise AssertionError("the worker waited for a message that was not sent")
         return self.inbox.popleft()
 
     def poll(self):
         return bool(self.inbox)
 
 
+class Job:
+    def __init__(self, *numbers):
+        self.numbers = list(numbers)
+
+
 FAST = {"val_loss": 1.0, "epoch_seconds": RUN_AHEAD_BELOW_S / 10}
 SLOW = {"val_loss": 1.0, "epoch_seconds": RUN_AHEAD_BELOW_S}
 
 
-def test_short_epochs_run_ahead_and_a_late_prune_stops_the_trial_at_the_next_epoch():
+def training(*numbers):
+    """A worker's inbox and answers, training a job of `numbers`."""
     channel = Channel()
-    answers = _Answers(channel)
-    assert answers({7: FAST}, 1, set()) == {7: None}  # no answer yet: it trains on
-    assert answers({7: FAST}, 2, set()) == {7: None}
-    channel.inbox += [("decision", None), ("decision", "pruned")]  # epochs 1 and 2
-    assert answers({7: FAST}, 3, set()) == {7: "pruned"}  # read after epoch 3: it stops there
+    inbox = Inbox(channel)
+    channel.inbox.append(("run", Job(*numbers)))
+    assert inbox.next_job().numbers == list(numbers)
+    return channel, _Answers(inbox)
+
+
+def test_short_epochs_run_ahead_and_a_late_prune_stops_the_trial_at_the_next_epoch():
+    channel, answers = training(7)
+    assert answers({7: FAST}, 1) == {7: None}  # no answer yet: it trains on
+    assert answers({7: FAST}, 2) == {7: None}
+    channel.inbox += [("decision", 7, None), ("decision", 7, "pruned")]  # epochs 1 and 2
+    assert answers({7: FAST}, 3) == {7: "pruned"}  # read after epoch 3: it stops there
     assert [m[2] for m in channel.sent] == [1, 2, 3]  # every epoch it trained was reported
-    channel.inbox.append(("decision", "pruned"))
-    assert answers.settle() is False and not channel.inbox  # epoch 3's answer read too
 
 
 def test_at_most_AHEAD_epochs_go_unanswered():
-    channel = Channel()
-    answers = _Answers(channel)
+    channel, answers = training(1)
     for epoch in range(1, AHEAD + 1):
-        answers({1: FAST}, epoch, set())
+        answers({1: FAST}, epoch)
     with pytest.raises(AssertionError, match="waited"):  # one more: it waits for the oldest
-        answers({1: FAST}, AHEAD + 1, set())
+        answers({1: FAST}, AHEAD + 1)
 
 
-def test_a_trials_last_epoch_reads_every_answer_so_a_prune_in_time_ends_it_pruned():
-    class InFlight(Channel):  # the answers are on their way: recv waits for them, poll no
-        def poll(self):
-            return False
-
-    channel = InFlight()
-    answers = _Answers(channel)
-    assert answers({5: FAST}, 1, set()) == {5: None}
-    channel.inbox += [("decision", "pruned"), ("decision", None)]  # epochs 1 and 2
-    # epoch 2 is its last (early stopping): it waits for both answers, the prune included
-    assert answers({5: FAST}, 2, {5}) == {5: "pruned"}
-    assert not answers.owed and not channel.inbox
+def test_the_next_job_starts_without_the_answers_to_the_last_epochs_which_are_dropped():
+    channel, answers = training(5)
+    channel.inbox.append(("run", Job(6)))  # sent while trial 5 trains: the worker holds it
+    assert answers({5: FAST}, 1) == {5: None}
+    assert answers({5: FAST}, 2) == {5: None}  # its last epoch waits for nothing
+    inbox = answers.inbox
+    assert inbox.next_job().numbers == [6]  # at once: the answers to 5 are still on their way
+    channel.inbox += [("decision", 5, "pruned"), ("decision", 5, None)]  # late: dropped
+    answers = _Answers(inbox)
+    channel.inbox.append(("decision", 6, "pruned"))
+    assert answers({6: SLOW}, 1) == {6: "pruned"}  # trial 6 reads only its own answers
+    assert not inbox.answers.get(5) and not channel.inbox
 
 
 def test_slow_epochs_wait_for_their_own_answer():
-    channel = Channel()
-    answers = _Answers(channel)
-    channel.inbox.append(("decision", "pruned"))
-    assert answers({3: SLOW}, 1, set()) == {3: "pruned"}
+    channel, answers = training(3)
+    channel.inbox.append(("decision", 3, "pruned"))
+    assert answers({3: SLOW}, 1) == {3: "pruned"}
     assert not answers.owed
 
 
-def test_a_cohort_reads_one_answer_per_member_in_order_and_an_exit_interrupts_the_rest():
-    channel = Channel()
-    answers = _Answers(channel)
-    assert answers({1: FAST, 2: FAST}, 1, set()) == {1: None, 2: None}
-    channel.inbox += [("decision", "pruned"), ("decision", None)]
-    assert answers({1: FAST, 2: FAST}, 2, set()) == {1: "pruned", 2: None}
+def test_a_cohort_reads_each_members_answers_and_an_exit_interrupts_the_rest():
+    channel, answers = training(1, 2)
+    assert answers({1: FAST, 2: FAST}, 1) == {1: None, 2: None}
+    channel.inbox += [("decision", 2, None), ("decision", 1, "pruned")]  # any order
+    assert answers({1: FAST, 2: FAST}, 2) == {1: "pruned", 2: None}
     channel.inbox += [("exit",)]  # the driver closes instead of answering epoch 2
-    assert answers({2: FAST}, 3, set()) == {2: "interrupted"}
-    assert answers.settle() is True  # serve's loop ends: the second "exit" is its own
+    assert answers({2: FAST}, 3) == {2: "interrupted"}
+    assert answers.inbox.next_job() is None  # serve's loop ends
+
+
+def test_a_cancel_drops_the_held_job():
+    channel, answers = training(1)
+    channel.inbox += [("run", Job(2)), ("cancel",), ("exit",)]
+    answers.inbox.read_arrived()
+    assert not answers.inbox.jobs and answers.inbox.next_job() is None
 
 
 class Slots(WorkerSlots):
@@ -101,21 +117,44 @@ class Slots(WorkerSlots):
         self.sent.append((i, message))
 
 
-class Job:
-    def __init__(self, *numbers):
-        self.numbers = list(numbers)
+def test_a_worker_trains_one_job_and_holds_one_more_and_the_rest_wait():
+    slots = Slots(1)
+    for n in range(3):
+        slots.submit(Job(n))
+    assert [m[0] for _, m in slots.sent] == ["run", "run"]
+    assert slots._job[0] == {0} and slots._next[0].numbers == [1] and len(slots._pending) == 1
+    assert slots._receive(0, ("epoch", 0, 1, FAST)) == Epoch(0, 1, FAST)
+    slots.decide(0, "pruned")
+    assert slots.sent[-1] == (0, ("decision", 0, "pruned"))
+    assert slots._receive(0, ("done", 0, "record")) == Done(0, "record")
+    assert slots._receive(0, ("start", 1, "host:1")) == Started(1, "host:1")
+    assert slots._job[0] == {1} and slots._next[0] is None
+    slots._submit_pending()
+    assert slots._next[0].numbers == [2] and not slots._pending  # the third is held now
 
 
-def test_a_worker_gets_no_new_job_before_its_last_epochs_are_answered():
+def test_a_job_taken_back_after_its_worker_started_it_is_interrupted_at_its_first_epoch():
     slots = Slots(1)
     slots.submit(Job(0))
-    assert slots._receive(0, ("epoch", 0, 1, FAST)) == Epoch(0, 1, FAST)
-    assert slots._receive(0, ("done", 0, "record")) == Done(0, "record")
-    slots.submit(Job(1))  # the worker still reads epoch 1's answer: the job waits
-    assert [m[0] for _, m in slots.sent] == ["run"]
-    slots.decide(0, "pruned")  # answered (trial 0 is done, its worker still listens)
-    assert [m[0] for _, m in slots.sent] == ["run", "decision", "run"]
-    assert slots._job[0] == {1}
+    slots.submit(Job(1))
+    assert slots.cancel() == [1] and slots.sent[-1] == (0, ("cancel",))
+    slots._receive(0, ("done", 0, "record"))
+    assert slots._receive(0, ("start", 1, "host:1")) is None  # the cancel came too late
+    assert slots._receive(0, ("epoch", 1, 1, FAST)) is None
+    assert slots.sent[-1] == (0, ("decision", 1, "interrupted"))
+
+
+def test_a_replaced_workers_held_job_goes_to_the_next_worker_ready():
+    slots = Slots(2)
+    for n in range(4):
+        slots.submit(Job(n))
+    assert slots._job == [{0}, {1}] and [j.numbers for j in slots._next] == [[2], [3]]
+    slots._forget(0)  # its worker died: trial 0 is lost, trial 2 never started
+    slots._ready[0] = False  # until its successor says it is ready
+    assert [j.numbers for j in slots._pending] == [[2]]
+    slots._ready[0] = True
+    slots._submit_pending()
+    assert slots._job[0] == {2}
 
 
 def test_a_small_net_trains_on_one_thread_and_a_wide_one_on_all_it_has():

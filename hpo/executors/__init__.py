@@ -1,10 +1,11 @@
 """How trials get run: in this process, in local worker processes, or as Ray tasks.
 
-An executor has `slots` places for trials. The driver (`study.py`) submits `TrialJob`s (or
-`CohortJob`s: several trials trained together in one slot), reads `Started`, `Epoch`, `Done`
-and `Lost` events (one per trial), and answers each `Epoch` with a decision (None to
-go on, "pruned" or "interrupted" to stop there). Every executor runs the same worker loop
-(`worker.serve`) over its own kind of channel, so a trial runs the same code wherever it runs.
+An executor has `slots` workers. The driver (`study.py`) submits `TrialJob`s (or
+`CohortJob`s: several trials trained together by one worker), two per worker (one to train,
+one to hold next), reads `Started`, `Epoch`, `Done` and `Lost` events (one per trial), and
+answers each `Epoch` with a decision (None to go on, "pruned" or "interrupted" to stop
+there). Every executor runs the same worker loop (`worker.serve`) over its own kind of
+channel, so a trial runs the same code wherever it runs.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ class Executor(Protocol):
         """Wait until every worker is ready for trials; raise if one cannot start."""
 
     def submit(self, job: TrialJob | CohortJob) -> None:
-        """Run a trial (or a cohort of them) on a free worker."""
+        """Run a trial (or a cohort of them): on a worker with nothing to train, else held by
+        one until its current job ends, else as soon as one can take it."""
+
+    def cancel(self) -> list[int]:
+        """Take back the jobs not started (the study stops): their trial numbers."""
 
     def wait(self, timeout: float) -> list[Event]:
         """Events that arrived within `timeout` seconds (maybe none)."""

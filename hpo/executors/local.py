@@ -49,14 +49,160 @@ class _QueuePair:
         return not self.inbox.empty()
 
 
-class ThreadExecutor:
-    """One trial at a time in a thread of this process, on the driver's own data."""
+STALL_FACTOR = 10  # a worker silent for this many of its trial's epochs has stalled
+FIRST_EPOCH = 3  # before a trial's first epoch: that many times training.stall_timeout
 
-    slots = 1
+
+class WorkerSlots:
+    """Bookkeeping shared by the executors: which worker is ready, which job each trains and
+    which it holds next, the jobs submitted while every worker held one, and which worker
+    has stalled. Subclasses `_send` a message.
+
+    Each worker trains one job and holds the next (`hpo.executors.worker`), so it starts it
+    without waiting for the driver: a job goes to a worker with nothing to train, else to one
+    that holds none, else waits here (`_pending`).
+
+    A worker owes the driver a message from the moment it is sent a trial or a decision. One
+    that stays silent for `STALL_FACTOR` times its trial's median epoch, and at least
+    `training.stall_timeout` seconds, has stalled: a hung GPU call, a stalled network file
+    system, a stopped process. Before a trial's first epoch nothing says how long its epochs
+    take (a wide net on a CPU may take minutes): the limit is then `FIRST_EPOCH` times the
+    floor, or `STALL_FACTOR` times the slowest epoch seen so far if that is longer. The
+    subclass kills the worker and reports its trials `Lost`, to run again."""
+
+    slots: int
+
+    def _init_slots(self, slots: int, stall_s: float | None = None) -> None:
+        self.slots = slots
+        self._ready = [False] * slots
+        self._job: list[set[int]] = [set() for _ in range(slots)]  # the trials it trains
+        self._next: list[TrialJob | CohortJob | None] = [None] * slots  # held, not started
+        self._ran_on: dict[int, int] = {}  # the worker each trial went to: its answers' way
+        self._pending: list[TrialJob | CohortJob] = []
+        self._stall_s = stall_s  # None: never
+        self._owed = [0.0] * slots  # since when the worker owes a message (0: it does not)
+        self._epochs: list[list[float]] = [[] for _ in range(slots)]  # its trial's epochs, s
+        self._slowest = 0.0  # the slowest epoch seen on any worker
+
+    def _send(self, i: int, message: tuple) -> None:
+        raise NotImplementedError
+
+    def _worker_for(self) -> int | None:
+        """A ready worker with nothing to train, else one that holds no next job."""
+        ready = [i for i in range(self.slots) if self._ready[i] and self._next[i] is None]
+        idle = [i for i in ready if not self._job[i]]
+        return (idle or ready or [None])[0]
+
+    def submit(self, job: TrialJob | CohortJob) -> None:
+        i = self._worker_for()
+        if i is None:
+            self._pending.append(job)
+            return
+        self._ran_on |= dict.fromkeys(job.numbers, i)
+        if self._job[i]:
+            self._next[i] = job
+        else:
+            self._begin(i, job)
+        self._send(i, ("run", job))
+
+    def _begin(self, i: int, job: TrialJob | CohortJob) -> None:
+        """Worker `i` trains `job` now (it was idle, or it has just started the one it held)."""
+        self._job[i] = set(job.numbers)
+        self._epochs[i] = []
+        self._owed[i] = time.monotonic()
+
+    def cancel(self) -> list[int]:
+        """Take back every job not started (the study stops): their trial numbers. A worker
+        that started one meanwhile has its epochs answered "interrupted" (`_receive`)."""
+        numbers = [n for job in self._pending for n in job.numbers]
+        self._pending = []
+        for i, job in enumerate(self._next):
+            if job is not None:
+                numbers += job.numbers
+                self._next[i] = None
+                self._send(i, ("cancel",))
+        return numbers
+
+    def _forget(self, i: int) -> None:
+        """Worker `i` is replaced: its trials are lost, and no answer goes to its successor;
+        the job it held and had not started goes to the next worker ready."""
+        self._job[i] = set()
+        self._ran_on = {n: w for n, w in self._ran_on.items() if w != i}
+        if self._next[i] is not None:
+            self._pending.insert(0, self._next[i])  # type: ignore[arg-type]
+            self._next[i] = None
+
+    def _submit_pending(self) -> None:
+        while self._pending and self._worker_for() is not None:
+            self.submit(self._pending.pop(0))
+
+    def decide(self, number: int, decision: str | None) -> None:
+        worker = self._ran_on.get(number)
+        if worker is not None:  # None: its worker died meanwhile (reported as Lost)
+            if not self._owed[worker] and number in self._job[worker]:
+                self._owed[worker] = time.monotonic()
+            self._send(worker, ("decision", number, decision))
+
+    def _receive(self, i: int, message: tuple) -> Event | None:
+        """A message from worker `i`: its readiness noted, a held job started, a finished
+        trial's place freed, the time it took to answer."""
+        if message[0] == "ready":
+            self._ready[i] = True
+            return None
+        event = _event(message)
+        held = self._next[i]
+        if isinstance(event, Started) and held is not None and event.number in held.numbers:
+            self._next[i] = None
+            self._begin(i, held)
+        if event is not None and event.number not in self._job[i]:
+            # From a worker replaced as stalled, whose trial has run again, or a job taken
+            # back (`cancel`) that the worker had started: it stops at its first epoch.
+            if isinstance(event, Epoch) and self._ran_on.get(event.number) == i:
+                self._send(i, ("decision", event.number, "interrupted"))
+            return None
+        if isinstance(event, Epoch) and self._owed[i]:  # a cohort's first member's epoch
+            took = time.monotonic() - self._owed[i]
+            self._epochs[i].append(took)
+            self._slowest = max(self._slowest, took)
+        self._owed[i] = time.monotonic() if isinstance(event, Started | Done) else 0.0
+        if isinstance(event, Done):
+            self._job[i].discard(event.number)
+            if not self._job[i] and self._next[i] is None:
+                self._owed[i] = 0.0
+        return event
+
+    def _stalled(self) -> list[tuple[int, str]]:
+        """(worker, why) for each worker with a trial that has stalled (see the class)."""
+        if self._stall_s is None:
+            return []
+        now, out = time.monotonic(), []
+        for i in range(self.slots):
+            if not self._owed[i] or not (self._job[i] or self._next[i]):
+                continue
+            epochs = self._epochs[i]
+            typical = statistics.median(epochs) if epochs else self._slowest
+            floor = self._stall_s if epochs else FIRST_EPOCH * self._stall_s
+            limit = max(floor, STALL_FACTOR * typical)
+            silent = now - self._owed[i]
+            if silent > limit:
+                what = f"its epochs took {typical:.2g} s" if epochs else "before its 1st epoch"
+                out.append(
+                    (
+                        i,
+                        f"stalled: its worker was silent for {silent:.0f} s ({what}; the limit "
+                        f"is {limit:.0f} s, training.stall_timeout)",
+                    )
+                )
+        return out
+
+
+class ThreadExecutor(WorkerSlots):
+    """One trial at a time in a thread of this process, on the driver's own data."""
 
     def __init__(self, spec: Spec, device: str):
         self.spec, self.device = spec, device
         self.description = f"1 worker (this process) on {device}"
+        self._init_slots(1)
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self._interrupt = threading.Event()
@@ -74,9 +220,10 @@ class ThreadExecutor:
 
     def ready(self) -> None:
         _expect_ready(self._outbox.get())
+        self._ready[0] = True
 
-    def submit(self, job: TrialJob | CohortJob) -> None:
-        self._inbox.put(("run", job))
+    def _send(self, i: int, message: tuple) -> None:
+        self._inbox.put(message)
 
     def wait(self, timeout: float) -> list[Event]:
         try:
@@ -86,145 +233,16 @@ class ThreadExecutor:
         messages = [first]
         while not self._outbox.empty():
             messages.append(self._outbox.get_nowait())
-        return [e for e in map(_event, messages) if e is not None]
-
-    def decide(self, number: int, decision: str | None) -> None:
-        self._inbox.put(("decision", decision))
+        return [e for e in (self._receive(0, m) for m in messages) if e is not None]
 
     def close(self, interrupt: bool = False) -> None:
         if self._thread is None:
             return
         if interrupt:
             self._interrupt.set()  # the trial stops at its next step
-        # One "exit" may be taken as the answer to an epoch; the second ends the loop.
-        self._inbox.put(("exit",))
         self._inbox.put(("exit",))
         self._thread.join()
         self._thread = None
-
-
-STALL_FACTOR = 10  # a worker silent for this many of its trial's epochs has stalled
-FIRST_EPOCH = 3  # before a trial's first epoch: that many times training.stall_timeout
-
-
-class WorkerSlots:
-    """Bookkeeping shared by executors of several workers: which worker is ready, which trial
-    each runs, the trials submitted while none was free, and which worker has stalled.
-    Subclasses `_send` a message.
-
-    A worker owes the driver a message from the moment it is sent a trial or a decision. One
-    that stays silent for `STALL_FACTOR` times its trial's median epoch, and at least
-    `training.stall_timeout` seconds, has stalled: a hung GPU call, a stalled network file
-    system, a stopped process. Before a trial's first epoch nothing says how long its epochs
-    take (a wide net on a CPU may take minutes): the limit is then `FIRST_EPOCH` times the
-    floor, or `STALL_FACTOR` times the slowest epoch seen so far if that is longer. The
-    subclass kills the worker and reports its trials `Lost`, to run again."""
-
-    slots: int
-
-    def _init_slots(self, slots: int, stall_s: float | None = None) -> None:
-        self.slots = slots
-        self._ready = [False] * slots
-        self._job: list[set[int]] = [set() for _ in range(slots)]  # trial numbers per worker
-        # The worker each trial ran on, until its worker's next job: a worker that runs ahead
-        # of the answers (`hpo.executors.worker`) may report a trial done before the driver
-        # has answered its last epochs, and still reads those answers.
-        self._ran_on: dict[int, int] = {}
-        self._unanswered = [0] * slots  # epochs each worker has sent and not had answered
-        self._pending: list[TrialJob | CohortJob] = []
-        self._stall_s = stall_s  # None: never
-        self._owed = [0.0] * slots  # since when the worker owes a message (0: it does not)
-        self._epochs: list[list[float]] = [[] for _ in range(slots)]  # its trial's epochs, s
-        self._slowest = 0.0  # the slowest epoch seen on any worker
-
-    def _send(self, i: int, message: tuple) -> None:
-        raise NotImplementedError
-
-    def _free(self) -> list[int]:
-        """Workers ready for a job: none running, and every epoch they sent answered (a new
-        job's message must not arrive where the worker still reads answers)."""
-        return [
-            i
-            for i in range(self.slots)
-            if self._ready[i] and not self._job[i] and not self._unanswered[i]
-        ]
-
-    def submit(self, job: TrialJob | CohortJob) -> None:
-        free = self._free()
-        if not free:
-            self._pending.append(job)
-            return
-        self._ran_on = {n: w for n, w in self._ran_on.items() if w != free[0]}
-        self._ran_on |= dict.fromkeys(job.numbers, free[0])
-        self._job[free[0]] = set(job.numbers)
-        self._epochs[free[0]] = []
-        self._owed[free[0]] = time.monotonic()
-        self._send(free[0], ("run", job))
-
-    def _forget(self, i: int) -> None:
-        """Worker `i` is replaced: its trials are lost, and no answer goes to its successor."""
-        self._job[i] = set()
-        self._ran_on = {n: w for n, w in self._ran_on.items() if w != i}
-        self._unanswered[i] = 0
-
-    def _submit_pending(self) -> None:
-        while self._pending and self._free():
-            self.submit(self._pending.pop(0))
-
-    def decide(self, number: int, decision: str | None) -> None:
-        worker = self._ran_on.get(number)
-        if worker is not None:  # None: its worker died meanwhile (reported as Lost)
-            if not self._owed[worker] and number in self._job[worker]:
-                self._owed[worker] = time.monotonic()
-            self._send(worker, ("decision", decision))
-            self._unanswered[worker] = max(0, self._unanswered[worker] - 1)
-            self._submit_pending()
-
-    def _receive(self, i: int, message: tuple) -> Event | None:
-        """A message from worker `i`: its readiness noted, a finished trial's slot freed, the
-        time it took to answer."""
-        if message[0] == "ready":
-            self._ready[i] = True
-            return None
-        event = _event(message)
-        if event is not None and event.number not in self._job[i]:
-            return None  # from a worker replaced as stalled, whose trial has run again
-        if isinstance(event, Epoch):
-            self._unanswered[i] += 1
-        if isinstance(event, Epoch) and self._owed[i]:  # a cohort's first member's epoch
-            took = time.monotonic() - self._owed[i]
-            self._epochs[i].append(took)
-            self._slowest = max(self._slowest, took)
-        self._owed[i] = time.monotonic() if isinstance(event, Started | Done) else 0.0
-        if isinstance(event, Done):
-            self._job[i].discard(event.number)
-            if not self._job[i]:
-                self._owed[i] = 0.0
-        return event
-
-    def _stalled(self) -> list[tuple[int, str]]:
-        """(worker, why) for each worker with a trial that has stalled (see the class)."""
-        if self._stall_s is None:
-            return []
-        now, out = time.monotonic(), []
-        for i in range(self.slots):
-            if not self._job[i] or not self._owed[i]:
-                continue
-            epochs = self._epochs[i]
-            typical = statistics.median(epochs) if epochs else self._slowest
-            floor = self._stall_s if epochs else FIRST_EPOCH * self._stall_s
-            limit = max(floor, STALL_FACTOR * typical)
-            silent = now - self._owed[i]
-            if silent > limit:
-                what = f"its epochs took {typical:.2g} s" if epochs else "before its 1st epoch"
-                out.append(
-                    (
-                        i,
-                        f"stalled: its worker was silent for {silent:.0f} s ({what}; the limit "
-                        f"is {limit:.0f} s, training.stall_timeout)",
-                    )
-                )
-        return out
 
 
 def _expect_ready(message: tuple) -> None:

@@ -1,15 +1,20 @@
 """The loop every worker runs, whatever carries its messages: load the data once, then trials.
 
-Messages in: ("run", TrialJob | CohortJob), ("decision", None | "pruned" | "interrupted"),
-("exit",); a cohort's trials each get their own "start", "epoch" and "done" messages.
-Messages out: ("ready", device), ("error", message), ("start", number, "host:pid"),
-("epoch", number, epoch, metrics), ("done", number, TrialRecord).
+Messages in: ("run", TrialJob | CohortJob), ("decision", number, None | "pruned" |
+"interrupted"), ("cancel",), ("exit",); a cohort's trials each get their own "start", "epoch"
+and "done" messages. Messages out: ("ready", device), ("error", message), ("start", number,
+"host:pid"), ("epoch", number, epoch, metrics), ("done", number, TrialRecord).
+
+A worker holds the next job while it trains the current one (the driver sends it as soon as
+it has asked for it), and starts it the moment the current one ends: between two trials it
+waits for nothing. "cancel" drops the jobs it holds and has not started (the study stops).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from typing import Any, Protocol
 
 import torch
@@ -48,17 +53,14 @@ def serve(
         channel.send(("error", f"{type(e).__name__}: {e}"))
         return
     channel.send(("ready", device))
-    while True:
-        message = channel.recv()
-        if message[0] != "run":
-            return
-        job = message[1]
+    inbox = Inbox(channel)
+    while (job := inbox.next_job()) is not None:
         where = f"{socket.gethostname()}:{os.getpid()}"
         for number in job.numbers:
             channel.send(("start", number, where))
         if torch.device(device).type == "cpu":
             torch.set_num_threads(threads_for(job, data, threads))
-        answers = _Answers(channel)
+        answers = _Answers(inbox)
         run(
             job.members,
             spec,
@@ -67,8 +69,57 @@ def serve(
             lambda record: channel.send(("done", record.number, record)),
             interrupt,
         )
-        if answers.settle():
+        if inbox.exit:
             return
+
+
+class Inbox:
+    """The driver's messages to a worker, filed as they come: the jobs it holds, in order, and
+    the answers to the epochs of the job it trains. Answers to a job it has finished (those
+    it did not wait for) are dropped when they come."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.jobs: deque[TrialJob | CohortJob] = deque()
+        self.training: set[int] = set()  # the trials of the job it trains
+        self.answers: dict[int, deque[str | None]] = {}
+        self.exit = False  # told to exit: the driver sends nothing more
+
+    def next_job(self) -> TrialJob | CohortJob | None:
+        """The next job to train (waiting for one), or None when told to exit."""
+        self.training, self.answers = set(), {}
+        while not self.jobs and not self.exit:
+            self.read()
+        if self.exit:
+            return None
+        job = self.jobs.popleft()
+        self.training = set(job.numbers)
+        return job
+
+    def read(self) -> None:
+        """File the next message, waiting for it."""
+        message = self.channel.recv()
+        kind = message[0]
+        if kind == "run":
+            self.jobs.append(message[1])
+        elif kind == "decision":
+            if message[1] in self.training:
+                self.answers.setdefault(message[1], deque()).append(message[2])
+        elif kind == "cancel":
+            self.jobs.clear()
+        else:
+            self.exit = True
+
+    def read_arrived(self) -> None:
+        """File every message that has arrived, without waiting."""
+        while not self.exit and self.channel.poll():
+            self.read()
+
+    def answered(self, numbers: list[int]) -> bool:
+        return all(self.answers.get(n) for n in numbers)
+
+    def take(self, numbers: list[int]) -> dict[int, str | None]:
+        return {n: self.answers[n].popleft() for n in numbers}
 
 
 # A step of fewer multiply-adds than this (parameters x batch rows, every member of a cohort
@@ -96,60 +147,42 @@ AHEAD = 4
 
 
 class _Answers:
-    """The driver's answers to a worker's epochs, as `hpo.trial.run`'s `on_epoch_end`.
+    """The driver's answers to a job's epochs, as `hpo.trial.run`'s `on_epoch_end`.
 
-    Every epoch message gets one answer (None, "pruned" or "interrupted"), in order, or an
-    "exit" in its place when the driver closes. Waiting for each answer before the next epoch
-    leaves the worker idle for the driver's round trip: an Optuna report and the pruner, a few
-    milliseconds, and longer when the driver is busy with another trial's start or end or
-    the storage is far away; a digits epoch takes 20 ms, a small net's on a GPU less. So
-    while a trial's epochs take under `RUN_AHEAD_BELOW_S`, it trains on and reads the answers
-    that have arrived after each epoch, waiting only when `AHEAD` epochs are unanswered: a
-    pruned trial trains an epoch or so more than the pruner needed (recorded and reported
-    like any other), and no epoch waits but a trial's last, which reads every answer (a prune
-    that came in time stops it as pruned, not finished). Slower epochs wait for their answer,
-    as an extra epoch would cost more than the wait. The answers still owed when the job ends
-    are read by `settle`, before the next job."""
+    Every epoch message gets one answer per trial (None, "pruned" or "interrupted"), in
+    order. Waiting for each answer before the next epoch leaves the worker idle for the
+    driver's round trip: an Optuna report and the pruner, a few milliseconds, and longer
+    when the driver is busy with another trial's start or end or the storage is far away; a
+    digits epoch takes 15 ms, a small net's on a GPU less. So while a trial's epochs take
+    under `RUN_AHEAD_BELOW_S`, it trains on and reads the answers that have arrived after
+    each epoch, waiting only when `AHEAD` epochs are unanswered; a trial's last epoch waits
+    for none, and the next job starts at once. A pruned trial trains an epoch or so more
+    than the pruner needed (recorded like any other); one the pruner stopped after it had
+    ended is told as pruned by the driver, which knows what it answered. Slower epochs wait
+    for their answer, as an extra epoch would cost more than the wait."""
 
-    def __init__(self, channel: Channel):
-        self.channel = channel
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
         self.owed: list[list[int]] = []  # per unanswered epoch, oldest first: its trials
-        self.exit = False  # an "exit" came instead of an answer: the driver sends no more
 
-    def __call__(
-        self, metrics: dict[int, dict[str, float]], epoch: int, last: set[int]
-    ) -> dict[int, str | None]:
-        if self.exit:
+    def __call__(self, metrics: dict[int, dict[str, float]], epoch: int) -> dict[int, str | None]:
+        inbox = self.inbox
+        if inbox.exit:
             return dict.fromkeys(metrics, "interrupted")
         for number, m in metrics.items():
-            self.channel.send(("epoch", number, epoch, m))
+            inbox.channel.send(("epoch", number, epoch, m))
         self.owed.append(list(metrics))
         slow = any(m.get("epoch_seconds", 0.0) >= RUN_AHEAD_BELOW_S for m in metrics.values())
         answers: dict[int, str | None] = {}
-        # A trial's last epoch waits for every answer: a prune that came in time for any of its
-        # epochs stops it as pruned, not as finished.
-        wait = slow or bool(last)
-        while self.owed and (wait or len(self.owed) > AHEAD or self.channel.poll()):
-            for number, answer in self._read_one().items():
-                answers[number] = answers.get(number) or answer
-        return {n: answers.get(n) for n in metrics}
-
-    def _read_one(self) -> dict[int, str | None]:
-        """The answers to the oldest unanswered epoch (waiting for them)."""
-        answers: dict[int, str | None] = {}
-        for number in self.owed.pop(0):
-            reply = ("exit",) if self.exit else self.channel.recv()
-            if reply[0] != "decision":  # told to exit: every trial still waiting stops here
-                # (without reading on: the driver sends no more answers, and the next "exit"
-                # is for the loop in `serve`)
-                self.exit = True
-                answers[number] = "interrupted"
+        inbox.read_arrived()
+        while self.owed and not inbox.exit:
+            if inbox.answered(self.owed[0]):
+                for number, answer in inbox.take(self.owed.pop(0)).items():
+                    answers[number] = answers.get(number) or answer
+            elif slow or len(self.owed) > AHEAD:
+                inbox.read()
             else:
-                answers[number] = reply[1]
-        return answers
-
-    def settle(self) -> bool:
-        """Read the answers the job's last epochs are still owed; True when an "exit" came."""
-        while self.owed:
-            self._read_one()
-        return self.exit
+                break
+        if inbox.exit:  # every trial still training stops here
+            return dict.fromkeys(metrics, "interrupted")
+        return {n: answers.get(n) for n in metrics}
