@@ -16,6 +16,9 @@ from typing import Any
 from hpo.outage import DiskFault, Retry, disk_fault, uncut
 from hpo.redact import first_line, redact, redact_url, url_problem
 
+SYSTEM_S = 5.0  # seconds between samples of the machine (`MlflowTracker._watch_system`)
+SYSTEM_STOP_S = 10.0  # the longest the last samples are waited for at the study's end
+
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 # A running trial's epochs reach its MLflow run at most this many seconds after they end.
 FLUSH_S = 1.0
@@ -110,6 +113,7 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         # Set by the driver once the study is under way: a server that goes away then is
         # waited for (at start, one that does not answer is refused at once instead).
         self.retry: Retry | None = None
+        self._system: Any = None  # MLflow's system metrics monitor, on the parent run
 
     @property
     def client(self) -> Any:
@@ -243,7 +247,42 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
         self.parent_id = run_id
+        self._watch_system()
         return run_id
+
+    def _watch_system(self) -> None:
+        """Sample the machine into the parent run while this process drives the study:
+        MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network,
+        and each NVIDIA GPU's use and memory through NVML: `system/gpu_0_utilization_percentage`),
+        every `SYSTEM_S` seconds or `$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`. Off with
+        `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`. It logs past hpo's retries: a tracking
+        server that goes away ends the sampling, not the study."""
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("false", "0"):
+            return
+        import logging
+
+        # its start and stop lines, and why there is no GPU to sample, are not the user's news
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(
+                self.parent_id, sampling_interval=SYSTEM_S, resume_logging=True,
+                tracking_uri=self.uri,
+            )  # fmt: skip
+            self._system.start()
+        except Exception:  # noqa: BLE001 - no psutil, say: the study goes on without
+            self._system = None
+
+    def _stop_watching(self) -> None:
+        """The last samples sent, waiting at most `SYSTEM_STOP_S` (the server may be gone)."""
+        import threading
+
+        monitor, self._system = self._system, None
+        if monitor is not None:
+            done = threading.Thread(target=monitor.finish, name="hpo-system-metrics", daemon=True)
+            done.start()
+            done.join(SYSTEM_STOP_S)
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -357,6 +396,7 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
 
     def close_parent(self, status: str = "FINISHED") -> None:
         """End the parent run: FINISHED, KILLED (Ctrl-C) or FAILED."""
+        self._stop_watching()
         self.flush()
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 import torch
-from conftest import http_server, small_spec
+from conftest import http_server, small_spec, wait_for
 from mlflow import MlflowClient
 
 from hpo.config import SpecError
@@ -87,6 +87,28 @@ def test_epochs_that_wait_are_sent_when_a_run_is_closed_and_when_the_study_ends(
     assert len(client.get_metric_history(running, "val_loss")) == 1
     tracker.close_parent("KILLED")  # the study's end (Ctrl-C, a lost server): all of it
     assert len(client.get_metric_history(running, "val_loss")) == 3
+
+
+def test_the_machine_is_sampled_into_the_study_run_unless_told_not_to(mlflow_uri, monkeypatch):
+    """MLflow's system metrics on the parent run while the study is driven: at least the
+    sample `close_parent` sends (CPU and memory here; GPU use where NVML finds one)."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
+    client = MlflowClient(mlflow_uri)
+    tracker = MlflowTracker(mlflow_uri, "tracking-system")
+    watched = tracker.open_parent(None, "study", {}, {})
+    samples = lambda run_id: client.get_metric_history(  # noqa: E731
+        run_id, "system/cpu_utilization_percentage"
+    )
+    wait_for(lambda: samples(watched), "a sample of the machine")
+    tracker.close_parent()
+    assert all(0 <= m.value <= 100 for m in samples(watched))
+    memory = client.get_metric_history(watched, "system/system_memory_usage_megabytes")
+    assert memory and memory[0].value > 0
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    tracker = MlflowTracker(mlflow_uri, "tracking-system")
+    quiet = tracker.open_parent(None, "quiet", {}, {})
+    tracker.close_parent()
+    assert not [k for k in client.get_run(quiet).data.metrics if k.startswith("system/")]
 
 
 def test_joining_a_parent_leaves_live_trials_alone_and_closes_only_dead_ones(mlflow_uri):
