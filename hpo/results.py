@@ -57,7 +57,7 @@ class EpochProgress:
 STEPS = (
     "ask",  # the budget check under the lock, Optuna's ask and the sampler, the trial's attrs
     "run creation",  # the trial's MLflow run
-    "epoch decision",  # report the epoch's value, ask the pruner (the worker waits for it)
+    "epoch decision",  # report the epoch's value, ask the pruner (a worker may wait for it)
     "epoch logging",  # the epoch's metrics to the trial's MLflow run
     "tell",  # the record settled into attrs, Optuna's tell
     "checkpoint",  # the kept weights of a trial that beats or ties the best

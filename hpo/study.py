@@ -250,7 +250,7 @@ class _Driver:
         self.me = process_id(os.getpid())
         self.stale = StaleTrials(tracker, self.me)
         self.book = Bookkeeping()
-        self.freed_at: list[float] = []  # when each free worker slot came free
+        self.freed_at: list[float] = []  # when each worker left with nothing to train did
         # What waits for a moment when no worker waits for the driver: asking ahead, closing
         # told trials' MLflow runs, their progress lines (see `_loop`).
         self.later: list[Callable[[], None]] = []
@@ -321,6 +321,11 @@ class _Driver:
             test, note = self.final.evaluate()
             status = "KILLED" if interrupted else "FINISHED"
         finally:
+            if self.later:  # a failure of another kind: the told trials' runs are closed still
+                try:
+                    self._drain_later(ask=False)
+                except Exception:  # noqa: BLE001 - the failure on its way up says more
+                    self.later = []
             self._beat_stop.set()
             self.executor.close(interrupt=True)
             try:
@@ -333,15 +338,16 @@ class _Driver:
         """Do all of `later` now; without `ask`, on the way out, ask for no trial. A tracking
         server lost meanwhile leaves the rest: its runs are closed by the next process."""
         while self.later:
-            then = self.later.pop(0)
-            if then == self._fill_slots and not ask:
-                continue
-            try:
-                then()
-            except ServerLost:
-                if ask:
-                    raise
-                self.later = []
+            then = self.later[0]
+            if then != self._fill_slots or ask:
+                try:
+                    then()
+                except ServerLost:
+                    if ask:
+                        raise
+                    self.later = []
+                    return
+            self.later.pop(0)
 
     def _stop_waiting(self, window_s: float) -> None:
         """Wait at most `window_s` for a lost server from now on (clean-up on the way out)."""
@@ -369,7 +375,7 @@ class _Driver:
                 for number in self.executor.cancel():  # never started: they run again later
                     if number in self.running:
                         self._interrupt(number, self.stopping or "no more trials to ask for")
-            if self._fill_slots(ahead=False):  # a worker with nothing to train gets a job now
+            if self._fill_slots(ahead=False):  # jobs for every worker, at once
                 self._ask_ahead_later()  # and the one it holds next, when there is a moment
             if not self.running:
                 if self.later:
@@ -386,9 +392,6 @@ class _Driver:
             # one thing of `later` at a time, when no message is in, or when the oldest has
             # waited `LATER_S` (a driver that answers epochs without a pause gets to it too).
             events = self.executor.wait(0.0 if self.later else POLL_S)
-            if self.later and (not events or time.monotonic() - self.later_since >= LATER_S):
-                self.later.pop(0)()
-                self.later_since = time.monotonic()
             for event in events:
                 if isinstance(event, Started) and event.number in self.running:
                     self._on_started(event.number, event.worker)
@@ -404,6 +407,10 @@ class _Driver:
                     self._ask_ahead_later()
                 elif isinstance(event, Lost):
                     self._on_lost(event.number, event.reason)
+            if self.later and (not events or time.monotonic() - self.later_since >= LATER_S):
+                self.later[0]()  # taken off once done: a Ctrl-C in it leaves it to the clean-up
+                self.later.pop(0)
+                self.later_since = time.monotonic()
             with self.book.step("epoch logging"):
                 self.tracker.flush(due_only=True)  # a fast trial's last second of epochs
 
@@ -579,8 +586,8 @@ class _Driver:
         # What Optuna hears of the epoch reaches the run too, whatever the moment of a
         # Ctrl-C: the report and the logging are one uncut block.
         with uncut():
-            # The worker waits for the decision: it is sent as soon as it is known. A baseline is
-            # a reference point: it trains to the end, never pruned.
+            # The decision is sent as soon as it is known (a worker may wait for it). A baseline
+            # is a reference point: it trains to the end, never pruned.
             decision = None
             if self.stopping:
                 decision = "interrupted"
@@ -613,11 +620,19 @@ class _Driver:
 
     def _told(self, number: int, record: TrialRecord) -> Callable[[], None]:
         """Store a finished trial's result and tell Optuna; what is left (closing its tracker
-        run, the progress line) comes back to be called once the next trial has started."""
+        run, the progress line) comes back, to be called when there is a moment (`later`)."""
         # A stop (Ctrl-C) waits for the trial to be told: between leaving `running` and the
         # tell, it would stay RUNNING in the storage, unknown to the clean-up.
         with uncut():
-            r = self.running.pop(number)
+            r = self.running[number]
+            if r.run_id is None and record.outcome == "COMPLETE" and not r.pruned:
+                # Started as the study stopped, it ended before an answer stopped it: its run
+                # now (its weights may be the best), with its curve.
+                self._open_run(number)
+                if r.run_id is not None:
+                    for epoch, metrics in enumerate(record.history, 1):
+                        self.tracker.log_epoch(r.run_id, epoch, metrics)
+            self.running.pop(number)
             self.cohort_of.pop(number, None)
             self.submitted.discard(number)
             trial = r.trial

@@ -96,7 +96,7 @@ def _load(name):
 def single_and_interrupted(workdir, mlflow_uri):
     """A study with a single finished trial, and one whose third trial was cut short by Ctrl-C
     (a KeyboardInterrupt in the middle of its epochs, as a real Ctrl-C lands), with the fourth,
-    asked for ahead of it, which never started."""
+    if the driver had asked for it by then for its worker to hold, which never started."""
     study_run(
         parse_spec(small_spec(name="one", study={"n_trials": 1}, tracking={"uri": mlflow_uri}))
     )
@@ -127,17 +127,20 @@ def test_interrupted_trials_are_counted_and_the_page_says_why_they_are_left_out(
     single_and_interrupted, workdir
 ):
     _, cut = single_and_interrupted
-    assert [t.number for t in cut.trials if was_interrupted(t)] == [2, 3]
+    interrupted = [t.number for t in cut.trials if was_interrupted(t)]
+    assert interrupted in ([2], [2, 3])  # the held fourth, when it had been asked for
+    n = len(interrupted)
     s = summarise(cut)
-    assert s.states["INTERRUPTED"] == 2 and s.states["COMPLETE"] == 2
+    assert s.states["INTERRUPTED"] == n and s.states["COMPLETE"] == 2
     assert [p[0] for p in s.best_so_far] == [1, 2]  # the two finished trials, nothing else
     out = write_compare(list(single_and_interrupted), workdir / "cmp")
     md = (out / "report.md").read_text()
-    assert "| cut |" in md and " 2 / 0 / 0 / 2 |" in md and " 1 / 0 / 0 / 0 |" in md
+    assert "| cut |" in md and f" 2 / 0 / 0 / {n} |" in md and " 1 / 0 / 0 / 0 |" in md
+    trials = "trials" if n > 1 else "trial"
     assert (
-        "cut: 2 interrupted trials (Ctrl-C, --timeout or a lost worker) left out of the curves "
-        "and counts: they never finished, do not count toward n_trials, and hpo runs their "
-        "configurations again." in md
+        f"cut: {n} interrupted {trials} (Ctrl-C, --timeout or a lost worker) left out of the "
+        "curves and counts: they never finished, do not count toward n_trials, and hpo runs "
+        "their configurations again." in md
     )
     assert "one: 0 interrupted" not in md
     assert "left out of the curves" in (out / "index.html").read_text()

@@ -337,7 +337,7 @@ def test_ctrl_c_in_the_middle_of_a_cohort_and_a_rerun_finishes_it(workdir):
     assert proc.returncode == 130, out
     study = optuna.load_study(study_name="tiny", storage=db)
     cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
-    # the cohort that was training; beside it, any trial asked for ahead, which never started
+    # the cohort that was training; beside it, any trial its worker held, which never started
     trained = [t for t in cut if t.number in cohort]
     assert len(trained) == 3 and {tuple(t.user_attrs["fused_with"]) for t in trained} == {
         tuple(cohort)

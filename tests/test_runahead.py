@@ -174,3 +174,37 @@ def test_a_small_net_trains_on_one_thread_and_a_wide_one_on_all_it_has():
     k = SMALL_STEP // (2464 * 64) + 1
     cohort = CohortJob([TrialJob(n, small.config, seed=n) for n in range(k)])
     assert threads_for(cohort, data, 2) == 2
+
+
+def test_the_thread_executor_runs_jobs_submitted_while_its_worker_held_one():
+    """One worker: a job to train, one held, and a third that waits in the executor until
+    the worker takes the held one; every job runs, each epoch answered."""
+    import time
+
+    from conftest import small_spec
+
+    from hpo.config import parse_spec
+    from hpo.data import load_data
+    from hpo.executors.local import ThreadExecutor
+    from hpo.params import TrialConfig
+    from hpo.trial import TrialJob
+
+    spec = parse_spec(small_spec(training={"max_epochs": 2}))
+    executor = ThreadExecutor(spec, "cpu")
+    executor.start(load_data(spec, "cpu"))
+    executor.ready()
+    config = TrialConfig.of({"n_layers": 1, "width": 16, "batch_size": 64})
+    for n in range(3):
+        executor.submit(TrialJob(n, config, seed=n))
+    assert len(executor._pending) == 1  # the third waits: the worker trains one, holds one
+    done, deadline = [], time.monotonic() + 120  # a bound on a hang, not a timing
+    try:
+        while len(done) < 3 and time.monotonic() < deadline:
+            for event in executor.wait(1.0):
+                if isinstance(event, Epoch):
+                    executor.decide(event.number, None)
+                elif isinstance(event, Done):
+                    done.append(event.number)
+    finally:
+        executor.close(interrupt=True)
+    assert done == [0, 1, 2]

@@ -26,7 +26,7 @@ class Started:
 
 @dataclass
 class Epoch:
-    """A trial finished an epoch and waits for the driver's decision."""
+    """A trial finished an epoch; the driver answers it with a decision."""
 
     number: int
     epoch: int

@@ -233,7 +233,9 @@ class ThreadExecutor(WorkerSlots):
         messages = [first]
         while not self._outbox.empty():
             messages.append(self._outbox.get_nowait())
-        return [e for e in (self._receive(0, m) for m in messages) if e is not None]
+        events = [e for e in (self._receive(0, m) for m in messages) if e is not None]
+        self._submit_pending()
+        return events
 
     def close(self, interrupt: bool = False) -> None:
         if self._thread is None:

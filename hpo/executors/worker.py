@@ -88,6 +88,7 @@ class Inbox:
     def next_job(self) -> TrialJob | CohortJob | None:
         """The next job to train (waiting for one), or None when told to exit."""
         self.training, self.answers = set(), {}
+        self.read_arrived()  # a "cancel" already in takes back the job held
         while not self.jobs and not self.exit:
             self.read()
         if self.exit:
