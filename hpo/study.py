@@ -237,7 +237,6 @@ class _Driver:
         self.base_seed = 0
         self.running: dict[int, _Running] = {}
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
-        self.submitted: set[int] = set()  # trials handed to the executor
         self.stopping: str | None = None  # "timeout" once --timeout has passed
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
         self.durations: list[float] = []
@@ -398,8 +397,8 @@ class _Driver:
                 elif isinstance(event, Epoch):
                     self._on_epoch(event)
                 elif isinstance(event, Done):
-                    # The worker has started the job it held: closing this trial's MLflow
-                    # run and printing its line wait for a moment when no worker waits.
+                    # Its worker has started the job it held, if any: closing this trial's
+                    # MLflow run and printing its line wait for a moment when no worker waits.
                     busy = self._busy()
                     self._defer(self._told(event.number, event.record))
                     if self._busy() < self.executor.slots <= busy:  # a worker has nothing
@@ -436,7 +435,6 @@ class _Driver:
                 if self.freed_at and self._busy() < self.executor.slots:
                     self.book.add("worker idle", time.perf_counter() - self.freed_at.pop(0))
                 self.executor.submit(job)
-                self.submitted |= set(job.numbers)
                 submitted = True
         return submitted
 
@@ -464,8 +462,9 @@ class _Driver:
     # ------------------------------------------------------------ one trial's life
 
     def _busy(self) -> int:
-        """Jobs handed to the executor, trained or held: a cohort is one job."""
-        return len({self.cohort_of.get(n, n) for n in self.running if n in self.submitted})
+        """Jobs handed to the executor, trained or held (every trial running here, a job asked
+        for being handed over at once): a cohort is one job."""
+        return len({self.cohort_of.get(n, n) for n in self.running})
 
     def _reserve(self) -> list[TrialJob | CohortJob]:
         """The next trial to run, or with `study.fused_trials: K` a cohort of up to K: a leader
@@ -634,7 +633,6 @@ class _Driver:
                         self.tracker.log_epoch(r.run_id, epoch, metrics)
             self.running.pop(number)
             self.cohort_of.pop(number, None)
-            self.submitted.discard(number)
             trial = r.trial
             t0 = time.perf_counter()
             if r.pruned and record.outcome == "COMPLETE":
@@ -695,7 +693,6 @@ class _Driver:
         with uncut():  # as in `_told`
             r = self.running.pop(number)
             self.cohort_of.pop(number, None)
-            self.submitted.discard(number)
             kills = r.trial.user_attrs.get("kills", 0)
             settled = settle_lost(reason, kills)
             set_user_attrs(r.trial, settled.attrs)
