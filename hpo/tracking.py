@@ -257,6 +257,7 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
         every `SYSTEM_S` seconds or `$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`. Off with
         `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`. It logs past hpo's retries: a tracking
         server that goes away ends the sampling, not the study."""
+        self._stop_watching()  # a parent opened again: one sampler at a time
         if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("false", "0"):
             return
         import logging

@@ -20,6 +20,9 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 if not os.environ.get("HPO_DATA_DIR") and SHARED_DATA.is_dir():
     os.environ["HPO_DATA_DIR"] = str(SHARED_DATA)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# The machine's samples on a study's run (hpo.tracking's system metrics) are tested where they
+# are turned on again: elsewhere a tracker left open by a test would go on writing its store.
+os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

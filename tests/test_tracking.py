@@ -92,6 +92,7 @@ def test_epochs_that_wait_are_sent_when_a_run_is_closed_and_when_the_study_ends(
 def test_the_machine_is_sampled_into_the_study_run_unless_told_not_to(mlflow_uri, monkeypatch):
     """MLflow's system metrics on the parent run while the study is driven: at least the
     sample `close_parent` sends (CPU and memory here; GPU use where NVML finds one)."""
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")  # off for the other tests
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
     client = MlflowClient(mlflow_uri)
     tracker = MlflowTracker(mlflow_uri, "tracking-system")
