@@ -476,12 +476,14 @@ def _summary(r: Any) -> None:
     if r.best_number is None:
         typer.echo("no trial completed, so there is no best model and no test evaluation")
     else:
-        typer.echo(f"best trial #{r.best_number}: {r.metric} = {r.best_value:.4f}")
+        se = f" ± {r.best_se:.4f} (standard error)" if r.best_se is not None else ""
+        typer.echo(f"best trial #{r.best_number}: {r.metric} = {r.best_value:.4f}{se}")
         shown = _applying(r.best_params)
         typer.echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
         if r.test_metrics:
             test = ", ".join(f"{k} = {v:.4f}" for k, v in r.test_metrics.items())
-            typer.echo(f"test split (used once, by trial #{r.best_number}): {test}")
+            how = f", {r.test_model}" if r.test_model else ""
+            typer.echo(f"test split (used once, by trial #{r.best_number}{how}): {test}")
         elif r.test_note:
             typer.echo(f"test split: not yet used ({r.test_note})")
         if r.model_uri:

@@ -82,6 +82,10 @@ class SplitSpec(Strict):
     test: Annotated[float, Field(gt=0, lt=1)] = 0.1
     stratify: bool = True
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    # K-fold cross-validation over the training pool (everything but the test split) in place
+    # of one validation split: each trial trains K members, fold k validated on the k-th
+    # K-th of the pool and trained on the rest, as one fused cohort; null: one split (`val`).
+    folds: Annotated[int, Field(ge=2, le=20)] | None = None
 
 
 class DatasetSpec(Strict):
@@ -118,6 +122,10 @@ _DEVICE = r"auto|cpu|cuda(:\d+)?|mps"
 
 class TrainingSpec(Strict):
     max_epochs: Annotated[int, Field(ge=1)] = 30
+    # Each trial trains its configuration this many times, each copy with its own seed
+    # (initialisation, dropout, batch order), as one fused cohort; the trial's value is their
+    # mean, stored with its standard error. With folds: R seeds of each fold.
+    repeats: Annotated[int, Field(ge=1, le=20)] = 1
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     device: Annotated[
         str, AfterValidator(_device), Field(json_schema_extra={"pattern": f"^({_DEVICE})$"})
@@ -620,6 +628,11 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
     if sp.val + sp.test >= 1:
         problems.append(
             f"dataset.split: val + test must leave data to train on (got {sp.val} + {sp.test})"
+        )
+    if sp.folds is not None and "val" in sp.model_fields_set:
+        problems.append(
+            "dataset.split: val and folds both given; with folds each fold is the validation "
+            "set in turn: remove val"
         )
     if ds.test_unseen_labels != "error" and not ds.test_path:
         problems.append("dataset.test_unseen_labels: only used with dataset.test_path")

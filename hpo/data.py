@@ -63,6 +63,9 @@ class Data:
     prep: dict[str, Any] = field(default_factory=dict)
     raw_example: Any = None
     _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # With `dataset.split.folds`: `train` is the whole training pool and `val` its first
+    # fold; each fold is (training rows, validation rows), index tensors into `train`.
+    folds: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def take_test(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split, handed out once: the final evaluation of the best model."""
@@ -107,7 +110,12 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
     if spec.dataset.max_samples is not None and spec.dataset.max_samples < len(pool):
         keep = 1 - spec.dataset.max_samples / len(pool)
         pool, _ = _split(pool, raw.y, keep, sp.seed, stratify, "max_samples")
-    train_idx, val_idx = _split(pool, raw.y, sp.val, sp.seed + 1, stratify, "split.val")
+    folds = None
+    if sp.folds is None:
+        train_idx, val_idx = _split(pool, raw.y, sp.val, sp.seed + 1, stratify, "split.val")
+    else:
+        folds = _folds(raw.y[pool], sp.folds, sp.seed + 1, stratify)
+        train_idx, val_idx = pool, pool[folds[0][1]]  # the pool; its first fold's rows
 
     X_tr, X_va = raw.X[train_idx], raw.X[val_idx]
     if test_idx is None:
@@ -138,6 +146,8 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
     h = hashlib.sha256()
     for idx in (train_idx, val_idx, test_idx if test_idx is not None else np.array([], int)):
         h.update(np.asarray(idx, dtype=np.int64).tobytes())
+    for _, fold_val in folds or []:
+        h.update(np.asarray(fold_val, dtype=np.int64).tobytes())
     prep: dict[str, Any] = {
         "task": task,
         "n_features": int(raw.X.shape[1]),
@@ -168,6 +178,7 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         "n_classes": n_outputs if task == "classification" else None,
         "n_train": len(train_idx),
         "n_val": len(val_idx),
+        "folds": sp.folds,
         "n_test": len(y_te),
         "test_source": "official" if test_idx is None else f"split.test={sp.test}",
         "split_hash": h.hexdigest()[:16],
@@ -191,7 +202,31 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         prep=prep,
         raw_example=example,
         _test=to_tensors(X_te, y_te),
+        folds=None
+        if folds is None
+        else [(torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)) for a, b in folds],
     )
+
+
+def _folds(
+    y: np.ndarray, k: int, seed: int, stratify: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds of the pool, shuffled with `seed` (stratified for classification, where every
+    class has at least K rows): (training positions, validation positions) per fold."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if len(y) < 2 * k:
+        raise SpecError(
+            [f"dataset.split.folds: {k} folds of {len(y)} rows leave too few to train on; "
+             f"at most {max(len(y) // 2, 2)}"]
+        )  # fmt: skip
+    if stratify and np.unique(y, return_counts=True)[1].min() >= k:
+        splitter: Any = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        splitter = KFold(n_splits=k, shuffle=True, random_state=seed)
+    return [
+        (a.astype(np.int64), b.astype(np.int64)) for a, b in splitter.split(np.zeros(len(y)), y)
+    ]
 
 
 def _row(prep: dict[str, Any]) -> str:

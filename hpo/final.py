@@ -17,8 +17,17 @@ from hpo.outcomes import best_of, best_or_none
 from hpo.params import TrialConfig
 from hpo.storage import storage_lock
 from hpo.tracker import Tracker
-from hpo.train import TrainConfig, evaluate
-from hpo.trial import build_model
+from hpo.train import TrainConfig, evaluate, train
+from hpo.trial import build_model, train_config
+
+
+def refit_epochs(trial: FrozenTrial) -> int:
+    """The epochs a refit trains for: the median of the trial's members' kept epochs (the
+    lower middle one of an even count)."""
+    epochs = sorted(m["kept_epoch"] or 1 for m in trial.user_attrs.get("members", []))
+    if not epochs:
+        return int(trial.user_attrs.get("best_epoch") or 1)
+    return int(epochs[(len(epochs) - 1) // 2])
 
 
 class Final:
@@ -62,7 +71,8 @@ class Final:
             if best is None:
                 return {}, ""
             cached = self.best_weights is not None and self.best_weights[0] == best.number
-            if not (cached or best.user_attrs.get("checkpoint")):
+            refit = self.spec.dataset.split.folds is not None
+            if not (refit or cached or best.user_attrs.get("checkpoint")):
                 # a tie an older hpo resolved the other way: no test metrics of another trial
                 note = f"the best trial #{best.number} kept no weights: no test evaluation"
                 return {}, note
@@ -74,6 +84,10 @@ class Final:
                 test = self._on_test(model)
                 self.study.set_user_attr("test_metrics", test)
                 self.study.set_user_attr("test_trial", best.number)
+                if refit:
+                    how = (f"refit on all {len(self.data.train[0]):,} training rows for "
+                           f"{refit_epochs(best)} epochs")  # fmt: skip
+                    self.study.set_user_attr("test_model", how)
                 self.tracker.log_summary(
                     {**test, f"best_{self.metric}": best.value},
                     {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
@@ -112,6 +126,8 @@ class Final:
             return
         if bb.number == best.number:
             tested = test
+        elif self.spec.dataset.split.folds is not None:
+            tested = self._on_test(self.refit(bb))
         elif bb.user_attrs.get("checkpoint"):
             weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
             model = self.model(bb.user_attrs["config"], weights)
@@ -125,7 +141,24 @@ class Final:
             {"hpo.baseline_test_trial": bb.number},
         )
 
+    def refit(self, trial: FrozenTrial) -> torch.nn.Module:
+        """With folds, the model a trial stands for (scikit-learn's `refit`): its
+        configuration trained on the whole training pool, with the trial's seed, for its
+        members' median kept epoch. The same model in every process (its seed and rows are
+        fixed)."""
+        config = TrialConfig.of(trial.user_attrs["config"])
+        seed = trial.user_attrs.get("seed", 0)
+        torch.manual_seed(seed)
+        model = build_model(config, self.data, self.data.train[0].device)
+        cfg = train_config(self.spec, self.data, config, seed)
+        cfg.max_epochs = refit_epochs(trial)
+        cfg.patience, cfg.restore_best = cfg.max_epochs + 1, False
+        train(model, self.data.train, self.data.train, cfg)
+        return model
+
     def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
+        if self.spec.dataset.split.folds is not None:
+            return self.refit(best)
         if self.best_weights is not None and self.best_weights[0] == best.number:
             return self.model(best.user_attrs["config"], self.best_weights[1])
         weights = self.tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])

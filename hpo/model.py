@@ -195,14 +195,17 @@ class StackedMLP:
     def forward(
         self, x: torch.Tensor, gen: torch.Generator | None, training: bool
     ) -> torch.Tensor:
-        """(rows, features) -> (members, rows, outputs); in training, each member's dropout
-        at its own rate, its masks drawn from `gen`."""
+        """(rows, features) shared, or (members, rows, features) each member's own ->
+        (members, rows, outputs); in training, each member's dropout at its own rate, its
+        masks drawn from `gen`."""
         drop = training and any(self.host_rates)
         k = self.params[0].shape[0]
         h: torch.Tensor | None = None
         for n, layer in enumerate(self.layers):
             w, b = self.params[layer.linear], self.params[layer.linear + 1]
-            if h is None:  # the shared batch times every member's first layer, in one product
+            if h is None and x.dim() == 3:  # each member's own rows
+                h = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            elif h is None:  # the shared batch times every member's first layer, in one product
                 out = w.shape[1]
                 h = torch.addmm(b.reshape(-1), x, w.reshape(k * out, -1).t())
                 h = h.view(len(x), k, out).transpose(0, 1)

@@ -180,6 +180,12 @@ def settle(record: TrialRecord, metric: str, fused_with: list[int] | None = None
     final: dict[str, float] = {}
     if fused_with:
         tags["hpo.fused_with"] = ",".join(map(str, fused_with))
+    if record.members:  # each repeat's or fold's own value and epochs
+        attrs["members"] = [
+            {"seed": m.seed, "fold": m.fold, "value": m.kept.get(metric),
+             "kept_epoch": m.kept_epoch, "epochs": len(m.history), "stopped_by": m.stopped_by}
+            for m in record.members
+        ]  # fmt: skip
     if record.fit is not None:
         attrs["fit"], attrs["fit_evidence"] = record.fit, record.fit_evidence
         tags["hpo.fit"], tags["hpo.fit_evidence"] = record.fit, str(record.fit_evidence)
@@ -189,6 +195,9 @@ def settle(record: TrialRecord, metric: str, fused_with: list[int] | None = None
         attrs["metrics"] = record.kept
         final = {f"best_{k}": v for k, v in record.kept.items() if k.startswith(("train", "val"))}
         final["best_epoch"] = float(record.kept_epoch or 0)
+        se = record.standard_error(metric)
+        if se is not None:
+            attrs["value_se"] = final[f"best_{metric}_se"] = se
     elif outcome == "FAIL":
         attrs["fail_reason"] = tags["hpo.fail_reason"] = record.failure or "unknown error"
     elif outcome == "INTERRUPTED":

@@ -38,6 +38,8 @@ def trial_line(p: Progress, metric: str) -> str:
     """One finished trial: its place in the budget, outcome, metric, epochs, time, best, ETA."""
     t = p.trial
     value = f"{t.value:.4f}" if t.value is not None else "-"
+    if t.value is not None and (se := t.user_attrs.get("value_se")) is not None:
+        value += f" ± {se:.4f}"
     epochs = t.user_attrs.get("epochs_run", "?")
     note = p.note or (t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL" else "")
     state = "INTERRUPTED" if t.user_attrs.get("interrupted") else t.state.name
@@ -56,11 +58,21 @@ def start_lines(info: dict[str, Any], spec: Spec) -> list[str]:
     """The lines a study starts with: what it runs on, where it is stored, notes."""
     lines = []
     d = info["data"]
+    if k := d.get("folds"):
+        split = (
+            f"{k}-fold cross-validation of {d['n_train']:,} rows "
+            f"(~{d['n_train'] - d['n_val']:,} train / ~{d['n_val']:,} val each) / {d['n_test']:,} test"
+        )
+    else:
+        split = f"{d['n_train']} train / {d['n_val']} val / {d['n_test']} test"
+    repeats = spec.training.repeats
+    members = (k or 1) * repeats
     lines.append(
-        f"study {info['name']!r}: {d['dataset']} ({d['task']}), {d['n_train']} train / "
-        f"{d['n_val']} val / {d['n_test']} test, {d['n_features']} features, "
-        f"{info['workers']}"
+        f"study {info['name']!r}: {d['dataset']} ({d['task']}), {split}, "
+        f"{d['n_features']} features, {info['workers']}"
         + (f", up to {k} trials fused a cohort" if (k := info["fused_trials"]) > 1 else "")
+        + (f", {repeats} seeds a trial" if repeats > 1 else "")
+        + (f" (each trial {members} members trained as one cohort)" if members > 1 else "")
     )
     lines.append(
         f"  optuna {info['storage']} | mlflow {info['tracking_uri']} | "

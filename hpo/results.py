@@ -124,6 +124,9 @@ class StudyResult:
     # this process's driver: seconds per step of `STEPS`, calls, and its workers' training
     bookkeeping: dict[str, Any] = field(default_factory=dict, repr=False)
     study: optuna.Study | None = field(default=None, repr=False)
+    best_se: float | None = None  # the best value's standard error over its members
+    # how the test model was made when it is not the best trial's own weights
+    test_model: str = ""
 
     @property
     def fit_counts(self) -> dict[str, int]:
@@ -167,6 +170,7 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
         counts=state_counts(trials),
         best_number=best.number if best else None,
         best_value=best.value if best else None,
+        best_se=best.user_attrs.get("value_se") if best else None,
         best_params=best.user_attrs.get("config", best.params) if best else {},
         fit_trials={
             label: [t.number for t in trials if t.user_attrs.get("fit") == label]
@@ -177,6 +181,11 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
             study.user_attrs.get("model_uri")
             if best and study.user_attrs.get("model_trial") == best.number
             else None
+        ),
+        test_model=(
+            study.user_attrs.get("test_model", "")
+            if best and study.user_attrs.get("test_trial") == best.number
+            else ""
         ),
         study=study,
         **given,

@@ -28,13 +28,36 @@ Tensors = tuple[torch.Tensor, torch.Tensor]
 EVAL_BATCH = 8192  # rows per forward pass when evaluating; bounded so memory stays flat
 
 
-def member_losses(out: torch.Tensor, y: torch.Tensor, classify: bool) -> torch.Tensor:
-    """(members, rows, outputs) and (rows,) -> each member's mean loss."""
+def row_losses(out: torch.Tensor, y: torch.Tensor, classify: bool) -> torch.Tensor:
+    """(members, rows, outputs) and the targets, (rows,) shared or (members, rows) each its
+    own -> (members, rows) losses."""
     k, rows = out.shape[:2]
     if classify:
-        losses = F.cross_entropy(out.reshape(k * rows, -1), y.repeat(k), reduction="none")
-        return losses.view(k, rows).mean(1)
-    return (out.squeeze(-1) - y).pow(2).mean(1)
+        targets = y.reshape(-1) if y.dim() == 2 else y.repeat(k)
+        return F.cross_entropy(out.reshape(k * rows, -1), targets, reduction="none").view(k, rows)
+    return (out.squeeze(-1) - y).pow(2)
+
+
+def member_losses(out: torch.Tensor, y: torch.Tensor, classify: bool) -> torch.Tensor:
+    """(members, rows, outputs) and the targets -> each member's mean loss."""
+    return row_losses(out, y, classify).mean(1)
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of `t` at `idx`: (rows,) -> (rows, ...), or each member's own (members, rows) ->
+    (members, rows, ...)."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
+
+
+def padded_rows(data: Tensors, rows: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each member's own rows of `data` stacked, padded to the longest with its last row:
+    X (members, n, features), y (members, n), and which rows count (members, n)."""
+    n = max(len(r) for r in rows)
+    idx = torch.stack([torch.cat([r, r[-1:].expand(n - len(r))]) for r in rows])
+    valid = torch.stack(
+        [torch.arange(n, device=idx.device) < len(r) for r in rows]
+    ).float()  # fmt: skip
+    return gather_rows(data[0], idx), gather_rows(data[1], idx), valid
 
 
 def metrics_of(loss: float, accuracy: float, cfg: Any) -> dict[str, float]:
@@ -45,28 +68,40 @@ def metrics_of(loss: float, accuracy: float, cfg: Any) -> dict[str, float]:
 
 
 def evaluate_members(
-    forward: Callable[[torch.Tensor], torch.Tensor], k: int, data: Tensors, cfg: Any,
-    precision: Callable[[], Any],
+    forward: Callable[[torch.Tensor], torch.Tensor], k: int, data: tuple[torch.Tensor, ...],
+    cfg: Any, precision: Callable[[], Any],
 ) -> list[dict[str, float]]:  # fmt: skip
     """Each of `k` members' loss and accuracy (or RMSE) over a whole split, in large batches
     without gradients; `forward`: rows -> (members, rows, outputs), called under
-    `precision()` (bf16 autocast or nothing) and `torch.inference_mode()`."""
-    X, y = data
+    `precision()` (bf16 autocast or nothing) and `torch.inference_mode()`. `data`: (X, y)
+    shared by the members, or each member's own from `padded_rows`."""
+    X, y = data[0], data[1]
+    valid = data[2] if len(data) > 2 else None  # each member's own rows: which are padding
     classify = cfg.task == "classification"
     rows = max(256, EVAL_BATCH // k)
     loss_sum = torch.zeros(k, device=X.device)
     correct = torch.zeros(k, device=X.device)
+    n_rows = y.shape[-1]
     with torch.inference_mode():
-        for start in range(0, len(X), rows):
+        for start in range(0, n_rows, rows):
+            part = slice(start, start + rows)
+            xb, yb = (X[:, part], y[:, part]) if y.dim() == 2 else (X[part], y[part])
             with precision():
-                out = forward(X[start : start + rows]).float()  # the loss in float32
-            yb = y[start : start + rows]
-            loss_sum += member_losses(out, yb, classify) * len(yb)
-            if classify:
-                correct += (out.argmax(-1) == yb).sum(1)
+                out = forward(xb).float()  # the loss in float32
+            losses = row_losses(out, yb, classify)
+            hits = out.argmax(-1) == yb if classify else None
+            if valid is not None:
+                losses = losses * valid[:, part]
+                hits = hits * valid[:, part] if hits is not None else None
+            loss_sum += losses.sum(1)
+            if hits is not None:
+                correct += hits.sum(1)
     both = torch.stack([loss_sum, correct]).tolist()  # one host sync per split
-    n = max(len(X), 1)
-    return [metrics_of(loss / n, hits / n, cfg) for loss, hits in zip(*both, strict=True)]
+    counts = valid.sum(1).tolist() if valid is not None else [n_rows] * k
+    return [
+        metrics_of(loss / max(n, 1), hits / max(n, 1), cfg)
+        for loss, hits, n in zip(*both, counts, strict=True)
+    ]
 
 
 class ModuleStepper:
@@ -90,6 +125,7 @@ class ModuleStepper:
         self.model.train()
 
     def step(self, idx: torch.Tensor) -> None:
+        idx = idx.view(-1)  # (1, rows) when the member has its own rows
         xb, yb = self.X.index_select(0, idx), self.y.index_select(0, idx)  # 2x faster than X[idx]
         with self.cast():
             out = train_forward(self.model, xb)
@@ -139,6 +175,7 @@ class StackStepper:
         self.masks = torch.Generator(device=self.X.device).manual_seed(seed + 1)
         self.generators = (self.masks,)
         self.sums = torch.zeros(2, len(models), device=self.X.device)
+        self.own_val: tuple[torch.Tensor, ...] | None = None  # each member's, `padded_rows`
 
     def _views(self, row: int) -> list[torch.Tensor]:
         """The member at `row`'s parameters: views of its rows of the stacked tensors, which
@@ -149,7 +186,8 @@ class StackStepper:
         pass  # the stack is told at each forward pass
 
     def step(self, idx: torch.Tensor) -> None:
-        xb, yb = self.X.index_select(0, idx), self.y.index_select(0, idx)
+        """One batch: rows `idx` shared by the members, or each member's own (members, rows)."""
+        xb, yb = gather_rows(self.X, idx), gather_rows(self.y, idx)
         with self.cast():
             out = self.stack.forward(xb, self.masks, training=True)
             losses = member_losses(out, yb, self.classify)
@@ -162,15 +200,15 @@ class StackStepper:
                 update.params[j].grad = grad
         for update in self.updates:
             update()
-        self.sums[0].add_(losses.detach() * len(idx))
+        self.sums[0].add_(losses.detach() * idx.shape[-1])
         if self.classify:
             self.sums[1].add_((out.detach().argmax(-1) == yb).sum(1))
 
     def evaluate(self, data: Tensors) -> list[dict[str, float]]:
         k = len(self.members)
         return evaluate_members(
-            lambda x: self.stack.forward(x, None, training=False), k, data, self.cfgs[0],
-            self.cast,
+            lambda x: self.stack.forward(x, None, training=False), k, self.own_val or data,
+            self.cfgs[0], self.cast,
         )  # fmt: skip
 
     def kept(self, row: int) -> dict[str, torch.Tensor]:
@@ -184,7 +222,10 @@ class StackStepper:
         model.load_state_dict(state or self.stack.member_state(row))
 
     def keep(self, rows: list[int]) -> None:
-        self.stack.keep(torch.tensor(rows, device=self.X.device))
+        kept = torch.tensor(rows, device=self.X.device)
+        self.stack.keep(kept)
+        if self.own_val is not None:
+            self.own_val = tuple(t.index_select(0, kept) for t in self.own_val)
         self.members = [self.members[r] for r in rows]
         self.updates = [self.updates[r] for r in rows]
         for row, update in enumerate(self.updates):

@@ -33,6 +33,7 @@ from hpo.steppers import (
     Tensors,
     evaluate_members,
     metrics_of,
+    padded_rows,
 )
 
 __all__ = ["EVAL_BATCH", "Tensors", "evaluate", "fit", "train"]
@@ -325,13 +326,15 @@ class StepGraph:
             self.stream = torch.cuda.Stream(device)
 
     def __call__(self, idx: torch.Tensor, key: Any = None) -> None:
-        if not self.on or len(idx) != self.batch:
+        if not self.on or idx.shape[-1] != self.batch:
             self.step(idx)
             return
         if key != self.key:
             if self.graph is not None:
                 self.stale = self.graph
             self.graph, self.key = None, key
+            if self.idx.shape != idx.shape:  # members with their own rows: (members, rows)
+                self.idx = torch.zeros_like(idx)
         if self.graph is None:
             here = torch.cuda.current_stream(idx.device)
             self.stream.wait_stream(here)
@@ -433,9 +436,16 @@ def fit(
     on_epoch_end: EpochHook | None = None,
     on_done: DoneHook | None = None,
     interrupt: Flag | None = None,
+    own_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[TrainResult]:
     """The epoch loop, for one model or several of one shape trained as one stack (a
     cohort; they share the batch order, the first one's `shuffle_seed` or `seed`).
+
+    With `own_rows`, each member has its own: (training rows of `train_data`, validation rows of
+    `val_data`), index tensors (a fold of cross-validation, or all rows for a repeat), and
+    its own batch order from its own `shuffle_seed` or `seed`; every member takes as many
+    rows an epoch as the one with fewest (another permutation each epoch, so no row is left
+    out for good), so that a member trained alone with the same rows follows the same curve.
 
     Each member keeps its own history, early stopping, kept weights and reason to stop.
     `on_epoch_end({member: metrics}, epoch)` answers each member still training with None
@@ -447,9 +457,16 @@ def fit(
     X, _ = train_data
     device = X.device
     lead = cfgs[0]
-    n, batch = len(X), lead.batch_size
+    n, batch = len(X) if own_rows is None else min(len(r[0]) for r in own_rows), lead.batch_size
+
+    def generator(cfg: TrainConfig) -> torch.Generator:
+        seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
+        return torch.Generator(device=device).manual_seed(seed)
+
     shuffle_seed = lead.seed if lead.shuffle_seed is None else lead.shuffle_seed
-    gen = torch.Generator(device=device).manual_seed(shuffle_seed)
+    gens = [generator(c) for c in (cfgs if own_rows is not None else cfgs[:1])]
+    if own_rows is not None and len(models) == 1:  # alone: its validation rows, once
+        val_data = (val_data[0][own_rows[0][1]], val_data[1][own_rows[0][1]])
     cast = matmul_precision(lead.precision, device)
     # A CUDA graph replays the step when every member's optimizer can keep its state on the
     # device (torch's Adagrad cannot): then each is built `capturable`.
@@ -460,6 +477,8 @@ def fit(
         )
     else:
         stepper = StackStepper(models, cfgs, train_data, cast, capturable, shuffle_seed)
+        if own_rows is not None:
+            stepper.own_val = padded_rows(val_data, [r[1] for r in own_rows])
     graph = StepGraph(
         stepper.step, batch, device, stepper.generators, enabled=capturable,
     )  # fmt: skip
@@ -485,7 +504,14 @@ def fit(
     for epoch in range(1, lead.max_epochs + 1):
         t0 = time.perf_counter()
         stepper.train_mode()
-        perm = torch.randperm(n, device=device, generator=gen)
+        if own_rows is None:
+            perm = torch.randperm(n, device=device, generator=gens[0])
+        else:  # (members, n): each member's own rows in its own order
+            orders = [
+                torch.randperm(len(own_rows[m][0]), device=device, generator=gens[m])[:n]
+                for m in members
+            ]
+            perm = torch.stack([own_rows[m][0][o] for m, o in zip(members, orders, strict=True)])
         stepper.sums.zero_()
         rates = [u.lr for u in stepper.updates]
         for start in range(0, n_used, batch):
@@ -493,7 +519,7 @@ def fit(
                 break
             # A rate is baked into the step's kernels, and the stack's tensors change when a
             # member leaves: a graph of the step is captured again when either does.
-            graph(perm[start : min(start + batch, n_used)], key=(len(members), *rates))
+            graph(perm[..., start : min(start + batch, n_used)], key=(len(members), *rates))
             steps += 1
         if interrupt is not None and interrupt.is_set():
             for m in members:

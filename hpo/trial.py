@@ -20,7 +20,7 @@ from hpo.data import Data
 from hpo.diagnose import chance_loss, diagnose_fit
 from hpo.model import build_mlp, count_parameters
 from hpo.params import TrialConfig
-from hpo.train import Flag, TrainConfig, TrainResult, fit
+from hpo.train import Flag, TrainConfig, TrainResult, fit, lower_is_better
 
 # What a finished trial is, from its stop reason: complete, pruned, failed or interrupted.
 OUTCOMES = {
@@ -50,7 +50,7 @@ class TrialJob:
         return [self.number]
 
     @property
-    def members(self) -> list[TrialJob]:
+    def trials(self) -> list[TrialJob]:
         """The trials trained together: a trial alone is a cohort of one."""
         return [self]
 
@@ -68,13 +68,53 @@ class CohortJob:
         return [j.number for j in self.jobs]
 
     @property
-    def members(self) -> list[TrialJob]:
+    def trials(self) -> list[TrialJob]:
         return self.jobs
+
+
+# A trial's repeat r trains with seed `seed + r * SEED_STEP` (repeat 0 with the trial's own).
+SEED_STEP = 100_003
+
+
+@dataclass
+class Member:
+    """One training of a trial's configuration: its seed and, with folds, its fold."""
+
+    seed: int
+    fold: int | None = None
+
+    def describe(self) -> str:
+        return f"seed {self.seed}" if self.fold is None else f"fold {self.fold}, seed {self.seed}"
+
+
+def members_of(seed: int, repeats: int, folds: int | None) -> list[Member]:
+    """The trainings a trial's value is the mean of: each repeat's seed on each fold."""
+    seeds = [(seed + r * SEED_STEP) % 2**31 for r in range(repeats)]
+    if folds is None:
+        return [Member(s) for s in seeds]
+    return [Member(s, k) for s in seeds for k in range(folds)]
+
+
+@dataclass
+class MemberRecord:
+    """One member's own training: its curve, kept epoch and why it stopped."""
+
+    seed: int
+    fold: int | None
+    history: list[dict[str, float]]
+    kept_epoch: int | None
+    stopped_by: str
+
+    @property
+    def kept(self) -> dict[str, float]:
+        return self.history[self.kept_epoch - 1] if self.kept_epoch else {}
 
 
 @dataclass
 class TrialRecord:
-    """Everything a trial produced, as plain data."""
+    """Everything a trial produced, as plain data. A trial of several members (repeats,
+    folds) holds their mean curve in `history`, their mean kept metrics in `kept`, and each
+    member's own in `members`."""
 
     number: int
     config: TrialConfig | None  # None: the sampler failed before there was one
@@ -87,6 +127,7 @@ class TrialRecord:
     fit_evidence: str | None = None
     failure: str | None = None  # why it failed
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # kept, on CPU
+    members: list[MemberRecord] = field(default_factory=list)  # empty: a trial of one
 
     @property
     def outcome(self) -> str:
@@ -95,13 +136,37 @@ class TrialRecord:
 
     @property
     def kept(self) -> dict[str, float]:
-        """Metrics of the kept epoch (empty when there is none)."""
+        """Metrics of the kept epoch (empty when there is none); with members, the mean of
+        each member's kept metrics."""
+        if self.members:
+            kept = [m.kept for m in self.members if m.kept]
+            if len(kept) < len(self.members):
+                return {}
+            return {k: _mean([m[k] for m in kept]) for k in kept[0]}
         return self.history[self.kept_epoch - 1] if self.kept_epoch else {}
 
     def value(self, metric: str) -> float | None:
-        """The study's metric at the kept epoch, when finite."""
+        """The study's metric at the kept epoch (the members' mean), when finite."""
         v = self.kept.get(metric)
         return v if v is not None and math.isfinite(v) else None
+
+    def member_values(self, metric: str) -> list[float]:
+        """Each member's metric at its kept epoch."""
+        return [m.kept.get(metric, math.nan) for m in self.members]
+
+    def standard_error(self, metric: str) -> float | None:
+        """The standard error of the members' mean: their sample deviation over sqrt(n);
+        None for a trial of one."""
+        values = self.member_values(metric)
+        if len(values) < 2 or not all(math.isfinite(v) for v in values):
+            return None
+        mean = _mean(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+        return math.sqrt(var / len(values))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def build_model(config: TrialConfig, data: Data, device: torch.device | str) -> torch.nn.Module:
@@ -173,43 +238,71 @@ def run(
     model (a cohort: `hpo.train.fit`); `on_done` gets each trial's record as soon as it
     stops, its kept weights on the CPU when it completed. `on_epoch_end({number: metrics},
     epoch)` answers each trial still training with None or a stop reason ("pruned",
-    "interrupted"). Never raises for the trials' own failures."""
-    records = [TrialRecord(j.number, j.config, j.seed) for j in jobs]
+    "interrupted"). Never raises for the trials' own failures.
+
+    With `training.repeats` or `dataset.split.folds` each trial is several members (each
+    repeat's seed on each fold), trained in the same stack, each on its own rows in its own
+    order with its own early stopping; the trial is heard of as one: each epoch the mean of
+    its members' metrics (a member that stopped counts with its kept epoch's), each member's
+    own as `member_<i>/<metric>`, and one record once all its members stopped."""
+    folds = spec.dataset.split.folds
+    plans = [_Plan(job, members_of(job.seed, spec.training.repeats, folds)) for job in jobs]
+    flat = [(p, i) for p in plans for i in range(len(p.members))]  # the stack's members
+    own_rows = len(flat) > len(plans) or folds is not None
     device = data.train[0].device
     fp = resources.of_config(jobs[0].config, resources.Shape.of(data), device.type != "cuda")
     too_large = resources.too_large(fp, spec)
     if too_large:
-        for r in records:
-            r.failure, r.n_params = too_large, fp.params
-            on_done(r)
+        for p in plans:
+            p.record.failure, p.record.n_params = too_large, fp.params
+            on_done(p.record)
         return
-    done: set[int] = set()
     models: list[torch.nn.Module] = []
     failure, out_of_memory = None, False
     try:
-        for job, record in zip(jobs, records, strict=True):
-            torch.manual_seed(job.seed)
-            models.append(build_model(job.config, data, device))
-            record.n_params = count_parameters(models[-1])
-        cfgs = [train_config(spec, data, j.config, j.seed) for j in jobs]
-        # One batch order for a cohort: its first trial's (or the one a retry repeats).
-        shuffle = jobs[0].seed if jobs[0].shuffle_seed is None else jobs[0].shuffle_seed
-        for cfg in cfgs:
-            cfg.shuffle_seed = shuffle
+        for p, i in flat:
+            torch.manual_seed(p.members[i].seed)
+            models.append(build_model(p.job.config, data, device))
+            p.record.n_params = count_parameters(models[-1])
+        cfgs = [train_config(spec, data, p.job.config, p.members[i].seed) for p, i in flat]
+        rows = None
+        if own_rows:  # each member its own rows and order: its fold's, or all of them
+            every = (torch.arange(len(data.train[0]), device=device),
+                     torch.arange(len(data.val[0]), device=device))  # fmt: skip
+            rows = [every if folds is None else data.folds[p.members[i].fold] for p, i in flat]
+        else:  # one batch order for a cohort: its first trial's (or the one a retry repeats)
+            shuffle = jobs[0].seed if jobs[0].shuffle_seed is None else jobs[0].shuffle_seed
+            for cfg in cfgs:
+                cfg.shuffle_seed = shuffle
 
-        def member_done(i: int, result: TrainResult) -> None:
-            done.add(i)
-            record = _recorded(records[i], result, models[i], data, jobs[i])
+        def member_done(k: int, result: TrainResult) -> None:
+            p, i = flat[k]
+            p.results[i] = result
+            p.models[i] = models[k]
+            if p.sent or not (p.complete or result.failure):
+                return
+            p.sent = True
+            record = _recorded(p, data, spec.study.metric)
             try:
                 on_done(record)
             except Exception as e:  # the caller's own failure (its channel closed, say)
                 raise _NotHandedBack(e) from e
 
         def member_epochs(metrics: dict[int, dict[str, float]], epoch: int) -> dict:
-            answers = on_epoch_end({jobs[i].number: m for i, m in metrics.items()}, epoch)
-            return {i: answers.get(jobs[i].number) for i in metrics}
+            heard: dict[int, dict[str, float]] = {}
+            for p in plans:
+                mine = {i: metrics[k] for k, (q, i) in enumerate(flat) if q is p and k in metrics}
+                if mine and not p.sent:
+                    heard[p.job.number] = p.epoch(mine)
+            answers = on_epoch_end(heard, epoch) if heard else {}
+            # the members of a trial already failed (a member diverged) stop with it
+            return {
+                k: "interrupted" if flat[k][0].sent else answers.get(flat[k][0].job.number)
+                for k in metrics
+            }
 
-        fit(models, cfgs, data.train, data.val, member_epochs, member_done, interrupt)
+        fit(models, cfgs, data.train, data.train if folds else data.val, member_epochs,
+            member_done, interrupt, own_rows=rows)  # fmt: skip
     except _NotHandedBack as e:  # not the trials' failure: the caller's, raised again
         raise e.__cause__ from None  # type: ignore[misc]
     except Exception as e:  # noqa: BLE001 - fails the trials still training, not the study
@@ -218,41 +311,103 @@ def run(
     if failure is None:
         return
     models = []  # out of the except block: what the trials allocated can go
+    for p in plans:
+        p.models = {}
     if out_of_memory:
         failure = _out_of_memory_reason(failure, fp, device)
-    for i, record in enumerate(records):
-        if i not in done:
+    for p in plans:
+        if not p.sent:
             if out_of_memory and len(jobs) > 1:
                 # K at once did not fit where one may: each runs again, alone
-                record.stopped_by, record.history = "interrupted", []
+                p.record.stopped_by, p.record.history = "interrupted", []
             else:
-                record.failure = failure
-            on_done(record)
+                p.record.failure = failure
+            on_done(p.record)
+
+
+class _Plan:
+    """A trial in a stack: its members, their results as they stop, its mean curve."""
+
+    def __init__(self, job: TrialJob, members: list[Member]):
+        self.job, self.members = job, members
+        self.record = TrialRecord(job.number, job.config, job.seed)
+        self.results: dict[int, TrainResult] = {}
+        self.models: dict[int, torch.nn.Module] = {}
+        self.sent = False  # its record handed back
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == len(self.members)
+
+    def epoch(self, metrics: dict[int, dict[str, float]]) -> dict[str, float]:
+        """The epoch as the driver hears it: the members' mean (one that stopped counts with
+        its kept epoch's metrics), and each member's own when there are several."""
+        if len(self.members) == 1:
+            return metrics[0]
+        keys = next(iter(metrics.values()))
+        each = [metrics.get(i) or self.results[i].best for i in range(len(self.members))]
+        mean = {k: _mean([m.get(k, math.nan) for m in each]) for k in keys}
+        self.record.history.append(mean)
+        heard = dict(mean)
+        for i, m in metrics.items():
+            own = {f"member_{i}/{k}": v for k, v in m.items() if k.startswith(("train", "val"))}
+            heard |= own
+        return heard
 
 
 class _NotHandedBack(Exception):
     """`on_done` raised: the error is the caller's, not the trial's."""
 
 
-def _recorded(
-    record: TrialRecord, result: TrainResult, model: torch.nn.Module, data: Data, job: TrialJob
-) -> TrialRecord:
-    """The record of a trained model: its curve, why it stopped, kept weights, fit label."""
-    record.history = result.history
-    record.stopped_by = result.stopped_by
-    record.failure = result.failure
+def _recorded(p: _Plan, data: Data, metric: str) -> TrialRecord:
+    """The record of a trained trial: its curve, why it stopped, kept weights, fit label. A
+    trial of several members: its members' records, the mean curve (`_Plan.epoch`), the
+    median kept epoch, and the weights of its best member (by the study's metric)."""
+    record = p.record
+    results = [p.results.get(i) for i in range(len(p.members))]
+    if len(p.members) == 1:
+        result = results[0]
+        assert result is not None
+        record.history, record.stopped_by, record.failure = (
+            result.history, result.stopped_by, result.failure
+        )  # fmt: skip
+        kept = result.best_epoch
+        best = 0
+    else:
+        record.members = [
+            MemberRecord(m.seed, m.fold, r.history, r.best_epoch or None, r.stopped_by)
+            for m, r in zip(p.members, results, strict=True)
+            if r is not None
+        ]
+        failed = [(m, r) for m, r in zip(p.members, results, strict=True) if r and r.failure]
+        reasons = {r.stopped_by for r in results if r is not None}
+        if failed:
+            member, result = failed[0]
+            record.stopped_by = result.stopped_by
+            record.failure = f"member {member.describe()}: {result.failure}"
+        else:
+            for why in ("interrupted", "pruned", "max_epochs", "early_stopping"):
+                if why in reasons:
+                    record.stopped_by = why
+                    break
+        epochs = sorted(m.kept_epoch or 0 for m in record.members)
+        kept = epochs[(len(epochs) - 1) // 2] if epochs else 0
+        sign = 1 if lower_is_better(metric) else -1
+        values = [sign * m.kept.get(metric, math.inf) for m in record.members]
+        best = values.index(min(values)) if values else 0
     if record.outcome == "COMPLETE":
-        record.kept_epoch = result.best_epoch
+        record.kept_epoch = kept
+        model = p.models[best]
         record.weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if record.outcome in ("COMPLETE", "PRUNED"):
+    if record.outcome in ("COMPLETE", "PRUNED") and record.history:
         chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
         fit_ = diagnose_fit(
             record.history,
             record.kept_epoch,
             chance,
-            job.peer_val_losses,
+            p.job.peer_val_losses,
             record.stopped_by,
-            lr=job.config.lr,
+            lr=p.job.config.lr,
         )
         record.fit, record.fit_evidence = fit_.label, fit_.evidence
     return record

@@ -118,7 +118,7 @@ class FakeExecutor:
 
     def submit(self, job):
         self.submitted.append(job.numbers)
-        for member in job.members:
+        for member in job.trials:
             self.running[member.number] = {"job": member, "epoch": 0, "waiting": False,
                                            "started": False, "stop": None,
                                            "of": job.numbers[0]}  # fmt: skip
@@ -262,7 +262,7 @@ def test_a_worker_lost_twice_on_one_configuration_fails_it_for_good(tmp_path):
     original = executor.submit
 
     def submit(job):  # the retry of trial 1 is lost too
-        if any(m.number >= 2 for m in job.members):
+        if any(m.number >= 2 for m in job.trials):
             executor.lose.add(job.numbers[0])
         original(job)
 

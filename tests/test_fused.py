@@ -256,7 +256,7 @@ def test_run_cohort_gives_one_record_per_member(digits):
     assert len({structure(j.config) for j in jobs}) == 1
     records = []
 
-    run(CohortJob(jobs).members, spec, data, lambda m, e: {}, records.append)
+    run(CohortJob(jobs).trials, spec, data, lambda m, e: {}, records.append)
     by = {r.number: r for r in records}
     assert sorted(by) == [0, 1, 2]
     assert by[1].outcome == "FAIL" and "became" in (by[1].failure or "")
@@ -277,7 +277,7 @@ def test_a_failure_to_hand_a_record_back_is_the_callers_not_the_trials(digits):
         raise BrokenPipeError("the driver is gone")
 
     with pytest.raises(BrokenPipeError):
-        run(job.members, spec, data, lambda m, e: {}, closed)
+        run(job.trials, spec, data, lambda m, e: {}, closed)
     assert len(handed) == 1 and handed[0].failure is None
 
 

@@ -62,7 +62,7 @@ def serve(
             torch.set_num_threads(threads_for(job, data, threads))
         answers = _Answers(inbox)
         run(
-            job.members,
+            job.trials,
             spec,
             data,
             answers,
@@ -135,9 +135,9 @@ def threads_for(job: TrialJob | CohortJob, data: Data, threads: int) -> int:
     the second thread waits on it: a 30-trial digits study ran 1.7x as many trials an hour on
     one thread. A wide MNIST net's step (784-512-512 at batch 256: 170 million) is 1.7x faster
     on two, and its driver is idle."""
-    config = job.members[0].config
+    config = job.trials[0].config
     params = resources.of_config(config, resources.Shape.of(data), on_cpu=True).params
-    work = params * config.batch_size * len(job.members)
+    work = params * config.batch_size * len(job.trials)
     return 1 if work < SMALL_STEP else threads
 
 

@@ -1,0 +1,168 @@
+"""Trials of several members: repeated seeds and k-fold folds trained as one fused cohort,
+each member on its own rows in its own order, the trial's value their mean with its
+standard error, and the folds' model refit on the whole training pool."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_spec, study_run, write_spec
+from mlflow import MlflowClient
+from test_fused import TOLERANCE, _digits, _worst
+from typer.testing import CliRunner
+
+from hpo.cli import app
+from hpo.config import parse_spec
+from hpo.data import _folds, load_data
+from hpo.final import refit_epochs
+from hpo.model import build_mlp
+from hpo.params import TrialConfig
+from hpo.train import TrainConfig, fit
+from hpo.trial import SEED_STEP, TrialJob, run
+
+
+def _folded(folds=3, repeats=1, **over) -> dict:
+    spec = small_spec(**over)
+    spec["training"]["repeats"] = repeats
+    del spec["dataset"]["split"]["val"]
+    spec["dataset"]["split"]["folds"] = folds
+    return spec
+
+
+@pytest.mark.parametrize(
+    "optimizer, batchnorm", [("sgd", True), ("adam", False), ("rmsprop", False)]
+)
+def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(optimizer, batchnorm):
+    (X, y), _ = _digits(torch.float64)  # 1,400 rows: five folds of 280
+    folds = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in _folds(y.numpy(), 5, 3, True)]
+    cfgs = [
+        TrainConfig(optimizer=optimizer, lr=0.01, batch_size=64, max_epochs=4, patience=100,
+                    seed=21 + k)
+        for k in range(5)
+    ]  # fmt: skip
+
+    def models():
+        out = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)
+            out.append(build_mlp(64, 10, (32, 16), "relu", 0.0, batchnorm).double())
+        return out
+
+    fused = fit(models(), cfgs, (X, y), (X, y), own_rows=folds)
+    alone = [
+        fit([m], [c], (X, y), (X, y), own_rows=[f])[0].history
+        for m, c, f in zip(models(), cfgs, folds, strict=True)
+    ]
+    assert _worst(alone, [r.history for r in fused]) < TOLERANCE
+    # each fold learnt from its own rows: the members' curves are not one curve
+    assert len({round(r.history[-1]["val_loss"], 6) for r in fused}) == 5
+
+
+def test_folds_are_stratified_disjoint_and_cover_the_pool():
+    y = np.repeat(np.arange(4), 25)
+    folds = _folds(y, 5, 0, stratify=True)
+    seen = np.concatenate([val for _, val in folds])
+    assert sorted(seen) == list(range(100))  # every row validates once
+    for train_rows, val in folds:
+        assert not set(train_rows) & set(val)
+        assert np.bincount(y[val]).tolist() == [5, 5, 5, 5]  # each class in its share
+
+
+def test_a_study_with_folds_and_repeats_stores_each_members_value_and_their_mean(
+    workdir, mlflow_uri
+):
+    spec = parse_spec(
+        _folded(3, 2, study={"n_trials": 2}, training={"max_epochs": 4},
+                tracking={"uri": mlflow_uri, "log_model": "best"})
+    )  # fmt: skip
+    result = study_run(spec)
+    study = result.study
+    client = MlflowClient(mlflow_uri)
+    for trial in study.trials:
+        members = trial.user_attrs["members"]
+        seed = trial.user_attrs["seed"]
+        assert {(m["fold"], m["seed"]) for m in members} == {
+            (k, (seed + r * SEED_STEP) % 2**31) for k in range(3) for r in range(2)
+        }
+        values = [m["value"] for m in members]
+        assert len(set(values)) > 1  # six trainings, not one six times
+        assert trial.value == pytest.approx(statistics.mean(values))
+        se = statistics.stdev(values) / math.sqrt(len(values))
+        assert trial.user_attrs["value_se"] == pytest.approx(se)
+        # What the pruner read each epoch is the members' mean; each member's own curve is in
+        # the trial's run.
+        run_id = trial.user_attrs["mlflow_run_id"]
+        curves = [
+            [m.value for m in client.get_metric_history(run_id, f"member_{i}/val_accuracy")]
+            for i in range(6)
+        ]
+        for epoch, reported in trial.intermediate_values.items():
+            each = [c[epoch - 1] if epoch <= len(c) else members[i]["value"]
+                    for i, c in enumerate(curves)]  # fmt: skip
+            assert reported == pytest.approx(statistics.mean(each))
+        logged = client.get_run(run_id).data.metrics
+        assert logged["best_val_accuracy_se"] == pytest.approx(se)
+    best = study.best_trial
+    epochs = sorted(m["kept_epoch"] for m in best.user_attrs["members"])
+    assert refit_epochs(best) == epochs[2]  # the lower middle of six
+    n_pool = result.data_info["n_train"]
+    assert study.user_attrs["test_model"] == (
+        f"refit on all {n_pool:,} training rows for {epochs[2]} epochs"
+    )
+    assert set(result.test_metrics) == {"test_loss", "test_accuracy"}
+    assert result.best_se == pytest.approx(best.user_attrs["value_se"])
+
+
+def test_a_member_that_diverges_fails_its_trial_with_which_member_and_why():
+    spec = parse_spec(small_spec(training={"max_epochs": 3, "repeats": 3}))
+    data = load_data(spec, "cpu")
+    config = TrialConfig.of({"n_layers": 1, "width": 16, "optimizer": "sgd", "lr": 1e12})
+    records = []
+    run([TrialJob(0, config, seed=5)], spec, data, lambda m, e: {}, records.append)
+    (record,) = records
+    assert record.outcome == "FAIL"
+    assert record.failure.startswith("member seed ") and "became" in record.failure
+
+
+def test_a_pruned_trial_stops_all_its_members_at_once():
+    spec = parse_spec(small_spec(training={"max_epochs": 5, "repeats": 2}))
+    data = load_data(spec, "cpu")
+    config = TrialConfig.of({"n_layers": 1, "width": 16})
+    heard, records = [], []
+
+    def prune_at_two(metrics, epoch):
+        heard.append((epoch, sorted(metrics[0])))
+        return {0: "pruned" if epoch == 2 else None}
+
+    run([TrialJob(0, config, seed=1)], spec, data, prune_at_two, records.append)
+    (record,) = records
+    assert record.outcome == "PRUNED" and [m.stopped_by for m in record.members] == ["pruned"] * 2
+    assert [epoch for epoch, _ in heard] == [1, 2]  # one epoch message a trial, not a member
+    assert "member_1/val_loss" in heard[0][1] and "val_loss" in heard[0][1]
+
+
+def test_folds_and_a_validation_split_together_are_refused(workdir):
+    spec = _folded(5)
+    spec["dataset"]["split"]["val"] = 0.2
+    out = CliRunner().invoke(app, ["validate", str(write_spec(workdir, spec))])
+    assert out.exit_code == 2
+    assert "dataset.split: val and folds both given" in out.output
+    too_many = _folded(20, dataset={"name": "digits", "max_samples": 30})
+    out = CliRunner().invoke(app, ["run", str(write_spec(workdir, too_many))])
+    assert out.exit_code == 2, out.output
+    assert "dataset.split.folds: 20 folds of " in out.output
+
+
+def test_the_first_line_says_folds_and_members(workdir):
+    out = CliRunner().invoke(
+        app, ["run", str(write_spec(workdir, _folded(4, 2, study={"n_trials": 1})))]
+    )
+    assert out.exit_code == 0, out.output
+    first = out.output.splitlines()[0]
+    assert "4-fold cross-validation of " in first
+    assert "2 seeds a trial (each trial 8 members trained as one cohort)" in first
+    assert " ± " in out.output and "refit on all " in out.output
