@@ -282,6 +282,11 @@ class Spec(Strict):
         keep["dataset"].pop("test_unseen_labels", None)
         if keep["training"].get("precision") == "auto":  # studies from before the key
             keep["training"].pop("precision")
+        # keys with their defaults hash as before the keys were: older studies resume
+        if keep["training"].get("repeats") == 1:
+            keep["training"].pop("repeats")
+        if keep["dataset"]["split"].get("folds") is None:
+            keep["dataset"]["split"].pop("folds")
         keep["metric"] = self.study.metric
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -59,9 +59,9 @@ def start_lines(info: dict[str, Any], spec: Spec) -> list[str]:
     lines = []
     d = info["data"]
     if k := d.get("folds"):
+        each = f"~{d['n_train'] - d['n_val']:,} train / ~{d['n_val']:,} val each"
         split = (
-            f"{k}-fold cross-validation of {d['n_train']:,} rows "
-            f"(~{d['n_train'] - d['n_val']:,} train / ~{d['n_val']:,} val each) / {d['n_test']:,} test"
+            f"{k}-fold cross-validation of {d['n_train']:,} rows ({each}) / {d['n_test']:,} test"
         )
     else:
         split = f"{d['n_train']} train / {d['n_val']} val / {d['n_test']} test"

@@ -51,7 +51,7 @@ def test_a_keyword_override_is_validated_as_the_file_is_and_nothing_is_written(w
     assert e.value.problems == [
         "search_space.dropout: must be < 1.0 (got 1.5)",
         "training.max_epoch: unknown key; did you mean 'max_epochs'? allowed: max_epochs, "
-        "early_stopping, device, precision, max_params, memory_limit, stall_timeout",
+        "repeats, early_stopping, device, precision, max_params, memory_limit, stall_timeout",
     ]
     # the options of `hpo run` are keywords here, validated as their keys
     with pytest.raises(SpecError) as e:

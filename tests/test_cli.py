@@ -462,8 +462,8 @@ def test_a_bad_override_names_its_key_and_what_is_allowed(workdir):
     code, out = invoke("run", path, "training.max_epoch=1", "study.n_trials=zero")
     assert code == 2 and out.splitlines() == [
         "error: command line: training.max_epoch: unknown key; did you mean 'max_epochs'? "
-        "allowed: max_epochs, early_stopping, device, precision, max_params, memory_limit, "
-        "stall_timeout",
+        "allowed: max_epochs, repeats, early_stopping, device, precision, max_params, "
+        "memory_limit, stall_timeout",
         "error: command line: study.n_trials: must be an integer (got 'zero')",
     ]
     code, out = invoke("run", path, "epochs")

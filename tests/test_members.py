@@ -166,3 +166,10 @@ def test_the_first_line_says_folds_and_members(workdir):
     assert "4-fold cross-validation of " in first
     assert "2 seeds a trial (each trial 8 members trained as one cohort)" in first
     assert " ± " in out.output and "refit on all " in out.output
+
+
+def test_repeats_and_folds_change_the_fingerprint_and_their_defaults_do_not():
+    plain = parse_spec(small_spec()).fingerprint()
+    assert parse_spec(small_spec(training={"repeats": 1})).fingerprint() == plain
+    assert parse_spec(small_spec(training={"repeats": 2})).fingerprint() != plain
+    assert parse_spec(_folded(5)).fingerprint() != plain
