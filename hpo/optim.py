@@ -213,6 +213,22 @@ class Update:
         if self.schedule is not None:
             self.schedule(metrics)
 
+    def select(self, rows: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Go on over `params`, the rows `rows` of the stacked tensors this update held: the
+        optimizer's state of those rows moves to them (a step count stays as it is)."""
+        group = self.opt.param_groups[0]
+        for old, new in zip(group["params"], params, strict=True):
+            state = self.opt.state.pop(old, None)
+            if state is not None:
+                self.opt.state[new] = {
+                    k: v.index_select(0, rows)
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == old.shape[0]
+                    else v
+                    for k, v in state.items()
+                }
+        group["params"] = list(params)
+        self._bind(params)
+
     def rebind(self, params: list[torch.Tensor]) -> None:
         """Go on over `params` (new tensors of the same shapes, holding the same values): the
         optimizer's state moves to them."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -154,8 +155,25 @@ class ModuleStepper:
         if state:
             self.model.load_state_dict(state)
 
+    def epoch_end(self, metrics: dict[int, dict[str, float]]) -> None:
+        """Each member's schedule, with its epoch's metrics (by row)."""
+        for row, m in metrics.items():
+            self.updates[row].epoch_end(m)
+
     def keep(self, rows: list[int]) -> None:
         """Only the members at `rows` go on (a module has one: none do)."""
+
+
+def one_update(cfgs: list[Any]) -> bool:
+    """Whether members with these training settings can share one `Update`: the same
+    settings but for their seeds, no per-member gradient clipping, and a schedule that reads
+    no member's own metric."""
+    first = replace(cfgs[0], seed=0, shuffle_seed=None)
+    return (
+        first.grad_clip == 0
+        and first.lr_schedule != "plateau"
+        and all(replace(c, seed=0, shuffle_seed=None) == first for c in cfgs[1:])
+    )
 
 
 class StackStepper:
@@ -170,7 +188,15 @@ class StackStepper:
         self.classify = cfgs[0].task == "classification"
         self.stack = StackedMLP(models)
         self.members = list(range(len(models)))  # the member of each row of the stack
-        self.updates = [Update(self._views(row), cfg, capturable) for row, cfg in enumerate(cfgs)]
+        # Members of one configuration (a trial's repeats and folds) share one update over the
+        # stacked tensors: an optimizer's step, L1 and a schedule that reads no member's own
+        # metric act on each element alone, so one call does what K would, in a fifth of the
+        # time for five members. Per-member clipping and the plateau schedule need their own.
+        self.shared = len(cfgs) > 1 and one_update(cfgs)
+        if self.shared:
+            self.updates = [Update(self.stack.params, cfgs[0], capturable)] * len(cfgs)
+        else:
+            self.updates = [Update(self._views(row), c, capturable) for row, c in enumerate(cfgs)]
         # Each member's dropout masks are its own draws, from one generator for the stack.
         self.masks = torch.Generator(device=self.X.device).manual_seed(seed + 1)
         self.generators = (self.masks,)
@@ -194,12 +220,15 @@ class StackStepper:
         for p in self.stack.params:
             p.grad = None
         losses.sum().backward()
-        # Each member's gradients are its rows of the stack's.
-        for j, p in enumerate(self.stack.params):
-            for update, grad in zip(self.updates, p.grad.unbind(0), strict=True):  # type: ignore[union-attr]
-                update.params[j].grad = grad
-        for update in self.updates:
-            update()
+        if self.shared:
+            self.updates[0]()
+        else:
+            # Each member's gradients are its rows of the stack's.
+            for j, p in enumerate(self.stack.params):
+                for update, grad in zip(self.updates, p.grad.unbind(0), strict=True):  # type: ignore[union-attr]
+                    update.params[j].grad = grad
+            for update in self.updates:
+                update()
         self.sums[0].add_(losses.detach() * idx.shape[-1])
         if self.classify:
             self.sums[1].add_((out.detach().argmax(-1) == yb).sum(1))
@@ -214,6 +243,15 @@ class StackStepper:
     def kept(self, row: int) -> dict[str, torch.Tensor]:
         return self.stack.member_state(row)
 
+    def epoch_end(self, metrics: dict[int, dict[str, float]]) -> None:
+        """Each member's schedule, with its epoch's metrics (by row); a shared one once."""
+        if self.shared:
+            if metrics:
+                self.updates[0].epoch_end(next(iter(metrics.values())))
+            return
+        for row, m in metrics.items():
+            self.updates[row].epoch_end(m)
+
     def finish(self, row: int, state: dict[str, torch.Tensor] | None, steps: int) -> None:
         model = self.models[self.members[row]]
         for module in model.modules():
@@ -227,7 +265,11 @@ class StackStepper:
         if self.own_val is not None:
             self.own_val = tuple(t.index_select(0, kept) for t in self.own_val)
         self.members = [self.members[r] for r in rows]
-        self.updates = [self.updates[r] for r in rows]
-        for row, update in enumerate(self.updates):
-            update.rebind(self._views(row))
+        if self.shared:
+            self.updates[0].select(kept, self.stack.params)
+            self.updates = self.updates[: len(rows)]
+        else:
+            self.updates = [self.updates[r] for r in rows]
+            for row, update in enumerate(self.updates):
+                update.rebind(self._views(row))
         self.sums = torch.zeros(2, len(rows), device=self.X.device)

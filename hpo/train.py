@@ -530,6 +530,7 @@ def fit(
         val = stepper.evaluate(val_data)
         seconds = time.perf_counter() - t0
         epoch_metrics: dict[int, dict[str, float]] = {}
+        by_row: dict[int, dict[str, float]] = {}  # the same, by the stepper's rows
         stopped: dict[int, str] = {}
         for row, m in enumerate(members):
             cfg = cfgs[m]
@@ -547,8 +548,9 @@ def fit(
             if watches[m].update(metrics[cfg.monitor], first=kept[m] is None):
                 results[m].best_epoch = epoch
                 kept[m] = stepper.kept(row) if cfg.restore_best else {}
-            stepper.updates[row].epoch_end(metrics)
             epoch_metrics[m] = metrics
+            by_row[row] = metrics
+        stepper.epoch_end(by_row)
         last = {
             m
             for m in epoch_metrics

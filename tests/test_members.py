@@ -34,14 +34,19 @@ def _folded(folds=3, repeats=1, **over) -> dict:
 
 
 @pytest.mark.parametrize(
-    "optimizer, batchnorm", [("sgd", True), ("adam", False), ("rmsprop", False)]
+    "optimizer, batchnorm, patience",
+    [("sgd", True, 100), ("adam", False, 100), ("rmsprop", False, 100), ("adam", False, 1)],
 )
-def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(optimizer, batchnorm):
+def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(
+    optimizer, batchnorm, patience
+):
+    """The members share one optimizer step over the stack (one configuration); with
+    patience 1 they stop at different epochs, and those left go on with their own state."""
     (X, y), _ = _digits(torch.float64)  # 1,400 rows: five folds of 280
     folds = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in _folds(y.numpy(), 5, 3, True)]
     cfgs = [
-        TrainConfig(optimizer=optimizer, lr=0.01, batch_size=64, max_epochs=4, patience=100,
-                    seed=21 + k)
+        TrainConfig(optimizer=optimizer, lr=0.01, batch_size=64, max_epochs=6,
+                    patience=patience, monitor="val_accuracy", seed=21 + k)
         for k in range(5)
     ]  # fmt: skip
 
@@ -58,6 +63,8 @@ def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(optimi
         for m, c, f in zip(models(), cfgs, folds, strict=True)
     ]
     assert _worst(alone, [r.history for r in fused]) < TOLERANCE
+    if patience == 1:  # the stack shrank as members stopped
+        assert len({len(r.history) for r in fused}) > 1
     # each fold learnt from its own rows: the members' curves are not one curve
     assert len({round(r.history[-1]["val_loss"], 6) for r in fused}) == 5
 

@@ -174,6 +174,8 @@ def test_a_small_net_trains_on_one_thread_and_a_wide_one_on_all_it_has():
     k = SMALL_STEP // (2464 * 64) + 1
     cohort = CohortJob([TrialJob(n, small.config, seed=n) for n in range(k)])
     assert threads_for(cohort, data, 2) == 2
+    # and a trial's repeats or folds are members of its cohort too
+    assert threads_for(small, data, 2, members=k) == 2
 
 
 def test_the_thread_executor_runs_jobs_submitted_while_its_worker_held_one():
