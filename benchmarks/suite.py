@@ -14,7 +14,9 @@ at the top (absolute times on shared machines are noise):
    for `hpo run search_spaces/mnist.yaml` (with and without its baselines, with and without
    fused trials) and for the plain Optuna script in benchmarks/plain_optuna.py;
 5. what each search-space option costs: an epoch with it against one with ReLU and Adam
-   (benchmarks/bench_options.py).
+   (benchmarks/bench_options.py);
+6. k-fold cross-validation: a digits configuration's five folds as one cohort against one
+   fold alone and the five one after the other (benchmarks/bench_folds.py).
 
     HPO_DATA_DIR=/path/to/data python benchmarks/suite.py [--quick] [--device cuda]
 
@@ -42,6 +44,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_folds  # noqa: E402
 import bench_fused  # noqa: E402
 import bench_options  # noqa: E402
 import bench_train  # noqa: E402
@@ -424,6 +427,22 @@ def render(results: dict) -> str:
             f"| {row['option']} | {row['epoch_s']:.3f} s | {row['ratio']:.2f}x |"
             for row in r["options"]
         ]
+    if r.get("folds"):
+        f = r["folds"]
+        lines += [
+            "",
+            f"## 6. Five folds as one cohort ({f['config']}, a pool of {f['pool']:,} rows)",
+            "",
+            "Each with the torch threads a worker gives it (one for a small step, "
+            "`hpo.executors.worker.threads_for`); medians of the rounds.",
+            "",
+            "| run | seconds | against one fold |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row['variant']} | {row['seconds']:.3f} | {row['x_one_fold']:.2f}x |"
+            for row in f["rows"]
+        ]
     if r.get("seconds"):
         took = ", ".join(f"{name} {sec:.0f} s" for name, sec in r["seconds"].items())
         lines += ["", f"Wall time of each section: {took} ({sum(r['seconds'].values()):.0f} s)."]
@@ -455,7 +474,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["trainer", "fused", "overhead", "target", "options"],
+        choices=["trainer", "fused", "overhead", "target", "options", "folds"],
         default=None,
     )
     parser.add_argument(
@@ -471,7 +490,7 @@ def main() -> None:
         if gpu
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    only = set(args.only or ["trainer", "fused", "overhead", "target", "options"])
+    only = set(args.only or ["trainer", "fused", "overhead", "target", "options", "folds"])
     results: dict = {
         "device": device,
         "gpu": gpu,
@@ -484,6 +503,7 @@ def main() -> None:
         "overhead": [],
         "target": [],
         "options": [],
+        "folds": {},
     }
     repeats = 1 if args.quick else 3
     ks = args.ks or ([1, 4, 8] if args.quick else [1, 4, 8, 16, 32] + ([64, 128] if gpu else []))
@@ -494,6 +514,7 @@ def main() -> None:
         "target": lambda: target_section(args.device, args.quick),
         # quick: one warm-up epoch for all options, not one each
         "options": lambda: bench_options.measure(args.device, repeats, warm_all=not args.quick),
+        "folds": lambda: bench_folds.measure(args.device, 3 if args.quick else 5),
     }
     results["seconds"] = {}
     for name, section in sections.items():

@@ -180,3 +180,41 @@ def test_repeats_and_folds_change_the_fingerprint_and_their_defaults_do_not():
     assert parse_spec(small_spec(training={"repeats": 1})).fingerprint() == plain
     assert parse_spec(small_spec(training={"repeats": 2})).fingerprint() != plain
     assert parse_spec(_folded(5)).fingerprint() != plain
+
+
+def test_the_report_and_compare_read_the_members_spread(workdir):
+    """The report shows each value ± its standard error and which trials the validation does
+    not tell apart from the best; `hpo compare` weighs two studies' bests by their members'
+    spread, retraining nothing."""
+    from hpo.reports.compare import compare_data
+    from hpo.reports.data import report_data
+    from hpo.reports.render import facts
+
+    studies = []
+    for name, lr in (("fold-a", 1e-3), ("fold-b", 1e-2)):
+        spec = _folded(
+            3, 1, name=name, study={"n_trials": 3}, training={"max_epochs": 3},
+            search_space={"n_layers": 1, "width": {"type": "int", "low": 16, "high": 64},
+                          "lr": lr},
+        )  # fmt: skip
+        studies.append(study_run(parse_spec(spec)).study)
+    a = studies[0]
+    d = report_data(a)
+    shown = dict(facts(d))
+    best = a.best_trial
+    assert shown["Each trial"].startswith("the mean of 3 folds trained as one cohort")
+    se = best.user_attrs["value_se"]
+    assert shown["Best trial"].startswith(f"#{best.number}: val_accuracy = {best.value:.4f} ± ")
+    close = [t.number for t in a.trials if t.number != best.number
+             and abs(t.value - best.value) <= se]  # fmt: skip
+    assert [n for n, _, _ in d.overview.close] == close
+    assert "Within one standard error of the best" in shown
+    assert shown["Use of the test split"].startswith(
+        f"once, after the search, by trial #{best.number}, refit on all "
+    )
+    assert all(r.se is not None for r in d.fit_rows)
+
+    c = compare_data(studies)
+    assert [s.source for s in c.reseed] == ["members", "members"]
+    assert c.reseed[0].values == [m["value"] for m in best.user_attrs["members"]]
+    assert "members of the best trials (repeats, folds)" in c.verdict

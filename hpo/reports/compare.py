@@ -38,6 +38,7 @@ class SeedStats(NamedTuple):
     values: list[float]
     mean: float
     half_width: float  # of the 95% interval (Student's t)
+    source: str = "seeds"  # "seeds": retrained with --reseed; "members": the best's repeats/folds
 
 
 class CompareData(NamedTuple):
@@ -99,8 +100,10 @@ def summarise(study: optuna.Study) -> StudySummary:
     )
 
 
-def seed_stats(name: str, key: str, rows: list[dict[str, float]]) -> SeedStats:
-    """Mean and 95% interval of one metric over reseeded retrainings."""
+def seed_stats(
+    name: str, key: str, rows: list[dict[str, float]], source: str = "seeds"
+) -> SeedStats:
+    """Mean and 95% interval of one metric over reseeded retrainings (or members)."""
     from scipy import stats
 
     values = [r[key] for r in rows if key in r]
@@ -110,7 +113,7 @@ def seed_stats(name: str, key: str, rows: list[dict[str, float]]) -> SeedStats:
         half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
     else:
         half = math.nan
-    return SeedStats(name, key, values, mean, half)
+    return SeedStats(name, key, values, mean, half, source)
 
 
 def differences(studies: list[StudySummary]) -> str:
@@ -151,6 +154,20 @@ def verdict(reseed: list[SeedStats], differ: str = "") -> str:
     if len(a.values) < 2 or len(b.values) < 2:
         return "Too few successful retrainings to estimate the seed noise."
     diff = a.mean - b.mean
+    if a.source == "members":  # measured in the search itself: nothing was retrained
+        how = f"{len(a.values)} and {len(b.values)} members of the best trials (repeats, folds)"
+        if float(
+            stats.ttest_ind(a.values, b.values, equal_var=False).pvalue
+        ) < 0.05:  # fmt: skip
+            return (
+                f"{a.key}: {a.name} {a.mean:.4f} vs {b.name} {b.mean:.4f} (difference "
+                f"{diff:+.4f}) is larger than the spread of {how} (Welch's t-test p < 0.05)."
+            )
+        return (
+            f"{a.key}: {a.name} {a.mean:.4f} vs {b.name} {b.mean:.4f} (difference {diff:+.4f}) "
+            f"is within the spread of {how} (Welch's t-test): the best configurations cannot "
+            "be told apart."
+        )
     t = stats.ttest_ind(a.values, b.values, equal_var=False)
     p = float(t.pvalue) if not math.isnan(t.pvalue) else 1.0
     if p < 0.05:
@@ -183,6 +200,18 @@ def compare_data(studies: list[optuna.Study], reseed: int = 0) -> CompareData:
             val_key = "val_" + key[len("test_") :]
             stats_rows.append(seed_stats(study.study_name, val_key, rows))
     tests = [s for s in stats_rows if s.key.startswith("test_")]
+    if not stats_rows and not differ:
+        # The spread the search measured: each best trial's members (repeats, folds), on
+        # validation; no retraining needed.
+        for study, summary in zip(studies, summaries, strict=True):
+            best = study.trials[summary.best_number] if summary.best_number is not None else None
+            members = best.user_attrs.get("members", []) if best else []
+            values = [{summary.metric: m["value"]} for m in members if m["value"] is not None]
+            if len(values) > 1:
+                stats_rows.append(seed_stats(study.study_name, summary.metric, values, "members"))
+        tests = stats_rows if len(stats_rows) == len(studies) else []
+        if not tests:
+            stats_rows = []
     return CompareData(summaries, stats_rows, verdict(tests, differ))
 
 

@@ -65,6 +65,11 @@ class Overview(NamedTuple):
     test_metrics: dict[str, float]
     test_trial: int | None
     baselines: list[str] = []  # the search against its best baseline, on validation and test
+    best_se: float | None = None  # the best value's standard error over its members
+    members: str = ""  # what each trial's value is the mean of ("5 folds x 2 seeds"), if any
+    # the trials whose value is within one standard error of the best's: (number, value, se)
+    close: list[tuple[int, float, float | None]] = []
+    test_model: str = ""  # how the tested model was made, when it is not the trial's weights
 
 
 class FitRow(NamedTuple):
@@ -73,6 +78,7 @@ class FitRow(NamedTuple):
     value: float | None
     label: str
     evidence: str
+    se: float | None = None  # the value's standard error over the trial's members
 
 
 class Trend(NamedTuple):
@@ -126,7 +132,14 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
     spec = _spec_of(study)
     overview = _overview(study, trials, spec)
     fit_rows = [
-        FitRow(t.number, t.state.name, t.value, t.user_attrs["fit"], t.user_attrs["fit_evidence"])
+        FitRow(
+            t.number,
+            t.state.name,
+            t.value,
+            t.user_attrs["fit"],
+            t.user_attrs["fit_evidence"],
+            t.user_attrs.get("value_se"),
+        )  # fmt: skip
         for t in trials
         if "fit" in t.user_attrs
     ]
@@ -197,12 +210,30 @@ def _overview(study, trials, spec) -> Overview:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
     best = best_or_none(study)
+    best_se = best.user_attrs.get("value_se") if best else None
+    close = []
+    if best is not None and best_se is not None:
+        close = [
+            (t.number, t.value, t.user_attrs.get("value_se"))
+            for t in trials
+            if t.state == TrialState.COMPLETE and t.number != best.number
+            and t.value is not None and abs(best.value - t.value) <= best_se
+        ]  # fmt: skip
+    folds, repeats = data.get("folds"), spec.training.repeats if spec else 1
+    members = " x ".join(
+        x for x in (f"{folds} folds" if folds else "", f"{repeats} seeds" if repeats > 1 else "")
+        if x
+    )  # fmt: skip
+    test_model = ""
+    if best is not None and attrs.get("test_trial") == best.number:
+        test_model = attrs.get("test_model", "")
     return Overview(
         study=study.study_name,
         dataset=data.get("dataset", "?"),
         task=data.get("task", "?"),
         split={
-            k: data.get(k) for k in ("n_train", "n_val", "n_test", "split_hash", "test_source")
+            k: data.get(k)
+            for k in ("n_train", "n_val", "n_test", "split_hash", "test_source", "folds")
         },
         metric=attrs.get("metric", "value"),
         budget=spec.study.n_trials if spec else None,
@@ -215,6 +246,10 @@ def _overview(study, trials, spec) -> Overview:
         test_metrics=attrs.get("test_metrics", {}),
         test_trial=attrs.get("test_trial"),
         baselines=compared.sentences() if compared else [],
+        best_se=best_se,
+        members=members,
+        close=close,
+        test_model=test_model,
     )
 
 

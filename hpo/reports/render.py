@@ -52,8 +52,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _value(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4g}"
+def _value(v: float | None, se: float | None = None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if se is None else f"{v:.4f} ± {se:.4f}"
 
 
 def _duration(seconds: float) -> str:
@@ -69,13 +71,16 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
     """The study at a glance, as (label, value) rows shared by both renderings."""
     o = d.overview
     sp = o.split
+    if sp.get("folds"):
+        split = (
+            f"{sp['folds']}-fold cross-validation of {sp['n_train']} rows (about "
+            f"{sp['n_val']} validation rows a fold) / {sp['n_test']} test"
+        )
+    else:
+        split = f"{sp['n_train']} train / {sp['n_val']} validation / {sp['n_test']} test"
     rows = [
         ("Study", o.study),
-        (
-            "Dataset",
-            f"{o.dataset} ({o.task}): {sp['n_train']} train / {sp['n_val']} validation / "
-            f"{sp['n_test']} test; test split {sp['test_source']}",
-        ),
+        ("Dataset", f"{o.dataset} ({o.task}): {split}; test split {sp['test_source']}"),
         ("Split hash", str(sp["split_hash"])),
         ("Budget", f"{o.budget} trials" if o.budget else "?"),
         ("Trials", ", ".join(f"{n} {s.lower()}" for s, n in o.states.items())),
@@ -85,8 +90,21 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
             f"{_duration(o.trial_time_s)} inside trials)",
         ),
     ]
+    if o.members:
+        rows.append(
+            ("Each trial", f"the mean of {o.members} trained as one cohort, ± its standard error")
+        )
     if o.best_number is not None:
-        rows.append(("Best trial", f"#{o.best_number}: {o.metric} = {o.best_value:.4f}"))
+        best = f"#{o.best_number}: {o.metric} = {_value(o.best_value, o.best_se)}"
+        rows.append(("Best trial", best + (" (the highest mean)" if o.best_se else "")))
+        if o.best_se is not None:
+            close = ", ".join(f"#{n} {_value(v, se)}" for n, v, se in o.close)
+            rows.append((
+                "Within one standard error of the best",
+                f"{close}: the validation does not tell these apart from the best"
+                if close else "none: the best leads every other trial by more than its "
+                "standard error",
+            ))  # fmt: skip
         config = {k: v for k, v in o.best_config.items() if k != "width"}
         rows.append(
             ("Best hyperparameters", ", ".join(f"{k}={_fmt(v)}" for k, v in config.items()))
@@ -97,7 +115,9 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
         rows.append(
             (
                 "Use of the test split",
-                f"once, after the search, by the kept weights of trial #{o.test_trial}",
+                f"once, after the search, by trial #{o.test_trial}, {o.test_model}"
+                if o.test_model
+                else f"once, after the search, by the kept weights of trial #{o.test_trial}",
             )
         )
     else:
@@ -314,7 +334,7 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
         chart("curves"),
         "<table><tr><th>trial</th><th>state</th><th>value</th><th>fit</th><th>evidence</th></tr>",
         *[
-            f"<tr><td>{r.number}</td><td>{r.state}</td><td>{_value(r.value)}</td>"
+            f"<tr><td>{r.number}</td><td>{r.state}</td><td>{_value(r.value, r.se)}</td>"
             f"<td class='{r.label}'>{r.label}</td><td>{e(r.evidence)}</td></tr>"
             for r in d.fit_rows
         ],
@@ -443,7 +463,7 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
         lines += [f"![Learning curves]({images['curves']})", ""]
     lines += ["| trial | state | value | fit | evidence |", "| --- | --- | --- | --- | --- |"]
     lines += [
-        f"| {r.number} | {r.state} | {_value(r.value)} | {r.label} | {r.evidence} |"
+        f"| {r.number} | {r.state} | {_value(r.value, r.se)} | {r.label} | {r.evidence} |"
         for r in d.fit_rows
     ]
     lines += ["", "## Search-space advice", "", ADVICE_RULES, ""]
