@@ -462,6 +462,14 @@ def _summary(r: Any) -> None:
         f"{c['FAIL']} failed{_interrupted(c)} ({r.new_trials} run now in "
         f"{fmt_time(r.wall_time)}, device {r.device})"
     )
+    if r.stopped_because:
+        typer.echo(f"stopped before the budget: {r.stopped_because}")
+    if noise := r.seed_noise:
+        values = ", ".join(f"{v:.4f}" for v in noise["values"])
+        typer.echo(
+            f"seed noise: {r.metric} deviates by {noise['sd']:.4f} between seeds (trial "
+            f"#{noise['trial']} trained with {len(noise['values'])} seeds: {values})"
+        )
     if dropped := (r.data_info or {}).get("test_dropped"):
         typer.echo(
             f"note: the test metrics leave out {dropped:,} rows of the test file whose labels "

@@ -160,6 +160,20 @@ class PrunerSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class PlateauSpec(Strict):
+    # Stop once this many finished trials in a row (baselines aside) did not improve the best
+    # by more than its noise: the best's standard error over its members (repeats, folds),
+    # else the seed noise measured once by retraining the best (see docs/spec.md).
+    trials: Annotated[int, Field(ge=1)]
+
+
+class StopWhenSpec(Strict):
+    # Stop as soon as a complete trial reaches this value of study.metric (at or above it for
+    # an accuracy, at or below it for a loss or an error).
+    target: float | None = None
+    plateau: PlateauSpec | None = None
+
+
 class StudySpec(Strict):
     n_trials: Annotated[int, Field(ge=1)] = 40
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds
@@ -169,6 +183,8 @@ class StudySpec(Strict):
     storage: str | None = None
     # Trials trained together as one stacked model on one device (see hpo/steppers.py).
     fused_trials: Annotated[int, Field(ge=1)] = 1
+    # Stop before the budget is spent: at a target value, or once the search has converged.
+    stop_when: StopWhenSpec | None = None
 
 
 class TrackingSpec(Strict):

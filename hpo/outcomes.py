@@ -149,6 +149,63 @@ def best_or_none(study: optuna.Study) -> FrozenTrial | None:
     return pick_best(trials, study.direction.name)
 
 
+def stop_reason(
+    trials: list[FrozenTrial], direction: str, metric: str, stop: Any, noise: float | None
+) -> str | None:
+    """Why the study should stop now under `study.stop_when` (`stop`), or None.
+
+    target: a complete trial reached it. plateau: the last `trials` finished searched trials
+    (baselines and interrupted trials aside, in the order they finished) did not improve the
+    best by more than its noise: the best's standard error over its members (`value_se`),
+    else `noise` (the seed noise measured by retraining, or 0 when there is none yet)."""
+    if stop is None:
+        return None
+    maximize = direction == "MAXIMIZE"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if stop.target is not None:
+        reached = [t for t in complete if (t.value >= stop.target if maximize
+                                           else t.value <= stop.target)]  # fmt: skip
+        if reached:
+            first = min(reached, key=lambda t: (t.datetime_complete or 0, t.number))
+            return (
+                f"trial #{first.number} reached {metric} {first.value:.4f} "
+                f"(stop_when.target: {stop.target:g})"
+            )
+    if stop.plateau is None:
+        return None
+    finished = sorted(
+        (t for t in trials if t.state.is_finished() and not was_interrupted(t)
+         and "baseline" not in t.user_attrs),
+        key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number),
+    )  # fmt: skip
+    best: FrozenTrial | None = None
+    since = 0  # finished trials since the best last improved by more than its noise
+    for t in finished:
+        since += 1
+        if t.state != TrialState.COMPLETE or t.value is None:
+            continue
+        if best is None:
+            best, since = t, 0
+            continue
+        gain = (t.value - best.value) if maximize else (best.value - t.value)
+        if gain > 0:
+            margin = best.user_attrs.get("value_se", noise) or 0.0
+            if gain > margin:
+                since = 0
+            best = t
+    n = stop.plateau.trials
+    if best is None or since < n:
+        return None
+    se = best.user_attrs.get("value_se")
+    what = (f"its standard error ({se:.4f})" if se is not None
+            else f"the seed noise ({noise:.4f})" if noise else "anything")  # fmt: skip
+    return (
+        f"plateau: the last {since} finished trials did not improve the best ({metric} "
+        f"{best.value:.4f}, trial #{best.number}) by more than {what} "
+        f"(stop_when.plateau.trials: {n})"
+    )
+
+
 @dataclass
 class Settled:
     """What a finished trial becomes: its Optuna state, value and user attributes, its tracker

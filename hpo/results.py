@@ -127,6 +127,8 @@ class StudyResult:
     best_se: float | None = None  # the best value's standard error over its members
     # how the test model was made when it is not the best trial's own weights
     test_model: str = ""
+    stopped_because: str = ""  # why study.stop_when stopped the study before its budget
+    seed_noise: dict[str, Any] | None = None  # measured for a plateau: trial, values, sd
 
     @property
     def fit_counts(self) -> dict[str, int]:
@@ -182,6 +184,7 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
             if best and study.user_attrs.get("model_trial") == best.number
             else None
         ),
+        seed_noise=study.user_attrs.get("seed_noise"),
         test_model=(
             study.user_attrs.get("test_model", "")
             if best and study.user_attrs.get("test_trial") == best.number

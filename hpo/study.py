@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import threading
 import time
 import warnings
@@ -38,9 +39,12 @@ from hpo.outcomes import (
     budget_used,
     checkpoint_policy,
     count_finished,
+    pick_best,
     settle,
     settle_lost,
     state_counts,
+    stop_reason,
+    was_interrupted,
 )
 from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
@@ -70,12 +74,13 @@ from hpo.storage import (
 )
 from hpo.tracker import Tracker
 from hpo.train import evaluate, flush_denormals, precision_warning, train
-from hpo.trial import CohortJob, TrialJob, TrialRecord, build_model, train_config
+from hpo.trial import SEED_STEP, CohortJob, TrialJob, TrialRecord, build_model, train_config
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
 POLL_S = 1.0  # how often an idle driver looks at the storage again
 LATER_S = 0.05  # the longest what can wait (`_Driver.later`) waits for a pause in messages
 CLEANUP_RETRY_S = 10.0  # after Ctrl-C, how long a lost server is waited for while cleaning up
+NOISE_SEEDS = 2  # more seeds the best trains with to measure the seed noise (`_seed_noise`)
 
 
 # ---------------------------------------------------------------- running a study
@@ -237,7 +242,8 @@ class _Driver:
         self.base_seed = 0
         self.running: dict[int, _Running] = {}
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
-        self.stopping: str | None = None  # "timeout" once --timeout has passed
+        self.stopping: str | None = None  # "timeout" once --timeout has passed, "stop_when"
+        self.stopped_because = ""  # why study.stop_when stopped the study, in words
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
         self.durations: list[float] = []
         self.on_trial_end: Callable[[Progress], None] | None = None
@@ -358,6 +364,7 @@ class _Driver:
         timeout = self.spec.study.timeout
         deadline = time.monotonic() + timeout if timeout else None
         stale_checked = 0.0
+        self._check_stop()  # a study run again after it stopped stops again, saying why
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline and not self.stopping:
@@ -672,6 +679,8 @@ class _Driver:
             self.book.add("tell", time.perf_counter() - t0 - checkpoint_s)
         if lost is not None:
             raise lost
+        if frozen is not None:
+            self._check_stop()
 
         show: Callable[[], None] = lambda: None  # noqa: E731
         if frozen is not None:
@@ -687,6 +696,58 @@ class _Driver:
             show()
 
         return rest
+
+    def _check_stop(self) -> None:
+        """Stop asking for trials, and stop those training, once `study.stop_when` says so."""
+        stop = self.spec.study.stop_when
+        if stop is None or self.stopping:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        noise = self._seed_noise(trials) if stop.plateau is not None else None
+        reason = stop_reason(trials, self.study.direction.name, self.metric, stop, noise)
+        if reason:
+            self.stopping, self.stopped_because = "stop_when", reason
+
+    def _seed_noise(self, trials: list[FrozenTrial]) -> float | None:
+        """The seed noise of one training (the deviation of the metric over seeds) a plateau
+        is judged against when trials have no members to measure it: measured once a
+        plateau can be reached, by training the best configuration again with NOISE_SEEDS
+        more seeds here, on the training and validation splits, and kept in the study
+        (`seed_noise`) for later runs."""
+        if self.spec.training.repeats > 1 or self.spec.dataset.split.folds:
+            return None  # each trial's own standard error is the measure
+        stored = self.study.user_attrs.get("seed_noise")
+        if stored:
+            return stored["sd"]
+        stop = self.spec.study.stop_when
+        searched = [
+            t for t in trials
+            if t.state.is_finished() and not was_interrupted(t) and "baseline" not in t.user_attrs
+        ]  # fmt: skip
+        best = pick_best(
+            [t for t in searched if t.state == TrialState.COMPLETE], self.study.direction.name
+        )
+        if best is None or stop is None or stop.plateau is None:
+            return None
+        if len(searched) < stop.plateau.trials:
+            return None
+        config = TrialConfig.of(best.user_attrs["config"])
+        seed = best.user_attrs.get("seed", 0)
+        values = [best.value]
+        for k in range(1, NOISE_SEEDS + 1):
+            member = (seed + k * SEED_STEP) % 2**31
+            torch.manual_seed(member)
+            model = build_model(config, self.data, self.data.train[0].device)
+            cfg = train_config(self.spec, self.data, config, member)
+            result = train(model, self.data.train, self.data.val, cfg)
+            value = result.best.get(self.metric)
+            if value is not None and math.isfinite(value):
+                values.append(value)
+        if len(values) < 2:
+            return None
+        sd = statistics.stdev(values)
+        self.study.set_user_attr("seed_noise", {"trial": best.number, "values": values, "sd": sd})
+        return sd
 
     def _on_lost(self, number: int, reason: str) -> None:
         """Its worker died: failed, and run again once (`settle_lost`)."""
@@ -796,6 +857,7 @@ class _Driver:
             parent_run_id=self.tracker.parent_id,
             device=str(self.data.train[0].device),
             interrupted=interrupted,
+            stopped_because=self.stopped_because,
             new_trials=len(self.durations),
             wall_time=time.perf_counter() - self.started,
             data_info=self.data.info,
