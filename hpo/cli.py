@@ -496,10 +496,24 @@ def _summary(r: Any) -> None:
             typer.echo(f"test split: not yet used ({r.test_note})")
         if r.model_uri:
             typer.echo(f"best model: {r.model_uri}   (or: mlflow models serve -m {r.model_uri})")
+        if e := r.ensemble:
+            typer.echo(ensemble_line(e, r.metric, r.test_metrics))
     if r.baselines is not None:
         for line in r.baselines.sentences():
             typer.echo(line)
     _next_steps(r)
+
+
+def ensemble_line(e: dict[str, Any], metric: str, best_test: dict[str, float]) -> str:
+    """The ensemble in one line: its members and weights, validation and test, the model."""
+    members = ", ".join(f"#{n} x{w:.2g}" for n, w in e["members"].items())
+    test_key = "test_" + metric.removeprefix("val_")
+    single = f" (best trial: {best_test[test_key]:.4f})" if test_key in best_test else ""
+    return (
+        f"ensemble of {len(e['members'])} trials ({members}; {e['size']} rounds of greedy "
+        f"selection from the best {len(e['candidates'])}): {metric} = {e[metric]:.4f}, "
+        f"{test_key} = {e[test_key]:.4f}{single}; model {e['model_uri']}"
+    )
 
 
 def _hpo() -> str:

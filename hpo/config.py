@@ -187,10 +187,20 @@ class StudySpec(Strict):
     stop_when: StopWhenSpec | None = None
 
 
+class EnsembleSpec(Strict):
+    # Rounds of greedy selection with replacement (Caruana et al. 2004): a trial chosen k
+    # times weighs k / size in the ensemble.
+    size: Annotated[int, Field(ge=2, le=100)]
+    # The best trials the ensemble is chosen from; their weights are kept as they finish.
+    candidates: Annotated[int, Field(ge=2, le=100)] = 10
+
+
 class TrackingSpec(Strict):
     uri: str | None = None
     experiment: str | None = None
     log_model: Literal["best", "all", "none"] = "best"
+    # After the search: an ensemble of the best trials, logged as one model beside the best's.
+    ensemble: EnsembleSpec | None = None
 
 
 YAML_KEYS = (
@@ -654,6 +664,12 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
         problems.append(
             "dataset.split: val and folds both given; with folds each fold is the validation "
             "set in turn: remove val"
+        )
+    if spec.tracking.ensemble is not None and sp.folds is not None:
+        problems.append(
+            "tracking.ensemble: not with dataset.split.folds (a fold model's validation rows "
+            "are other folds' training rows, so the selection would read data they learnt); "
+            "use training.repeats, or no ensemble"
         )
     if ds.test_unseen_labels != "error" and not ds.test_path:
         problems.append("dataset.test_unseen_labels: only used with dataset.test_path")

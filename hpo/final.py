@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.config import Spec
 from hpo.data import Data
 from hpo.outage import Retry
-from hpo.outcomes import best_of, best_or_none
+from hpo.outcomes import best_of, best_or_none, rank
 from hpo.params import TrialConfig
 from hpo.storage import storage_lock
 from hpo.tracker import Tracker
@@ -101,7 +101,79 @@ class Final:
                 self.tracker.log_summary({}, {"hpo.model_uri": uri})
                 self.study.set_user_attr("model_uri", uri)
                 self.study.set_user_attr("model_trial", best.number)
+            if self.spec.tracking.ensemble is not None:
+                self._ensemble()
         return test, ""
+
+    def _ensemble(self) -> None:
+        """`tracking.ensemble`: greedy selection (`hpo.ensemble.select`) from the best
+        complete trials that kept their weights, on the validation split; then the ensemble
+        on the test split, once, beside the best trial, and logged as the study run's
+        `ensemble` model. Done again only when the candidates changed."""
+        from hpo import ensemble
+
+        conf = self.spec.tracking.ensemble
+        assert conf is not None
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        direction = self.study.direction.name
+        ranked = sorted(complete, key=lambda t: rank(t.value, t.number, direction))
+        kept = [t for t in ranked if t.user_attrs.get("checkpoint")][: conf.candidates]
+        numbers = [t.number for t in kept]
+        done = self.study.user_attrs.get("ensemble")
+        if len(kept) < 2 or (done and done.get("candidates") == numbers):
+            return
+        models = [self._weights_of(t) for t in kept]
+        classify = self.data.task == "classification"
+        X, y = self.data.val
+
+        def outputs(X: torch.Tensor) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                return [torch.cat([m(X[i : i + 8192]) for i in range(0, len(X), 8192)])
+                        for m in models]  # fmt: skip
+
+        counts = ensemble.select(outputs(X), y, classify, self.metric, conf.size)
+        chosen = [(c / conf.size, m, t) for c, m, t in zip(counts, models, kept, strict=True) if c]
+        weights = [w for w, _, _ in chosen]
+        val = ensemble.scores(
+            ensemble.combine([o for o, c in zip(outputs(X), counts, strict=True) if c], weights,
+                             classify), y, classify, self.data.y_scale,
+        )  # fmt: skip
+        X_test, y_test = self._test_split()
+        test_out = outputs(X_test)
+        test = ensemble.scores(
+            ensemble.combine([o for o, c in zip(test_out, counts, strict=True) if c], weights,
+                             classify), y_test, classify, self.data.y_scale,
+        )  # fmt: skip
+        record = {
+            "candidates": numbers,
+            "members": {str(t.number): w for w, _, t in chosen},
+            "size": conf.size,
+            **{f"val_{k}": v for k, v in val.items()},
+            **{f"test_{k}": v for k, v in test.items()},
+        }
+        self.tracker.log_summary(
+            {f"ensemble_{k}": v for k, v in record.items() if isinstance(v, float)},
+            {
+                "hpo.ensemble_members": ", ".join(
+                    f"#{n} x{w:g}" for n, w in record["members"].items()
+                )
+            },  # fmt: skip
+        )
+        from hpo.serving import Predictor
+
+        predictor = Predictor([(w, m) for w, m, _ in chosen], self.data.prep)
+        record["model_uri"] = self.tracker.log_model(
+            predictor, self.data.raw_example, name="ensemble"
+        )
+        self.study.set_user_attr("ensemble", record)
+
+    def _weights_of(self, trial: FrozenTrial) -> torch.nn.Module:
+        """A trial's network holding its kept weights, for inference."""
+        if self.best_weights is not None and self.best_weights[0] == trial.number:
+            weights = self.best_weights[1]
+        else:
+            weights = self.tracker.load_checkpoint(trial.user_attrs["mlflow_run_id"])
+        return self.model(trial.user_attrs["config"], weights).eval()
 
     def _on_test(self, model: torch.nn.Module) -> dict[str, float]:
         """A model's test_* metrics, computed as its validation metrics were."""

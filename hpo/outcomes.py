@@ -280,19 +280,20 @@ def settle_lost(reason: str, kills: int) -> Settled:
 
 def checkpoint_policy(
     value: float, number: int, best: FrozenTrial | None, direction: str, *, log_all: bool,
-    baseline: bool,
+    baseline: bool, ahead: int = 0, keep_top: int = 0,
 ) -> tuple[bool, bool]:  # fmt: skip
     """Whether a complete trial keeps its weights (a checkpoint), and whether it is the best
     now. It keeps them when it beats or ties the best so far: a tie with a lower number becomes
     the best (`pick_best`), so it must have its checkpoint, whichever of the two finished first
-    and in whichever process; with `log_all` (every trial's model logged); and for a baseline,
-    which is measured on the test split beside the best trial after the search."""
+    and in whichever process; with `log_all` (every trial's model logged); for a baseline,
+    which is measured on the test split beside the best trial after the search; and, for an
+    ensemble's candidates, when fewer than `keep_top` complete trials rank above it (`ahead`)."""
     if best is None:
         return True, True
     # a contender ranks no lower than the best would with the best's number (ties too)
     contender = rank(value, best.number, direction) <= rank(best.value, best.number, direction)
     is_best = rank(value, number, direction) < rank(best.value, best.number, direction)
-    return contender or log_all or baseline, is_best
+    return contender or log_all or baseline or ahead < keep_top, is_best
 
 
 def retry_attrs(number: int, user_attrs: dict[str, Any], kills: int) -> dict[str, Any]:

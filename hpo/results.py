@@ -129,6 +129,7 @@ class StudyResult:
     test_model: str = ""
     stopped_because: str = ""  # why study.stop_when stopped the study before its budget
     seed_noise: dict[str, Any] | None = None  # measured for a plateau: trial, values, sd
+    ensemble: dict[str, Any] | None = None  # tracking.ensemble: members, weights, metrics
 
     @property
     def fit_counts(self) -> dict[str, int]:
@@ -185,6 +186,7 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
             else None
         ),
         seed_noise=study.user_attrs.get("seed_noise"),
+        ensemble=study.user_attrs.get("ensemble"),
         test_model=(
             study.user_attrs.get("test_model", "")
             if best and study.user_attrs.get("test_trial") == best.number

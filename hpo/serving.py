@@ -26,8 +26,16 @@ ROWS_PER_PASS = 8192
 
 
 class Predictor:
-    def __init__(self, network: torch.nn.Module, prep: dict[str, Any]):
-        self.network = network.cpu().eval()
+    """`network`: one trained network, or an ensemble of them as (weight, network) pairs,
+    whose answer is the weighted mean of their probabilities (or values)."""
+
+    def __init__(
+        self, network: torch.nn.Module | list[tuple[float, torch.nn.Module]], prep: dict[str, Any]
+    ):
+        if isinstance(network, list):
+            self.network: Any = [(float(w), net.cpu().eval()) for w, net in network]
+        else:
+            self.network = network.cpu().eval()
         self.prep = prep
         self.shift = np.asarray(prep["shift"], dtype=np.float32)
         self.scale = np.asarray(prep["scale"], dtype=np.float32)
@@ -107,9 +115,19 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         with torch.inference_mode():
             parts = [
-                self.network(x[i : i + ROWS_PER_PASS]) for i in range(0, len(x), ROWS_PER_PASS)
+                self._forward(x[i : i + ROWS_PER_PASS]) for i in range(0, len(x), ROWS_PER_PASS)
             ]
         return torch.cat(parts) if parts else torch.zeros(0, self.prep["n_outputs"])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One network's outputs; an ensemble's as the log of its mean probabilities (whose
+        softmax is that mean) or its mean values."""
+        if not isinstance(self.network, list):
+            return self.network(x)
+        if self.prep["task"] == "regression":
+            return sum(w * net(x) for w, net in self.network)
+        mean = sum(w * torch.softmax(net(x).float(), 1) for w, net in self.network)
+        return torch.log(mean.clamp_min(1e-30))
 
     def predict(self, data: Any, probabilities: bool = False) -> np.ndarray | pd.DataFrame:
         """Class labels (or values in the target's unit), one per raw row; with

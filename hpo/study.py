@@ -40,6 +40,7 @@ from hpo.outcomes import (
     checkpoint_policy,
     count_finished,
     pick_best,
+    rank,
     settle,
     settle_lost,
     state_counts,
@@ -802,6 +803,14 @@ class _Driver:
         number becomes the best (`pick_best`), so it must have its checkpoint, whichever of the
         two finished first and in whichever process."""
         log_all = self.spec.tracking.log_model == "all"
+        ensemble = self.spec.tracking.ensemble
+        ahead = 0
+        if ensemble is not None:  # the ensemble's candidates keep their weights too
+            mine = rank(value, trial.number, self.study.direction.name)
+            ahead = sum(
+                rank(t.value, t.number, self.study.direction.name) < mine
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            )
         keep, is_best = checkpoint_policy(
             value,
             trial.number,
@@ -809,6 +818,8 @@ class _Driver:
             self.study.direction.name,
             log_all=log_all,
             baseline="baseline" in trial.user_attrs,
+            ahead=ahead,
+            keep_top=ensemble.candidates if ensemble is not None else 0,
         )
         if keep and record.weights is not None:
             self.tracker.save_checkpoint(run_id, record.weights, record.config.as_dict())

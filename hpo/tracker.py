@@ -70,8 +70,10 @@ class Tracker(Protocol):
 
     def load_checkpoint(self, run_id: str) -> dict[str, Any]: ...
 
-    def log_model(self, predictor: Any, input_example: Any, run_id: str | None = None) -> str:
-        """The deployable model (on the study's run, or a trial's): its URI."""
+    def log_model(
+        self, predictor: Any, input_example: Any, run_id: str | None = None, name: str = "model"
+    ) -> str:
+        """The deployable model (on the study's run, or a trial's) under `name`: its URI."""
 
     def fail_pending_models(self) -> int:
         """Mark failed the model uploads a Ctrl-C cut short; how many."""

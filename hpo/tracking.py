@@ -342,7 +342,9 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
             tags=[RunTag(k, str(v)) for k, v in tags.items()],
         )
 
-    def log_model(self, predictor: Any, input_example: Any, run_id: str | None = None) -> str:
+    def log_model(
+        self, predictor: Any, input_example: Any, run_id: str | None = None, name: str = "model"
+    ) -> str:
         """Log a deployable model (hpo/serving.py's `Predictor` as an MLflow pyfunc: raw rows
         in, labels or values in the target's unit out) with its signature and an input
         example of raw rows; return its URI."""
@@ -372,7 +374,7 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
                 mlflow.start_run(run_id=run_id)
                 try:
                     info = mlflow.pyfunc.log_model(
-                        name="model",
+                        name=name,
                         python_model=serving.__file__,  # the model's code: needs no hpo to serve
                         artifacts=artifacts,
                         signature=signature,

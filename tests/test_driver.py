@@ -81,7 +81,7 @@ class RecordingTracker:
     def load_checkpoint(self, run_id):
         return self.checkpoints[run_id]
 
-    def log_model(self, predictor, input_example, run_id=None):
+    def log_model(self, predictor, input_example, run_id=None, name="model"):
         self.models.append(run_id)
         return f"models:/{len(self.models)}"
 
