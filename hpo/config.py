@@ -86,6 +86,9 @@ class SplitSpec(Strict):
     # of one validation split: each trial trains K members, fold k validated on the k-th
     # K-th of the pool and trained on the rest, as one fused cohort; null: one split (`val`).
     folds: Annotated[int, Field(ge=2, le=20)] | None = None
+    # With folds, the chosen trial's model: refit on the whole pool for its members' median
+    # kept epoch, or the mean of its fold models' probabilities (or values).
+    final_model: Literal["refit", "fold_ensemble"] = "refit"
 
 
 class DatasetSpec(Strict):
@@ -313,6 +316,7 @@ class Spec(Strict):
             keep["training"].pop("repeats")
         if keep["dataset"]["split"].get("folds") is None:
             keep["dataset"]["split"].pop("folds")
+        keep["dataset"]["split"].pop("final_model")  # made after the search, from the trials
         keep["metric"] = self.study.metric
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -665,6 +669,8 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
             "dataset.split: val and folds both given; with folds each fold is the validation "
             "set in turn: remove val"
         )
+    if sp.final_model != "refit" and sp.folds is None:
+        problems.append(f"dataset.split.final_model: {sp.final_model} needs dataset.split.folds")
     if spec.tracking.ensemble is not None and sp.folds is not None:
         problems.append(
             "tracking.ensemble: not with dataset.split.folds (a fold model's validation rows "

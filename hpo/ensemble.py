@@ -56,3 +56,19 @@ def select(
         counts[best[1]] += 1
         total = members[best[1]] if total is None else total + members[best[1]]
     return counts
+
+
+class Averaged(torch.nn.Module):
+    """Networks as one, for evaluation: the log of their weighted mean probabilities
+    (classification: its cross-entropy is the mean's negative log-likelihood) or their
+    weighted mean values. The logged model holds them as `hpo.serving.Predictor` pairs."""
+
+    def __init__(self, pairs: list[tuple[float, torch.nn.Module]], classify: bool):
+        super().__init__()
+        self.pairs, self.classify = pairs, classify
+        self.nets = torch.nn.ModuleList([net for _, net in pairs])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [net(x) for net in self.nets]
+        mean = combine(outputs, [w for w, _ in self.pairs], self.classify)
+        return torch.log(mean.clamp_min(1e-30)) if self.classify else mean

@@ -49,15 +49,26 @@ class Final:
         """A trial's network holding `weights`; `config`: its `TrialConfig`, or as stored."""
         if isinstance(config, dict):
             config = TrialConfig.of(config)
+        if "member0." in next(iter(weights), ""):  # a fold ensemble: each member's weights
+            from hpo.ensemble import Averaged
+
+            members: dict[int, dict[str, torch.Tensor]] = {}
+            for key, tensor in weights.items():
+                head, name = key.split(".", 1)
+                members.setdefault(int(head.removeprefix("member")), {})[name] = tensor
+            nets = [self.model(config, members[i]) for i in sorted(members)]
+            classify = self.data.task == "classification"
+            return Averaged([(1 / len(nets), net) for net in nets], classify)
         model = build_model(config, self.data, self.data.train[0].device)
         model.load_state_dict(weights)
         return model
 
     def deployable(self, model: torch.nn.Module) -> Any:
         """The network with the data's preprocessing built in (see hpo/serving.py)."""
+        from hpo.ensemble import Averaged
         from hpo.serving import Predictor  # imports mlflow.pyfunc: only when a model is logged
 
-        return Predictor(model, self.data.prep)
+        return Predictor(model.pairs if isinstance(model, Averaged) else model, self.data.prep)
 
     def evaluate(self) -> tuple[dict[str, float], str]:
         """The best trial's kept weights on the test split, once per best trial, by the last
@@ -71,7 +82,7 @@ class Final:
             if best is None:
                 return {}, ""
             cached = self.best_weights is not None and self.best_weights[0] == best.number
-            refit = self.spec.dataset.split.folds is not None
+            refit = self._refits()
             if not (refit or cached or best.user_attrs.get("checkpoint")):
                 # a tie an older hpo resolved the other way: no test metrics of another trial
                 note = f"the best trial #{best.number} kept no weights: no test evaluation"
@@ -87,6 +98,10 @@ class Final:
                 if refit:
                     how = (f"refit on all {len(self.data.train[0]):,} training rows for "
                            f"{refit_epochs(best)} epochs")  # fmt: skip
+                    self.study.set_user_attr("test_model", how)
+                elif self.spec.dataset.split.final_model == "fold_ensemble":
+                    n = len(best.user_attrs.get("members", []))
+                    how = f"the mean of its {n} fold models (dataset.split.final_model)"
                     self.study.set_user_attr("test_model", how)
                 self.tracker.log_summary(
                     {**test, f"best_{self.metric}": best.value},
@@ -198,7 +213,7 @@ class Final:
             return
         if bb.number == best.number:
             tested = test
-        elif self.spec.dataset.split.folds is not None:
+        elif self._refits():
             tested = self._on_test(self.refit(bb))
         elif bb.user_attrs.get("checkpoint"):
             weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
@@ -228,8 +243,13 @@ class Final:
         train(model, self.data.train, self.data.train, cfg)
         return model
 
+    def _refits(self) -> bool:
+        """Whether the tested model is a refit (folds, `final_model: refit`)."""
+        split = self.spec.dataset.split
+        return split.folds is not None and split.final_model == "refit"
+
     def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
-        if self.spec.dataset.split.folds is not None:
+        if self._refits():
             return self.refit(best)
         if self.best_weights is not None and self.best_weights[0] == best.number:
             return self.model(best.user_attrs["config"], self.best_weights[1])

@@ -282,7 +282,8 @@ def run(
             if p.sent or not (p.complete or result.failure):
                 return
             p.sent = True
-            record = _recorded(p, data, spec.study.metric)
+            every = folds is not None and spec.dataset.split.final_model == "fold_ensemble"
+            record = _recorded(p, data, spec.study.metric, every)
             try:
                 on_done(record)
             except Exception as e:  # the caller's own failure (its channel closed, say)
@@ -359,10 +360,11 @@ class _NotHandedBack(Exception):
     """`on_done` raised: the error is the caller's, not the trial's."""
 
 
-def _recorded(p: _Plan, data: Data, metric: str) -> TrialRecord:
+def _recorded(p: _Plan, data: Data, metric: str, every: bool = False) -> TrialRecord:
     """The record of a trained trial: its curve, why it stopped, kept weights, fit label. A
     trial of several members: its members' records, the mean curve (`_Plan.epoch`), the
-    median kept epoch, and the weights of its best member (by the study's metric)."""
+    median kept epoch, and the weights of its best member (by the study's metric), or with
+    `every` each member's, their names prefixed `member<i>.` (a fold ensemble)."""
     record = p.record
     results = [p.results.get(i) for i in range(len(p.members))]
     if len(p.members) == 1:
@@ -397,8 +399,13 @@ def _recorded(p: _Plan, data: Data, metric: str) -> TrialRecord:
         best = values.index(min(values)) if values else 0
     if record.outcome == "COMPLETE":
         record.kept_epoch = kept
-        model = p.models[best]
-        record.weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if every:
+            record.weights = {
+                f"member{i}.{k}": v.detach().cpu()
+                for i in range(len(p.members)) for k, v in p.models[i].state_dict().items()
+            }  # fmt: skip
+        else:
+            record.weights = {k: v.detach().cpu() for k, v in p.models[best].state_dict().items()}
     if record.outcome in ("COMPLETE", "PRUNED") and record.history:
         chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
         fit_ = diagnose_fit(

@@ -158,6 +158,10 @@ def test_folds_and_a_validation_split_together_are_refused(workdir):
     out = CliRunner().invoke(app, ["validate", str(write_spec(workdir, spec))])
     assert out.exit_code == 2
     assert "dataset.split: val and folds both given" in out.output
+    alone = small_spec(dataset={"split": {"final_model": "fold_ensemble"}})
+    out = CliRunner().invoke(app, ["validate", str(write_spec(workdir, alone))])
+    assert out.exit_code == 2
+    assert "dataset.split.final_model: fold_ensemble needs dataset.split.folds" in out.output
     too_many = _folded(20, dataset={"name": "digits", "max_samples": 30})
     out = CliRunner().invoke(app, ["run", str(write_spec(workdir, too_many))])
     assert out.exit_code == 2, out.output
@@ -218,3 +222,37 @@ def test_the_report_and_compare_read_the_members_spread(workdir):
     assert [s.source for s in c.reseed] == ["members", "members"]
     assert c.reseed[0].values == [m["value"] for m in best.user_attrs["members"]]
     assert "members of the best trials (repeats, folds)" in c.verdict
+
+
+@pytest.mark.parametrize("final_model", ["refit", "fold_ensemble"])
+def test_the_folds_model_serves_the_raw_test_file_as_its_test_metrics_say(
+    workdir, mlflow_uri, final_model
+):
+    """The model a folds study logs (refit on the pool, or the mean of the fold models) loads
+    in a fresh process through mlflow.pyfunc, and scores the raw test file as recorded."""
+    from test_deploy import _fresh_predictions, _tables
+
+    target = _tables(workdir, regression=False)
+    spec = small_spec(
+        name=f"folds-{final_model}".replace("_", "-"),
+        dataset={"name": "csv", "path": str(workdir / "train.csv"),
+                 "test_path": str(workdir / "test.csv"), "target": target},
+        task="auto",
+        search_space={"n_layers": 1, "width": 32, "lr": 1e-2, "batch_size": 16},
+        training={"max_epochs": 12, "early_stopping": {"patience": 12}},
+        study={"n_trials": 2},
+        tracking={"uri": mlflow_uri, "log_model": "best"},
+    )  # fmt: skip
+    del spec["dataset"]["split"]["val"]
+    spec["dataset"]["split"] |= {"folds": 3, "final_model": final_model}
+    result = study_run(parse_spec(spec), study_name=spec["name"])
+    study = result.study
+    how = study.user_attrs["test_model"]
+    assert how.startswith("refit on all " if final_model == "refit" else "the mean of its 3 fold")
+    served = _fresh_predictions(mlflow_uri, study.user_attrs["model_uri"], workdir / "test.csv",
+                                target)["predictions"]  # fmt: skip
+    import pandas as pd
+
+    truth = pd.read_csv(workdir / "test.csv")[target].tolist()
+    accuracy = sum(p == t for p, t in zip(served, truth, strict=True)) / len(truth)
+    assert accuracy == pytest.approx(result.test_metrics["test_accuracy"])
