@@ -256,3 +256,45 @@ def test_the_folds_model_serves_the_raw_test_file_as_its_test_metrics_say(
     truth = pd.read_csv(workdir / "test.csv")[target].tolist()
     accuracy = sum(p == t for p, t in zip(served, truth, strict=True)) / len(truth)
     assert accuracy == pytest.approx(result.test_metrics["test_accuracy"])
+
+
+def test_ctrl_c_in_the_middle_of_a_trials_folds_and_a_rerun_finishes_it(workdir):
+    import signal
+
+    import optuna
+    from conftest import hpo_process, wait_for
+    from optuna.trial import TrialState
+
+    spec = _folded(
+        3, 2, study={"n_trials": 2, "pruner": {"name": "none"}},
+        training={"max_epochs": 60, "early_stopping": {"patience": 60}},  # seconds a trial
+    )  # fmt: skip
+    path = write_spec(workdir, spec)
+    proc = hpo_process(["run", path], workdir)
+    db = "sqlite:///optuna.db"
+
+    def members_training():  # a trial whose six members have reported two epochs
+        try:
+            study = optuna.load_study(study_name="tiny", storage=db)
+        except KeyError:
+            return None
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        return next((t for t in running if len(t.intermediate_values) >= 2), None)
+
+    cut = wait_for(members_training, "a trial of six members training", limit=300, process=proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    study = optuna.load_study(study_name="tiny", storage=db)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert study.trials[cut.number].user_attrs.get("interrupted")
+
+    proc = hpo_process(["run", path], workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    study = optuna.load_study(study_name="tiny", storage=db)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2
+    again = next(t for t in done if t.user_attrs.get("retry_of") == cut.number)
+    assert again.params == cut.params and again.user_attrs["seed"] == cut.user_attrs["seed"]
+    assert len(again.user_attrs["members"]) == 6 and again.user_attrs["value_se"] > 0
