@@ -176,6 +176,12 @@ class StopWhenSpec(Strict):
     target: float | None = None
     plateau: PlateauSpec | None = None
 
+    @model_validator(mode="after")
+    def _something(self) -> StopWhenSpec:
+        if self.target is None and self.plateau is None:
+            raise problem("give target, plateau or both (or leave stop_when out)")
+        return self
+
 
 class StudySpec(Strict):
     n_trials: Annotated[int, Field(ge=1)] = 40
@@ -316,7 +322,8 @@ class Spec(Strict):
             keep["training"].pop("repeats")
         if keep["dataset"]["split"].get("folds") is None:
             keep["dataset"]["split"].pop("folds")
-        keep["dataset"]["split"].pop("final_model")  # made after the search, from the trials
+        if keep["dataset"]["split"].get("final_model") == "refit":  # as before the key
+            keep["dataset"]["split"].pop("final_model")
         keep["metric"] = self.study.metric
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

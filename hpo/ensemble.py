@@ -15,6 +15,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+TINY = 1e-30  # the least probability a log is taken of (as `hpo.serving.Predictor` does)
+
 
 def combine(outputs: list[torch.Tensor], weights: list[float], classify: bool) -> torch.Tensor:
     """The ensemble's answer from its members' raw outputs (rows, outputs): the weighted mean
@@ -29,7 +31,7 @@ def scores(combined: torch.Tensor, y: torch.Tensor, classify: bool, y_scale: flo
     is the negative log-likelihood of the mean probabilities), or loss and RMSE in the
     target's unit."""
     if classify:
-        loss = F.nll_loss(torch.log(combined.clamp_min(1e-12)), y).item()
+        loss = F.nll_loss(torch.log(combined.clamp_min(TINY)), y).item()
         return {"loss": loss, "accuracy": (combined.argmax(1) == y).float().mean().item()}
     mse = (combined.squeeze(1) - y).pow(2).mean().item()
     return {"loss": mse, "rmse": math.sqrt(mse) * y_scale}
@@ -71,4 +73,4 @@ class Averaged(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [net(x) for net in self.nets]
         mean = combine(outputs, [w for w, _ in self.pairs], self.classify)
-        return torch.log(mean.clamp_min(1e-30)) if self.classify else mean
+        return torch.log(mean.clamp_min(TINY)) if self.classify else mean

@@ -49,7 +49,7 @@ class Final:
         """A trial's network holding `weights`; `config`: its `TrialConfig`, or as stored."""
         if isinstance(config, dict):
             config = TrialConfig.of(config)
-        if "member0." in next(iter(weights), ""):  # a fold ensemble: each member's weights
+        if any(k.startswith("member0.") for k in weights):  # a fold ensemble: each member's
             from hpo.ensemble import Averaged
 
             members: dict[int, dict[str, torch.Tensor]] = {}
@@ -146,11 +146,12 @@ class Final:
                 return [torch.cat([m(X[i : i + 8192]) for i in range(0, len(X), 8192)])
                         for m in models]  # fmt: skip
 
-        counts = ensemble.select(outputs(X), y, classify, self.metric, conf.size)
+        val_out = outputs(X)
+        counts = ensemble.select(val_out, y, classify, self.metric, conf.size)
         chosen = [(c / conf.size, m, t) for c, m, t in zip(counts, models, kept, strict=True) if c]
         weights = [w for w, _, _ in chosen]
         val = ensemble.scores(
-            ensemble.combine([o for o, c in zip(outputs(X), counts, strict=True) if c], weights,
+            ensemble.combine([o for o, c in zip(val_out, counts, strict=True) if c], weights,
                              classify), y, classify, self.data.y_scale,
         )  # fmt: skip
         X_test, y_test = self._test_split()
@@ -238,9 +239,11 @@ class Final:
         torch.manual_seed(seed)
         model = build_model(config, self.data, self.data.train[0].device)
         cfg = train_config(self.spec, self.data, config, seed)
-        cfg.max_epochs = refit_epochs(trial)
+        epochs = refit_epochs(trial)
+        # The members' schedule (a cosine over max_epochs), stopped at their median kept epoch.
         cfg.patience, cfg.restore_best = cfg.max_epochs + 1, False
-        train(model, self.data.train, self.data.train, cfg)
+        stop = lambda epoch, metrics: "max_epochs" if epoch >= epochs else None  # noqa: E731
+        train(model, self.data.train, self.data.train, cfg, on_epoch_end=stop)
         return model
 
     def _refits(self) -> bool:

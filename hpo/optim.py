@@ -187,15 +187,21 @@ class Update:
     and once an epoch its schedule. `params`: the member's parameters (a module's, or views
     of its rows of a stack, whose `.grad` the stepper points at its rows of the gradients)."""
 
-    def __init__(self, params: list[torch.Tensor], cfg: Any, capturable: bool = False):
+    def __init__(
+        self, params: list[torch.Tensor], cfg: Any, capturable: bool = False,
+        weights: list[torch.Tensor] | None = None,
+    ):  # fmt: skip
         self.cfg = cfg
         self.opt = make_optimizer(params, cfg, capturable)
         self.schedule = LR_SCHEDULES.load(cfg.lr_schedule)(self.opt, cfg)
-        self._bind(params)
+        self._bind(params, weights)
 
-    def _bind(self, params: list[torch.Tensor]) -> None:
+    def _bind(self, params: list[torch.Tensor], weights: list[torch.Tensor] | None = None) -> None:
+        """`weights`: those L1 applies to, when not every matrix of `params` (a stack's
+        biases are matrices too: `hpo.model.StackedMLP.weights`)."""
         self.params = params
-        self.weights = [p for p in params if p.dim() > 1]  # L1 skips biases
+        # L1 skips biases (and batch norm's and PReLU's parameters)
+        self.weights = weights if weights is not None else [p for p in params if p.dim() > 1]
         self.step_opt = fast_step(self.opt)  # after the schedule, which wraps opt.step
 
     @property
@@ -213,7 +219,9 @@ class Update:
         if self.schedule is not None:
             self.schedule(metrics)
 
-    def select(self, rows: torch.Tensor, params: list[torch.Tensor]) -> None:
+    def select(
+        self, rows: torch.Tensor, params: list[torch.Tensor], weights: list[torch.Tensor]
+    ) -> None:
         """Go on over `params`, the rows `rows` of the stacked tensors this update held: the
         optimizer's state of those rows moves to them (a step count stays as it is)."""
         group = self.opt.param_groups[0]
@@ -227,7 +235,7 @@ class Update:
                     for k, v in state.items()
                 }
         group["params"] = list(params)
-        self._bind(params)
+        self._bind(params, weights)
 
     def rebind(self, params: list[torch.Tensor]) -> None:
         """Go on over `params` (new tensors of the same shapes, holding the same values): the

@@ -23,9 +23,10 @@ def check_memory(spec: Spec, data: Data, devices: list[str]) -> None:
     `resources.check_fits`)."""
     problems: list[str] = []
     shape = resources.Shape.of(data)
+    members = spec.training.repeats * (spec.dataset.split.folds or 1)  # a trial's stack
     for dev in sorted(set(devices)):
         problems += resources.check_fits(
-            spec, shape, torch.device(dev), devices.count(dev), spec.study.fused_trials
+            spec, shape, torch.device(dev), devices.count(dev), spec.study.fused_trials * members
         )
     if problems:
         raise SpecError(problems)

@@ -232,14 +232,17 @@ def check_fits(
     ]
 
 
-def too_large(fp: Footprint, spec: Spec) -> str | None:
-    """Why a configuration of footprint `fp` is past the spec's opt-in limits, or None."""
+def too_large(fp: Footprint, spec: Spec, copies: int = 1) -> str | None:
+    """Why a configuration of footprint `fp` is past the spec's opt-in limits, or None;
+    `copies`: the members a trial trains at once (repeats x folds), the data shared."""
     max_params, memory_limit = limits(spec)
     if max_params is not None and fp.params > max_params:
         return f"too large: {fp.params:,} parameters > training.max_params {max_params:,}"
-    if memory_limit is not None and fp.total > memory_limit:
+    need = fp.total + (copies - 1) * (fp.total - fp.data)
+    if memory_limit is not None and need > memory_limit:
+        members = f"{copies} members of " if copies > 1 else ""
         return (
-            f"too large: needs {human(fp.total)} ({fp.describe()}) > training.memory_limit "
+            f"too large: needs {human(need)} ({members}{fp.describe()}) > training.memory_limit "
             f"{human(memory_limit)}"
         )
     return None

@@ -194,7 +194,8 @@ class StackStepper:
         # time for five members. Per-member clipping and the plateau schedule need their own.
         self.shared = len(cfgs) > 1 and one_update(cfgs)
         if self.shared:
-            self.updates = [Update(self.stack.params, cfgs[0], capturable)] * len(cfgs)
+            shared = Update(self.stack.params, cfgs[0], capturable, self.stack.weights())
+            self.updates = [shared] * len(cfgs)
         else:
             self.updates = [Update(self._views(row), c, capturable) for row, c in enumerate(cfgs)]
         # Each member's dropout masks are its own draws, from one generator for the stack.
@@ -266,7 +267,7 @@ class StackStepper:
             self.own_val = tuple(t.index_select(0, kept) for t in self.own_val)
         self.members = [self.members[r] for r in rows]
         if self.shared:
-            self.updates[0].select(kept, self.stack.params)
+            self.updates[0].select(kept, self.stack.params, self.stack.weights())
             self.updates = self.updates[: len(rows)]
         else:
             self.updates = [self.updates[r] for r in rows]

@@ -245,6 +245,9 @@ class _Driver:
         self.cohort_of: dict[int, int] = {}  # a fused trial's number -> its cohort's leader
         self.stopping: str | None = None  # "timeout" once --timeout has passed, "stop_when"
         self.stopped_because = ""  # why study.stop_when stopped the study, in words
+        # the seed-noise measurement under way: its process, the trial and value it repeats
+        self.noise: tuple[Any, int, float] | None = None  # (NoiseProbe, number, value)
+        self.noise_done = False
         self.exhausted = False  # the sampler has nothing left to propose (a walked grid)
         self.durations: list[float] = []
         self.on_trial_end: Callable[[Progress], None] | None = None
@@ -333,6 +336,8 @@ class _Driver:
                 except Exception:  # noqa: BLE001 - the failure on its way up says more
                     self.later = []
             self._beat_stop.set()
+            if self.noise is not None:
+                self.noise[0].close()
             self.executor.close(interrupt=True)
             try:
                 self._close_parent(status)
@@ -711,16 +716,33 @@ class _Driver:
 
     def _seed_noise(self, trials: list[FrozenTrial]) -> float | None:
         """The seed noise of one training (the deviation of the metric over seeds) a plateau
-        is judged against when trials have no members to measure it: measured once a
-        plateau can be reached, by training the best configuration again with NOISE_SEEDS
-        more seeds here, on the training and validation splits, and kept in the study
-        (`seed_noise`) for later runs."""
+        is judged against when trials have no members to measure it: measured once, when a
+        plateau can first be reached, by training the best configuration with NOISE_SEEDS
+        more seeds in a process of its own (`NoiseProbe`) while the study goes on, and kept
+        in the study (`seed_noise`). None until then: a plateau is judged on any improvement,
+        which stops no sooner than the noise would."""
         if self.spec.training.repeats > 1 or self.spec.dataset.split.folds:
             return None  # each trial's own standard error is the measure
         stored = self.study.user_attrs.get("seed_noise")
         if stored:
             return stored["sd"]
+        if self.noise is not None:
+            probe, number, value = self.noise
+            values = probe.result()
+            if values is None:
+                return None  # still training
+            probe.close()
+            self.noise = None
+            self.noise_done = True
+            if not values:
+                return None
+            values = [value, *values]
+            sd = statistics.stdev(values)
+            self.study.set_user_attr("seed_noise", {"trial": number, "values": values, "sd": sd})
+            return sd
         stop = self.spec.study.stop_when
+        if self.noise_done or stop is None or stop.plateau is None:
+            return None
         searched = [
             t for t in trials
             if t.state.is_finished() and not was_interrupted(t) and "baseline" not in t.user_attrs
@@ -728,27 +750,16 @@ class _Driver:
         best = pick_best(
             [t for t in searched if t.state == TrialState.COMPLETE], self.study.direction.name
         )
-        if best is None or stop is None or stop.plateau is None:
+        if best is None or len(searched) < stop.plateau.trials:
             return None
-        if len(searched) < stop.plateau.trials:
-            return None
-        config = TrialConfig.of(best.user_attrs["config"])
         seed = best.user_attrs.get("seed", 0)
-        values = [best.value]
-        for k in range(1, NOISE_SEEDS + 1):
-            member = (seed + k * SEED_STEP) % 2**31
-            torch.manual_seed(member)
-            model = build_model(config, self.data, self.data.train[0].device)
-            cfg = train_config(self.spec, self.data, config, member)
-            result = train(model, self.data.train, self.data.val, cfg)
-            value = result.best.get(self.metric)
-            if value is not None and math.isfinite(value):
-                values.append(value)
-        if len(values) < 2:
-            return None
-        sd = statistics.stdev(values)
-        self.study.set_user_attr("seed_noise", {"trial": best.number, "values": values, "sd": sd})
-        return sd
+        seeds = [(seed + k * SEED_STEP) % 2**31 for k in range(1, NOISE_SEEDS + 1)]
+        device = str(self.data.train[0].device)
+        from hpo.executors.local import NoiseProbe
+
+        probe = NoiseProbe(self.spec, device, best.user_attrs["config"], seeds, self.metric)
+        self.noise = (probe, best.number, best.value)
+        return None
 
     def _on_lost(self, number: int, reason: str) -> None:
         """Its worker died: failed, and run again once (`settle_lost`)."""
@@ -902,6 +913,11 @@ def retrain_best(
     For judging seed noise after the search (`hpo compare --reseed`); the study is not changed.
     """
     spec = spec_of(study)
+    if spec.dataset.split.folds:
+        raise SpecError(
+            [f"--reseed: study {study.study_name!r} uses dataset.split.folds: its trials' "
+             "members already measure the noise (compare without --reseed)"]
+        )  # fmt: skip
     dev = resolve_device(device or spec.training.device)
     data = load_data(spec, dev)
     test = data.take_test()

@@ -465,7 +465,10 @@ def fit(
 
     shuffle_seed = lead.seed if lead.shuffle_seed is None else lead.shuffle_seed
     gens = [generator(c) for c in (cfgs if own_rows is not None else cfgs[:1])]
-    if own_rows is not None and len(models) == 1:  # alone: its validation rows, once
+    if own_rows is not None and (
+        len(models) == 1 or all(r[1] is own_rows[0][1] for r in own_rows)
+    ):
+        # alone, or all on the same validation rows (repeats): those rows, once
         val_data = (val_data[0][own_rows[0][1]], val_data[1][own_rows[0][1]])
     cast = matmul_precision(lead.precision, device)
     # A CUDA graph replays the step when every member's optimizer can keep its state on the
@@ -477,7 +480,7 @@ def fit(
         )
     else:
         stepper = StackStepper(models, cfgs, train_data, cast, capturable, shuffle_seed)
-        if own_rows is not None:
+        if own_rows is not None and any(r[1] is not own_rows[0][1] for r in own_rows):
             stepper.own_val = padded_rows(val_data, [r[1] for r in own_rows])
     graph = StepGraph(
         stepper.step, batch, device, stepper.generators, enabled=capturable,

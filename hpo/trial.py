@@ -251,7 +251,7 @@ def run(
     own_rows = len(flat) > len(plans) or folds is not None
     device = data.train[0].device
     fp = resources.of_config(jobs[0].config, resources.Shape.of(data), device.type != "cuda")
-    too_large = resources.too_large(fp, spec)
+    too_large = resources.too_large(fp, spec, copies=len(plans[0].members))
     if too_large:
         for p in plans:
             p.record.failure, p.record.n_params = too_large, fp.params
@@ -293,12 +293,19 @@ def run(
             heard: dict[int, dict[str, float]] = {}
             for p in plans:
                 mine = {i: metrics[k] for k, (q, i) in enumerate(flat) if q is p and k in metrics}
-                if mine and not p.sent:
+                if not mine or p.sent:
+                    continue
+                if any(i not in mine and i not in p.results for i in range(len(p.members))):
+                    # a member diverged this epoch: as it finishes it fails the trial
+                    p.failing = True
+                if not p.failing:
                     heard[p.job.number] = p.epoch(mine)
             answers = on_epoch_end(heard, epoch) if heard else {}
-            # the members of a trial already failed (a member diverged) stop with it
+            # the members of a trial that failed (a member diverged) stop with it
             return {
-                k: "interrupted" if flat[k][0].sent else answers.get(flat[k][0].job.number)
+                k: "interrupted"
+                if flat[k][0].sent or flat[k][0].failing
+                else answers.get(flat[k][0].job.number)
                 for k in metrics
             }
 
@@ -335,6 +342,7 @@ class _Plan:
         self.results: dict[int, TrainResult] = {}
         self.models: dict[int, torch.nn.Module] = {}
         self.sent = False  # its record handed back
+        self.failing = False  # a member diverged: the others stop, unheard
 
     @property
     def complete(self) -> bool:
@@ -395,7 +403,7 @@ def _recorded(p: _Plan, data: Data, metric: str, every: bool = False) -> TrialRe
         epochs = sorted(m.kept_epoch or 0 for m in record.members)
         kept = epochs[(len(epochs) - 1) // 2] if epochs else 0
         sign = 1 if lower_is_better(metric) else -1
-        values = [sign * m.kept.get(metric, math.inf) for m in record.members]
+        values = [sign * m.kept[metric] if metric in m.kept else math.inf for m in record.members]
         best = values.index(min(values)) if values else 0
     if record.outcome == "COMPLETE":
         record.kept_epoch = kept

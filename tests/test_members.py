@@ -35,7 +35,13 @@ def _folded(folds=3, repeats=1, **over) -> dict:
 
 @pytest.mark.parametrize(
     "optimizer, batchnorm, patience",
-    [("sgd", True, 100), ("adam", False, 100), ("rmsprop", False, 100), ("adam", False, 1)],
+    [
+        ("sgd", True, 100),
+        ("adam", False, 100),
+        ("rmsprop", False, 100),
+        ("adam", False, 1),
+        ("sgd-l1", True, 100),
+    ],
 )
 def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(
     optimizer, batchnorm, patience
@@ -45,8 +51,9 @@ def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(
     (X, y), _ = _digits(torch.float64)  # 1,400 rows: five folds of 280
     folds = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in _folds(y.numpy(), 5, 3, True)]
     cfgs = [
-        TrainConfig(optimizer=optimizer, lr=0.01, batch_size=64, max_epochs=6,
-                    patience=patience, monitor="val_accuracy", seed=21 + k)
+        TrainConfig(optimizer=optimizer.removesuffix("-l1"), lr=0.01, batch_size=64,
+                    max_epochs=6, patience=patience, monitor="val_accuracy", seed=21 + k,
+                    l1=1e-3 if optimizer.endswith("-l1") else 0.0)  # L1 skips biases, BN
         for k in range(5)
     ]  # fmt: skip
 
@@ -298,3 +305,48 @@ def test_ctrl_c_in_the_middle_of_a_trials_folds_and_a_rerun_finishes_it(workdir)
     again = next(t for t in done if t.user_attrs.get("retry_of") == cut.number)
     assert again.params == cut.params and again.user_attrs["seed"] == cut.user_attrs["seed"]
     assert len(again.user_attrs["members"]) == 6 and again.user_attrs["value_se"] > 0
+
+
+def test_one_member_diverging_fails_its_trial_with_its_reason_while_the_others_train():
+    """Fold 0 alone trains on a row that makes its loss infinite; the trial fails with that
+    member's reason (its siblings were still training), and nothing else breaks."""
+    spec = parse_spec(_folded(3, training={"max_epochs": 3}))
+    data = load_data(spec, "cpu")
+    X, _ = data.train
+    bad = int(data.folds[0][0][0])  # a training row of fold 0 only, from now on
+    X[bad] = 1e30
+    data.folds = [
+        (train_rows if k == 0 else train_rows[train_rows != bad], val[val != bad])
+        for k, (train_rows, val) in enumerate(data.folds)
+    ]
+    config = TrialConfig.of({"n_layers": 1, "width": 16, "optimizer": "sgd", "lr": 0.01})
+    heard, records = [], []
+
+    def hear(metrics, epoch):
+        heard.append(epoch)
+        return {}
+
+    run([TrialJob(0, config, seed=3)], spec, data, hear, records.append)
+    (record,) = records
+    assert record.outcome == "FAIL"
+    assert record.failure.startswith("member fold 0, seed 3: ") and "became" in record.failure
+    assert heard == []  # a failing trial's epoch is not reported as a mean of its members
+
+
+def test_a_fold_ensemble_changes_the_fingerprint_a_refit_does_not():
+    refit = _folded(3)
+    ensemble = _folded(3)
+    ensemble["dataset"]["split"]["final_model"] = "fold_ensemble"
+    explicit = _folded(3)
+    explicit["dataset"]["split"]["final_model"] = "refit"
+    assert parse_spec(explicit).fingerprint() == parse_spec(refit).fingerprint()
+    assert parse_spec(ensemble).fingerprint() != parse_spec(refit).fingerprint()
+
+
+def test_reseeding_a_folds_study_is_refused_its_members_measure_the_noise(workdir):
+    from hpo.config import SpecError
+    from hpo.study import retrain_best
+
+    study = study_run(parse_spec(_folded(3, study={"n_trials": 1}))).study
+    with pytest.raises(SpecError, match="uses dataset.split.folds"):
+        retrain_best(study, seeds=[1, 2])

@@ -287,6 +287,76 @@ def _context() -> Any:
     return ctx
 
 
+class NoiseProbe:
+    """One configuration trained again with more seeds, in a process of its own started as a
+    worker is (`_context`): the seed noise of a training, measured without touching this
+    process's random state (whose worker thread trains meanwhile) or holding up the driver's
+    loop. `result()` is None until it is done, then the metric's value for each seed that
+    trained to a finite one."""
+
+    def __init__(
+        self, spec: Spec, device: str, config: dict, seeds: list[int], metric: str
+    ) -> None:
+        ctx = _context()
+        self._conn, child = ctx.Pipe(duplex=False)
+        args = (child, spec, device, config, seeds, metric, dict(os.environ))
+        self._proc = ctx.Process(target=_noise_main, args=args, daemon=True, name="hpo-noise")
+        self._proc.start()
+        child.close()
+
+    def result(self) -> list[float] | None:
+        if self._conn.poll():
+            try:
+                return self._conn.recv()
+            except (EOFError, OSError):
+                return []
+        return None if self._proc.is_alive() else []
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join(5)
+        self._conn.close()
+
+
+def _noise_main(
+    conn: Connection, spec: Spec, device: str, config: dict, seeds: list[int], metric: str,
+    environ: dict[str, str],
+) -> None:  # fmt: skip
+    os.environ.clear()
+    os.environ.update(environ)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):  # die with the driver, even when it is SIGKILLed
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    import math
+
+    import torch
+
+    from hpo.data import load_data
+    from hpo.params import TrialConfig
+    from hpo.train import flush_denormals, train
+    from hpo.trial import build_model, train_config
+
+    flush_denormals()
+    data = load_data(spec, device)
+    if data.train[0].device.type == "cpu":
+        torch.set_num_threads(1)  # beside the study's own workers
+    values = []
+    trial_config = TrialConfig.of(config)
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(trial_config, data, data.train[0].device)
+        result = train(model, data.train, data.val, train_config(spec, data, trial_config, seed))
+        value = result.best.get(metric)
+        if value is not None and math.isfinite(value):
+            values.append(value)
+    conn.send(values)
+    conn.close()
+
+
 class ProcessExecutor(WorkerSlots):
     """N worker processes (started afresh: safe with CUDA and threads; see `_context`), each
     with its own data copy.

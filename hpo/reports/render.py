@@ -96,7 +96,7 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
         )
     if o.best_number is not None:
         best = f"#{o.best_number}: {o.metric} = {_value(o.best_value, o.best_se)}"
-        rows.append(("Best trial", best + (" (the highest mean)" if o.best_se else "")))
+        rows.append(("Best trial", best + (" (the best mean)" if o.best_se else "")))
         if o.best_se is not None:
             close = ", ".join(f"#{n} {_value(v, se)}" for n, v, se in o.close)
             rows.append((
