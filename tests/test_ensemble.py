@@ -129,3 +129,37 @@ def test_an_ensemble_with_folds_is_refused_with_the_reason(workdir):
     out = CliRunner().invoke(app, ["validate", str(write_spec(workdir, spec))])
     assert out.exit_code == 2
     assert "tracking.ensemble: not with dataset.split.folds" in out.output
+
+
+def test_a_csv_studys_ensemble_scores_the_raw_test_file_as_recorded(workdir, mlflow_uri):
+    """The ensemble logged for a table takes the raw test file in a fresh process (string
+    labels out) and scores it as its recorded test accuracy; the report names it."""
+    import pandas as pd
+    from test_deploy import _fresh_predictions, _tables
+
+    from hpo.reports.data import report_data
+    from hpo.reports.render import facts
+
+    target = _tables(workdir, regression=False)
+    spec = small_spec(
+        name="ens-csv",
+        dataset={"name": "csv", "path": str(workdir / "train.csv"),
+                 "test_path": str(workdir / "test.csv"), "target": target,
+                 "split": {"val": 0.2, "seed": 0}},
+        task="auto",
+        search_space={"n_layers": 1, "width": {"type": "int", "low": 8, "high": 64},
+                      "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                      "batch_size": 16},
+        training={"max_epochs": 10, "early_stopping": {"patience": 10}},
+        study={"n_trials": 4},
+        tracking={"uri": mlflow_uri, "log_model": "best", "ensemble": {"size": 5}},
+    )  # fmt: skip
+    result = study_run(parse_spec(spec), study_name="ens-csv")
+    e = result.ensemble
+    served = _fresh_predictions(mlflow_uri, e["model_uri"], workdir / "test.csv", target)
+    truth = pd.read_csv(workdir / "test.csv")[target].tolist()
+    hits = sum(p == t for p, t in zip(served["predictions"], truth, strict=True))
+    assert hits / len(truth) == pytest.approx(e["test_accuracy"])
+    shown = dict(facts(report_data(result.study)))
+    assert shown["Ensemble of the best trials"].startswith("#")
+    assert f"test_accuracy = {e['test_accuracy']:.4f}" in shown["Ensemble of the best trials"]

@@ -70,6 +70,7 @@ class Overview(NamedTuple):
     # the trials whose value is within one standard error of the best's: (number, value, se)
     close: list[tuple[int, float, float | None]] = []
     test_model: str = ""  # how the tested model was made, when it is not the trial's weights
+    ensemble: dict[str, Any] = {}  # tracking.ensemble: members, weights, val and test metrics
 
 
 class FitRow(NamedTuple):
@@ -250,6 +251,7 @@ def _overview(study, trials, spec) -> Overview:
         members=members,
         close=close,
         test_model=test_model,
+        ensemble=attrs.get("ensemble") or {},
     )
 
 

@@ -122,6 +122,15 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
         )
     else:
         rows.append(("Use of the test split", "not used: no trial completed"))
+    if e := o.ensemble:
+        members = ", ".join(f"#{n} weight {w:.2g}" for n, w in e["members"].items())
+        metric = o.metric.removeprefix("val_")
+        rows.append((
+            "Ensemble of the best trials",
+            f"{members} ({e['size']} rounds of greedy selection with replacement from the best "
+            f"{len(e['candidates'])}, on validation): val_{metric} = {e[f'val_{metric}']:.4f}, "
+            f"test_{metric} = {e[f'test_{metric}']:.4f}; model {e['model_uri']}",
+        ))  # fmt: skip
     if o.baselines:
         rows.append(("Against the baselines", "; ".join(o.baselines)))
     return rows
