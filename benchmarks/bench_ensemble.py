@@ -14,26 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 import hpo
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shipped import ROOT, shipped_spec, write_results  # noqa: E402
 
 
 def _specs(where: Path) -> dict[str, dict]:
     from sklearn.datasets import load_breast_cancer
 
-    specs = {}
-    for name in ("digits.yaml", "wine_csv.yaml"):
-        path = ROOT / "search_spaces" / name
-        spec = yaml.safe_load(path.read_text())
-        if spec["dataset"].get("path"):
-            spec["dataset"]["path"] = str((path.parent / spec["dataset"]["path"]).resolve())
-        specs[name] = spec
+    specs = {name: shipped_spec(name) for name in ("digits.yaml", "wine_csv.yaml")}
     frame = load_breast_cancer(as_frame=True).frame
     frame["diagnosis"] = frame.pop("target").map({0: "malignant", 1: "benign"})
     frame.to_csv(where / "breast_cancer.csv", index=False)
@@ -92,12 +86,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "reports"))
     args = parser.parse_args()
-    rows = measure(args.seeds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ensemble.json").write_text(json.dumps(rows, indent=2))
-    (out / "ensemble.md").write_text(render(rows))
-    print(render(rows))
+    write_results(args.out, "ensemble", measure(args.seeds), render)
 
 
 if __name__ == "__main__":

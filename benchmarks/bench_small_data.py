@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,15 +24,15 @@ import yaml
 import hpo
 from hpo.config import load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shipped import ROOT, shipped_spec, write_results  # noqa: E402
+
 SPECS = ("digits.yaml", "wine_csv.yaml")
 
 
 def _study(path: Path, folds: bool, seed: int, seconds: float, where: Path) -> dict:
     name = f"{load_spec(path).name}-{'folds' if folds else 'split'}-{seed}"
-    spec = yaml.safe_load(path.read_text())
-    if spec["dataset"].get("path"):  # relative to the shipped spec's folder
-        spec["dataset"]["path"] = str((path.parent / spec["dataset"]["path"]).resolve())
+    spec = shipped_spec(path.name)
     if folds:
         spec["dataset"]["split"].pop("val", None)
         spec["dataset"]["split"]["folds"] = 5
@@ -102,11 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "reports"))
     args = parser.parse_args()
     rows = measure(args.seeds, dict(zip(SPECS, args.seconds, strict=True)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "small_data.json").write_text(json.dumps(rows, indent=2))
-    (out / "small_data.md").write_text(render(rows))
-    print(render(rows))
+    write_results(args.out, "small_data", rows, render)
 
 
 if __name__ == "__main__":
