@@ -115,6 +115,12 @@ def load_data(spec: Spec, device: str | torch.device = "cpu") -> Data:
         train_idx, val_idx = _split(pool, raw.y, sp.val, sp.seed + 1, stratify, "split.val")
     else:
         folds = _folds(raw.y[pool], sp.folds, sp.seed + 1, stratify)
+        fewest = np.unique(raw.y[pool], return_counts=True)[1].min() if stratify else sp.folds
+        if fewest < sp.folds:
+            raw.notes.append(
+                f"dataset.split.folds: the {sp.folds} folds are not stratified: a class has "
+                f"{fewest} rows in the training pool, fewer than the folds"
+            )
         train_idx, val_idx = pool, pool[folds[0][1]]  # the pool; its first fold's rows
 
     X_tr, X_va = raw.X[train_idx], raw.X[val_idx]

@@ -76,6 +76,13 @@ def test_a_fold_cohort_follows_the_curves_of_its_folds_trained_one_by_one(
     assert len({round(r.history[-1]["val_loss"], 6) for r in fused}) == 5
 
 
+def test_folds_too_many_for_a_class_are_not_stratified_and_the_start_says_so():
+    spec = _folded(5, dataset={"name": "digits", "max_samples": 30})
+    data = load_data(parse_spec(spec), "cpu")
+    assert [len(val) for _, val in data.folds] == [6] * 5
+    assert any("the 5 folds are not stratified" in n for n in data.info["notes"])
+
+
 def test_folds_are_stratified_disjoint_and_cover_the_pool():
     y = np.repeat(np.arange(4), 25)
     folds = _folds(y, 5, 0, stratify=True)
