@@ -713,6 +713,8 @@ class _Driver:
         reason = stop_reason(trials, self.study.direction.name, self.metric, stop, noise)
         if reason:
             self.stopping, self.stopped_because = "stop_when", reason
+            if self.study.user_attrs.get("stopped_because") != reason:
+                self.study.set_user_attr("stopped_because", reason)  # for the report
 
     def _seed_noise(self, trials: list[FrozenTrial]) -> float | None:
         """The seed noise of one training (the deviation of the metric over seeds) a plateau

@@ -97,6 +97,11 @@ def test_a_study_stops_at_its_target_says_why_and_stops_again_when_run_again(wor
     )
     again = study_run(spec)
     assert again.new_trials == 0 and again.stopped_because == result.stopped_because
+    from hpo.reports.data import report_data
+    from hpo.reports.render import facts
+
+    shown = dict(facts(report_data(study)))
+    assert shown["Stopped before the budget"] == result.stopped_because
     assert len(optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db").trials) == (
         len(study.trials)
     )

@@ -71,6 +71,7 @@ class Overview(NamedTuple):
     close: list[tuple[int, float, float | None]] = []
     test_model: str = ""  # how the tested model was made, when it is not the trial's weights
     ensemble: dict[str, Any] = {}  # tracking.ensemble: members, weights, val and test metrics
+    stopped_because: str = ""  # why study.stop_when stopped it before its budget
 
 
 class FitRow(NamedTuple):
@@ -252,6 +253,7 @@ def _overview(study, trials, spec) -> Overview:
         close=close,
         test_model=test_model,
         ensemble=attrs.get("ensemble") or {},
+        stopped_because=attrs.get("stopped_because", ""),
     )
 
 

@@ -83,6 +83,7 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
         ("Dataset", f"{o.dataset} ({o.task}): {split}; test split {sp['test_source']}"),
         ("Split hash", str(sp["split_hash"])),
         ("Budget", f"{o.budget} trials" if o.budget else "?"),
+        *([("Stopped before the budget", o.stopped_because)] if o.stopped_because else []),
         ("Trials", ", ".join(f"{n} {s.lower()}" for s, n in o.states.items())),
         (
             "Wall time",
