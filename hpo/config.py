@@ -678,12 +678,6 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
         )
     if sp.final_model != "refit" and sp.folds is None:
         problems.append(f"dataset.split.final_model: {sp.final_model} needs dataset.split.folds")
-    if spec.tracking.ensemble is not None and sp.folds is not None:
-        problems.append(
-            "tracking.ensemble: not with dataset.split.folds (a fold model's validation rows "
-            "are other folds' training rows, so the selection would read data they learnt); "
-            "use training.repeats, or no ensemble"
-        )
     if ds.test_unseen_labels != "error" and not ds.test_path:
         problems.append("dataset.test_unseen_labels: only used with dataset.test_path")
 

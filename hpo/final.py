@@ -122,9 +122,12 @@ class Final:
 
     def _ensemble(self) -> None:
         """`tracking.ensemble`: greedy selection (`hpo.ensemble.select`) from the best
-        complete trials that kept their weights, on the validation split; then the ensemble
-        on the test split, once, beside the best trial, and logged as the study run's
-        `ensemble` model. Done again only when the candidates changed."""
+        complete trials that kept their weights, on the validation split (with folds, on
+        each candidate's out-of-fold predictions of the whole pool: every row predicted by
+        the fold models that did not train on it); then the ensemble of the chosen trials'
+        models (with folds, each one's refit or fold ensemble) on the test split, once,
+        beside the best trial, and logged as the study run's `ensemble` model. Done again
+        only when the candidates changed."""
         from hpo import ensemble
 
         conf = self.spec.tracking.ensemble
@@ -137,51 +140,75 @@ class Final:
         done = self.study.user_attrs.get("ensemble")
         if len(kept) < 2 or (done and done.get("candidates") == numbers):
             return
-        models = [self._weights_of(t) for t in kept]
         classify = self.data.task == "classification"
-        X, y = self.data.val
-
-        def outputs(X: torch.Tensor) -> list[torch.Tensor]:
-            with torch.inference_mode():
-                return [torch.cat([m(X[i : i + 8192]) for i in range(0, len(X), 8192)])
-                        for m in models]  # fmt: skip
-
-        val_out = outputs(X)
-        counts = ensemble.select(val_out, y, classify, self.metric, conf.size)
-        chosen = [(c / conf.size, m, t) for c, m, t in zip(counts, models, kept, strict=True) if c]
-        weights = [w for w, _, _ in chosen]
+        folds = self.data.folds is not None
+        if folds:
+            y = self.data.train[1]
+            selecting = [self._out_of_fold(t) for t in kept]
+        else:
+            y = self.data.val[1]
+            selecting = [_outputs(self._weights_of(t), self.data.val[0]) for t in kept]
+        counts = ensemble.select(selecting, y, classify, self.metric, conf.size)
+        chosen = [(c / conf.size, t) for c, t in zip(counts, kept, strict=True) if c]
+        weights = [w for w, _ in chosen]
         val = ensemble.scores(
-            ensemble.combine([o for o, c in zip(val_out, counts, strict=True) if c], weights,
+            ensemble.combine([o for o, c in zip(selecting, counts, strict=True) if c], weights,
                              classify), y, classify, self.data.y_scale,
         )  # fmt: skip
+        models = [self.refit(t) if self._refits() else self._weights_of(t) for _, t in chosen]
         X_test, y_test = self._test_split()
-        test_out = outputs(X_test)
         test = ensemble.scores(
-            ensemble.combine([o for o, c in zip(test_out, counts, strict=True) if c], weights,
-                             classify), y_test, classify, self.data.y_scale,
+            ensemble.combine([_outputs(m, X_test) for m in models], weights, classify),
+            y_test, classify, self.data.y_scale,
         )  # fmt: skip
         record = {
             "candidates": numbers,
-            "members": {str(t.number): w for w, _, t in chosen},
+            "members": {str(t.number): w for w, t in chosen},
             "size": conf.size,
+            "selected_on": f"out-of-fold predictions of {len(y):,} pool rows"
+            if folds
+            else f"{len(y):,} validation rows",
             **{f"val_{k}": v for k, v in val.items()},
             **{f"test_{k}": v for k, v in test.items()},
         }
+        members = ", ".join(f"#{n} x{w:g}" for n, w in record["members"].items())
         self.tracker.log_summary(
             {f"ensemble_{k}": v for k, v in record.items() if isinstance(v, float)},
-            {
-                "hpo.ensemble_members": ", ".join(
-                    f"#{n} x{w:g}" for n, w in record["members"].items()
-                )
-            },  # fmt: skip
+            {"hpo.ensemble_members": members},
         )
+        from hpo.ensemble import Averaged
         from hpo.serving import Predictor
 
-        predictor = Predictor([(w, m) for w, m, _ in chosen], self.data.prep)
+        pairs = []  # a fold ensemble's networks each take their share of its weight
+        for w, m in zip(weights, models, strict=True):
+            pairs += [(w * v, net) for v, net in m.pairs] if isinstance(m, Averaged) else [(w, m)]
+        predictor = Predictor(pairs, self.data.prep)
         record["model_uri"] = self.tracker.log_model(
             predictor, self.data.raw_example, name="ensemble"
         )
         self.study.set_user_attr("ensemble", record)
+
+    def _out_of_fold(self, trial: FrozenTrial) -> torch.Tensor:
+        """A folds trial's predictions of every pool row by the members that validated on it
+        (the mean of its repeats'), as raw outputs: log probabilities, or values."""
+        from hpo.ensemble import TINY
+
+        fold_models = self._weights_of(trial)  # an `Averaged` of every member
+        X, _ = self.data.train
+        classify = self.data.task == "classification"
+        sums: torch.Tensor | None = None
+        seen = torch.zeros(len(X), device=X.device)
+        for member, net in zip(trial.user_attrs["members"], fold_models.nets, strict=True):
+            rows = self.data.folds[member["fold"]][1]  # type: ignore[index]
+            out = _outputs(net, X[rows])
+            out = torch.softmax(out.float(), 1) if classify else out.float()
+            if sums is None:
+                sums = torch.zeros(len(X), out.shape[1], device=X.device)
+            sums[rows] += out
+            seen[rows] += 1
+        assert sums is not None
+        mean = sums / seen.clamp_min(1).unsqueeze(1)
+        return torch.log(mean.clamp_min(TINY)) if classify else mean
 
     def _weights_of(self, trial: FrozenTrial) -> torch.nn.Module:
         """A trial's network holding its kept weights, for inference."""
@@ -258,3 +285,9 @@ class Final:
             return self.model(best.user_attrs["config"], self.best_weights[1])
         weights = self.tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
         return self.model(best.user_attrs["config"], weights)
+
+
+def _outputs(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """A network's raw outputs for the rows `X`, in large batches, without gradients."""
+    with torch.inference_mode():
+        return torch.cat([model(X[i : i + 8192]) for i in range(0, len(X), 8192)])

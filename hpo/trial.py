@@ -282,7 +282,11 @@ def run(
             if p.sent or not (p.complete or result.failure):
                 return
             p.sent = True
-            every = folds is not None and spec.dataset.split.final_model == "fold_ensemble"
+            # every member's weights: a fold ensemble's, or an ensemble's out-of-fold picks
+            every = folds is not None and (
+                spec.dataset.split.final_model == "fold_ensemble"
+                or spec.tracking.ensemble is not None
+            )
             record = _recorded(p, data, spec.study.metric, every)
             try:
                 on_done(record)

@@ -11,12 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import small_spec, study_run, write_spec
+from conftest import small_spec, study_run
 from mlflow import MlflowClient
-from typer.testing import CliRunner
 
 from hpo import ensemble
-from hpo.cli import app
 from hpo.config import parse_spec
 from hpo.data import load_data
 from hpo.params import TrialConfig
@@ -122,13 +120,38 @@ def optuna_complete():
     return TrialState.COMPLETE
 
 
-def test_an_ensemble_with_folds_is_refused_with_the_reason(workdir):
-    spec = small_spec(tracking={"ensemble": {"size": 5}})
+def test_with_folds_the_ensemble_is_chosen_on_out_of_fold_predictions(workdir, mlflow_uri):
+    """Each pool row is predicted by the fold models that did not train on it; the chosen
+    trials' refit models make the ensemble that is tested."""
+    spec = small_spec(
+        name="ens-folds", study={"n_trials": 4}, training={"max_epochs": 3},
+        tracking={"uri": mlflow_uri, "ensemble": {"size": 4, "candidates": 3}},
+    )  # fmt: skip
     del spec["dataset"]["split"]["val"]
     spec["dataset"]["split"]["folds"] = 3
-    out = CliRunner().invoke(app, ["validate", str(write_spec(workdir, spec))])
-    assert out.exit_code == 2
-    assert "tracking.ensemble: not with dataset.split.folds" in out.output
+    spec = parse_spec(spec)
+    result = study_run(spec, study_name="ens-folds")
+    e = result.ensemble
+    data = load_data(spec, "cpu")
+    assert e["selected_on"] == f"out-of-fold predictions of {len(data.train[0]):,} pool rows"
+    tracker = MlflowTracker(mlflow_uri, "ens-folds")
+    X, y = data.train
+    mean = torch.zeros(len(X), 10)
+    for n, w in e["members"].items():
+        t = result.study.trials[int(n)]
+        weights = tracker.load_checkpoint(t.user_attrs["mlflow_run_id"])
+        config = TrialConfig.of(t.user_attrs["config"])
+        for i, member in enumerate(t.user_attrs["members"]):
+            net = build_model(config, data, "cpu")
+            net.load_state_dict(
+                {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith(f"member{i}.")}
+            )
+            rows = data.folds[member["fold"]][1]
+            with torch.inference_mode():
+                mean[rows] += w * torch.softmax(net.eval()(X[rows]), 1)
+    assert e["val_accuracy"] == pytest.approx((mean.argmax(1) == y).float().mean().item())
+    assert 0 < e["test_accuracy"] <= 1
+    assert result.study.user_attrs["test_model"].startswith("refit on all ")
 
 
 def test_a_csv_studys_ensemble_scores_the_raw_test_file_as_recorded(workdir, mlflow_uri):
