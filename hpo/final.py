@@ -15,6 +15,7 @@ from hpo.data import Data
 from hpo.outage import Retry
 from hpo.outcomes import best_of, best_or_none, rank
 from hpo.params import TrialConfig
+from hpo.steppers import EVAL_BATCH
 from hpo.storage import storage_lock
 from hpo.tracker import Tracker
 from hpo.train import TrainConfig, evaluate, train
@@ -22,12 +23,9 @@ from hpo.trial import build_model, train_config
 
 
 def refit_epochs(trial: FrozenTrial) -> int:
-    """The epochs a refit trains for: the median of the trial's members' kept epochs (the
-    lower middle one of an even count)."""
-    epochs = sorted(m["kept_epoch"] or 1 for m in trial.user_attrs.get("members", []))
-    if not epochs:
-        return int(trial.user_attrs.get("best_epoch") or 1)
-    return int(epochs[(len(epochs) - 1) // 2])
+    """The epochs a refit trains for: the trial's kept epoch, with members their median (the
+    lower middle one of an even count: `hpo.trial._recorded`)."""
+    return int(trial.user_attrs.get("best_epoch") or 1)
 
 
 class Final:
@@ -244,9 +242,7 @@ class Final:
         elif self._refits():
             tested = self._on_test(self.refit(bb))
         elif bb.user_attrs.get("checkpoint"):
-            weights = self.tracker.load_checkpoint(bb.user_attrs["mlflow_run_id"])
-            model = self.model(bb.user_attrs["config"], weights)
-            tested = self._on_test(model)
+            tested = self._on_test(self._weights_of(bb))
         else:
             return  # trained before baselines kept their weights
         self.study.set_user_attr("baseline_test_metrics", tested)
@@ -279,15 +275,10 @@ class Final:
         return split.folds is not None and split.final_model == "refit"
 
     def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
-        if self._refits():
-            return self.refit(best)
-        if self.best_weights is not None and self.best_weights[0] == best.number:
-            return self.model(best.user_attrs["config"], self.best_weights[1])
-        weights = self.tracker.load_checkpoint(best.user_attrs["mlflow_run_id"])
-        return self.model(best.user_attrs["config"], weights)
+        return self.refit(best) if self._refits() else self._weights_of(best)
 
 
 def _outputs(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
     """A network's raw outputs for the rows `X`, in large batches, without gradients."""
     with torch.inference_mode():
-        return torch.cat([model(X[i : i + 8192]) for i in range(0, len(X), 8192)])
+        return torch.cat([model(X[i : i + EVAL_BATCH]) for i in range(0, len(X), EVAL_BATCH)])

@@ -149,6 +149,14 @@ def best_or_none(study: optuna.Study) -> FrozenTrial | None:
     return pick_best(trials, study.direction.name)
 
 
+def searched_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The finished trials of the search: baselines and interrupted trials left out."""
+    return [
+        t for t in trials
+        if t.state.is_finished() and not was_interrupted(t) and "baseline" not in t.user_attrs
+    ]  # fmt: skip
+
+
 def stop_reason(
     trials: list[FrozenTrial], direction: str, metric: str, stop: Any, noise: float | None
 ) -> str | None:
@@ -174,10 +182,9 @@ def stop_reason(
     if stop.plateau is None:
         return None
     finished = sorted(
-        (t for t in trials if t.state.is_finished() and not was_interrupted(t)
-         and "baseline" not in t.user_attrs),
+        searched_finished(trials),
         key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number),
-    )  # fmt: skip
+    )
     best: FrozenTrial | None = None
     since = 0  # finished trials since the best last improved by more than its noise
     for t in finished:

@@ -58,19 +58,19 @@ def start_lines(info: dict[str, Any], spec: Spec) -> list[str]:
     """The lines a study starts with: what it runs on, where it is stored, notes."""
     lines = []
     d = info["data"]
-    if k := d.get("folds"):
+    folds = d.get("folds")
+    if folds:
         each = f"~{d['n_train'] - d['n_val']:,} train / ~{d['n_val']:,} val each"
-        split = (
-            f"{k}-fold cross-validation of {d['n_train']:,} rows ({each}) / {d['n_test']:,} test"
-        )
+        split = f"{folds}-fold cross-validation of {d['n_train']:,} rows ({each})"
+        split += f" / {d['n_test']:,} test"
     else:
         split = f"{d['n_train']} train / {d['n_val']} val / {d['n_test']} test"
     repeats = spec.training.repeats
-    members = (k or 1) * repeats
+    members = (folds or 1) * repeats
     lines.append(
         f"study {info['name']!r}: {d['dataset']} ({d['task']}), {split}, "
         f"{d['n_features']} features, {info['workers']}"
-        + (f", up to {k} trials fused a cohort" if (k := info["fused_trials"]) > 1 else "")
+        + (f", up to {fused} trials fused a cohort" if (fused := info["fused_trials"]) > 1 else "")
         + (f", {repeats} seeds a trial" if repeats > 1 else "")
         + (f" (each trial {members} members trained as one cohort)" if members > 1 else "")
     )

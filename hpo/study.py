@@ -41,11 +41,11 @@ from hpo.outcomes import (
     count_finished,
     pick_best,
     rank,
+    searched_finished,
     settle,
     settle_lost,
     state_counts,
     stop_reason,
-    was_interrupted,
 )
 from hpo.params import TrialConfig
 from hpo.preflight import check_memory, refuse_changed_spec, resolve_storage, stored_yaml
@@ -745,10 +745,7 @@ class _Driver:
         stop = self.spec.study.stop_when
         if self.noise_done or stop is None or stop.plateau is None:
             return None
-        searched = [
-            t for t in trials
-            if t.state.is_finished() and not was_interrupted(t) and "baseline" not in t.user_attrs
-        ]  # fmt: skip
+        searched = searched_finished(trials)
         best = pick_best(
             [t for t in searched if t.state == TrialState.COMPLETE], self.study.direction.name
         )

@@ -459,12 +459,14 @@ def fit(
     lead = cfgs[0]
     n, batch = len(X) if own_rows is None else min(len(r[0]) for r in own_rows), lead.batch_size
 
-    def generator(cfg: TrainConfig) -> torch.Generator:
-        seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
-        return torch.Generator(device=device).manual_seed(seed)
+    def order_seed(cfg: TrainConfig) -> int:
+        return cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
 
-    shuffle_seed = lead.seed if lead.shuffle_seed is None else lead.shuffle_seed
-    gens = [generator(c) for c in (cfgs if own_rows is not None else cfgs[:1])]
+    shuffle_seed = order_seed(lead)
+    gens = [
+        torch.Generator(device=device).manual_seed(order_seed(c))
+        for c in (cfgs if own_rows is not None else cfgs[:1])
+    ]
     if own_rows is not None and (
         len(models) == 1 or all(r[1] is own_rows[0][1] for r in own_rows)
     ):

@@ -9,6 +9,7 @@ failure the reason. Nothing here raises for a pruned, stopped, diverged or faile
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -142,7 +143,7 @@ class TrialRecord:
             kept = [m.kept for m in self.members if m.kept]
             if len(kept) < len(self.members):
                 return {}
-            return {k: _mean([m[k] for m in kept]) for k in kept[0]}
+            return {k: statistics.fmean([m[k] for m in kept]) for k in kept[0]}
         return self.history[self.kept_epoch - 1] if self.kept_epoch else {}
 
     def value(self, metric: str) -> float | None:
@@ -160,13 +161,7 @@ class TrialRecord:
         values = self.member_values(metric)
         if len(values) < 2 or not all(math.isfinite(v) for v in values):
             return None
-        mean = _mean(values)
-        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-        return math.sqrt(var / len(values))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+        return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def build_model(config: TrialConfig, data: Data, device: torch.device | str) -> torch.nn.Module:
@@ -267,13 +262,17 @@ def run(
         cfgs = [train_config(spec, data, p.job.config, p.members[i].seed) for p, i in flat]
         rows = None
         if own_rows:  # each member its own rows and order: its fold's, or all of them
-            every = (torch.arange(len(data.train[0]), device=device),
-                     torch.arange(len(data.val[0]), device=device))  # fmt: skip
-            rows = [every if folds is None else data.folds[p.members[i].fold] for p, i in flat]
+            all_rows = (torch.arange(len(data.train[0]), device=device),
+                        torch.arange(len(data.val[0]), device=device))  # fmt: skip
+            rows = [all_rows if folds is None else data.folds[p.members[i].fold] for p, i in flat]
         else:  # one batch order for a cohort: its first trial's (or the one a retry repeats)
             shuffle = jobs[0].seed if jobs[0].shuffle_seed is None else jobs[0].shuffle_seed
             for cfg in cfgs:
                 cfg.shuffle_seed = shuffle
+        # every member's weights: a fold ensemble's, or an ensemble's out-of-fold picks
+        every = folds is not None and (
+            spec.dataset.split.final_model == "fold_ensemble" or spec.tracking.ensemble is not None
+        )
 
         def member_done(k: int, result: TrainResult) -> None:
             p, i = flat[k]
@@ -282,11 +281,6 @@ def run(
             if p.sent or not (p.complete or result.failure):
                 return
             p.sent = True
-            # every member's weights: a fold ensemble's, or an ensemble's out-of-fold picks
-            every = folds is not None and (
-                spec.dataset.split.final_model == "fold_ensemble"
-                or spec.tracking.ensemble is not None
-            )
             record = _recorded(p, data, spec.study.metric, every)
             try:
                 on_done(record)
@@ -359,7 +353,7 @@ class _Plan:
             return metrics[0]
         keys = next(iter(metrics.values()))
         each = [metrics.get(i) or self.results[i].best for i in range(len(self.members))]
-        mean = {k: _mean([m.get(k, math.nan) for m in each]) for k in keys}
+        mean = {k: statistics.fmean([m.get(k, math.nan) for m in each]) for k in keys}
         self.record.history.append(mean)
         heard = dict(mean)
         for i, m in metrics.items():
@@ -404,8 +398,8 @@ def _recorded(p: _Plan, data: Data, metric: str, every: bool = False) -> TrialRe
                 if why in reasons:
                     record.stopped_by = why
                     break
-        epochs = sorted(m.kept_epoch or 0 for m in record.members)
-        kept = epochs[(len(epochs) - 1) // 2] if epochs else 0
+        epochs = [m.kept_epoch or 0 for m in record.members]
+        kept = statistics.median_low(epochs) if epochs else 0
         sign = 1 if lower_is_better(metric) else -1
         values = [sign * m.kept[metric] if metric in m.kept else math.inf for m in record.members]
         best = values.index(min(values)) if values else 0
