@@ -110,19 +110,21 @@ def cached_user_attrs(trial: optuna.Trial) -> dict | None:
 
 
 class TrialsSeenBy:
-    """A study as a sampler sees it, its trials filtered by `keep(trial)`. Samplers read a
-    study's trials through its private `_get_trials` (Optuna 4 and 5), so that is what this
-    filters, besides the public `get_trials` and `trials`."""
+    """A study as a sampler or a pruner sees it, its trials filtered by `keep(trial)` (and,
+    with `show`, each seen as `show(trial)`). Samplers read a study's trials through its
+    private `_get_trials` (Optuna 4 and 5), so that is what this filters, besides the public
+    `get_trials` and `trials`."""
 
-    def __init__(self, study: optuna.Study, keep: Any):
-        self._study, self._keep = study, keep
+    def __init__(self, study: optuna.Study, keep: Any, show: Any = None):
+        self._study, self._keep, self._show = study, keep, show
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, **kw)
-        return [t for t in trials if self._keep(t)]
+        kept = [t for t in trials if self._keep(t)]
+        return kept if self._show is None else [self._show(t) for t in kept]
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
         return self._get_trials(deepcopy=deepcopy, states=states)

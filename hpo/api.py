@@ -67,12 +67,17 @@ class Result:
         return cls(study, tracking_uri or recorded_uri(study.user_attrs.get("tracking_uri")))
 
     def best_model(self) -> Any:
-        """The study's logged model, its best trial's (`hpo.serving.Predictor`):
-        `predict(rows)` takes raw rows (a DataFrame of the data file's columns, or raw pixels)
-        and gives labels. LookupError when there is none."""
+        """The study's logged model, its best trial's (`hpo.serving.Predictor`), through the
+        registry (`models:/NAME@champion`) when it is the champion: `predict(rows)` takes raw
+        rows (a DataFrame of the data file's columns, or raw pixels) and gives labels.
+        LookupError when there is none."""
         from hpo.tracking import load_predictor
 
-        uri = self.study.user_attrs.get("model_uri")
+        attrs = self.study.user_attrs
+        uri = attrs.get("model_uri")
+        champion = attrs.get("champion") or {}
+        if uri and champion.get("model_uri") == uri:  # the registry's name for it
+            uri = champion["uri"]
         if not uri:
             raise LookupError(
                 f"study {self.study.study_name!r} has no logged model (tracking.log_model: "
@@ -150,6 +155,7 @@ def run(
     fused_trials: int | None = None,
     ray: str | None = None,
     gpus_per_worker: float | None = None,
+    warm_start: Iterable[str] = (),
     callbacks: Iterable[Callback] = (),
     progress: bool = True,
     retry_for: float = RETRY_S,
@@ -166,7 +172,8 @@ def run(
     the study and each finished trial. `progress` prints a line per trial (with a live panel
     on a terminal) unless `on_start`, `on_trial_end` or `on_epoch` take over. KeyboardInterrupt
     stops cleanly: running trials are interrupted and run again when the same call is made
-    again."""
+    again. `warm_start`: earlier studies in the same storage whose compatible finished trials
+    start this one (added to `study.warm_start`)."""
     import multiprocessing
 
     from hpo.executors.local import local_executor
@@ -180,6 +187,8 @@ def run(
              "device": device, "max_epochs": max_epochs, "max_samples": max_samples}  # fmt: skip
     values |= {SHORTHANDS[k]: v for k, v in given.items() if v is not None}
     loaded = spec_of(spec, values)
+    if warm := [w for w in warm_start if w not in loaded.study.warm_start]:
+        loaded = loaded.with_values({"study.warm_start": [*loaded.study.warm_start, *warm]})
     try:
         if ray is not None:
             from hpo.executors.ray import ray_executor

@@ -314,6 +314,14 @@ def run(
     gpus_per_worker: Annotated[
         float | None, typer.Option(help="With --ray: GPUs per worker, fractions allowed.")
     ] = None,
+    warm_start: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An earlier study in the same storage whose finished trials that fit this "
+            "spec (same data, split and training; parameters inside the search space) start "
+            "this one; repeat for several (adds to study.warm_start)."
+        ),
+    ] = None,
     retry_for: Annotated[
         float,
         typer.Option(
@@ -375,6 +383,7 @@ def run(
                 workers_per_gpu=workers_per_gpu,
                 ray=ray,
                 gpus_per_worker=gpus_per_worker,
+                warm_start=warm_start or [],
                 retry_for=retry_for,
                 on_start=display.on_start,
                 on_trial_end=display.on_trial_end,
@@ -445,6 +454,11 @@ def _applying(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _warm(counts: dict[str, int]) -> str:
+    n = counts.get("WARM", 0)
+    return f" ({n} warm-started, not in the budget)" if n else ""
+
+
 def _numbers(numbers: list[int], most: int = 6) -> str:
     """' (#0, #3)': which trials, when there are few enough to name; '' otherwise."""
     if not numbers or len(numbers) > most:
@@ -458,7 +472,7 @@ def _summary(r: Any) -> None:
     c = r.counts
     typer.echo("")
     typer.echo(
-        f"study {r.study_name!r}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
+        f"study {r.study_name!r}: {c['COMPLETE']} complete{_warm(c)}, {c['PRUNED']} pruned, "
         f"{c['FAIL']} failed{_interrupted(c)} ({r.new_trials} run now in "
         f"{fmt_time(r.wall_time)}, device {r.device})"
     )
@@ -481,11 +495,19 @@ def _summary(r: Any) -> None:
             for label, n in r.fit_counts.items()
         )
         typer.echo(f"fit diagnosis: {fits} (trial user attribute 'fit', MLflow tag hpo.fit)")
+    if r.front is not None:
+        for line in front_lines(r.front):
+            typer.echo(line)
     if r.best_number is None:
-        typer.echo("no trial completed, so there is no best model and no test evaluation")
+        none = "no feasible trial completed" if r.front and r.front["complete"] else (
+            "no trial completed")  # fmt: skip
+        typer.echo(f"{none}, so there is no best model and no test evaluation")
     else:
         se = f" ± {r.best_se:.4f} (standard error)" if r.best_se is not None else ""
-        typer.echo(f"best trial #{r.best_number}: {r.metric} = {r.best_value:.4f}{se}")
+        which = f"best trial #{r.best_number}"
+        if r.front is not None:
+            which = f"the study's model, {r.front['rule']}: trial #{r.best_number}"
+        typer.echo(f"{which}: {r.metric} = {r.best_value:.4f}{se}")
         shown = _applying(r.best_params)
         typer.echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
         if r.test_metrics:
@@ -494,7 +516,12 @@ def _summary(r: Any) -> None:
             typer.echo(f"test split (used once, by trial #{r.best_number}{how}): {test}")
         elif r.test_note:
             typer.echo(f"test split: not yet used ({r.test_note})")
-        if r.model_uri:
+        if r.champion:
+            typer.echo(
+                f"best model: {r.champion} in MLflow's model registry ({r.model_uri}; or: "
+                f"mlflow models serve -m {r.champion})"
+            )
+        elif r.model_uri:
             typer.echo(f"best model: {r.model_uri}   (or: mlflow models serve -m {r.model_uri})")
         if e := r.ensemble:
             typer.echo(ensemble_line(e, r.metric, r.test_metrics))
@@ -502,6 +529,33 @@ def _summary(r: Any) -> None:
         for line in r.baselines.sentences():
             typer.echo(line)
     _next_steps(r)
+
+
+def front_lines(front: dict[str, Any], most: int = 10) -> list[str]:
+    """The Pareto front of a study of several objectives (or with constraints), the
+    infeasible trials, and how the study's model was chosen."""
+    arrows = {"maximize": "higher is better", "minimize": "lower is better"}
+    names = ", ".join(f"{n} ({arrows[d]})" for n, d in front["objectives"])
+    rows = front["front"]
+    head = "Pareto front" if len(front["objectives"]) > 1 else "best feasible trials"
+    lines = [f"{head} of {names}: {len(rows)} of {front['complete']} complete trials"]
+    for row in rows[:most]:
+        values = ", ".join(f"{n} {_quantity(v)}" for n, v in row["values"].items())
+        mark = "   <- the study's model" if row["number"] == front["chosen"] else ""
+        lines.append(f"  #{row['number']}: {values}{mark}")
+    if len(rows) > most:
+        lines.append(f"  ... and {len(rows) - most} more (hpo report)")
+    if bad := front["infeasible"]:
+        shown = "; ".join(f"#{n} {', '.join(why)}" for n, why in list(bad.items())[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        lines.append(f"infeasible (study.constraints): {len(bad)} complete: {shown}{more}")
+    return lines
+
+
+def _quantity(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if v == int(v) and abs(v) >= 100 else f"{v:.4g}"
 
 
 def ensemble_line(e: dict[str, Any], metric: str, best_test: dict[str, float]) -> str:

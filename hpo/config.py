@@ -86,9 +86,11 @@ class SplitSpec(Strict):
     # of one validation split: each trial trains K members, fold k validated on the k-th
     # K-th of the pool and trained on the rest, as one fused cohort; null: one split (`val`).
     folds: Annotated[int, Field(ge=2, le=20)] | None = None
-    # With folds, the chosen trial's model: refit on the whole pool for its members' median
-    # kept epoch, or the mean of its fold models' probabilities (or values).
-    final_model: Literal["refit", "fold_ensemble"] = "refit"
+    # The chosen trial's model (tested once, logged, served). `refit`: its configuration
+    # trained again on the whole pool (train + validation) for its kept epoch (with members,
+    # their median); `fold_ensemble` (folds only): the mean of its fold models' probabilities
+    # (or values); null: `refit` with folds, otherwise the trial's own kept weights.
+    final_model: Literal["refit", "fold_ensemble"] | None = None
 
 
 class DatasetSpec(Strict):
@@ -183,10 +185,114 @@ class StopWhenSpec(Strict):
         return self
 
 
+# What a trial costs, known without a validation curve: each may be an objective or a constraint.
+# name -> (natural direction, when it is known, what it is)
+COSTS: dict[str, tuple[Literal["minimize", "maximize"], str, str]] = {
+    "n_params": ("minimize", "before training", "the network's trainable parameters"),
+    "inference_ms": (
+        "minimize", "after training",
+        "milliseconds to predict a batch of 1,000 rows on the training device (measured once "
+        "per complete trial, the median of 10 timed batches after 3 warm-up ones)",
+    ),
+    "train_seconds": (
+        "minimize", "after training",
+        "the trial's training wall time, its epochs summed (fused trials: their cohort's epochs)",
+    ),
+}  # fmt: skip
+
+
+# Optuna's samplers that search a Pareto front, and the pruners hpo can ask with several
+# objectives (on the first one: `hpo.search.FirstObjective`).
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "gp", "random", "qmc", "grid")
+MULTI_OBJECTIVE_PRUNERS = ("median", "percentile", "patient", "none")
+
+
+def named_costs(*names: str | None) -> list[str]:
+    """The costs among `names`, in `COSTS` order: those a trial must measure."""
+    return [n for n in COSTS if n in names]
+
+
+def objective_direction(name: str) -> Literal["minimize", "maximize"]:
+    """The natural direction of a study objective: a metric's, or a cost's."""
+    return COSTS[name][0] if name in COSTS else metric_direction(name)
+
+
+class ObjectiveSpec(Strict):
+    name: str
+    direction: Literal["minimize", "maximize"] | None = None  # null: the natural one
+
+
+class BoundSpec(Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> BoundSpec:
+        if self.min is None and self.max is None:
+            raise problem("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise problem(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+
+class SelectSpec(Strict):
+    # The study's one model among the feasible complete trials: those within `within` of the
+    # best on `metric` (null: the first objective), then the best on `then` (null: `metric`).
+    metric: str | None = None
+    within: Annotated[float, Field(ge=0)] = 0.0
+    then: str | None = None
+
+
 class StudySpec(Strict):
     n_trials: Annotated[int, Field(ge=1)] = 40
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds
     metric: str = "val_accuracy"
+    # Several objectives (a Pareto front): a validation metric first, then metrics or costs
+    # (`COSTS`), each a name or {name, direction}. `metric` is then the first one's name.
+    metrics: list[str | ObjectiveSpec] | None = None
+    # Bounds on costs or validation metrics; a trial outside them is infeasible.
+    constraints: dict[str, BoundSpec] = Field(default_factory=dict)
+    # How the one model is chosen (the test evaluation, the logged model, `hpo predict`).
+    select: SelectSpec | None = None
+    # Earlier studies (same storage) whose compatible finished trials start this one.
+    warm_start: list[Name] = Field(default_factory=list)  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _first_objective_is_the_metric(self) -> StudySpec:
+        if self.metrics is None:
+            return self
+        names = [o if isinstance(o, str) else o.name for o in self.metrics]
+        if not names:
+            raise problem("metrics is empty: give at least one objective, or leave it out")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise problem(f"metrics names {', '.join(twice)} more than once")
+        if "metric" in self.model_fields_set and self.metric != names[0]:
+            raise problem(
+                f"metric {self.metric!r} is not the first of metrics ({names[0]!r}); "
+                "give one or the other"
+            )
+        self.metric = names[0]
+        return self
+
+    def named_costs(self) -> list[str]:
+        """The costs the objectives, constraints or the choice of the model name."""
+        sel = self.select
+        return named_costs(
+            *(n for n, _ in self.objectives()), *self.constraints,
+            sel.metric if sel else None, sel.then if sel else None,
+        )  # fmt: skip
+
+    def objectives(self) -> list[tuple[str, Literal["minimize", "maximize"]]]:
+        """The study's objectives in order, each with its direction; one without `metrics`."""
+        if self.metrics is None:
+            return [(self.metric, metric_direction(self.metric))]
+        return [
+            (o, objective_direction(o)) if isinstance(o, str)
+            else (o.name, o.direction or objective_direction(o.name))
+            for o in self.metrics
+        ]  # fmt: skip
+
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec(n_warmup_steps=3))
     storage: str | None = None
@@ -322,9 +428,16 @@ class Spec(Strict):
             keep["training"].pop("repeats")
         if keep["dataset"]["split"].get("folds") is None:
             keep["dataset"]["split"].pop("folds")
-        if keep["dataset"]["split"].get("final_model") == "refit":  # as before the key
-            keep["dataset"]["split"].pop("final_model")
+        split = keep["dataset"]["split"]
+        if split.get("final_model") != "fold_ensemble":  # a refit changes no trial
+            split.pop("final_model")
         keep["metric"] = self.study.metric
+        if self.study.metrics is not None:  # several objectives: another study
+            keep["objectives"] = self.study.objectives()
+        if self.study.constraints:
+            keep["constraints"] = {
+                k: v.model_dump() for k, v in sorted(self.study.constraints.items())
+            }
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -648,14 +761,60 @@ def metric_problems(spec: Spec, task: str) -> list[str]:
         "auto": tuple(dict.fromkeys(CLASSIFICATION_METRICS + REGRESSION_METRICS)),
     }[task]
     problems = []
+    what = f"a {task} task" if task != "auto" else "any task"
     for where, metric in (
         ("study.metric", spec.study.metric),
         ("training.early_stopping.monitor", spec.training.early_stopping.monitor),
     ):
         if metric not in allowed:
-            what = f"a {task} task" if task != "auto" else "any task"
             problems.append(
                 f"{where}: {metric!r} does not fit {what}; {did_you_mean(metric, allowed)}"
+            )
+    return problems + _objective_problems(spec, [m for m in allowed if m.startswith("val_")])
+
+
+def _objective_problems(spec: Spec, val: list[str]) -> list[str]:
+    """Several objectives, constraints and the choice of the model: names that fit the task,
+    a validation metric first, and a sampler and pruner that take several objectives."""
+    st = spec.study
+    problems = []
+    names = [n for n, _ in st.objectives()]
+    costs = list(COSTS)
+    for i, name in enumerate(names[1:] if st.metrics else [], 1):
+        if name not in val + costs:
+            problems.append(
+                f"study.metrics[{i}]: {name!r} is neither a validation metric nor a cost; "
+                f"{did_you_mean(name, val + costs)}"
+            )
+    if st.metrics and names[0] not in val:
+        problems.append(
+            f"study.metrics[0]: {names[0]!r} must be a validation metric (the one trials are "
+            f"pruned and stopped on); {did_you_mean(names[0], val)}"
+        )
+    for name in st.constraints:
+        if name not in val + costs:
+            problems.append(
+                f"study.constraints.{name}: not a validation metric or a cost; "
+                f"{did_you_mean(name, val + costs)}"
+            )
+    if st.select is not None:
+        for key in ("metric", "then"):
+            name = getattr(st.select, key)
+            if name is not None and name not in val + costs:
+                problems.append(
+                    f"study.select.{key}: {name!r} is not a validation metric or a cost; "
+                    f"{did_you_mean(name, val + costs)}"
+                )
+    if len(names) > 1:
+        if st.sampler.name not in MULTI_OBJECTIVE_SAMPLERS:
+            problems.append(
+                f"study.sampler.name: {st.sampler.name} takes one objective; with several "
+                f"study.metrics use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"
+            )
+        if st.pruner.name not in MULTI_OBJECTIVE_PRUNERS:
+            problems.append(
+                f"study.pruner.name: {st.pruner.name} cannot prune a study with several "
+                f"objectives; use one of {', '.join(MULTI_OBJECTIVE_PRUNERS)}"
             )
     return problems
 
@@ -676,7 +835,7 @@ def _check_semantics(spec: Spec, written: list[str], dataset_named: bool = True)
             "dataset.split: val and folds both given; with folds each fold is the validation "
             "set in turn: remove val"
         )
-    if sp.final_model != "refit" and sp.folds is None:
+    if sp.final_model == "fold_ensemble" and sp.folds is None:
         problems.append(f"dataset.split.final_model: {sp.final_model} needs dataset.split.folds")
     if ds.test_unseen_labels != "error" and not ds.test_path:
         problems.append("dataset.test_unseen_labels: only used with dataset.test_path")

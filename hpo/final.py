@@ -12,14 +12,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.config import Spec
 from hpo.data import Data
+from hpo.objectives import Objectives, primary
 from hpo.outage import Retry
-from hpo.outcomes import best_of, best_or_none, rank
+from hpo.outcomes import best_of, best_or_none, compare_with_baselines, rank
 from hpo.params import TrialConfig
+from hpo.redact import first_line, redact
 from hpo.steppers import EVAL_BATCH
 from hpo.storage import storage_lock
 from hpo.tracker import Tracker
 from hpo.train import TrainConfig, evaluate, train
 from hpo.trial import build_model, train_config
+
+CHAMPION = "champion"  # the registry alias of the study's model once it beats the baselines
 
 
 def refit_epochs(trial: FrozenTrial) -> int:
@@ -42,6 +46,7 @@ class Final:
         self.study: optuna.Study = None  # type: ignore[assignment]  # set by the driver
         self.best_weights: tuple[int, dict[str, torch.Tensor]] | None = None
         self._test: Any = None  # the test split, once taken
+        self._refits_done: dict[int, torch.nn.Module] = {}  # trial number -> its refit
 
     def model(self, config: Any, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """A trial's network holding `weights`; `config`: its `TrialConfig`, or as stored."""
@@ -94,7 +99,8 @@ class Final:
                 self.study.set_user_attr("test_metrics", test)
                 self.study.set_user_attr("test_trial", best.number)
                 if refit:
-                    how = (f"refit on all {len(self.data.train[0]):,} training rows for "
+                    rows = "training" if self.data.folds is not None else "train and validation"
+                    how = (f"refit on all {len(self._pool()[0]):,} {rows} rows for "
                            f"{refit_epochs(best)} epochs")  # fmt: skip
                     self.study.set_user_attr("test_model", how)
                 elif self.spec.dataset.split.final_model == "fold_ensemble":
@@ -102,7 +108,7 @@ class Final:
                     how = f"the mean of its {n} fold models (dataset.split.final_model)"
                     self.study.set_user_attr("test_model", how)
                 self.tracker.log_summary(
-                    {**test, f"best_{self.metric}": best.value},
+                    {**test, f"best_{self.metric}": primary(best)},
                     {"hpo.best_trial": best.number, "hpo.test_trial": best.number},
                 )
             self._test_best_baseline(best, test)
@@ -114,9 +120,27 @@ class Final:
                 self.tracker.log_summary({}, {"hpo.model_uri": uri})
                 self.study.set_user_attr("model_uri", uri)
                 self.study.set_user_attr("model_trial", best.number)
+                self._register(uri, best)
             if self.spec.tracking.ensemble is not None:
                 self._ensemble()
         return test, ""
+
+    def _register(self, uri: str, best: FrozenTrial) -> None:
+        """The study's model in MLflow's model registry, under the study's name, with the
+        alias `champion` moved onto it when it beats the best baseline on validation (or
+        there is none): `models:/NAME@champion`."""
+        c = compare_with_baselines(self.study)
+        if c is not None and not (c.searched_number == best.number and c.beats()):
+            return  # a baseline is the model, or the search did not beat it
+        try:
+            champion, version = self.tracker.register_model(uri, self.study.study_name, CHAMPION)
+        except Exception as e:  # noqa: BLE001 - a store without a registry: the model stays
+            why = redact(first_line(str(e)))
+            self.study.set_user_attr("champion", {"error": why, "trial": best.number})
+            return
+        record = {"uri": champion, "version": version, "trial": best.number, "model_uri": uri}
+        self.study.set_user_attr("champion", record)
+        self.tracker.log_summary({}, {"hpo.champion": f"{champion} (version {version})"})
 
     def _ensemble(self) -> None:
         """`tracking.ensemble`: greedy selection (`hpo.ensemble.select`) from the best
@@ -130,9 +154,11 @@ class Final:
 
         conf = self.spec.tracking.ensemble
         assert conf is not None
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        direction = self.study.direction.name
-        ranked = sorted(complete, key=lambda t: rank(t.value, t.number, direction))
+        complete = Objectives.of_study(self.study).candidates(  # the feasible ones
+            self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        )
+        direction = self.study.directions[0].name
+        ranked = sorted(complete, key=lambda t: rank(primary(t), t.number, direction))
         kept = [t for t in ranked if t.user_attrs.get("checkpoint")][: conf.candidates]
         numbers = [t.number for t in kept]
         done = self.study.user_attrs.get("ensemble")
@@ -253,10 +279,13 @@ class Final:
         )
 
     def refit(self, trial: FrozenTrial) -> torch.nn.Module:
-        """With folds, the model a trial stands for (scikit-learn's `refit`): its
-        configuration trained on the whole training pool, with the trial's seed, for its
-        members' median kept epoch. The same model in every process (its seed and rows are
-        fixed)."""
+        """The model a trial stands for with `final_model: refit` (scikit-learn's `refit`):
+        its configuration trained on the whole training pool (train and validation), with the
+        trial's seed and schedule, stopped at its kept epoch (with members, their median). The
+        same model in every process (its seed and rows are fixed); trained once per process
+        (the best trial is often an ensemble member too)."""
+        if trial.number in self._refits_done:
+            return self._refits_done[trial.number]
         config = TrialConfig.of(trial.user_attrs["config"])
         seed = trial.user_attrs.get("seed", 0)
         torch.manual_seed(seed)
@@ -266,13 +295,25 @@ class Final:
         # The members' schedule (a cosine over max_epochs), stopped at their median kept epoch.
         cfg.patience, cfg.restore_best = cfg.max_epochs + 1, False
         stop = lambda epoch, metrics: "max_epochs" if epoch >= epochs else None  # noqa: E731
-        train(model, self.data.train, self.data.train, cfg, on_epoch_end=stop)
+        # Its validation metrics mean nothing (those rows are in the pool) and decide nothing:
+        # the smallest split there is keeps their cost per epoch small.
+        train(model, self._pool(), self.data.val, cfg, on_epoch_end=stop)
+        self._refits_done[trial.number] = model
         return model
 
+    def _pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows a refit trains on: the pool (with folds, `data.train` is the pool)."""
+        if self.data.folds is not None:
+            return self.data.train
+        (X, y), (Xv, yv) = self.data.train, self.data.val
+        return torch.cat([X, Xv]), torch.cat([y, yv])
+
     def _refits(self) -> bool:
-        """Whether the tested model is a refit (folds, `final_model: refit`)."""
+        """Whether the tested model is a refit: `final_model: refit`, the default with folds."""
         split = self.spec.dataset.split
-        return split.folds is not None and split.final_model == "refit"
+        return split.final_model == "refit" or (
+            split.final_model is None and split.folds is not None
+        )
 
     def _best_model(self, best: FrozenTrial) -> torch.nn.Module:
         return self.refit(best) if self._refits() else self._weights_of(best)

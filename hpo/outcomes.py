@@ -5,6 +5,7 @@ Optuna and in the tracker, and the comparison with the baselines."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.config import metric_direction
+from hpo.objectives import Objectives, primary
 from hpo.trial import TrialRecord
+from hpo.warm import ATTR as WARM
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -30,6 +33,13 @@ class BaselineComparison:
     test_metric: str = ""
     baseline_test: float | None = None
     searched_test: float | None = None  # when the study's best trial is a searched one
+
+    def beats(self) -> bool:
+        """Whether the search's best beats the best baseline on validation."""
+        if self.searched_value is None:
+            return False
+        gain = self.searched_value - self.value
+        return (gain if metric_direction(self.metric) == "maximize" else -gain) > 0
 
     def sentences(self) -> list[str]:
         """What a reader wants to know, in one or two lines."""
@@ -68,24 +78,16 @@ def _verdict(metric: str, ours: float, theirs: float) -> str:
 
 
 def rank(value: float, number: int, direction: str) -> tuple[float, int]:
-    """A trial's place in the one order of "best": lower ranks first (see `pick_best`)."""
+    """A trial's place in the order of its metric (the first objective): lower ranks first,
+    the lower number among equal values (see `Objectives.best`)."""
     return (-value if direction.lower() == "maximize" else value), number
 
 
-def pick_best(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
-    """The best complete trial: the best value, then the lowest number among equal values.
-
-    The one definition of "best" (checkpoints, the test evaluation, the summary, reports): a
-    total order, so every process names the same trial whatever order ties finished in."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    return min(done, key=lambda t: rank(t.value, t.number, direction), default=None)
-
-
 def best_of(study: optuna.Study, baseline: bool) -> FrozenTrial | None:
-    """The best complete trial among the baselines, or among the searched trials."""
+    """The best complete trial (`Objectives.best`) among the baselines, or the searched ones."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     chosen = [t for t in trials if ("baseline" in t.user_attrs) == baseline]
-    return pick_best(chosen, study.direction.name)
+    return Objectives.of_study(study).best(chosen)
 
 
 def compare_with_baselines(study: optuna.Study) -> BaselineComparison | None:
@@ -97,10 +99,10 @@ def compare_with_baselines(study: optuna.Study) -> BaselineComparison | None:
     bs = best_of(study, baseline=False)
     attrs = study.user_attrs
     test_metric = "test_" + metric.removeprefix("val_")
-    c = BaselineComparison(metric, bb.user_attrs["baseline"], bb.number, bb.value)  # type: ignore[arg-type]
+    c = BaselineComparison(metric, bb.user_attrs["baseline"], bb.number, primary(bb))  # type: ignore[arg-type]
     c.test_metric = test_metric
     if bs is not None:
-        c.searched_number, c.searched_value = bs.number, bs.value
+        c.searched_number, c.searched_value = bs.number, primary(bs)
     if attrs.get("baseline_test_trial") == bb.number:
         c.baseline_test = attrs.get("baseline_test_metrics", {}).get(test_metric)
     if bs is not None and attrs.get("test_trial") == bs.number:
@@ -120,33 +122,46 @@ def was_interrupted(trial: FrozenTrial) -> bool:
     return "fail_reason" not in attrs and attrs.get("kills", 0) < 1
 
 
+def warm(trial: FrozenTrial) -> bool:
+    """Added from an earlier study (`hpo.warm`): learnt from, not counted in the budget."""
+    return WARM in trial.user_attrs
+
+
 def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trials by state, with the interrupted ones (see `was_interrupted`) apart from FAIL."""
+    """Trials by state, with the interrupted ones (see `was_interrupted`) apart from FAIL;
+    `WARM`: the complete ones added from earlier studies (counted in COMPLETE too)."""
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     counts["INTERRUPTED"] = sum(was_interrupted(t) for t in trials)
     counts["FAIL"] -= counts["INTERRUPTED"]
+    counts["WARM"] = sum(warm(t) for t in trials)
     return counts
 
 
 def count_finished(study: optuna.Study) -> int:
-    """Finished trials toward n_trials: complete, pruned and failed, not the interrupted ones."""
+    """Finished trials toward n_trials: complete, pruned and failed, not the interrupted ones
+    nor those added from earlier studies."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(1 for t in trials if not was_interrupted(t))
+    return sum(1 for t in trials if not was_interrupted(t) and not warm(t))
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
-    """Trials that hold a place in n_trials: running ones and finished ones not interrupted."""
+    """Trials that hold a place in n_trials: running ones and finished ones not interrupted
+    (nor added from earlier studies)."""
     return sum(
         1
         for t in trials
-        if t.state == TrialState.RUNNING or (t.state in FINISHED and not was_interrupted(t))
+        if t.state == TrialState.RUNNING
+        or (t.state in FINISHED and not was_interrupted(t) and not warm(t))
     )
 
 
-def best_or_none(study: optuna.Study) -> FrozenTrial | None:
-    """The study's best trial (see `pick_best`), or None while no trial has completed."""
+def best_or_none(
+    study: optuna.Study, objectives: Objectives | None = None
+) -> FrozenTrial | None:
+    """The study's model (see `Objectives.best`), or None while no feasible trial completed;
+    `objectives`: the study's, when the caller has them (else read from the study)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return pick_best(trials, study.direction.name)
+    return (objectives or Objectives.of_study(study)).best(trials)
 
 
 def searched_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -154,6 +169,7 @@ def searched_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [
         t for t in trials
         if t.state.is_finished() and not was_interrupted(t) and "baseline" not in t.user_attrs
+        and not warm(t)
     ]  # fmt: skip
 
 
@@ -169,14 +185,15 @@ def stop_reason(
     if stop is None:
         return None
     maximize = direction == "MAXIMIZE"
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and primary(t) is not None]
     if stop.target is not None:
-        reached = [t for t in complete if (t.value >= stop.target if maximize
-                                           else t.value <= stop.target)]  # fmt: skip
+        values = {t.number: primary(t) or 0.0 for t in complete}
+        reached = [t for t in complete if (values[t.number] >= stop.target if maximize
+                                           else values[t.number] <= stop.target)]  # fmt: skip
         if reached:
             first = min(reached, key=lambda t: (t.datetime_complete or 0, t.number))
             return (
-                f"trial #{first.number} reached {metric} {first.value:.4f} "
+                f"trial #{first.number} reached {metric} {primary(first):.4f} "
                 f"(stop_when.target: {stop.target:g})"
             )
     if stop.plateau is None:
@@ -189,12 +206,15 @@ def stop_reason(
     since = 0  # finished trials since the best last improved by more than its noise
     for t in finished:
         since += 1
-        if t.state != TrialState.COMPLETE or t.value is None:
+        value = primary(t)
+        if t.state != TrialState.COMPLETE or value is None:
             continue
         if best is None:
             best, since = t, 0
             continue
-        gain = (t.value - best.value) if maximize else (best.value - t.value)
+        top = primary(best)
+        assert top is not None
+        gain = (value - top) if maximize else (top - value)
         if gain > 0:
             margin = best.user_attrs.get("value_se", noise) or 0.0
             if gain > margin:
@@ -208,7 +228,7 @@ def stop_reason(
             else f"the seed noise ({noise:.4f})" if noise else "anything")  # fmt: skip
     return (
         f"plateau: the last {since} finished trials did not improve the best ({metric} "
-        f"{best.value:.4f}, trial #{best.number}) by more than {what} "
+        f"{primary(best):.4f}, trial #{best.number}) by more than {what} "
         f"(stop_when.plateau.trials: {n})"
     )
 
@@ -219,7 +239,7 @@ class Settled:
     run's state, final metrics and tags, and whether its configuration runs again."""
 
     state: TrialState
-    value: float | None
+    values: list[float] | None  # one per objective
     attrs: dict[str, Any] = field(default_factory=dict)
     run_state: str = "FAIL"  # COMPLETE, PRUNED, FAIL or KILLED (it runs again)
     final: dict[str, float] = field(default_factory=dict)  # best_* metrics of the kept epoch
@@ -227,19 +247,37 @@ class Settled:
     retry: bool = False
 
 
-def settle(record: TrialRecord, metric: str, fused_with: list[int] | None = None) -> Settled:
-    """A record from a worker as the study stores it: complete with the metric at the kept
-    epoch (failed when that is not finite), pruned, failed with its reason, or interrupted:
-    failed, marked, and queued to run again (it does not count in the budget)."""
+def settle(
+    record: TrialRecord, objectives: Objectives, fused_with: list[int] | None = None
+) -> Settled:
+    """A record from a worker as the study stores it: complete with its objectives' values
+    (the metric at the kept epoch, its costs; failed when one is not finite), pruned, failed
+    with its reason, or interrupted: failed, marked, and queued to run again (it does not
+    count in the budget). Its costs are kept (`costs`), and with constraints whether it
+    keeps them (`feasible`)."""
+    metric = objectives.metric
     outcome = record.outcome
-    value = record.value(metric) if outcome == "COMPLETE" else None
-    if outcome == "COMPLETE" and value is None:
-        outcome, record.failure = "FAIL", f"{metric} is not finite at the kept epoch"
+    costs = record.costs(objectives.cost_names())
+    values: list[float] | None = None
+    if outcome == "COMPLETE":
+        told = objectives.values(record.kept, costs)
+        missing = [n for n, v in zip(objectives.names, told, strict=True) if v is None]
+        if missing:
+            outcome, record.failure = "FAIL", f"{missing[0]} is not finite at the kept epoch"
+        else:
+            values = [v for v in told if v is not None]
     attrs: dict[str, Any] = {
         "n_params": record.n_params,
         "epochs_run": len(record.history),
         "stopped_by": record.stopped_by,
     }
+    if costs and not objectives.plain:
+        attrs["costs"] = costs
+    if objectives.several:  # Optuna keeps no intermediate values then: the pruner reads this
+        attrs["curve"] = [
+            v if v is not None and math.isfinite(v) else None
+            for v in (e.get(metric) for e in record.history)
+        ]  # fmt: skip
     tags: dict[str, str] = {}
     final: dict[str, float] = {}
     if fused_with:
@@ -271,7 +309,21 @@ def settle(record: TrialRecord, metric: str, fused_with: list[int] | None = None
     )
     interrupted = outcome == "INTERRUPTED"
     run_state = "KILLED" if interrupted else outcome
-    return Settled(state, value, attrs, run_state, final, tags, retry=interrupted)
+    if objectives.constraints and outcome in ("COMPLETE", "PRUNED"):
+        attrs["feasible"] = objectives.feasible(as_frozen(-1, attrs, values))
+        tags["hpo.feasible"] = str(attrs["feasible"]).lower()
+    return Settled(state, values, attrs, run_state, final, tags, retry=interrupted)
+
+
+def as_frozen(number: int, attrs: dict[str, Any], values: list[float] | None) -> FrozenTrial:
+    """A finished trial as it will be told (its values and user attributes), for the
+    objectives' functions before the tell."""
+    return optuna.trial.FrozenTrial(
+        number=number, state=TrialState.COMPLETE if values else TrialState.PRUNED, value=None,
+        values=values, datetime_start=None, datetime_complete=None, params={},
+        distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={},
+        trial_id=-1,
+    )  # fmt: skip
 
 
 def settle_lost(reason: str, kills: int) -> Settled:
@@ -286,20 +338,29 @@ def settle_lost(reason: str, kills: int) -> Settled:
 
 
 def checkpoint_policy(
-    value: float, number: int, best: FrozenTrial | None, direction: str, *, log_all: bool,
-    baseline: bool, ahead: int = 0, keep_top: int = 0,
+    candidate: FrozenTrial, complete: list[FrozenTrial], objectives: Objectives, *,
+    log_all: bool, baseline: bool, keep_top: int = 0,
 ) -> tuple[bool, bool]:  # fmt: skip
-    """Whether a complete trial keeps its weights (a checkpoint), and whether it is the best
-    now. It keeps them when it beats or ties the best so far: a tie with a lower number becomes
-    the best (`pick_best`), so it must have its checkpoint, whichever of the two finished first
-    and in whichever process; with `log_all` (every trial's model logged); for a baseline,
-    which is measured on the test split beside the best trial after the search; and, for an
-    ensemble's candidates, when fewer than `keep_top` complete trials rank above it (`ahead`)."""
-    if best is None:
-        return True, True
-    # a contender ranks no lower than the best would with the best's number (ties too)
-    contender = rank(value, best.number, direction) <= rank(best.value, best.number, direction)
-    is_best = rank(value, number, direction) < rank(best.value, best.number, direction)
+    """Whether a complete trial (`candidate`, before it is told) keeps its weights (a
+    checkpoint), and whether it is the study's model now; `complete`: the study's complete
+    trials. It keeps them when it could be the model now or later: when it is feasible and
+    no feasible complete trial dominates it (`Objectives.dominated`). With one objective that
+    is when it beats or ties the best: a tie with a lower number becomes the best
+    (`Objectives.best`), whichever finished first and in whichever process; with several,
+    when it is on the front (the model always is, and a trial dominated now stays so). Also
+    with `log_all` (every trial's model logged); for a baseline, which is measured on the test
+    split beside the best trial after the search; and, for an ensemble's candidates, when
+    fewer than `keep_top` complete trials rank above it on the metric."""
+    others = [t for t in complete if t.number != candidate.number]
+    contender = objectives.feasible(candidate) and not any(
+        objectives.dominated(candidate, o) for o in objectives.candidates(others)
+    )
+    is_best = objectives.best([*others, candidate]) is candidate
+    mine = rank(primary(candidate) or 0.0, candidate.number, objectives.direction)
+    ahead = sum(
+        rank(v, t.number, objectives.direction) < mine
+        for t in others if (v := primary(t)) is not None
+    )  # fmt: skip
     return contender or log_all or baseline or ahead < keep_top, is_best
 
 

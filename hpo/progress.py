@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpo.config import Spec
+from hpo.objectives import primary
 from hpo.results import EpochProgress, Progress
 
 
@@ -37,8 +38,11 @@ def fmt_time(seconds: float | None) -> str:
 def trial_line(p: Progress, metric: str) -> str:
     """One finished trial: its place in the budget, outcome, metric, epochs, time, best, ETA."""
     t = p.trial
-    value = f"{t.value:.4f}" if t.value is not None else "-"
-    if t.value is not None and (se := t.user_attrs.get("value_se")) is not None:
+    v = primary(t)
+    if v is None and t.user_attrs.get("curve"):  # pruned, with several objectives: its last
+        v = t.user_attrs["curve"][-1]
+    value = f"{v:.4f}" if v is not None else "-"
+    if v is not None and (se := t.user_attrs.get("value_se")) is not None:
         value += f" ± {se:.4f}"
     epochs = t.user_attrs.get("epochs_run", "?")
     note = p.note or (t.user_attrs.get("fail_reason", "") if t.state.name == "FAIL" else "")
@@ -80,6 +84,13 @@ def start_lines(info: dict[str, Any], spec: Spec) -> list[str]:
     )
     for note in d.get("notes") or []:
         lines.append(f"  note: {note}")
+    for source, w in (info.get("warm_started") or {}).items():
+        skipped = sum(w["skipped"].values())
+        why = "; ".join(f"{n} {reason}" for reason, n in w["skipped"].items())
+        lines.append(
+            f"  warm start from {source!r}: {w['added']} trials added (not counted in the "
+            f"budget)" + (f", {skipped} left out: {why}" if skipped else "")
+        )
     for entry in spec.baselines:
         asked = spec.baseline_config(entry.name).batch_size
         capped = spec.baseline_config(entry.name, d["n_train"]).batch_size

@@ -238,6 +238,13 @@ def too_large(fp: Footprint, spec: Spec, copies: int = 1) -> str | None:
     max_params, memory_limit = limits(spec)
     if max_params is not None and fp.params > max_params:
         return f"too large: {fp.params:,} parameters > training.max_params {max_params:,}"
+    bound = spec.study.constraints.get("n_params")  # known before training: fail fast
+    if bound is not None and bound.max is not None and fp.params > bound.max:
+        return (f"infeasible before training: {fp.params:,} parameters > "
+                f"study.constraints.n_params.max {bound.max:,.0f}")  # fmt: skip
+    if bound is not None and bound.min is not None and fp.params < bound.min:
+        return (f"infeasible before training: {fp.params:,} parameters < "
+                f"study.constraints.n_params.min {bound.min:,.0f}")  # fmt: skip
     need = fp.total + (copies - 1) * (fp.total - fp.data)
     if memory_limit is not None and need > memory_limit:
         members = f"{copies} members of " if copies > 1 else ""

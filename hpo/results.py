@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hpo.diagnose import FIT_LABELS
+from hpo.objectives import Objectives, primary
 from hpo.outcomes import (
     BaselineComparison,
     best_or_none,
@@ -130,6 +131,10 @@ class StudyResult:
     stopped_because: str = ""  # why study.stop_when stopped the study before its budget
     seed_noise: dict[str, Any] | None = None  # measured for a plateau: trial, values, sd
     ensemble: dict[str, Any] | None = None  # tracking.ensemble: members, weights, metrics
+    # several objectives, constraints or study.select: the front and the choice
+    # (`Objectives.summary`); None for a study of one objective whose best trial is its model
+    front: dict[str, Any] | None = None
+    champion: str | None = None  # models:/NAME@champion when the model is the registry's champion
 
     @property
     def fit_counts(self) -> dict[str, int]:
@@ -144,17 +149,18 @@ def progress_of(
     slots: int,
     elapsed: float,
     note: str = "",
+    objectives: Objectives | None = None,
 ) -> Progress:
     """The study after `trial` finished: how many of `total` are done, the best so far, and
     the time left at the mean of this process's trial `durations` over its `slots`."""
     done = count_finished(study)
-    best = best_or_none(study)
+    best = best_or_none(study, objectives)
     mean = sum(durations) / len(durations) if durations else None
     return Progress(
         done=done,
         total=total,
         trial=trial,
-        best_value=best.value if best else None,
+        best_value=primary(best) if best else None,
         best_number=best.number if best else None,
         elapsed=elapsed,
         eta=mean * max(total - done, 0) / max(slots, 1) if mean is not None else None,
@@ -169,10 +175,11 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
     metrics, the device, timings)."""
     best = best_or_none(study)
     trials = study.get_trials(deepcopy=False)
+    objectives = Objectives.of_study(study)
     return StudyResult(
         counts=state_counts(trials),
         best_number=best.number if best else None,
-        best_value=best.value if best else None,
+        best_value=primary(best) if best else None,
         best_se=best.user_attrs.get("value_se") if best else None,
         best_params=best.user_attrs.get("config", best.params) if best else {},
         fit_trials={
@@ -185,8 +192,14 @@ def result_of(study: optuna.Study, **given: Any) -> StudyResult:
             if best and study.user_attrs.get("model_trial") == best.number
             else None
         ),
+        champion=(
+            (study.user_attrs.get("champion") or {}).get("uri")
+            if best and (study.user_attrs.get("champion") or {}).get("trial") == best.number
+            else None
+        ),
         seed_noise=study.user_attrs.get("seed_noise"),
         ensemble=study.user_attrs.get("ensemble"),
+        front=None if objectives.plain else objectives.summary(trials),
         test_model=(
             study.user_attrs.get("test_model", "")
             if best and study.user_attrs.get("test_trial") == best.number

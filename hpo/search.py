@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo._private import TrialsSeenBy
+from hpo._private import TrialsSeenBy, trial_id
 from hpo.config import Spec, SpecError
 from hpo.registry import PRUNERS, SAMPLERS
 from hpo.space import grid_space
@@ -63,7 +63,8 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     s = spec.study.sampler
     seed = s.seed if seed is None else seed
     cls = SAMPLERS.load(s.name)
-    _check_options("study.sampler", f"{s.name} sampler", cls, s.options, ("seed", "search_space"))
+    skip = ("seed", "search_space", "constraints_func")  # constraints: `Trial.set_constraint`
+    _check_options("study.sampler", f"{s.name} sampler", cls, s.options, skip)
     try:
         if "search_space" in inspect.signature(cls).parameters:  # grid: the points to walk
             sampler = cls(grid_space(spec.space), seed=seed, **s.options)
@@ -72,6 +73,38 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.sampler: {e}"]) from None
     return BaselineBlind(sampler) if spec.baselines else sampler
+
+
+class FirstObjective(TrialsSeenBy):
+    """A study of several objectives as Optuna's pruners read one: the first objective's
+    direction (the metric's), and as the trials to compare with, those with at most
+    `n_params` parameters, each with its curve of the metric (`curve_of`; Optuna keeps no
+    intermediate values with several objectives). A trial is pruned only for doing worse at
+    the same epoch than nets no larger than itself: big nets' curves would otherwise prune
+    away the small end of the front, the trials a cost objective is there to find."""
+
+    def __init__(self, study: optuna.Study, n_params: int):
+        super().__init__(
+            study,
+            lambda t: t.user_attrs.get("n_params", 0) <= n_params,
+            lambda t: curve_of(t, t.user_attrs.get("curve", [])),
+        )
+
+    @property
+    def direction(self) -> optuna.study.StudyDirection:
+        return self._study.directions[0]
+
+
+def curve_of(trial: FrozenTrial, curve: list[float | None]) -> FrozenTrial:
+    """A trial with `curve` (the metric at epochs 1, 2, ...) as its intermediate values."""
+    return FrozenTrial(
+        number=trial.number, state=trial.state, value=None, values=trial.values,
+        datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
+        params=trial.params, distributions=trial.distributions, user_attrs=trial.user_attrs,
+        system_attrs=trial.system_attrs,
+        intermediate_values={i: v for i, v in enumerate(curve, 1) if v is not None},
+        trial_id=trial_id(trial),
+    )  # fmt: skip
 
 
 def _without_baselines(study: optuna.Study) -> Any:

@@ -29,18 +29,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo import __version__, resources
 from hpo._private import GRID_STOPPED, storage_of, trial_id
-from hpo.config import Spec, SpecError, metric_direction
+from hpo.config import Spec, SpecError
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
 from hpo.final import Final
+from hpo.objectives import ATTR as OBJECTIVES
+from hpo.objectives import Objectives, primary
 from hpo.outage import RETRY_S, Retry, ServerLost, uncut
 from hpo.outcomes import (
+    Settled,
+    as_frozen,
     best_or_none,
     budget_used,
     checkpoint_policy,
     count_finished,
-    pick_best,
-    rank,
     searched_finished,
     settle,
     settle_lost,
@@ -58,7 +60,15 @@ from hpo.results import (
     progress_of,
     result_of,
 )
-from hpo.search import check_spec, enqueue_baselines, make_pruner, make_sampler, prune_window
+from hpo.search import (
+    FirstObjective,
+    check_spec,
+    curve_of,
+    enqueue_baselines,
+    make_pruner,
+    make_sampler,
+    prune_window,
+)
 from hpo.space import is_structural, leads_a_cohort, structure, suggest_params
 from hpo.stale import StaleTrials, fail_orphans, process_id, queue_again
 from hpo.storage import (
@@ -76,6 +86,8 @@ from hpo.storage import (
 from hpo.tracker import Tracker
 from hpo.train import evaluate, flush_denormals, precision_warning, train
 from hpo.trial import SEED_STEP, CohortJob, TrialJob, TrialRecord, build_model, train_config
+from hpo.warm import STUDY_ATTR as WARM_STARTED
+from hpo.warm import check_sources, warm_start
 
 __all__ = ["DEFAULT_STORAGE", "GRACE_S", "HEARTBEAT_S", "open_storage", "run_study"]
 POLL_S = 1.0  # how often an idle driver looks at the storage again
@@ -137,10 +149,13 @@ def run_study(
     )  # fmt: skip
     check_storage_writable(url, given)
     tracker.check()
+    sources = spec.study.warm_start
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)
     opened = open_storage(url, heartbeat=True, on_stale=driver.stale.on_stale, retry=driver.retry)
     stored = refuse_changed_spec(opened, url, name, fingerprints, data.info)
+    if sources:
+        check_sources(opened, name, sources)
     if seed is None:
         seed = stored.get("seed")  # a resumed study keeps the --seed it started with
     # The workers load their data and warm up while the stores open (driver.run waits for
@@ -154,14 +169,19 @@ def run_study(
                 study_name=name,
                 storage=opened,
                 pruner=pruner,
-                direction=metric_direction(spec.study.metric),
+                directions=list(driver.objectives.directions),
                 load_if_exists=True,
             )
-            if study.metric_names != [spec.study.metric]:  # optuna-dashboard's axis title
+            names = list(driver.objectives.names)
+            if study.metric_names != names:  # optuna-dashboard's axis titles
                 with warnings.catch_warnings():  # experimental since optuna 3.2
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.set_metric_names([spec.study.metric])
+                    study.set_metric_names(names)
             attrs = study.user_attrs
+            stored_objectives = driver.objectives.as_attr()  # `select` may change between runs
+            wanted = not driver.objectives.plain or OBJECTIVES in attrs
+            if wanted and attrs.get(OBJECTIVES) != stored_objectives:
+                study.set_user_attr(OBJECTIVES, stored_objectives)
             if "spec_hash" not in attrs:
                 for k, v in {
                     "spec_hash": fingerprints[0],
@@ -207,6 +227,9 @@ def run_study(
                 study.set_user_attr("tracking_uri", redact_url(tracker.uri))
                 tracker.log_text(stored_yaml(spec), "spec.yaml")
             driver.stale.close_runs_of_finished_trials(study)
+            if sources and (added := warm_start(study, spec, data.info, sources, spec_of)):
+                told = "; ".join(f"{k}: {v['added']} trials" for k, v in added.items())
+                tracker.log_summary({}, {"hpo.warm_start_from": told})
             enqueue_baselines(study, spec)
         base_seed = seed if seed is not None else (spec.study.sampler.seed or 0)
         return driver.run(study, base_seed, on_start, on_trial_end, on_epoch)
@@ -237,6 +260,7 @@ class _Driver:
         self.spec, self.name, self.url = spec, name, url
         self.tracker, self.data, self.executor = tracker, data, executor
         self.metric = spec.study.metric
+        self.objectives = Objectives.of_spec(spec)
         self.total = spec.study.n_trials
         self.lock_key = f"hpo:study:{name}"
         self.study: optuna.Study = None  # type: ignore[assignment]  # set by run
@@ -281,10 +305,10 @@ class _Driver:
         self.final.study, self.final.retry = study, self.retry
         self.on_trial_end, self.on_epoch = on_trial_end, on_epoch
         if on_start is not None:
-            best = best_or_none(study)
+            best = best_or_none(study, self.objectives)
             on_start(
                 {
-                    "best_value": best.value if best else None,
+                    "best_value": primary(best) if best else None,
                     "best_number": best.number if best else None,
                     "name": self.name,
                     "data": self.data.info,
@@ -294,6 +318,7 @@ class _Driver:
                     "storage": redact_url(self.url),
                     "tracking_uri": redact_url(self.tracker.uri),
                     "done": count_finished(study),
+                    "warm_started": study.user_attrs.get(WARM_STARTED),
                     "total": self.total,
                 }
             )
@@ -606,13 +631,13 @@ class _Driver:
                 self.executor.decide(e.number, decision)
             elif "baseline" in r.trial.user_attrs or isinstance(self.study.pruner, NopPruner):
                 self.executor.decide(e.number, None)  # before its value is stored, not after
-                r.trial.report(e.metrics[self.metric], e.epoch)
+                self._report(r, e.metrics[self.metric], e.epoch)
             else:
-                r.trial.report(e.metrics[self.metric], e.epoch)
+                self._report(r, e.metrics[self.metric], e.epoch)
                 # Pruning at the last epoch would save nothing: the trial is complete.
                 last = e.epoch >= self.spec.training.max_epochs
                 may = self.window is None or self.window.may_prune(e.epoch, self.completed)
-                decision = "pruned" if may and not last and r.trial.should_prune() else None
+                decision = "pruned" if may and not last and self._should_prune(r) else None
                 self.executor.decide(e.number, decision)
                 r.pruned = decision == "pruned"
             self.book.add("epoch decision", time.perf_counter() - t0)
@@ -621,6 +646,24 @@ class _Driver:
             value = e.metrics.get(self.metric, math.nan)
             max_epochs = self.spec.training.max_epochs
             self.on_epoch(EpochProgress(e.number, e.epoch, max_epochs, value, decision))
+
+    def _report(self, r: _Running, value: float, epoch: int) -> None:
+        """An epoch's value of the metric in the trial's Optuna record, for the pruner and
+        the dashboard: `Trial.report`. Optuna takes none with several objectives (its
+        samplers would misread a pruned trial's); the curve is then the trial's `curve`
+        attribute as it finishes, and the pruner reads it (`FirstObjective`)."""
+        if not self.objectives.several:
+            r.trial.report(value, epoch)
+
+    def _should_prune(self, r: _Running) -> bool:
+        """The pruner's answer: `Trial.should_prune`; with several objectives, the pruner on
+        the first one against trials no larger (`FirstObjective`)."""
+        if not self.objectives.several:
+            return r.trial.should_prune()
+        assert r.config is not None
+        n_params = resources.of_config(r.config, resources.Shape.of(self.data), True).params
+        me = curve_of(as_frozen(r.trial.number, {}, None), [e.get(self.metric) for e in r.history])
+        return self.study.pruner.prune(FirstObjective(self.study, n_params), me)
 
     def _log_epoch(self, r: _Running, e: Epoch) -> None:
         if r.run_id is not None:  # None: started as the study stopped
@@ -662,14 +705,14 @@ class _Driver:
                         self.tracker.flush(run_id=r.run_id)
                 except ServerLost as e:
                     lost = e
-            settled = settle(record, self.metric, trial.user_attrs.get("fused_with"))
+            settled = settle(record, self.objectives, trial.user_attrs.get("fused_with"))
             set_user_attrs(trial, settled.attrs)
             checkpoint_s = 0.0
             if settled.state == TrialState.COMPLETE and r.run_id is not None:
-                assert settled.value is not None
+                assert settled.values is not None
                 t1 = time.perf_counter()
                 try:
-                    self._keep_if_best(trial, settled.value, record, r.run_id)
+                    self._keep_if_best(trial, settled, record, r.run_id)
                 except ServerLost:
                     # Its weights could not be kept: it is interrupted with the others on the way
                     # out (told, queued to run again), not left RUNNING.
@@ -677,7 +720,12 @@ class _Driver:
                     raise
                 checkpoint_s = time.perf_counter() - t1
                 self.book.add("checkpoint", checkpoint_s)
-            frozen = self._tell(trial, settled.state, settled.value)
+            if self.objectives.constraints and settled.state != TrialState.FAIL:
+                # for the samplers that prefer feasible trials (TPE, NSGA-II, GP)
+                told = as_frozen(trial.number, settled.attrs, settled.values)
+                for key, violation in self.objectives.violations(told).items():
+                    trial.set_constraint(key, violation)
+            frozen = self._tell(trial, settled.state, settled.values)
             self.completed += frozen is not None and settled.state == TrialState.COMPLETE
             if settled.retry:
                 queue_again(self.study, trial, trial.user_attrs.get("kills", 0))
@@ -710,7 +758,8 @@ class _Driver:
             return
         trials = self.study.get_trials(deepcopy=False)
         noise = self._seed_noise(trials) if stop.plateau is not None else None
-        reason = stop_reason(trials, self.study.direction.name, self.metric, stop, noise)
+        direction = self.objectives.direction.upper()
+        reason = stop_reason(trials, direction, self.metric, stop, noise)
         if reason:
             self.stopping, self.stopped_because = "stop_when", reason
             if self.study.user_attrs.get("stopped_because") != reason:
@@ -746,9 +795,7 @@ class _Driver:
         if self.noise_done or stop is None or stop.plateau is None:
             return None
         searched = searched_finished(trials)
-        best = pick_best(
-            [t for t in searched if t.state == TrialState.COMPLETE], self.study.direction.name
-        )
+        best = self.objectives.best([t for t in searched if t.state == TrialState.COMPLETE])
         if best is None or len(searched) < stop.plateau.trials:
             return None
         seed = best.user_attrs.get("seed", 0)
@@ -757,7 +804,7 @@ class _Driver:
         from hpo.executors.local import NoiseProbe
 
         probe = NoiseProbe(self.spec, device, best.user_attrs["config"], seeds, self.metric)
-        self.noise = (probe, best.number, best.value)
+        self.noise = (probe, best.number, primary(best))
         return None
 
     def _on_lost(self, number: int, reason: str) -> None:
@@ -777,9 +824,9 @@ class _Driver:
         if frozen is not None:
             self._progress(frozen, f"{reason}; " + ("runs again" if settled.retry else "failed"))()
 
-    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None) -> Any:
+    def _tell(self, trial: optuna.Trial, state: TrialState, values: list[float] | None) -> Any:
         try:
-            return self.study.tell(trial, value, state=state)
+            return self.study.tell(trial, values, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:
             return None  # another process failed it as stale meanwhile; its result is dropped
         except RuntimeError as e:
@@ -807,28 +854,18 @@ class _Driver:
         self._on_done(number, record)
 
     def _keep_if_best(
-        self, trial: optuna.Trial, value: float, record: TrialRecord, run_id: str
+        self, trial: optuna.Trial, settled: Settled, record: TrialRecord, run_id: str
     ) -> None:
-        """Keep a trial's weights when it beats or ties the best so far: a tie with a lower
-        number becomes the best (`pick_best`), so it must have its checkpoint, whichever of the
-        two finished first and in whichever process."""
+        """Keep a trial's weights when it could be the study's model (`checkpoint_policy`)."""
         log_all = self.spec.tracking.log_model == "all"
         ensemble = self.spec.tracking.ensemble
-        ahead = 0
-        if ensemble is not None:  # the ensemble's candidates keep their weights too
-            mine = rank(value, trial.number, self.study.direction.name)
-            ahead = sum(
-                rank(t.value, t.number, self.study.direction.name) < mine
-                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            )
+        attrs = {**trial.user_attrs, **settled.attrs}
         keep, is_best = checkpoint_policy(
-            value,
-            trial.number,
-            best_or_none(self.study),
-            self.study.direction.name,
+            as_frozen(trial.number, attrs, settled.values),
+            self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+            self.objectives,
             log_all=log_all,
             baseline="baseline" in trial.user_attrs,
-            ahead=ahead,
             keep_top=ensemble.candidates if ensemble is not None else 0,
         )
         if keep and record.weights is not None:
@@ -851,7 +888,9 @@ class _Driver:
             return lambda: None
         elapsed = time.perf_counter() - self.started
         slots = self.executor.slots
-        progress = progress_of(self.study, trial, self.total, self.durations, slots, elapsed, note)
+        progress = progress_of(
+            self.study, trial, self.total, self.durations, slots, elapsed, note, self.objectives
+        )
         return lambda: on_trial_end(progress)
 
     # ------------------------------------------------------------ the end
@@ -952,7 +991,7 @@ def list_studies(storage: str | optuna.storages.BaseStorage) -> list[dict[str, A
         row.update(
             name=summary.study_name,
             metric=study.user_attrs.get("metric", "?"),
-            best=best.value if best else None,
+            best=primary(best) if best else None,
             test=", ".join(f"{k}={v:.4f}" for k, v in test.items()),
         )
         rows.append(row)

@@ -75,5 +75,9 @@ class Tracker(Protocol):
     ) -> str:
         """The deployable model (on the study's run, or a trial's) under `name`: its URI."""
 
+    def register_model(self, uri: str, name: str, alias: str) -> tuple[str, str]:
+        """A logged model as a new version of the registered model `name`, with `alias`
+        pointing at it: its `models:/NAME@ALIAS` URI and version."""
+
     def fail_pending_models(self) -> int:
         """Mark failed the model uploads a Ctrl-C cut short; how many."""

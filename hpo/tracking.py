@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -396,6 +398,19 @@ class MlflowTracker:  # implements hpo.tracker.Tracker
                     mlflow.end_run()
         self.client.update_run(run_id, status="RUNNING")
         return info.model_uri
+
+    def register_model(self, uri: str, name: str, alias: str) -> tuple[str, str]:
+        """A logged model registered as a new version of `name` in MLflow's model registry,
+        `alias` moved onto it (`MlflowClient.set_registered_model_alias`)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        # MLflow prints "Successfully registered model" to stderr: hpo says it in its summary
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            version = mlflow.register_model(uri, name).version
+        self.client.set_registered_model_alias(name, alias, version)
+        return f"models:/{name}@{alias}", str(version)
 
     def close_parent(self, status: str = "FINISHED") -> None:
         """End the parent run: FINISHED, KILLED (Ctrl-C) or FAILED."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -129,6 +130,7 @@ class TrialRecord:
     failure: str | None = None  # why it failed
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # kept, on CPU
     members: list[MemberRecord] = field(default_factory=list)  # empty: a trial of one
+    inference_ms: float | None = None  # measured when the study asks for it (`measure_inference`)
 
     @property
     def outcome(self) -> str:
@@ -150,6 +152,16 @@ class TrialRecord:
         """The study's metric at the kept epoch (the members' mean), when finite."""
         v = self.kept.get(metric)
         return v if v is not None and math.isfinite(v) else None
+
+    def costs(self, names: list[str]) -> dict[str, float]:
+        """The costs named (`hpo.config.COSTS`) that this record has."""
+        have = {
+            "n_params": float(self.n_params) if self.n_params else None,
+            "train_seconds": sum(e.get("epoch_seconds", 0.0) for e in self.history)
+            if self.history else None,
+            "inference_ms": self.inference_ms,
+        }  # fmt: skip
+        return {n: v for n in names if (v := have.get(n)) is not None}
 
     def member_values(self, metric: str) -> list[float]:
         """Each member's metric at its kept epoch."""
@@ -270,6 +282,7 @@ def run(
             for cfg in cfgs:
                 cfg.shuffle_seed = shuffle
         # every member's weights: a fold ensemble's, or an ensemble's out-of-fold picks
+        timed = "inference_ms" in spec.study.named_costs()
         every = folds is not None and (
             spec.dataset.split.final_model == "fold_ensemble" or spec.tracking.ensemble is not None
         )
@@ -281,7 +294,7 @@ def run(
             if p.sent or not (p.complete or result.failure):
                 return
             p.sent = True
-            record = _recorded(p, data, spec.study.metric, every)
+            record = _recorded(p, data, spec.study.metric, every, timed)
             try:
                 on_done(record)
             except Exception as e:  # the caller's own failure (its channel closed, say)
@@ -362,15 +375,42 @@ class _Plan:
         return heard
 
 
+def measure_inference(
+    model: torch.nn.Module, X: torch.Tensor, rows: int = 1000, warmup: int = 3, timed: int = 10
+) -> float:
+    """Milliseconds to predict a batch of `rows` rows of `X` on its device, without gradients:
+    the median of `timed` batches after `warmup` (the study cost `inference_ms`)."""
+    batch = X[:rows] if len(X) >= rows else X.repeat(math.ceil(rows / len(X)), 1)[:rows]
+    cuda = batch.device.type == "cuda"
+    was = model.training
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + timed):
+            if cuda:
+                torch.cuda.synchronize(batch.device)
+            t0 = time.perf_counter()
+            model(batch)
+            if cuda:
+                torch.cuda.synchronize(batch.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    model.train(was)
+    return statistics.median(times) * 1000
+
+
 class _NotHandedBack(Exception):
     """`on_done` raised: the error is the caller's, not the trial's."""
 
 
-def _recorded(p: _Plan, data: Data, metric: str, every: bool = False) -> TrialRecord:
+def _recorded(
+    p: _Plan, data: Data, metric: str, every: bool = False, timed: bool = False
+) -> TrialRecord:
     """The record of a trained trial: its curve, why it stopped, kept weights, fit label. A
     trial of several members: its members' records, the mean curve (`_Plan.epoch`), the
     median kept epoch, and the weights of its best member (by the study's metric), or with
-    `every` each member's, their names prefixed `member<i>.` (a fold ensemble)."""
+    `every` each member's, their names prefixed `member<i>.` (a fold ensemble). `timed`: its
+    kept network's inference time is measured (`measure_inference`)."""
     record = p.record
     results = [p.results.get(i) for i in range(len(p.members))]
     if len(p.members) == 1:
@@ -412,6 +452,8 @@ def _recorded(p: _Plan, data: Data, metric: str, every: bool = False) -> TrialRe
             }  # fmt: skip
         else:
             record.weights = {k: v.detach().cpu() for k, v in p.models[best].state_dict().items()}
+        if timed:
+            record.inference_ms = measure_inference(p.models[best], data.val[0])
     if record.outcome in ("COMPLETE", "PRUNED") and record.history:
         chance = chance_loss(data.task, data.n_outputs, data.info.get("class_counts"))
         fit_ = diagnose_fit(

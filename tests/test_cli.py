@@ -206,7 +206,11 @@ def test_run_prints_progress_and_summary_then_studies_lists_it(workdir):
     assert "optimizer=adam" in best and "lr=" in best and "widths=[" in best, best
     assert not [k for k in ("momentum=", "nesterov=", " width=") if k in best], best
     uri = study.user_attrs["model_uri"]
-    assert f"best model: {uri}   (or: mlflow models serve -m {uri})" in out
+    # no baseline to beat: the model is the registry's champion, and the summary names it so
+    champion = "models:/cli-study@champion"
+    assert study.user_attrs["champion"]["uri"] == champion
+    assert (f"best model: {champion} in MLflow's model registry ({uri}; or: mlflow models "
+            f"serve -m {champion})") in out  # fmt: skip
     steps = out.split("next steps:\n")[1].splitlines()
     assert " report cli-study " in steps[0] and "reports/cli-study/index.html" in steps[0]
     assert " ui " in steps[1] and "the runs in the MLflow UI" in steps[1]

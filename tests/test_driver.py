@@ -34,6 +34,7 @@ class RecordingTracker:
         self.checkpoints: dict[str, dict[str, torch.Tensor]] = {}
         self.summary: dict[str, Any] = {}
         self.models: list[str | None] = []  # the run each model was logged to (None: parent)
+        self.registered: list[tuple[str, str, str]] = []  # model URI, name, alias
         self.parent_status: str | None = None
 
     def check(self):
@@ -84,6 +85,10 @@ class RecordingTracker:
     def log_model(self, predictor, input_example, run_id=None, name="model"):
         self.models.append(run_id)
         return f"models:/{len(self.models)}"
+
+    def register_model(self, uri, name, alias):
+        self.registered.append((uri, name, alias))
+        return f"models:/{name}@{alias}", str(len(self.registered))
 
     def fail_pending_models(self):
         return 0
@@ -349,11 +354,13 @@ def _record(stopped_by="max_epochs", value=0.9, **kw):
     ],
 )  # fmt: skip
 def test_what_a_finished_record_becomes(record, state, value, run_state, retry):
+    from hpo.objectives import Objectives
     from hpo.outcomes import settle
 
-    settled = settle(record, "val_accuracy", fused_with=[3, 4])
-    assert (settled.state, settled.value, settled.run_state, settled.retry) == (
-        state, value, run_state, retry
+    settled = settle(record, Objectives.single("val_accuracy", "maximize"), fused_with=[3, 4])
+    told = None if value is None else [value]
+    assert (settled.state, settled.values, settled.run_state, settled.retry) == (
+        state, told, run_state, retry
     )  # fmt: skip
     assert settled.tags["hpo.fused_with"] == "3,4"
     if state == TrialState.COMPLETE:
@@ -388,35 +395,30 @@ def test_a_lost_trial_runs_again_once_and_a_retry_repeats_its_seed():
 def test_the_checkpoint_policy_keeps_every_trial_that_is_or_ties_the_best(
     value, number, best, keep, is_best
 ):
-    from optuna.trial import create_trial
+    from hpo.objectives import Objectives
+    from hpo.outcomes import as_frozen, checkpoint_policy
 
-    from hpo.outcomes import checkpoint_policy
-
-    frozen = None
-    if best is not None:
-        frozen = create_trial(value=best[0])
-        frozen.number = best[1]
-    got = checkpoint_policy(value, number, frozen, "MAXIMIZE", log_all=False, baseline=False)
+    up, down = (
+        Objectives.single("val_accuracy", "maximize"),
+        Objectives.single("val_loss", "minimize"),
+    )
+    others = [] if best is None else [as_frozen(best[1], {}, [best[0]])]
+    me = as_frozen(number, {}, [value])
+    got = checkpoint_policy(me, others, up, log_all=False, baseline=False)
     assert got == (keep, is_best)
     # every trial's model logged, or a baseline: kept whatever its value
-    kept, _ = checkpoint_policy(value, number, frozen, "MAXIMIZE", log_all=True, baseline=False)
-    assert kept
-    kept, _ = checkpoint_policy(value, number, frozen, "MAXIMIZE", log_all=False, baseline=True)
-    assert kept
+    assert checkpoint_policy(me, others, up, log_all=True, baseline=False)[0]
+    assert checkpoint_policy(me, others, up, log_all=False, baseline=True)[0]
     # minimizing: the same order, the other way
-    low = checkpoint_policy(-value, number, _negated(frozen), "MINIMIZE", log_all=False,
-                            baseline=False)  # fmt: skip
+    low = checkpoint_policy(as_frozen(number, {}, [-value]), _negated(others), down,
+                            log_all=False, baseline=False)  # fmt: skip
     assert low == (keep, is_best)
 
 
-def _negated(frozen):
-    if frozen is None:
-        return None
-    from optuna.trial import create_trial
+def _negated(trials):
+    from hpo.outcomes import as_frozen
 
-    out = create_trial(value=-frozen.value)
-    out.number = frozen.number
-    return out
+    return [as_frozen(t.number, {}, [-t.values[0]]) for t in trials]
 
 
 def test_a_tracking_server_lost_at_a_checkpoint_leaves_its_trial_interrupted_not_running(

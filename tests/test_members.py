@@ -238,17 +238,20 @@ def test_the_report_and_compare_read_the_members_spread(workdir):
     assert "members of the best trials (repeats, folds)" in c.verdict
 
 
-@pytest.mark.parametrize("final_model", ["refit", "fold_ensemble"])
+@pytest.mark.parametrize(
+    ("folds", "final_model"), [(3, "refit"), (3, "fold_ensemble"), (None, "refit")]
+)
 def test_the_folds_model_serves_the_raw_test_file_as_its_test_metrics_say(
-    workdir, mlflow_uri, final_model
+    workdir, mlflow_uri, folds, final_model
 ):
-    """The model a folds study logs (refit on the pool, or the mean of the fold models) loads
-    in a fresh process through mlflow.pyfunc, and scores the raw test file as recorded."""
+    """The model a folds study logs (refit on the pool, or the mean of the fold models), or a
+    one-split study's refit on train + validation, loads in a fresh process through
+    mlflow.pyfunc, and scores the raw test file as recorded."""
     from test_deploy import _fresh_predictions, _tables
 
     target = _tables(workdir, regression=False)
     spec = small_spec(
-        name=f"folds-{final_model}".replace("_", "-"),
+        name=f"folds{folds}-{final_model}".replace("_", "-"),
         dataset={"name": "csv", "path": str(workdir / "train.csv"),
                  "test_path": str(workdir / "test.csv"), "target": target},
         task="auto",
@@ -257,12 +260,21 @@ def test_the_folds_model_serves_the_raw_test_file_as_its_test_metrics_say(
         study={"n_trials": 2},
         tracking={"uri": mlflow_uri, "log_model": "best"},
     )  # fmt: skip
-    del spec["dataset"]["split"]["val"]
-    spec["dataset"]["split"] |= {"folds": 3, "final_model": final_model}
+    if folds:
+        del spec["dataset"]["split"]["val"]
+    spec["dataset"]["split"] |= {"folds": folds, "final_model": final_model}
     result = study_run(parse_spec(spec), study_name=spec["name"])
     study = result.study
     how = study.user_attrs["test_model"]
-    assert how.startswith("refit on all " if final_model == "refit" else "the mean of its 3 fold")
+    data = study.user_attrs["data"]
+    if folds is None:  # trained on the validation rows too, for the trial's kept epoch
+        pool = data["n_train"] + data["n_val"]
+        epochs = study.best_trial.user_attrs["best_epoch"]
+        assert how == f"refit on all {pool:,} train and validation rows for {epochs} epochs"
+    else:
+        assert how.startswith(
+            "refit on all " if final_model == "refit" else "the mean of its 3 fold"
+        )
     served = _fresh_predictions(mlflow_uri, study.user_attrs["model_uri"], workdir / "test.csv",
                                 target)["predictions"]  # fmt: skip
     import pandas as pd
@@ -348,6 +360,10 @@ def test_a_fold_ensemble_changes_the_fingerprint_a_refit_does_not():
     explicit["dataset"]["split"]["final_model"] = "refit"
     assert parse_spec(explicit).fingerprint() == parse_spec(refit).fingerprint()
     assert parse_spec(ensemble).fingerprint() != parse_spec(refit).fingerprint()
+    # one split: a refit after the search changes no trial, so stored studies resume
+    one = small_spec()
+    explicit_one = small_spec(dataset={"split": {"final_model": "refit"}})
+    assert parse_spec(explicit_one).fingerprint() == parse_spec(one).fingerprint()
 
 
 def test_reseeding_a_folds_study_is_refused_its_members_measure_the_noise(workdir):

@@ -94,6 +94,7 @@ def test_advice_raises_the_upper_bound_when_the_metric_keeps_rising_toward_it(wo
     assert a.snippet == "lr: {type: float, low: 1.0e-4, high: 1.0, log: true}"
     assert "lr: val_accuracy keeps improving toward the high edge of [0.0001, 0.1]" in text
     assert "raise the upper bound:" in text and a.snippet in text
+    assert "hpo run NEW.yaml --warm-start trend-up " in text  # goes on from these trials
     assert "dropout" not in text.split("A peak inside the range")[1]  # only that advice
     # the snippet pastes into a spec that validates, with the wider range
     pasted = yaml.safe_load(a.snippet)["lr"]

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from hpo.cli import app
 from hpo.config import SpecError, parse_spec
 from hpo.data import load_data
-from hpo.outcomes import pick_best
+from hpo.objectives import Objectives
 from hpo.redact import redact, redact_url, url_problem
 
 runner = CliRunner()
@@ -251,11 +251,15 @@ def test_the_best_trial_is_the_best_value_then_the_lowest_number():
         _frozen(5, 0.95),
         _frozen(0, 0.99, TrialState.PRUNED),
     ]
-    assert pick_best(trials, "maximize").number == 1
-    assert pick_best(list(reversed(trials)), "maximize").number == 1  # whatever the order
-    assert pick_best(trials, "minimize").number == 3
-    assert pick_best([_frozen(7, 0.2), _frozen(2, 0.2)], "minimize").number == 2
-    assert pick_best([_frozen(0, 0.5, TrialState.FAIL)], "maximize") is None
+    up, down = (
+        Objectives.single("val_accuracy", "maximize"),
+        Objectives.single("val_loss", "minimize"),
+    )
+    assert up.best(trials).number == 1
+    assert up.best(list(reversed(trials))).number == 1  # whatever the order
+    assert down.best(trials).number == 3
+    assert down.best([_frozen(7, 0.2), _frozen(2, 0.2)]).number == 2
+    assert up.best([_frozen(0, 0.5, TrialState.FAIL)]) is None
 
 
 def separable_csv(folder):

@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.diagnose import FIT_LABELS
+from hpo.objectives import primary
 
 
 class StudySummary(NamedTuple):
@@ -56,7 +57,7 @@ def summarise(study: optuna.Study) -> StudySummary:
     """
     from hpo.outcomes import best_or_none, state_counts, was_interrupted
 
-    maximize = study.direction.name == "MAXIMIZE"
+    maximize = study.directions[0].name == "MAXIMIZE"
     trials = study.get_trials(deepcopy=False)
     finished = sorted(
         (
@@ -71,9 +72,10 @@ def summarise(study: optuna.Study) -> StudySummary:
     best_value, best_at = None, None
     for i, t in enumerate(finished, start=1):
         if t.state == TrialState.COMPLETE and (
-            best_value is None or (t.value > best_value if maximize else t.value < best_value)
+            best_value is None
+            or (primary(t) > best_value if maximize else primary(t) < best_value)
         ):
-            best_value, best_at = t.value, (i, (t.datetime_complete - start).total_seconds())
+            best_value, best_at = primary(t), (i, (t.datetime_complete - start).total_seconds())
         if best_value is not None:
             best_so_far.append((i, (t.datetime_complete - start).total_seconds(), best_value))
     fits = [t.user_attrs.get("fit") for t in finished]

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.config import SpecError
 from hpo.diagnose import FIT_LABELS
 from hpo.distributions import Distribution
+from hpo.objectives import Objectives, primary
 from hpo.redact import recorded_uri
 
 EDGE = 0.10  # the outer 10% of a range (log scale where the range is log) counts as its edge
@@ -124,6 +125,8 @@ class ReportData(NamedTuple):
     curves: dict[int, dict[str, list[float]]]  # trial number -> metric -> per-epoch values
     curve_roles: dict[int, str]  # trial number -> why it is shown (best, overfit, underfit)
     baselines: list[BaselineRow] = []  # each baseline trial, in the order they ran
+    # several objectives, constraints or study.select: `Objectives.summary` (front, choice)
+    front: dict[str, Any] | None = None
 
 
 def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportData:
@@ -137,7 +140,7 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
         FitRow(
             t.number,
             t.state.name,
-            t.value,
+            primary(t),
             t.user_attrs["fit"],
             t.user_attrs["fit_evidence"],
             t.user_attrs.get("value_se"),
@@ -164,9 +167,12 @@ def report_data(study: optuna.Study, tracking_uri: str | None = None) -> ReportD
         for p in flat
     ]
     baselines = baseline_rows(trials)
+    objectives = Objectives.of_study(study)
+    front = None if objectives.plain else objectives.summary(trials)
     return ReportData(
-        overview, fit_rows, fit_counts, importances, advice, flat, curves, roles, baselines
-    )
+        overview, fit_rows, fit_counts, importances, advice, flat, curves, roles, baselines,
+        front,
+    )  # fmt: skip
 
 
 def baseline_rows(trials) -> list[BaselineRow]:
@@ -183,7 +189,7 @@ def baseline_rows(trials) -> list[BaselineRow]:
             name,
             t.number,
             t.state.name,
-            t.value,
+            primary(t),
             t.user_attrs.get("config", {}),
             t.user_attrs.get("fit"),
             t.user_attrs.get("fit_evidence"),
@@ -216,10 +222,10 @@ def _overview(study, trials, spec) -> Overview:
     close = []
     if best is not None and best_se is not None:
         close = [
-            (t.number, t.value, t.user_attrs.get("value_se"))
+            (t.number, primary(t), t.user_attrs.get("value_se"))
             for t in trials
             if t.state == TrialState.COMPLETE and t.number != best.number
-            and t.value is not None and abs(best.value - t.value) <= best_se
+            and primary(t) is not None and abs(primary(best) - primary(t)) <= best_se
         ]  # fmt: skip
     folds, repeats = data.get("folds"), spec.training.repeats if spec else 1
     members = " x ".join(
@@ -243,7 +249,7 @@ def _overview(study, trials, spec) -> Overview:
         wall_time_s=span,
         trial_time_s=sum(t.duration.total_seconds() for t in trials if t.duration),
         best_number=best.number if best else None,
-        best_value=best.value if best else None,
+        best_value=primary(best) if best else None,
         best_config=best.user_attrs.get("config", best.params) if best else {},
         test_metrics=attrs.get("test_metrics", {}),
         test_trial=attrs.get("test_trial"),
@@ -293,7 +299,7 @@ def _on_common_params(
 ) -> optuna.Study:
     """An in-memory study of `trials` on the parameters all of them have (and, asked, their
     parameter count as one more parameter)."""
-    derived = optuna.create_study(direction=study.direction)
+    derived = optuna.create_study(direction=study.directions[0])
     common = sorted(set.intersection(*(set(t.distributions) for t in trials)))
     for t in trials:
         params = {k: t.params[k] for k in common}
@@ -302,7 +308,7 @@ def _on_common_params(
             params["n_params"] = float(t.user_attrs["n_params"])
             dists["n_params"] = optuna.distributions.FloatDistribution(1.0, 1e12, log=True)
         derived.add_trial(
-            optuna.trial.create_trial(params=params, distributions=dists, value=t.value)
+            optuna.trial.create_trial(params=params, distributions=dists, value=primary(t))
         )
     return derived
 
@@ -318,8 +324,8 @@ def parallel_studies(study: optuna.Study) -> list[tuple[str, str, optuna.Study]]
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if "baseline" not in t.user_attrs
         and t.params
-        and t.value is not None
-        and math.isfinite(t.value)
+        and primary(t) is not None
+        and math.isfinite(primary(t))
     ]
     if len(searched) < 2:
         return []
@@ -342,14 +348,16 @@ def parallel_studies(study: optuna.Study) -> list[tuple[str, str, optuna.Study]]
 def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advice]:
     """Numeric ranges whose best values crowd against an edge, or toward whose edge the metric
     keeps improving, each with a wider range to paste (rules: `ADVICE_RULES`)."""
-    maximize = study.direction.name == "MAXIMIZE"
+    maximize = study.directions[0].name == "MAXIMIZE"
     complete = sorted(
         (
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "baseline" not in t.user_attrs and t.value is not None and math.isfinite(t.value)
+            if "baseline" not in t.user_attrs
+            and primary(t) is not None
+            and math.isfinite(primary(t))
         ),
-        key=lambda t: t.value,
+        key=lambda t: primary(t),
         reverse=maximize,
     )
     if len(complete) < MIN_GROUP:
@@ -378,7 +386,9 @@ def search_space_advice(study: optuna.Study, space: dict[str, Any]) -> list[Advi
             "high": sum(p >= 1 - EDGE for p in pos) / max(len(pos), 1),
         }
         have = [t for t in complete if name in t.params]  # best first
-        points = [(position(t.params[name]), t.value if maximize else -t.value) for t in have]
+        points = [
+            (position(t.params[name]), primary(t) if maximize else -primary(t)) for t in have
+        ]
         found = metric_trend(points)
         trend = None
         if found is not None:
@@ -482,10 +492,10 @@ def yaml_float(v: float) -> str:
 
 def _curve_roles(study, complete, fit_rows) -> dict[int, str]:
     best_first = sorted(
-        complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE"
+        complete, key=lambda t: primary(t), reverse=study.directions[0].name == "MAXIMIZE"
     )
     roles = {t.number: "best" if i == 0 else f"top {i + 1}" for i, t in enumerate(best_first[:3])}
-    values = {t.number: t.value for t in complete}
+    values = {t.number: primary(t) for t in complete}
     for label in (label for label in FIT_LABELS if label != "good"):
         rows = [r for r in fit_rows if r.label == label and r.number not in roles]
         if rows:

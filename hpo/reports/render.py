@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 
 from hpo.diagnose import FIT_LABELS, RULES
+from hpo.objectives import primary
 from hpo.reports.data import (
     ADVICE_RULES,
     IMPORTANCE,
@@ -134,6 +135,8 @@ def facts(d: ReportData) -> list[tuple[str, str]]:
         ))  # fmt: skip
     if o.baselines:
         rows.append(("Against the baselines", "; ".join(o.baselines)))
+    if d.front is not None:
+        rows += _front_facts(d.front)
     return rows
 
 
@@ -155,14 +158,75 @@ def optuna_charts(study: optuna.Study, d: ReportData, vis: Any) -> dict[str, Cal
     charts: dict[str, Callable[[], Any]] = {}
     if not complete:
         return charts
-    charts["history"] = partial(vis.plot_optimization_history, study, target_name=target)
+    several = len(study.directions) > 1  # Optuna's charts then plot the `target` given
+    one = {"target": primary, "target_name": target} if several else {"target_name": target}
+    charts["history"] = partial(vis.plot_optimization_history, study, **one)
+    if several and len(study.directions) <= 3:
+        charts["front"] = partial(_front_chart, vis, study, d)
     derived = importance_study(study) if d.importances else None
     if derived is not None:
         known = _Known(d.importances)
         charts["importances"] = partial(vis.plot_param_importances, derived, evaluator=known)
     for key, _title, trials in parallel_studies(study):
-        charts[key] = partial(vis.plot_parallel_coordinate, trials, target_name=target)
+        charts[key] = partial(vis.plot_parallel_coordinate, trials, **one)
     return charts
+
+
+def _front_chart(vis: Any, study: optuna.Study, d: ReportData) -> Any:
+    """Optuna's Pareto-front chart (every complete trial, the front and the infeasible ones
+    told apart), with the study's model marked: a plotly figure, or matplotlib axes."""
+    names = [n for n, _ in d.front["objectives"]] if d.front else None
+    drawn = vis.plot_pareto_front(study, target_names=names, include_dominated_trials=True)
+    chosen = d.overview.best_number
+    if chosen is None or len(study.directions) != 2:
+        return drawn
+    x, y = study.trials[chosen].values[:2]
+    label = f"the study's model (#{chosen})"
+    if hasattr(drawn, "add_trace"):  # plotly
+        import plotly.graph_objects as go
+
+        star = {"symbol": "star", "size": 16, "color": "black"}
+        drawn.add_trace(go.Scatter(x=[x], y=[y], mode="markers", name=label, marker=star))
+    else:
+        drawn.scatter([x], [y], marker="*", s=250, color="black", label=label, zorder=5)
+        drawn.legend()
+    return drawn
+
+
+def front_rows(d: ReportData) -> tuple[list[str], list[list[str]]]:
+    """The front as a table: each trial on it, its objectives' values, the model marked."""
+    assert d.front is not None
+    names = list(d.front["front"][0]["values"]) if d.front["front"] else []
+    rows = [
+        [f"{r['number']}", *(_quantity(r["values"].get(n)) for n in names),
+         "the study's model" if r["number"] == d.front["chosen"] else ""]
+        for r in d.front["front"]
+    ]  # fmt: skip
+    return ["trial", *names, ""], rows
+
+
+def _quantity(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if v == int(v) and abs(v) >= 100 else f"{v:.4g}"
+
+
+def _front_facts(front: dict[str, Any]) -> list[tuple[str, str]]:
+    names = ", ".join(
+        f"{n} ({'max' if d == 'maximize' else 'min'})" for n, d in front["objectives"]
+    )
+    on = ", ".join(f"#{r['number']}" for r in front["front"])
+    out = [
+        ("Objectives", names),
+        ("Pareto front" if len(front["objectives"]) > 1 else "Best feasible",
+         f"{len(front['front'])} of {front['complete']} complete trials: {on}"),
+        ("The study's model", f"#{front['chosen']}, {front['rule']}"
+         if front["chosen"] is not None else "none: no feasible trial completed"),
+    ]  # fmt: skip
+    if front["infeasible"]:
+        bad = "; ".join(f"#{n}: {', '.join(w)}" for n, w in front["infeasible"].items())
+        out.append(("Infeasible (study.constraints)", f"{len(front['infeasible'])}: {bad}"))
+    return out
 
 
 def slice_data(study: optuna.Study, d: ReportData) -> list[tuple[str, str, list[Any]]]:
@@ -171,7 +235,7 @@ def slice_data(study: optuna.Study, d: ReportData) -> list[tuple[str, str, list[
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.params and t.value is not None
+        if t.params and primary(t) is not None
     ]
     if len(complete) < 2:
         return []
@@ -219,7 +283,7 @@ def slice_figure(study: optuna.Study, d: ReportData) -> Any | None:
         fig.add_trace(
             go.Scatter(
                 x=_slice_x(axis, trials, name),
-                y=[t.value for t in trials],
+                y=[primary(t) for t in trials],
                 mode="markers",
                 marker={
                     "color": [t.number for t in trials],
@@ -328,6 +392,7 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
         *[f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts(d)],
         "</table>",
         *_baselines_html(d),
+        *_front_html(d, chart),
         "<h2>Optimisation history</h2>",
         chart("history"),
         "<h2>What mattered</h2>",
@@ -354,6 +419,23 @@ def render_html(study: optuna.Study, d: ReportData) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _front_html(d: ReportData, chart: Callable[[str], str]) -> list[str]:
+    if d.front is None or len(d.front["objectives"]) < 2:
+        return []
+    e = html.escape
+    header, rows = front_rows(d)
+    return [
+        "<h2>Pareto front</h2>",
+        f"<p>The study's model (the star) is {e(d.front['rule'])}. Every complete trial is "
+        "drawn; Optuna marks the front as its best trials, and the trials that break "
+        "study.constraints as infeasible.</p>",
+        chart("front"),
+        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
+        *["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows],
+        "</table>",
+    ]
 
 
 def _fit_sentence(d: ReportData) -> str:
@@ -426,6 +508,16 @@ def _advice_lines(d: ReportData) -> list[str]:
     return lines
 
 
+def continue_line(d: ReportData) -> str:
+    """How to go on from this study with the advised ranges, without starting over."""
+    name = d.overview.study
+    return (
+        "Paste the ranges into a copy of the spec under a new name (NEW.yaml), then continue "
+        f"from this study's trials: hpo run NEW.yaml --warm-start {name} (its trials that fit "
+        "the new space are added, not counted in the new budget)."
+    )
+
+
 NO_ADVICE = "No numeric range has its best values crowded against an edge or a metric still "
 NO_ADVICE += "improving toward one."
 
@@ -437,6 +529,8 @@ def _advice_html(d: ReportData) -> list[str]:
         out.append(f"<p>{NO_ADVICE}</p>")
     for line, a in zip(_advice_lines(d), d.advice, strict=True):
         out.append(f"<p>{e(line)}</p><pre>{e(a.snippet)}</pre>")
+    if d.advice:
+        out.append(f"<p>{e(continue_line(d))}</p>")
     if d.flat:
         out.append(f"<p>Barely matter here (importance under 5%): {e(', '.join(d.flat))}.</p>")
     return out
@@ -449,6 +543,13 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
     if d.baselines:
         header, rows = baseline_table(d)
         lines += ["", "### Baselines", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if d.front is not None and len(d.front["objectives"]) > 1:
+        header, rows = front_rows(d)
+        lines += ["", "## Pareto front", "", f"The study's model is {d.front['rule']}.", ""]
+        if "front" in images:
+            lines += [f"![Pareto front]({images['front']})", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     for title, key in (
@@ -481,6 +582,8 @@ def render_markdown(d: ReportData, images: dict[str, str]) -> str:
         lines.append(NO_ADVICE)
     for line, a in zip(_advice_lines(d), d.advice, strict=True):
         lines += [line, "", "```yaml", a.snippet, "```", ""]
+    if d.advice:
+        lines += [continue_line(d), ""]
     if d.flat:
         lines.append(f"Barely matter here (importance under 5%): {', '.join(d.flat)}.")
     return "\n".join(lines) + "\n"
@@ -567,7 +670,7 @@ def _slice_png(study: optuna.Study, d: ReportData, path: Path) -> bool:
         xs = _slice_x(axis, trials, name)
         dots = ax.scatter(
             xs,
-            [t.value for t in trials],
+            [primary(t) for t in trials],
             c=[t.number for t in trials],
             cmap=cmap,
             norm=norm,
