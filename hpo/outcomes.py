@@ -155,9 +155,7 @@ def budget_used(trials: list[FrozenTrial]) -> int:
     )
 
 
-def best_or_none(
-    study: optuna.Study, objectives: Objectives | None = None
-) -> FrozenTrial | None:
+def best_or_none(study: optuna.Study, objectives: Objectives | None = None) -> FrozenTrial | None:
     """The study's model (see `Objectives.best`), or None while no feasible trial completed;
     `objectives`: the study's, when the caller has them (else read from the study)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
