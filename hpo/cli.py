@@ -534,13 +534,15 @@ def _summary(r: Any) -> None:
 def front_lines(front: dict[str, Any], most: int = 10) -> list[str]:
     """The Pareto front of a study of several objectives (or with constraints), the
     infeasible trials, and how the study's model was chosen."""
+    from hpo.objectives import show as show_quantity
+
     arrows = {"maximize": "higher is better", "minimize": "lower is better"}
     names = ", ".join(f"{n} ({arrows[d]})" for n, d in front["objectives"])
     rows = front["front"]
     head = "Pareto front" if len(front["objectives"]) > 1 else "best feasible trials"
     lines = [f"{head} of {names}: {len(rows)} of {front['complete']} complete trials"]
     for row in rows[:most]:
-        values = ", ".join(f"{n} {_quantity(v)}" for n, v in row["values"].items())
+        values = ", ".join(f"{n} {show_quantity(v)}" for n, v in row["values"].items())
         mark = "   <- the study's model" if row["number"] == front["chosen"] else ""
         lines.append(f"  #{row['number']}: {values}{mark}")
     if len(rows) > most:
@@ -550,12 +552,6 @@ def front_lines(front: dict[str, Any], most: int = 10) -> list[str]:
         more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
         lines.append(f"infeasible (study.constraints): {len(bad)} complete: {shown}{more}")
     return lines
-
-
-def _quantity(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:,.0f}" if v == int(v) and abs(v) >= 100 else f"{v:.4g}"
 
 
 def ensemble_line(e: dict[str, Any], metric: str, best_test: dict[str, float]) -> str:

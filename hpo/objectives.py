@@ -159,9 +159,9 @@ class Objectives:
             if q is None:
                 continue
             if low is not None and q < low:
-                out.append(f"{name} {_show(q)} < min {_show(low)}")
+                out.append(f"{name} {show(q)} < min {show(low)}")
             if high is not None and q > high:
-                out.append(f"{name} {_show(q)} > max {_show(high)}")
+                out.append(f"{name} {show(q)} > max {show(high)}")
         return out
 
     # ------------------------------------------------------------- the front and the choice
@@ -243,5 +243,10 @@ class Objectives:
         )  # fmt: skip
 
 
-def _show(q: float) -> str:
-    return f"{q:,.0f}" if q == int(q) and abs(q) >= 1000 else f"{q:.4g}"
+def show(q: float | None) -> str:
+    """A metric or a cost as the summary and the report print it: 0.9772, 1,168,075, 0.31."""
+    if q is None:
+        return "-"
+    if q == int(q) and abs(q) >= 100:
+        return f"{q:,.0f}"
+    return f"{q:.4f}" if abs(q) < 1 else f"{q:.4g}"

@@ -15,6 +15,7 @@ import optuna
 
 from hpo.diagnose import FIT_LABELS, RULES
 from hpo.objectives import primary
+from hpo.objectives import show as show_quantity
 from hpo.reports.data import (
     ADVICE_RULES,
     IMPORTANCE,
@@ -198,17 +199,11 @@ def front_rows(d: ReportData) -> tuple[list[str], list[list[str]]]:
     assert d.front is not None
     names = list(d.front["front"][0]["values"]) if d.front["front"] else []
     rows = [
-        [f"{r['number']}", *(_quantity(r["values"].get(n)) for n in names),
+        [f"{r['number']}", *(show_quantity(r["values"].get(n)) for n in names),
          "the study's model" if r["number"] == d.front["chosen"] else ""]
         for r in d.front["front"]
     ]  # fmt: skip
     return ["trial", *names, ""], rows
-
-
-def _quantity(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:,.0f}" if v == int(v) and abs(v) >= 100 else f"{v:.4g}"
 
 
 def _front_facts(front: dict[str, Any]) -> list[tuple[str, str]]:
