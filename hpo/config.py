@@ -242,6 +242,12 @@ class SelectSpec(Strict):
     within: Annotated[float, Field(ge=0)] = 0.0
     then: str | None = None
 
+    @model_validator(mode="after")
+    def _within_needs_then(self) -> SelectSpec:
+        if self.within and self.then is None:
+            raise problem("within needs then: the quantity to prefer among the trials within it")
+        return self
+
 
 class StudySpec(Strict):
     n_trials: Annotated[int, Field(ge=1)] = 40

@@ -108,8 +108,6 @@ class Objectives:
             lowest = "lowest" if self._sign(self.then) > 0 else "highest"
             within = f"within {self.within:g} of {best}" if self.within else f"at {best}"
             return f"the{feasible} trial with the {lowest} {self.then} {within} (study.select)"
-        if self.within:
-            return f"the{feasible} trial with {best} (study.select.within without then)"
         return f"the{feasible} trial with {best}"
 
     def cost_names(self) -> list[str]:

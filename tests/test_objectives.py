@@ -121,6 +121,7 @@ def test_with_several_objectives_a_trial_is_pruned_only_against_nets_no_larger()
         ({"constraints": {"latency": {"max": 1}}}, "study.constraints.latency: not a "
          "validation metric or a cost"),
         ({"select": {"then": "size"}}, "study.select.then: 'size' is not"),
+        ({"select": {"within": 0.01}}, "study.select: within needs then"),
     ],
 )  # fmt: skip
 def test_a_bad_objective_is_one_clear_line(study, message):
