@@ -396,6 +396,14 @@ class _Driver:
         deadline = time.monotonic() + timeout if timeout else None
         stale_checked = 0.0
         self._check_stop()  # a study run again after it stopped stops again, saying why
+        # Trials a dead process left as it asked for them are failed by what knows why (they
+        # have no `driver`), before the heartbeat check below fails them without a reason.
+        if has_lock(self.url):
+            with (
+                self.book.step("storage checks"),
+                storage_lock(self.url, self.lock_key, self.retry),
+            ):
+                fail_orphans(self.study, self.study.get_trials(deepcopy=False))
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline and not self.stopping:

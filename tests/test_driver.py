@@ -5,6 +5,7 @@ what it is asked (no MLflow): the budget, ties for the best, a lost worker, a re
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from typing import Any
 
 import optuna
@@ -18,6 +19,7 @@ from hpo.executors import Done, Epoch, Lost, Started
 from hpo.params import TrialConfig
 from hpo.reports.data import report_data
 from hpo.space import structure
+from hpo.storage import GRACE_S
 from hpo.study import run_study
 from hpo.trial import TrialRecord, build_model
 
@@ -302,17 +304,27 @@ def test_ctrl_c_interrupts_the_running_trials_and_a_rerun_finishes_the_budget(tm
         assert again.params == t.params and again.user_attrs["seed"] == t.user_attrs["seed"]
 
 
+@pytest.mark.parametrize("heartbeat", ["none", "past its grace period"])
 def test_trials_whose_process_died_as_it_asked_for_them_are_failed_and_a_queued_one_kept(
-    tmp_path,
+    tmp_path, heartbeat
 ):
     """A process killed between Optuna's ask and its own attributes leaves a RUNNING trial no
-    heartbeat and no process names; the next process, holding the storage's lock, knows its
-    asker is gone."""
+    process names; the next process, holding the storage's lock, knows its asker is gone, and
+    says so before the heartbeat check (which knows no reason) fails one whose heartbeat the
+    dead process had written."""
     spec = _spec(n_trials=3)
     result, study, _ = _run(tmp_path, _spec(n_trials=1), FakeExecutor(slots=1))
     first = study.trials[0]
     study.enqueue_trial(first.params, user_attrs={"retry_of": 0, "seed": 5})
     queued, fresh = study.ask(), study.ask()  # RUNNING, and nobody's
+    if heartbeat != "none":
+        db = tmp_path / "optuna.db"
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}", heartbeat_interval=1)
+        for t in (queued, fresh):
+            storage.record_heartbeat(t._trial_id)
+        with sqlite3.connect(db) as con:
+            age = f"-{GRACE_S + 60} seconds"
+            con.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?)", (age,))
     result, study, _ = _run(tmp_path, spec, FakeExecutor(slots=1))
     for t in (study.trials[queued.number], study.trials[fresh.number]):
         assert t.state == TrialState.FAIL and t.user_attrs["interrupted"]
