@@ -8,7 +8,7 @@ SPEC ?= search_spaces/digits.yaml
 HPO_DATA_DIR ?= $(abspath ../shared/data)
 export HPO_DATA_DIR
 
-.PHONY: install postgres run test lint format docs bench bench-quick clean
+.PHONY: install postgres run test lint format docs bench bench-quick bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,12 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python benchmarks/suite.py --quick
+
+# On a machine with an NVIDIA GPU: the CUDA tests, then the quick suite on the GPU with its
+# GPU-only section, mnist.yaml's whole budget timed with the GPU's use sampled (about 10 minutes).
+bench-gpu: install
+	$(BIN)/python -m pytest -q -p no:xdist tests/test_cuda.py tests/test_autoplan.py
+	$(BIN)/python benchmarks/suite.py --quick --device cuda
 
 clean:
 	rm -rf $(VENV) optuna.db mlflow.db mlruns mlartifacts .pytest_cache

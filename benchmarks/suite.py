@@ -16,7 +16,11 @@ at the top (absolute times on shared machines are noise):
 5. what each search-space option costs: an epoch with it against one with ReLU and Adam
    (benchmarks/bench_options.py);
 6. k-fold cross-validation: a digits configuration's five folds as one cohort against one
-   fold alone and the five one after the other (benchmarks/bench_folds.py).
+   fold alone and the five one after the other (benchmarks/bench_folds.py);
+7. on a GPU only (or `--only budget`): `hpo run search_spaces/mnist.yaml`'s whole budget as a
+   user runs it, workers and cohorts chosen for them, with the machine sampled every second
+   into the study's MLflow run: wall time, the study's span, the GPU's busy share of the span,
+   and the test accuracy.
 
     HPO_DATA_DIR=/path/to/data python benchmarks/suite.py [--quick] [--device cuda]
 
@@ -194,6 +198,73 @@ def overhead_section(device: str, quick: bool) -> list[dict]:
     return out
 
 
+def budget_section(device: str, **values) -> dict:
+    """`search_spaces/mnist.yaml` as shipped (40 trials with its 3 baselines, then the refits,
+    the ensemble and the test), through `hpo.run` on `device` with nothing else given, the
+    machine sampled every second (MLflow's system metrics on the study's run). The GPU's
+    busy share is the mean of NVML's utilisation samples (the share of each second a kernel
+    ran) taken within the study's span. `values`: `hpo.run`'s overrides, for a smoke run."""
+    import optuna
+    from mlflow import MlflowClient
+
+    import hpo
+
+    spec = yaml.safe_load((ROOT / "search_spaces/mnist.yaml").read_text())
+    spec["training"]["device"] = device
+    env = {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    started: dict = {}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            storage = f"sqlite:///{folder}/optuna.db"
+            tracking = f"sqlite:///{folder}/mlflow.db"
+            t0 = time.perf_counter()
+            result = hpo.run(
+                spec, storage=storage, tracking_uri=tracking, on_start=started.update, **values
+            )
+            wall = time.perf_counter() - t0
+            study = optuna.load_study(study_name=spec["name"], storage=storage)
+            done = [t for t in study.trials if t.datetime_complete and t.datetime_start]
+            first = min(t.datetime_start for t in done).timestamp()
+            last = max(t.datetime_complete for t in done).timestamp()
+            client = MlflowClient(tracking)
+            parent = result.summary.parent_run_id
+            busy = []
+            for gpu in range(8):
+                samples = client.get_metric_history(
+                    parent, f"system/gpu_{gpu}_utilization_percentage"
+                )
+                inside = [m.value for m in samples if first <= m.timestamp / 1e3 <= last]
+                if inside:
+                    busy.append(statistics.mean(inside) / 100)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    summary = result.summary
+    row = {
+        "plan": started.get("workers", ""),
+        "fused_trials": started.get("fused_trials"),
+        "trials": len(done),
+        "wall_s": wall,
+        "span_s": last - first,
+        "gpu_busy": busy,
+        "best_value": summary.best_value,
+        "test_accuracy": summary.test_metrics.get("test_accuracy"),  # the best trial's
+        "ensemble_test_accuracy": (summary.ensemble or {}).get("test_accuracy"),
+    }
+    print(
+        f"budget: {row['trials']} trials, {row['wall_s']:.0f} s in all, span "
+        f"{row['span_s']:.0f} s, GPU busy {', '.join(f'{b:.0%}' for b in busy) or 'not sampled'}"
+        f", test accuracy {row['test_accuracy']} (ensemble {row['ensemble_test_accuracy']})"
+    )
+    return row
+
+
 # ------------------------------------------------------------------ time to target
 
 
@@ -297,13 +368,23 @@ def _s(v: float | None, cap: float) -> str:
     return f"{v:.0f} s" if v is not None else f"not within {cap:.0f} s"
 
 
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
 def render(results: dict) -> str:
     r = results
     lines = [
         "# Benchmarks",
         "",
         f"Device: **{r['device']}**, torch {r['torch']}, {r['mode']} suite, {r['date']}. "
-        "Every ratio compares two runs made one after the other in this run.",
+        "Every ratio compares two runs made one after the other in this run."
+        + (
+            ""
+            if r.get("gpu")
+            else " The GPU rows, section 7 (mnist.yaml's whole budget) among them, come from "
+            "`make bench-gpu` on a machine with an NVIDIA GPU."
+        ),
         "",
         "## 1. Trainer vs a plain DataLoader loop (one MNIST epoch, batch 512, Adam)",
         "",
@@ -443,6 +524,23 @@ def render(results: dict) -> str:
             f"| {row['variant']} | {row['seconds']:.3f} | {row['x_one_fold']:.2f}x |"
             for row in f["rows"]
         ]
+    if r.get("budget"):
+        b = r["budget"]
+        busy = ", ".join(f"{x:.0%}" for x in b["gpu_busy"]) or "not sampled"
+        lines += [
+            "",
+            "## 7. mnist.yaml's whole budget (`hpo run search_spaces/mnist.yaml`, nothing else "
+            "given)",
+            "",
+            f"Workers: {b['plan']}; up to {b['fused_trials']} trials fused a cohort.",
+            "",
+            "| trials | wall time | search span | GPU busy in the span | best val | test, best "
+            "trial | test, ensemble |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {b['trials']} | {b['wall_s']:.1f} s | {b['span_s']:.1f} s | {busy} | "
+            f"{b['best_value']:.4f} | {_acc(b['test_accuracy'])} | "
+            f"{_acc(b['ensemble_test_accuracy'])} |",
+        ]
     if r.get("seconds"):
         took = ", ".join(f"{name} {sec:.0f} s" for name, sec in r["seconds"].items())
         lines += ["", f"Wall time of each section: {took} ({sum(r['seconds'].values()):.0f} s)."]
@@ -474,7 +572,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["trainer", "fused", "overhead", "target", "options", "folds"],
+        choices=["trainer", "fused", "overhead", "target", "options", "folds", "budget"],
         default=None,
     )
     parser.add_argument(
@@ -490,7 +588,8 @@ def main() -> None:
         if gpu
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    only = set(args.only or ["trainer", "fused", "overhead", "target", "options", "folds"])
+    every = ["trainer", "fused", "overhead", "target", "options", "folds"]
+    only = set(args.only or every + (["budget"] if gpu else []))  # 40 minutes on a CPU
     results: dict = {
         "device": device,
         "gpu": gpu,
@@ -515,6 +614,7 @@ def main() -> None:
         # quick: one warm-up epoch for all options, not one each
         "options": lambda: bench_options.measure(args.device, repeats, warm_all=not args.quick),
         "folds": lambda: bench_folds.measure(args.device, 3 if args.quick else 5),
+        "budget": lambda: budget_section(args.device),
     }
     results["seconds"] = {}
     for name, section in sections.items():

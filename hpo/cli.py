@@ -290,7 +290,9 @@ def run(
         int | None,
         typer.Option(
             help="Trials at once on this machine (worker processes; CPU cores are split "
-            "between them). Default: 1, or one per GPU times --workers-per-gpu."
+            "between them). Default: 1, or one per GPU times --workers-per-gpu; on GPUs with "
+            "neither this, --workers-per-gpu nor --fused-trials given, both are chosen from a "
+            "probe of the step time (the first line says what)."
         ),
     ] = None,
     workers_per_gpu: Annotated[

@@ -134,6 +134,7 @@ def run_study(
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
     executor = executor or ThreadExecutor(spec, str(device))
+    spec = executor.adapt(spec, data)  # the cohort size and workers, when chosen for the user
 
     # Everything that can refuse the run does so before the study or any run is written.
     devices = getattr(executor, "devices", [str(device)])

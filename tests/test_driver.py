@@ -117,6 +117,9 @@ class FakeExecutor:
         self.submitted: list[list[int]] = []
         self.closed = False
 
+    def adapt(self, spec, data):
+        return spec
+
     def start(self, data):
         self.data = data
 

@@ -58,6 +58,10 @@ class Executor(Protocol):
     slots: int
     description: str  # for the start-up line: "2 worker processes on cpu, 1 thread each"
 
+    def adapt(self, spec: Any, data: Any) -> Any:
+        """The spec as these workers will run it (the local executor with nothing given on a
+        GPU picks the cohort size, and its own workers, from a probe on `data`)."""
+
     def start(self, data: Any) -> None:
         """Start the workers (the driver's own data is shared where the device matches);
         they load their data and warm up while the driver opens its stores."""

@@ -84,6 +84,9 @@ class WorkerSlots:
         self._epochs: list[list[float]] = [[] for _ in range(slots)]  # its trial's epochs, s
         self._slowest = 0.0  # the slowest epoch seen on any worker
 
+    def adapt(self, spec: Spec, data: Any) -> Spec:
+        return spec
+
     def _send(self, i: int, message: tuple) -> None:
         raise NotImplementedError
 
@@ -365,9 +368,14 @@ class ProcessExecutor(WorkerSlots):
     `devices` round robin. A worker that dies is reported as `Lost` and replaced.
     """
 
-    def __init__(self, spec: Spec, devices: list[str], threads: int):
-        self.spec, self.devices, self.threads = spec, devices, threads
-        self._init_slots(len(devices), spec.training.stall_timeout)
+    def __init__(self, spec: Spec, devices: list[str], threads: int, auto: bool = False):
+        self.spec, self.auto = spec, auto
+        self._ctx = _context()
+        self._plan(devices, threads)
+
+    def _plan(self, devices: list[str], threads: int, why: str = "") -> None:
+        self.devices, self.threads = devices, threads
+        self._init_slots(len(devices), self.spec.training.stall_timeout)
         where = sorted(set(devices))
         per = f", {threads} torch thread{'s' if threads > 1 else ''} each"
         if threads > 1:
@@ -376,10 +384,52 @@ class ProcessExecutor(WorkerSlots):
         self.description = (
             f"{self.slots} worker process{'es' if self.slots > 1 else ''} on {', '.join(where)}"
             + (per if cpu else "")
+            + (f" ({why})" if why else "")
         )
-        self._ctx = _context()
         self._procs: list[Any] = [None] * self.slots
         self._conns: list[Connection | None] = [None] * self.slots
+
+    def adapt(self, spec: Spec, data: Data) -> Spec:
+        """With `auto` (nothing given on a GPU): the workers per device and the cohort size
+        `autoplan.choose` picks from a probe on the driver's data; the spec with that
+        `study.fused_trials`. Call it before `start`."""
+        if not self.auto:
+            return spec
+        from hpo import resources
+        from hpo.executors import autoplan
+
+        where = sorted(set(self.devices))
+        shape = resources.Shape.of(data)
+        members = spec.training.repeats * (spec.dataset.split.folds or 1)
+
+        def fits(workers: int, fused: int) -> bool:
+            import torch
+
+            device = torch.device(where[0])
+            return not resources.check_fits(spec, shape, device, workers, fused * members)
+
+        try:
+            probe = autoplan.probe(spec, data)
+        except RuntimeError as e:  # out of memory, a failed capture: the plain plan
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = f"not chosen: the probe failed ({reason}); 1 worker a device, trials alone"
+            plan = autoplan.Plan(1, 1, why)
+        else:
+            plan = autoplan.choose(
+                probe,
+                searched=max(1, spec.study.n_trials - len(spec.baselines)),
+                max_epochs=spec.training.max_epochs,
+                cores=cpu_count(),
+                devices=len(where),
+                members=members,
+                kind="GPU" if where[0].startswith("cuda") else "CPU",
+                fits=fits,
+            )
+        n = plan.workers_per_device * len(where)
+        devices = [where[i % len(where)] for i in range(n)]
+        self.spec = spec.with_values({"study.fused_trials": plan.fused_trials})
+        self._plan(devices, max(1, cpu_count() // n), plan.why)
+        return self.spec
 
     def start(self, data: Data | None = None) -> None:
         for i in range(self.slots):
@@ -540,6 +590,18 @@ def local_executor(
 ) -> ProcessExecutor:
     """Worker processes, one too: the driver's own bookkeeping (the storage, the tracking
     store, the sampler: Python, as the training loop is) then runs beside the training, not
-    between its steps; see `plan_workers`."""
+    between its steps; see `plan_workers`. On a GPU with neither workers nor
+    `study.fused_trials` given, `ProcessExecutor.adapt` chooses both (`autoplan`)."""
     devices, threads = plan_workers(spec.training.device, workers, workers_per_gpu)
-    return ProcessExecutor(spec, devices, threads)
+    auto = chooses_plan(spec, devices, workers, workers_per_gpu)
+    return ProcessExecutor(spec, devices, threads, auto=auto)
+
+
+def chooses_plan(
+    spec: Spec, devices: list[str], workers: int | None, workers_per_gpu: int | None
+) -> bool:
+    """Whether the workers and the cohort size are chosen from a probe: on GPUs, when the
+    user gives none of --workers, --workers-per-gpu and study.fused_trials (1 turns it off)."""
+    given = workers is not None or workers_per_gpu is not None
+    given = given or "fused_trials" in spec.study.model_fields_set
+    return not given and all(d.startswith("cuda") for d in devices)
