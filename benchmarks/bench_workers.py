@@ -42,8 +42,7 @@ def run(spec: Path, workers: int, n_trials: int, device: str | None, seed: int) 
     folder = Path(tempfile.mkdtemp(prefix=f"hpo-bench-{workers}w-"))
     cmd = [sys.executable, "-m", "hpo", "run", str(spec.resolve()), "--n-trials", str(n_trials),
            "--seed", str(seed), "--study-name", "bench"]  # fmt: skip
-    if workers > 1:
-        cmd += ["--workers", str(workers)]
+    cmd += ["--workers", str(workers)]  # given, also 1: on a GPU nothing is chosen for it
     if device:
         cmd += ["--device", device]
     gpu = _gpu_sampler()

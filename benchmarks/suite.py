@@ -170,8 +170,9 @@ def overhead_section(device: str, quick: bool) -> list[dict]:
             storage = f"sqlite:///{folder}/optuna.db"
             tracking = f"sqlite:///{folder}/mlflow.db"
             result = hpo.run(
-                spec, n_trials=n_trials, storage=storage, tracking_uri=tracking, progress=False
-            )
+                spec, n_trials=n_trials, storage=storage, tracking_uri=tracking, progress=False,
+                workers=1,  # given: on a GPU, no workers or cohorts chosen (section 7 does)
+            )  # fmt: skip
             study = optuna.load_study(study_name=spec["name"], storage=storage)
             done = [t for t in study.trials if t.datetime_complete and t.datetime_start]
             span = (

@@ -134,9 +134,15 @@ def run_study(
     device = resolve_device(spec.training.device)
     data = load_data(spec, device)
     executor = executor or ThreadExecutor(spec, str(device))
-    spec = executor.adapt(spec, data)  # the cohort size and workers, when chosen for the user
 
     # Everything that can refuse the run does so before the study or any run is written.
+    given = (
+        "--storage" if storage else "HPO_STORAGE" if os.environ.get("HPO_STORAGE") else
+        "study.storage" if spec.study.storage else "storage"
+    )  # fmt: skip
+    check_storage_writable(url, given)
+    tracker.check()
+    spec = executor.adapt(spec, data)  # the cohort size and workers, when chosen for the user
     devices = getattr(executor, "devices", [str(device)])
     check_memory(spec, data, devices)
     for dev in sorted(set(devices)):
@@ -144,12 +150,6 @@ def run_study(
         if slow and on_notice is not None:
             on_notice(slow)
     fingerprints = spec.fingerprints()
-    given = (
-        "--storage" if storage else "HPO_STORAGE" if os.environ.get("HPO_STORAGE") else
-        "study.storage" if spec.study.storage else "storage"
-    )  # fmt: skip
-    check_storage_writable(url, given)
-    tracker.check()
     sources = spec.study.warm_start
     driver = _Driver(spec, name, url, tracker, data, executor)
     driver.retry = Retry("Optuna storage", url, retry_s, on_notice)

@@ -155,9 +155,8 @@ def typical_config(spec: Spec) -> Any:
 
 def probe(spec: Spec, data: Any, ladder: tuple[int, ...] = LADDER) -> Probe:
     """Train `typical_config` for two epochs as cohorts of each K in `ladder` (stopping once
-    the device is saturated) on the data's device, with the spec's precision."""
-    import torch
-
+    the device is saturated) on the data's device, with the spec's precision. Run it in a
+    process of its own (`hpo.executors.local.probe_apart`)."""
     from hpo.train import fit
     from hpo.trial import build_model, train_config
 
@@ -169,6 +168,10 @@ def probe(spec: Spec, data: Any, ladder: tuple[int, ...] = LADDER) -> Probe:
     rows = (X[: steps * batch], y[: steps * batch])
     device = X.device
     widths = "-".join(str(w) for w in (data.n_features, *config.widths, data.n_outputs))
+    # one-off costs (the first kernels loaded, the math libraries' handles) before the timings
+    warm_up = replace(train_config(spec, data, config, seed=0), max_epochs=1)
+    few = min(steps, 5) * batch
+    fit([build_model(config, data, device)], [warm_up], (X[:few], y[:few]), data.val)
     epoch_s: dict[int, float] = {}
     setup_s: dict[int, float] = {}
     for k in ladder:
@@ -180,13 +183,14 @@ def probe(spec: Spec, data: Any, ladder: tuple[int, ...] = LADDER) -> Probe:
         ]
         built = time.perf_counter() - t0
         history = fit(models, cfgs, rows, data.val)[0].history
-        # the second epoch replays captured graphs; one that diverged at once has only one
+        # The second epoch replays the graphs the first captured (with a schedule, whose rate
+        # is baked into them, it captures again, as every trial's epoch does); one that
+        # diverged at once has only one. Its validation pass is scaled with its steps: an
+        # overestimate when a probe's epoch is cut to PROBE_STEPS, small beside the steps.
         first, second = history[0]["epoch_seconds"], history[-1]["epoch_seconds"]
         epoch_s[k] = second * full_steps / steps
         setup_s[k] = built + max(0.0, first - second)
         del models
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         if len(epoch_s) > 1 and k / epoch_s[k] < SATURATED * max(
             c / epoch_s[c] for c in epoch_s if c < k
         ):

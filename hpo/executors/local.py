@@ -255,9 +255,8 @@ def _expect_ready(message: tuple) -> None:
         raise RuntimeError(f"a worker could not start: {message[1]}")
 
 
-def _process_main(
-    conn: Connection, spec: Spec, device: str, threads: int, environ: dict[str, str]
-) -> None:
+def _child_of_the_driver(environ: dict[str, str]) -> None:
+    """What a process the driver starts (a worker, a probe) sets first."""
     # The driver's environment as it is now, not the fork server's when it started
     # ($HPO_DATA_DIR, $CUDA_VISIBLE_DEVICES, ...).
     os.environ.clear()
@@ -271,6 +270,12 @@ def _process_main(
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+
+
+def _process_main(
+    conn: Connection, spec: Spec, device: str, threads: int, environ: dict[str, str]
+) -> None:
+    _child_of_the_driver(environ)
     try:
         serve(conn, spec, device, threads)
     except (EOFError, BrokenPipeError, OSError):
@@ -326,14 +331,7 @@ def _noise_main(
     conn: Connection, spec: Spec, device: str, config: dict, seeds: list[int], metric: str,
     environ: dict[str, str],
 ) -> None:  # fmt: skip
-    os.environ.clear()
-    os.environ.update(environ)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):  # die with the driver, even when it is SIGKILLed
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    _child_of_the_driver(environ)
     import math
 
     import torch
@@ -357,6 +355,46 @@ def _noise_main(
         if value is not None and math.isfinite(value):
             values.append(value)
     conn.send(values)
+    conn.close()
+
+
+def probe_apart(spec: Spec, device: str) -> Any:
+    """`autoplan.probe` in a process of its own started as a worker is, on `device`, with its
+    own copy of the data: the driver's memory and random state stay as they were whatever the
+    probe does (a failed CUDA graph capture leaves a process's generator mid-capture). The
+    `Probe`, or why there is none (one line)."""
+    ctx = _context()
+    conn, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_probe_main, args=(child, spec, device, dict(os.environ)), daemon=True,
+        name="hpo-probe",
+    )  # fmt: skip
+    proc.start()
+    child.close()
+    try:
+        return conn.recv()
+    except EOFError:
+        proc.join(5)
+        return f"its process died (exit code {proc.exitcode})"
+    finally:
+        conn.close()
+        proc.join(5)
+
+
+def _probe_main(conn: Connection, spec: Spec, device: str, environ: dict[str, str]) -> None:
+    _child_of_the_driver(environ)
+    from hpo.data import load_data
+    from hpo.executors import autoplan
+    from hpo.train import flush_denormals
+
+    flush_denormals()
+    try:
+        data = load_data(spec, device)
+        with warnings.catch_warnings():  # a capture that fails is the workers' to report
+            warnings.simplefilter("ignore")
+            conn.send(autoplan.probe(spec, data))
+    except Exception as e:  # noqa: BLE001 - out of memory, a CUDA error: the plain plan
+        conn.send(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     conn.close()
 
 
@@ -391,10 +429,12 @@ class ProcessExecutor(WorkerSlots):
 
     def adapt(self, spec: Spec, data: Data) -> Spec:
         """With `auto` (nothing given on a GPU): the workers per device and the cohort size
-        `autoplan.choose` picks from a probe on the driver's data; the spec with that
-        `study.fused_trials`. Call it before `start`."""
+        `autoplan.choose` picks from a probe on the first device (`probe_apart`); the spec
+        with that `study.fused_trials`. Call it before `start`."""
         if not self.auto:
             return spec
+        import torch
+
         from hpo import resources
         from hpo.executors import autoplan
 
@@ -403,16 +443,14 @@ class ProcessExecutor(WorkerSlots):
         members = spec.training.repeats * (spec.dataset.split.folds or 1)
 
         def fits(workers: int, fused: int) -> bool:
-            import torch
+            return not any(
+                resources.check_fits(spec, shape, torch.device(d), workers, fused * members)
+                for d in where
+            )
 
-            device = torch.device(where[0])
-            return not resources.check_fits(spec, shape, device, workers, fused * members)
-
-        try:
-            probe = autoplan.probe(spec, data)
-        except RuntimeError as e:  # out of memory, a failed capture: the plain plan
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            why = f"not chosen: the probe failed ({reason}); 1 worker a device, trials alone"
+        probe = probe_apart(spec, where[0])
+        if isinstance(probe, str):
+            why = f"not chosen: the probe failed ({probe}); 1 worker a device, trials alone"
             plan = autoplan.Plan(1, 1, why)
         else:
             plan = autoplan.choose(
@@ -427,7 +465,10 @@ class ProcessExecutor(WorkerSlots):
             )
         n = plan.workers_per_device * len(where)
         devices = [where[i % len(where)] for i in range(n)]
-        self.spec = spec.with_values({"study.fused_trials": plan.fused_trials})
+        # a copy, not `with_values`: the spec as written (stored with the study) leaves the
+        # choice to each run
+        study = spec.study.model_copy(update={"fused_trials": plan.fused_trials})
+        self.spec = spec.model_copy(update={"study": study})
         self._plan(devices, max(1, cpu_count() // n), plan.why)
         return self.spec
 
