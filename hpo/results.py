@@ -150,11 +150,13 @@ def progress_of(
     elapsed: float,
     note: str = "",
     objectives: Objectives | None = None,
+    seen: Any = None,
 ) -> Progress:
     """The study after `trial` finished: how many of `total` are done, the best so far, and
-    the time left at the mean of this process's trial `durations` over its `slots`."""
-    done = count_finished(study)
-    best = best_or_none(study, objectives)
+    the time left at the mean of this process's trial `durations` over its `slots`; its
+    trials read through `seen` (a view of it, `search.RecentTrials`) when given."""
+    done = count_finished(seen or study)
+    best = best_or_none(seen or study, objectives)
     mean = sum(durations) / len(durations) if durations else None
     return Progress(
         done=done,

@@ -4,7 +4,10 @@ before the search so that they run first and once per study."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +78,29 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     return BaselineBlind(sampler) if spec.baselines else sampler
 
 
+class RecentTrials(TrialsSeenBy):
+    """A study whose trials are read from its storage at most once every `fresh_s` seconds,
+    or at the first read after `forget()`: what a median or percentile pruner reads at each
+    epoch it may prune (the same finished trials, most of the time) and the progress line.
+    The driver forgets after each trial it tells; another process's are seen within
+    `fresh_s`."""
+
+    def __init__(self, study: optuna.Study, fresh_s: float = 1.0):
+        super().__init__(study, lambda t: True)
+        self.fresh_s, self._read_at, self._trials = fresh_s, -math.inf, []
+
+    def forget(self) -> None:
+        self._read_at = -math.inf
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
+        now = time.monotonic()
+        if now - self._read_at >= self.fresh_s:
+            self._trials = self._study._get_trials(deepcopy=False, states=None, **kw)
+            self._read_at = now
+        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else list(trials)
+
+
 class FirstObjective(TrialsSeenBy):
     """A study of several objectives as Optuna's pruners read one: the first objective's
     direction (the metric's), and as the trials to compare with, those with at most
@@ -83,7 +109,7 @@ class FirstObjective(TrialsSeenBy):
     the same epoch than nets no larger than itself: big nets' curves would otherwise prune
     away the small end of the front, the trials a cost objective is there to find."""
 
-    def __init__(self, study: optuna.Study, n_params: int):
+    def __init__(self, study: Any, n_params: int):  # an optuna.Study or a view of one
         super().__init__(
             study,
             lambda t: t.user_attrs.get("n_params", 0) <= n_params,
@@ -172,9 +198,10 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
 class PruneWindow:
     """The epochs at which a median or percentile pruner can say "prune" at all, read from its
     options as Optuna reads them: none before `startup` trials have completed, before epoch
-    `warmup`, or between its `interval` epochs. Elsewhere its answer is known to be no, and
-    asking costs the storage reads of every trial (6 ms an epoch on SQLite: a digits epoch
-    trains in 15), so the driver does not ask (`may_prune`). Its count of completed trials is
+    `warmup`, or between its `interval` epochs. Elsewhere its answer is known to be no, so
+    the driver does not ask (`may_prune`); where it asks, it asks about the trials as last
+    read (`RecentTrials`), not the storage's at every epoch (6 ms an epoch on SQLite: a
+    digits epoch trains in 15). Its count of completed trials is
     the one it saw last, so with several processes the first prune after the start-up
     trials may come an epoch or two later than Optuna's."""
 

@@ -62,6 +62,7 @@ from hpo.results import (
 )
 from hpo.search import (
     FirstObjective,
+    RecentTrials,
     check_spec,
     curve_of,
     enqueue_baselines,
@@ -303,6 +304,7 @@ class _Driver:
         on_epoch: Callable[[EpochProgress], None] | None,
     ) -> StudyResult:
         self.study, self.base_seed = study, base_seed
+        self.recent = RecentTrials(study)  # the pruner's and the progress line's reads
         self.final.study, self.final.retry = study, self.retry
         self.on_trial_end, self.on_epoch = on_trial_end, on_epoch
         if on_start is not None:
@@ -665,14 +667,20 @@ class _Driver:
             r.trial.report(value, epoch)
 
     def _should_prune(self, r: _Running) -> bool:
-        """The pruner's answer: `Trial.should_prune`; with several objectives, the pruner on
-        the first one against trials no larger (`FirstObjective`)."""
-        if not self.objectives.several:
-            return r.trial.should_prune()
-        assert r.config is not None
-        n_params = resources.of_config(r.config, resources.Shape.of(self.data), True).params
+        """The pruner's answer. A median or percentile one (the pruners with a `window`, which
+        only read) is asked about the trial's curve as this driver holds it, against the
+        study's trials as last read (`RecentTrials`): `Trial.should_prune` would read both
+        from the storage at each epoch, 2 reads of every trial. Other pruners, which keep
+        state in the storage, through `Trial.should_prune`. With several objectives, the
+        pruner on the first one against trials no larger (`FirstObjective`)."""
         me = curve_of(as_frozen(r.trial.number, {}, None), [e.get(self.metric) for e in r.history])
-        return self.study.pruner.prune(FirstObjective(self.study, n_params), me)
+        if self.objectives.several:
+            assert r.config is not None
+            n_params = resources.of_config(r.config, resources.Shape.of(self.data), True).params
+            return self.study.pruner.prune(FirstObjective(self.recent, n_params), me)
+        if self.window is None:
+            return r.trial.should_prune()
+        return self.study.pruner.prune(self.recent, me)
 
     def _log_epoch(self, r: _Running, e: Epoch) -> None:
         if r.run_id is not None:  # None: started as the study stopped
@@ -834,6 +842,7 @@ class _Driver:
             self._progress(frozen, f"{reason}; " + ("runs again" if settled.retry else "failed"))()
 
     def _tell(self, trial: optuna.Trial, state: TrialState, values: list[float] | None) -> Any:
+        self.recent.forget()  # the next read sees it
         try:
             return self.study.tell(trial, values, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -898,8 +907,9 @@ class _Driver:
         elapsed = time.perf_counter() - self.started
         slots = self.executor.slots
         progress = progress_of(
-            self.study, trial, self.total, self.durations, slots, elapsed, note, self.objectives
-        )
+            self.study, trial, self.total, self.durations, slots, elapsed, note, self.objectives,
+            seen=self.recent,
+        )  # fmt: skip
         return lambda: on_trial_end(progress)
 
     # ------------------------------------------------------------ the end

@@ -9,8 +9,9 @@ from mlflow import MlflowClient
 
 from hpo.config import SpecError, parse_spec
 from hpo.executors.worker import AHEAD
+from hpo.outcomes import as_frozen
 from hpo.registry import PRUNERS, SAMPLERS
-from hpo.search import make_pruner, make_sampler, prune_window
+from hpo.search import RecentTrials, curve_of, make_pruner, make_sampler, prune_window
 
 
 def run(workdir, mlflow_uri, name, **over):
@@ -258,12 +259,16 @@ def test_the_epochs_where_the_driver_skips_the_pruner_are_those_where_it_says_no
     window = prune_window(spec)
     assert window is not None
     study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    recent = RecentTrials(study, fresh_s=0.0)
     asked, skipped = 0, 0
     for completed in range(8):
         worst = study.ask()
         for epoch in range(1, 13):
             worst.report(0.1, epoch)
             pruned = worst.should_prune()
+            # the driver's way: the curve it holds, against the trials it last read
+            curve = curve_of(as_frozen(worst.number, {}, None), [0.1] * epoch)
+            assert study.pruner.prune(recent, curve) == pruned, (pruner, completed, epoch)
             asked += 1
             if not window.may_prune(epoch, completed):
                 skipped += 1
@@ -278,6 +283,21 @@ def test_the_epochs_where_the_driver_skips_the_pruner_are_those_where_it_says_no
     assert 0 < skipped < asked
     # Pruners without such a window are asked at every epoch.
     assert prune_window(parse_spec(small_spec(study={"pruner": {"name": "hyperband"}}))) is None
+
+
+def test_recent_trials_are_read_again_after_fresh_s_or_once_forgotten():
+    study = optuna.create_study()
+    study.enqueue_trial({})
+    study.tell(study.ask(), 1.0)
+    recent = RecentTrials(study, fresh_s=3600.0)
+    assert [t.value for t in recent.get_trials(deepcopy=False)] == [1.0]
+    study.tell(study.ask(), 2.0)
+    assert len(recent.get_trials(deepcopy=False)) == 1  # read an hour ago, as far as it knows
+    recent.forget()
+    done = recent.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.value for t in done] == [1.0, 2.0]
+    assert recent.get_trials(states=(optuna.trial.TrialState.PRUNED,)) == []
+    assert RecentTrials(study, fresh_s=0.0).trials[-1].value == 2.0
 
 
 def test_changed_data_behind_the_same_spec_is_refused(workdir, mlflow_uri):
