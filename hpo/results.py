@@ -154,7 +154,7 @@ def progress_of(
 ) -> Progress:
     """The study after `trial` finished: how many of `total` are done, the best so far, and
     the time left at the mean of this process's trial `durations` over its `slots`; its
-    trials read through `seen` (a view of it, `search.RecentTrials`) when given."""
+    trials read through `seen` (a view of it, `_private.RecentTrials`) when given."""
     done = count_finished(seen or study)
     best = best_or_none(seen or study, objectives)
     mean = sum(durations) / len(durations) if durations else None

@@ -4,10 +4,7 @@ before the search so that they run first and once per study."""
 
 from __future__ import annotations
 
-import copy
 import inspect
-import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,29 +73,6 @@ def make_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSam
     except (TypeError, ValueError) as e:
         raise SpecError([f"study.sampler: {e}"]) from None
     return BaselineBlind(sampler) if spec.baselines else sampler
-
-
-class RecentTrials(TrialsSeenBy):
-    """A study whose trials are read from its storage at most once every `fresh_s` seconds,
-    or at the first read after `forget()`: what a median or percentile pruner reads at each
-    epoch it may prune (the same finished trials, most of the time) and the progress line.
-    The driver forgets after each trial it tells; another process's are seen within
-    `fresh_s`."""
-
-    def __init__(self, study: optuna.Study, fresh_s: float = 1.0):
-        super().__init__(study, lambda t: True)
-        self.fresh_s, self._read_at, self._trials = fresh_s, -math.inf, []
-
-    def forget(self) -> None:
-        self._read_at = -math.inf
-
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, **kw: Any) -> list:
-        now = time.monotonic()
-        if now - self._read_at >= self.fresh_s:
-            self._trials = self._study._get_trials(deepcopy=False, states=None, **kw)
-            self._read_at = now
-        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
-        return copy.deepcopy(trials) if deepcopy else list(trials)
 
 
 class FirstObjective(TrialsSeenBy):

@@ -28,7 +28,7 @@ from optuna.pruners import NopPruner
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import __version__, resources
-from hpo._private import GRID_STOPPED, storage_of, trial_id
+from hpo._private import GRID_STOPPED, RecentTrials, storage_of, trial_id
 from hpo.config import Spec, SpecError
 from hpo.data import Data, load_data, resolve_device
 from hpo.executors import Done, Epoch, Executor, Lost, Started
@@ -62,7 +62,6 @@ from hpo.results import (
 )
 from hpo.search import (
     FirstObjective,
-    RecentTrials,
     check_spec,
     curve_of,
     enqueue_baselines,

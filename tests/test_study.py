@@ -7,11 +7,12 @@ import pytest
 from conftest import small_spec, study_run
 from mlflow import MlflowClient
 
+from hpo._private import RecentTrials
 from hpo.config import SpecError, parse_spec
 from hpo.executors.worker import AHEAD
 from hpo.outcomes import as_frozen
 from hpo.registry import PRUNERS, SAMPLERS
-from hpo.search import RecentTrials, curve_of, make_pruner, make_sampler, prune_window
+from hpo.search import curve_of, make_pruner, make_sampler, prune_window
 
 
 def run(workdir, mlflow_uri, name, **over):
