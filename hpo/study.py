@@ -398,14 +398,6 @@ class _Driver:
         deadline = time.monotonic() + timeout if timeout else None
         stale_checked = 0.0
         self._check_stop()  # a study run again after it stopped stops again, saying why
-        # Trials a dead process left as it asked for them are failed by what knows why (they
-        # have no `driver`), before the heartbeat check below fails them without a reason.
-        if has_lock(self.url):
-            with (
-                self.book.step("storage checks"),
-                storage_lock(self.url, self.lock_key, self.retry),
-            ):
-                fail_orphans(self.study, self.study.get_trials(deepcopy=False))
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline and not self.stopping:
@@ -415,6 +407,12 @@ class _Driver:
                     # Our own heartbeats first: after an outage they may all be old.
                     for r in list(self.running.values()):
                         storage_of(self.study).record_heartbeat(trial_id(r.trial))
+                    # A trial its process left as it asked for it (no `driver`) is failed by
+                    # what knows why, before the heartbeat check fails it without a reason.
+                    # This process asks on this thread only: none of its own is mid-ask.
+                    if has_lock(self.url):
+                        with storage_lock(self.url, self.lock_key, self.retry):
+                            fail_orphans(self.study, self.study.get_trials(deepcopy=False))
                     fail_stale_trials(self.study)  # trials of dead processes: on_stale
                     self.stale.fail_dead_here(self.study)
                 stale_checked = now
@@ -672,14 +670,14 @@ class _Driver:
         from the storage at each epoch, 2 reads of every trial. Other pruners, which keep
         state in the storage, through `Trial.should_prune`. With several objectives, the
         pruner on the first one against trials no larger (`FirstObjective`)."""
-        me = curve_of(as_frozen(r.trial.number, {}, None), [e.get(self.metric) for e in r.history])
-        if self.objectives.several:
-            assert r.config is not None
-            n_params = resources.of_config(r.config, resources.Shape.of(self.data), True).params
-            return self.study.pruner.prune(FirstObjective(self.recent, n_params), me)
-        if self.window is None:
+        if self.window is None and not self.objectives.several:
             return r.trial.should_prune()
-        return self.study.pruner.prune(self.recent, me)
+        me = curve_of(as_frozen(r.trial.number, {}, None), [e.get(self.metric) for e in r.history])
+        if not self.objectives.several:
+            return self.study.pruner.prune(self.recent, me)
+        assert r.config is not None
+        n_params = resources.of_config(r.config, resources.Shape.of(self.data), True).params
+        return self.study.pruner.prune(FirstObjective(self.recent, n_params), me)
 
     def _log_epoch(self, r: _Running, e: Epoch) -> None:
         if r.run_id is not None:  # None: started as the study stopped

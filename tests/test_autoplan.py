@@ -20,7 +20,7 @@ from hpo.tracking import tracker_for
 
 
 def _probe(epoch_s: dict[int, float], setup_s: float = 0.1) -> Probe:
-    return Probe("64-32-10 at batch 64", 20, epoch_s, {k: setup_s for k in epoch_s})
+    return Probe("64-32-10 at batch 64", epoch_s, {k: setup_s for k in epoch_s})
 
 
 LAUNCH_BOUND = {1: 0.10, 2: 0.10, 4: 0.11, 8: 0.12, 16: 0.13}  # a stack costs little more
@@ -115,7 +115,6 @@ def test_the_probe_times_real_epochs_of_growing_cohorts():
     assert ks[0] == 1 and ks == sorted(ks) and set(ks) <= {1, 2, 4}
     assert all(s > 0 for s in probe.epoch_s.values())
     assert all(s > 0 for s in probe.setup_s.values())
-    assert probe.steps == -(-data.info["n_train"] // 64)  # batch_size 64, whole split
     assert probe.net.startswith("64-") and probe.net.endswith("-10 at batch 64")
 
 

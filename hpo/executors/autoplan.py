@@ -51,7 +51,6 @@ class Probe:
     """Epoch times of one configuration trained as stacks of K nets on the training device."""
 
     net: str  # "64-128-10 at batch 64"
-    steps: int  # steps in an epoch of the whole training split
     epoch_s: dict[int, float]  # K -> seconds of an epoch of the whole split (graphs captured)
     setup_s: dict[int, float]  # K -> seconds of a job outside its epochs: build, capture
 
@@ -195,4 +194,4 @@ def probe(spec: Spec, data: Any, ladder: tuple[int, ...] = LADDER) -> Probe:
             c / epoch_s[c] for c in epoch_s if c < k
         ):
             break
-    return Probe(f"{widths} at batch {batch}", full_steps, epoch_s, setup_s)
+    return Probe(f"{widths} at batch {batch}", epoch_s, setup_s)

@@ -463,13 +463,14 @@ class ProcessExecutor(WorkerSlots):
                 kind="GPU" if where[0].startswith("cuda") else "CPU",
                 fits=fits,
             )
-        n = plan.workers_per_device * len(where)
-        devices = [where[i % len(where)] for i in range(n)]
+        devices, threads = plan_workers(
+            spec.training.device, plan.workers_per_device * len(where), None
+        )
         # a copy, not `with_values`: the spec as written (stored with the study) leaves the
         # choice to each run
         study = spec.study.model_copy(update={"fused_trials": plan.fused_trials})
         self.spec = spec.model_copy(update={"study": study})
-        self._plan(devices, max(1, cpu_count() // n), plan.why)
+        self._plan(devices, threads, plan.why)
         return self.spec
 
     def start(self, data: Data | None = None) -> None:
