@@ -1,5 +1,6 @@
-"""The end of a study in one process: the best trial's kept weights on the test split, once
-per best trial and by the last process out, the best baseline's beside it (a reference, never
+"""The end of a study in one process: the study's model (the chosen trial's kept weights, or
+its refit with `dataset.split.final_model: refit` or folds) on the test split, once per
+chosen trial and by the last process out, the best baseline's beside it (a reference, never
 used to choose anything), and the deployable model logged."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hpo.config import Spec
 from hpo.data import Data
 from hpo.objectives import Objectives, primary
 from hpo.outage import Retry
-from hpo.outcomes import best_of, best_or_none, compare_with_baselines, rank
+from hpo.outcomes import best_of, best_or_none, compare_with_baselines
 from hpo.params import TrialConfig
 from hpo.redact import first_line, redact
 from hpo.steppers import EVAL_BATCH
@@ -74,8 +75,9 @@ class Final:
         return Predictor(model.pairs if isinstance(model, Averaged) else model, self.data.prep)
 
     def evaluate(self) -> tuple[dict[str, float], str]:
-        """The best trial's kept weights on the test split, once per best trial, by the last
-        process out; then the best model logged (again, if an earlier upload was cut short)."""
+        """The study's model (its kept weights or its refit) on the test split, once per chosen
+        trial, by the last process out; then that model logged (again, if an earlier upload was
+        cut short)."""
         with storage_lock(self.url, self.lock_key, self.retry):
             attrs = self.study.user_attrs
             if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -147,18 +149,17 @@ class Final:
         complete trials that kept their weights, on the validation split (with folds, on
         each candidate's out-of-fold predictions of the whole pool: every row predicted by
         the fold models that did not train on it); then the ensemble of the chosen trials'
-        models (with folds, each one's refit or fold ensemble) on the test split, once,
+        models (each one's refit, or with folds its fold ensemble, where the spec asks for
+        them) on the test split, once,
         beside the best trial, and logged as the study run's `ensemble` model. Done again
         only when the candidates changed."""
         from hpo import ensemble
 
         conf = self.spec.tracking.ensemble
         assert conf is not None
-        complete = Objectives.of_study(self.study).candidates(  # the feasible ones
+        ranked = Objectives.of_study(self.study).ranked(
             self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         )
-        direction = self.study.directions[0].name
-        ranked = sorted(complete, key=lambda t: rank(primary(t), t.number, direction))
         kept = [t for t in ranked if t.user_attrs.get("checkpoint")][: conf.candidates]
         numbers = [t.number for t in kept]
         done = self.study.user_attrs.get("ensemble")

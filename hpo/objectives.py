@@ -188,6 +188,13 @@ class Objectives:
             if t.state == TrialState.COMPLETE and t.values and self.feasible(t)
         ]  # fmt: skip
 
+    def ranked(self, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+        """The feasible complete trials, best first on the metric (the first objective), the
+        lower number first among equal values: an ensemble's candidates, in order."""
+        return sorted(
+            self.candidates(trials), key=lambda t: (self._signed(t, self.metric), t.number)
+        )
+
     def dominated(self, trial: FrozenTrial, by: FrozenTrial) -> bool:
         """`by` is at least as good on every objective (and on what the choice reads) and
         better on one."""

@@ -77,12 +77,6 @@ def _verdict(metric: str, ours: float, theirs: float) -> str:
     return "ties it"
 
 
-def rank(value: float, number: int, direction: str) -> tuple[float, int]:
-    """A trial's place in the order of its metric (the first objective): lower ranks first,
-    the lower number among equal values (see `Objectives.best`)."""
-    return (-value if direction.lower() == "maximize" else value), number
-
-
 def best_of(study: optuna.Study, baseline: bool) -> FrozenTrial | None:
     """The best complete trial (`Objectives.best`) among the baselines, or the searched ones."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -137,22 +131,20 @@ def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
+def counted(trial: FrozenTrial) -> bool:
+    """A finished trial toward n_trials: complete, pruned or failed, not interrupted and not
+    added from an earlier study."""
+    return trial.state in FINISHED and not was_interrupted(trial) and not warm(trial)
+
+
 def count_finished(study: optuna.Study) -> int:
-    """Finished trials toward n_trials: complete, pruned and failed, not the interrupted ones
-    nor those added from earlier studies."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(1 for t in trials if not was_interrupted(t) and not warm(t))
+    """Finished trials toward n_trials (`counted`)."""
+    return sum(map(counted, study.get_trials(deepcopy=False, states=FINISHED)))
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
-    """Trials that hold a place in n_trials: running ones and finished ones not interrupted
-    (nor added from earlier studies)."""
-    return sum(
-        1
-        for t in trials
-        if t.state == TrialState.RUNNING
-        or (t.state in FINISHED and not was_interrupted(t) and not warm(t))
-    )
+    """Trials that hold a place in n_trials: running ones and `counted` finished ones."""
+    return sum(1 for t in trials if t.state == TrialState.RUNNING or counted(t))
 
 
 def best_or_none(study: optuna.Study, objectives: Objectives | None = None) -> FrozenTrial | None:
@@ -164,11 +156,7 @@ def best_or_none(study: optuna.Study, objectives: Objectives | None = None) -> F
 
 def searched_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The finished trials of the search: baselines and interrupted trials left out."""
-    return [
-        t for t in trials
-        if t.state.is_finished() and not was_interrupted(t) and "baseline" not in t.user_attrs
-        and not warm(t)
-    ]  # fmt: skip
+    return [t for t in trials if counted(t) and "baseline" not in t.user_attrs]
 
 
 def stop_reason(
@@ -348,18 +336,15 @@ def checkpoint_policy(
     when it is on the front (the model always is, and a trial dominated now stays so). Also
     with `log_all` (every trial's model logged); for a baseline, which is measured on the test
     split beside the best trial after the search; and, for an ensemble's candidates, when
-    fewer than `keep_top` complete trials rank above it on the metric."""
+    fewer than `keep_top` feasible complete trials rank above it (`Objectives.ranked`)."""
     others = [t for t in complete if t.number != candidate.number]
     contender = objectives.feasible(candidate) and not any(
         objectives.dominated(candidate, o) for o in objectives.candidates(others)
     )
     is_best = objectives.best([*others, candidate]) is candidate
-    mine = rank(primary(candidate) or 0.0, candidate.number, objectives.direction)
-    ahead = sum(
-        rank(v, t.number, objectives.direction) < mine
-        for t in others if (v := primary(t)) is not None
-    )  # fmt: skip
-    return contender or log_all or baseline or ahead < keep_top, is_best
+    ranked = objectives.ranked([*others, candidate])
+    top = candidate in ranked and ranked.index(candidate) < keep_top
+    return contender or log_all or baseline or top, is_best
 
 
 def retry_attrs(number: int, user_attrs: dict[str, Any], kills: int) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class _Replay:
 def check_sources(storage: Any, name: str, sources: list[str]) -> None:
     """Every study named to warm start from exists and is not the study itself; raises
     `SpecError` before anything is written."""
-    have = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    have = set(optuna.get_all_study_names(storage))
     problems = []
     for source in sources:
         if source == name:

@@ -84,6 +84,20 @@ def test_a_trial_keeps_its_weights_when_it_is_on_the_front():
     )  # fmt: skip
 
 
+def test_an_ensembles_candidates_are_the_top_feasible_trials_on_the_metric():
+    """`keep_top` counts the feasible trials above a candidate, as the ensemble ranks them
+    (`Objectives.ranked`): a large, accurate, infeasible trial takes no place."""
+    bounded = Objectives(TWO.names, TWO.directions, {"n_params": (None, 65_000)})
+    complete = TRIALS[:2] + [_trial(5, 0.99, 90_000)]  # #5: the most accurate, infeasible
+    assert [t.number for t in bounded.ranked(complete)] == [1, 0]
+    third = _trial(6, 0.96, 60_000)  # dominated by #1; third on accuracy, second if feasible
+    keep = checkpoint_policy(third, complete, bounded, log_all=False, baseline=False, keep_top=2)
+    assert keep == (True, False)
+    keep = checkpoint_policy(third, complete, bounded, log_all=False, baseline=False, keep_top=1)
+    assert keep == (False, False)
+    assert [t.number for t in bounded.ranked([*complete, third])] == [1, 6, 0]
+
+
 def test_with_several_objectives_a_trial_is_pruned_only_against_nets_no_larger():
     """The median rule on the first objective, over the complete trials with at most as
     many parameters: a small net is not pruned for trailing big ones."""

@@ -491,10 +491,11 @@ def yaml_float(v: float) -> str:
 
 
 def _curve_roles(study, complete, fit_rows) -> dict[int, str]:
-    best_first = sorted(
-        complete, key=lambda t: primary(t), reverse=study.directions[0].name == "MAXIMIZE"
-    )
-    roles = {t.number: "best" if i == 0 else f"top {i + 1}" for i, t in enumerate(best_first[:3])}
+    objectives = Objectives.of_study(study)
+    model = objectives.best(complete)  # the study's model: "best", then the top on the metric
+    ranked = [t for t in objectives.ranked(complete) if t is not model]
+    top = ([model] if model else []) + ranked
+    roles = {t.number: "best" if i == 0 else f"top {i + 1}" for i, t in enumerate(top[:3])}
     values = {t.number: primary(t) for t in complete}
     for label in (label for label in FIT_LABELS if label != "good"):
         rows = [r for r in fit_rows if r.label == label and r.number not in roles]
